@@ -327,6 +327,6 @@ def test_multi_node_rendezvous_on_localhost(tmp_path, data):
         # the other agent's last poll of the store fails, after its worker finished successfully.
         agent_race = 'RendezvousConnectionError' in stderr and 'num_nodes_waiting' in stderr
         assert node.returncode == 0 or agent_race, stderr
-        assert 'Traceback' not in stderr.split('RendezvousConnectionError')[0] or agent_race, stderr
+        assert 'ChildFailedError' not in stderr, stderr  # no train.py process failed
     assert len(read_log(tmp_path / 'out', 'train')) == 4
     assert common.load_checkpoint(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 4
