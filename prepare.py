@@ -591,17 +591,17 @@ def resolve_options(name, overrides):
 
 # ----------------------------------------------------------------------------- pipeline
 
-def prepare(name, **overrides):
-    """Prepare dataset `name` into <data_dir>/<name>/; returns the metadata written."""
-    opts = resolve_options(name, overrides)
-    spec = DATASETS[name]
-    folder = opts.get("name") or name
+def prepare(dataset, **overrides):
+    """Prepare `dataset` into <data_dir>/<dataset or --name>/; returns the metadata written."""
+    opts = resolve_options(dataset, overrides)
+    spec = DATASETS[dataset]
+    folder = opts.get("name") or dataset
     out_dir = Path(opts["data_dir"] or DATA_DIR) / folder
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = spec.read(opts, out_dir)
 
     kind = opts["tokenizer"] if spec.tokenizer == "choose" else spec.tokenizer
-    meta = {"dataset": name, "tokenizer": kind}
+    meta = {"dataset": dataset, "tokenizer": kind}
     if kind == "char":
         # every split is in memory for char datasets; the vocabulary covers all of them
         chars = sorted(set().union(*(set(d) for docs in raw.splits.values() for d in docs)))
