@@ -331,40 +331,37 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
     Documents are cut into safe pieces and encoded a batch (~batch_chars characters) at a time
     with tokenizer.encode_batch, so memory stays bounded and all cores work whatever the size.
     """
-    total = len(docs) if hasattr(docs, "__len__") else None
+    # in-memory text (a list) shows progress in characters, a corpus in documents
+    by_chars = isinstance(docs, list)
+    total = sum(map(len, docs)) if by_chars else (len(docs) if hasattr(docs, "__len__") else None)
     stats = stats if stats is not None else {}
     stats.setdefault("tokens", 0)
     stats.setdefault("seconds", 0.0)
-    pieces, ends, chars, done = [], [], 0, 0
+    pieces, chars, done = [], 0, 0  # None in pieces marks a document end (eot goes there)
 
     def flush():
         t0 = time.perf_counter()
-        encoded = tokenizer.encode_batch(pieces)
+        encoded = iter(tokenizer.encode_batch([p for p in pieces if p is not None]))
         stats["seconds"] += time.perf_counter() - t0
         out = []
-        for ids, is_end in zip(encoded, ends):
-            out.extend(ids)
-            if is_end and eot is not None:
-                out.append(eot)
+        for piece in pieces:
+            out.extend(next(encoded) if piece is not None else (eot,))
         stats["tokens"] += len(out)
         pieces.clear()
-        ends.clear()
         return np.array(out, dtype=np.int64)
 
     for doc in docs:
-        split = list(safe_pieces(doc)) if tokenizer.name == "gpt2" else [doc]
-        for k, piece in enumerate(split):
+        for piece in safe_pieces(doc) if tokenizer.name == "gpt2" else [doc]:
             pieces.append(piece)
-            ends.append(k == len(split) - 1)
             chars += len(piece)
-        if not split:  # an empty document still ends with eot
-            pieces.append("")
-            ends.append(True)
-        done += 1
-        if chars >= batch_chars:
-            yield flush()
-            chars = 0
-            progress(label, done, total)
+            done += len(piece) if by_chars else 0
+            if chars >= batch_chars:  # flush mid-document too: one huge file stays bounded
+                yield flush()
+                chars = 0
+                progress(label, done, total)
+        if eot is not None:
+            pieces.append(None)
+        done += 0 if by_chars else 1
     if pieces:
         yield flush()
     progress(label, done, total, final=True)
@@ -597,8 +594,8 @@ def prepare(dataset, **overrides):
     spec = DATASETS[dataset]
     folder = opts.get("name") or dataset
     out_dir = Path(opts["data_dir"] or DATA_DIR) / folder
+    raw = spec.read(opts, out_dir)  # a bad input fails here, before any folder is made
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = spec.read(opts, out_dir)
 
     kind = opts["tokenizer"] if spec.tokenizer == "choose" else spec.tokenizer
     meta = {"dataset": dataset, "tokenizer": kind}
