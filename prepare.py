@@ -34,7 +34,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import requests
 
+# data/ beside this file, not the working directory, so scripts run from anywhere agree
 DATA_DIR = Path(__file__).resolve().parent / "data"
+# uint16 halves disk and memmap traffic versus int32 and still holds GPT-2's 50,257 ids
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids 0..65535
 GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
@@ -42,7 +44,7 @@ GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
 
 class PrepareError(Exception):
     """A problem the user can fix; main() prints it as one line, no traceback."""
-    exit_code = 1
+    exit_code = 1  # data problems (missing, empty, not UTF-8, offline)
 
 
 class UsageError(PrepareError):
@@ -59,6 +61,8 @@ class Tokenizer:
     tiktoken's threaded batch encoder and treats special-token text as plain text.
     """
 
+    # One class holding functions rather than a class per kind: the three tokenizers differ
+    # only in these four callables, and callers never need to know which one they got.
     def __init__(self, name, vocab_size, encode, decode, encode_batch=None):
         self.name = name
         self.vocab_size = vocab_size
@@ -71,12 +75,13 @@ class Tokenizer:
 
 
 def char_tokenizer(chars):
+    """Id i is chars[i]; chars is sorted so the same text always gives the same ids."""
     stoi = {ch: i for i, ch in enumerate(chars)}
 
     def encode(text):
         try:
             return [stoi[ch] for ch in text]
-        except KeyError as e:
+        except KeyError as e:  # a prompt with a character the training text never had
             raise PrepareError(f"character {e.args[0]!r} is not in this dataset's vocabulary "
                                f"of {len(chars)} characters") from None
 
@@ -84,7 +89,8 @@ def char_tokenizer(chars):
 
 
 def gpt2_tokenizer(num_threads=None):
-    import tiktoken
+    """tiktoken's 'gpt2' encoding (50,257 ids); encode_batch spreads over num_threads cores."""
+    import tiktoken  # imported here so char-only users never load the BPE files
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline without a cache tiktoken fails deep inside requests
@@ -104,17 +110,19 @@ def counting_tokenizer(vocab_size=101):
     sep = vocab_size - 1
 
     def encode(text):
+        # lines are sequences; whitespace inside a line only separates numbers
         ids = []
         for line_no, line in enumerate(text.split("\n")):
             if line_no:
                 ids.append(sep)
             for word in line.split():
-                if not word.isdigit() or int(word) >= sep:
+                if not (word.isascii() and word.isdigit()) or int(word) >= sep:
                     raise PrepareError(f"counting tokenizer: {word!r} is not a number in 0..{sep - 1}")
                 ids.append(int(word))
         return ids
 
     def decode(ids):
+        # numbers joined by single spaces, no space around the newline, so encode(decode(x)) == x
         out = []
         for i in ids:
             word = "\n" if i == sep else str(i)
@@ -132,14 +140,14 @@ def get_tokenizer(meta):
     if name == "char":
         if "chars" in meta:
             chars = list(meta["chars"])
-        elif "itos" in meta:
+        elif "itos" in meta:  # nanoGPT: {id: char}, ids 0..n-1
             chars = [meta["itos"][i] for i in range(len(meta["itos"]))]
         else:
             raise PrepareError("char metadata has no 'chars' (or 'itos'); re-run prepare.py")
         return char_tokenizer(chars)
     if name == "gpt2":
         return gpt2_tokenizer()
-    if name == "counting":
+    if name == "counting":  # vocab_size = numbers + separator, so --numbers changes it
         return counting_tokenizer(int(meta.get("vocab_size", 101)))
     raise PrepareError(f"unknown tokenizer {name!r} in metadata; known: char, gpt2, counting")
 
@@ -157,6 +165,7 @@ class _PlainUnpickler(pickle.Unpickler):
 def read_meta(dataset_dir):
     """meta.json, else nanoGPT's meta.pkl (restricted unpickler), else {}."""
     dataset_dir = Path(dataset_dir)
+    # JSON first: it is what we write, readable by eye, and loading it runs nothing
     path = dataset_dir / "meta.json"
     if path.exists():
         try:
@@ -168,7 +177,7 @@ def read_meta(dataset_dir):
         with open(path, "rb") as f:
             try:
                 meta = _PlainUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            except (pickle.UnpicklingError, EOFError, ValueError) as e:  # truncated or not a pickle
                 raise PrepareError(f"{path} is not a readable pickle ({e})") from None
         if not isinstance(meta, dict):
             raise PrepareError(f"{path} holds a {type(meta).__name__}, expected a dict")
@@ -177,13 +186,21 @@ def read_meta(dataset_dir):
 
 
 def load_tokenizer(dataset_dir):
+    """The tokenizer a prepared folder was made with (GPT-2 when it has no metadata, as nanoGPT)."""
     return get_tokenizer(read_meta(dataset_dir))
 
 
 # ----------------------------------------------------------------------------- files
 
+_last_draw = [0.0]
+
+
 def progress(label, done, total=None, final=False):
     """Own one-line progress bar on stderr (no tqdm dependency)."""
+    now = time.monotonic()
+    if not final and now - _last_draw[0] < 0.2:  # redrawing per 64 KiB block would flood logs
+        return
+    _last_draw[0] = now
     if total:
         frac = min(done / total, 1.0)
         bar = "#" * int(30 * frac)
@@ -205,19 +222,21 @@ def sha256_of(path):
 def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
     """Fetch url into dest (reused when present and matching), via a temp name; returns sha256."""
     dest = Path(dest)
-    if dest.exists():
+    if dest.exists():  # a previous run (or the user) already put it there
         digest = sha256_of(dest)
         if sha256 is None or digest == sha256:
             return digest
         print(f"{dest} has the wrong sha256; downloading again", file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # the final name appears only once the bytes are complete and verified, so a killed
+    # download is never mistaken for the real file on the next run
     tmp = dest.with_name(dest.name + ".part")
     problem = None
     for attempt in range(1, retries + 1):
         try:
             with requests.get(url, stream=True, timeout=timeout) as r:
                 r.raise_for_status()
-                total = int(r.headers.get("content-length") or 0) or None
+                total = int(r.headers.get("content-length") or 0) or None  # absent when compressed
                 h, done = hashlib.sha256(), 0
                 with open(tmp, "wb") as f:
                     for block in r.iter_content(chunk_size=1 << 16):
@@ -229,18 +248,22 @@ def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
                     os.fsync(f.fileno())
                 progress(f"downloading {dest.name}", done, total, final=True)
             digest = h.hexdigest()
+            # a mismatch is retried too: proxies and captive portals return wrong bytes with 200
             if sha256 is not None and digest != sha256:
                 problem = f"sha256 mismatch (got {digest[:12]}..., expected {sha256[:12]}...)"
             else:
                 os.replace(tmp, dest)
                 return digest
-        except requests.RequestException as e:
+        except requests.RequestException as e:  # offline, DNS, timeout, HTTP 4xx/5xx
             problem = f"{type(e).__name__}: {str(e)[:120]}"
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         if tmp.exists():
             tmp.unlink()
         if attempt < retries:
             print(f"download of {url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
-            time.sleep(backoff * attempt)
+            time.sleep(backoff * attempt)  # linear backoff: a blip passes, a dead network fails fast
     raise PrepareError(f"could not download {url} ({problem}). No network? Put the file at "
                        f"{dest} or pass --input=PATH to a local copy")
 
@@ -250,6 +273,7 @@ def read_text(path):
     path = Path(path)
     if not path.exists():
         raise PrepareError(f"input {path} does not exist; check --input")
+    # sorted so the same folder always gives the same token stream and split
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     if not files:
         raise PrepareError(f"no .txt files under {path}; point --input at a .txt file or a folder of them")
@@ -275,12 +299,15 @@ def write_tokens(path, arrays, vocab_size):
     The caller renames with os.replace only after every split is complete, so an interrupted
     run never leaves a truncated .bin behind; on any failure the temp file is removed here.
     """
+    # same folder as the target so os.replace is a rename on one filesystem (atomic);
+    # a fixed name means a run killed with SIGKILL leaves at most one stale file per split
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     try:
         with open(tmp, "wb") as f:
             for ids in arrays:
                 ids = np.asarray(ids, dtype=np.int64)
+                # checked before the cast: astype(uint16) would silently wrap 70000 to 4464
                 if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                     bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
                     raise PrepareError(f"token id {bad} out of range for vocab_size {vocab_size} "
@@ -288,14 +315,15 @@ def write_tokens(path, arrays, vocab_size):
                 f.write(ids.astype(TOKEN_DTYPE).tobytes())
                 count += ids.size
             f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
+            os.fsync(f.fileno())  # on disk before the rename, or a crash could expose zeros
+    except BaseException:  # KeyboardInterrupt too: nothing half-written survives
         tmp.unlink(missing_ok=True)
         raise
     return tmp, count
 
 
 def write_json(path, obj):
+    """Atomic like the .bin files; meta.json is written last, so its presence means complete."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
@@ -388,7 +416,7 @@ class Raw:
 
 def fetch_file(raw_file, out_dir, input_path=None):
     """Local --input copy or a (cached) download; returns (path, sha256)."""
-    if input_path:
+    if input_path:  # a local copy is used as is; a different sha256 is allowed but reported
         path = Path(input_path)
         if not path.is_file():
             raise PrepareError(f"--input={input_path} is not a file")
@@ -407,6 +435,7 @@ def split_90_10(text):
 
 
 def single_file_source(raw_file):
+    """Source for a one-file corpus split 90/10 (Tiny Shakespeare, The Verdict)."""
     def read(opts, out_dir):
         path, digest = fetch_file(raw_file, out_dir, opts["input"])
         return Raw(split_90_10(read_text(path)), source=str(opts["input"] or raw_file.url),
@@ -425,6 +454,8 @@ WIKITEXT_FILES = {  # our split name -> file
 
 
 def read_wikitext2(opts, out_dir):
+    """WikiText-2's own splits; a split that cannot be had is skipped with a warning, because
+    val and test alone are what perplexity evaluation needs (offline, train is not available)."""
     splits, digests, missing = {}, {}, []
     for split, raw_file in WIKITEXT_FILES.items():
         try:
@@ -462,6 +493,7 @@ def read_counting(opts, out_dir):
     numbers, lo, hi = opts["numbers"], opts["min_len"], opts["max_len"]
     if not 2 <= lo <= hi <= numbers:
         raise UsageError(f"counting needs 2 <= --min_len ({lo}) <= --max_len ({hi}) <= --numbers ({numbers})")
+    # random.Random, not numpy: its seeded stream is the same on every platform and version
     rng = random.Random(opts["seed"])
     starts = list(range(numbers - lo + 1))  # a sequence of min_len must fit below `numbers`
     forced = [s for s in (1, 10) if s in starts]
@@ -470,6 +502,7 @@ def read_counting(opts, out_dir):
     train_starts = [s for s in starts if s not in held_out]
 
     def lines(count, pool):
+        # random lengths, so a model cannot just count to a fixed length and stop
         out = []
         for _ in range(count):
             x = rng.choice(pool)
@@ -488,10 +521,12 @@ def read_openwebtext(opts, out_dir):
         from datasets import load_dataset  # optional: only this dataset needs it
     except ImportError:
         raise PrepareError("openwebtext needs Hugging Face datasets: pip install datasets") from None
+    # ~8M documents, ~54 GB in the Hugging Face cache; num_proc parallelises its download/unpack
     ds = load_dataset(opts["hf_name"], split="train", num_proc=opts["num_proc"])
     # nanoGPT's split: 0.05% of documents for val, fixed seed
     parts = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     docs = {name: _Column(parts[key], "text") for name, key in (("train", "train"), ("val", "test"))}
+    # eot after each document tells the model where one web page ends and the next begins
     return Raw(docs, source=f"huggingface.co/datasets/{opts['hf_name']}", eot=True)
 
 
@@ -529,6 +564,7 @@ VERDICT = RawFile("the-verdict.txt", "https://raw.githubusercontent.com/rasbt/LL
 
 @dataclass
 class Dataset:
+    """A registry entry; adding a dataset means writing one source function and one entry."""
     description: str
     source: str
     tokenizer: str  # 'char' | 'gpt2' | 'counting' | 'choose' (text: --tokenizer)
@@ -536,7 +572,8 @@ class Dataset:
     options: dict  # this dataset's --key=value knobs and their defaults
 
 
-COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR
+COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
+# num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
 DATASETS = {
     "shakespeare_char": Dataset("Tiny Shakespeare, 65-character vocabulary, 90/10 split",
                                 SHAKESPEARE.url, "char", single_file_source(SHAKESPEARE), {"input": None}),
@@ -575,6 +612,7 @@ def resolve_options(name, overrides):
             raise UsageError(f"unknown option --{key} for {name}{hint}; "
                              f"known: {', '.join('--' + k for k in opts)}")
         default = opts[key]
+        # command-line values arrive as strings; knobs whose default is an int must parse as one
         if isinstance(default, int) and isinstance(value, str):
             try:
                 value = int(value)
@@ -597,6 +635,8 @@ def prepare(dataset, **overrides):
     raw = spec.read(opts, out_dir)  # a bad input fails here, before any folder is made
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # one mechanism for all: the source gives documents per split, the tokenizer turns them
+    # into ids, the writer streams them to disk; only the source differs between datasets
     kind = opts["tokenizer"] if spec.tokenizer == "choose" else spec.tokenizer
     meta = {"dataset": dataset, "tokenizer": kind}
     if kind == "char":
@@ -615,7 +655,7 @@ def prepare(dataset, **overrides):
     if tokenizer.vocab_size > MAX_VOCAB:
         raise PrepareError(f"vocab_size {tokenizer.vocab_size:,} does not fit uint16 (at most {MAX_VOCAB:,})")
 
-    stats, written = {}, {}
+    stats, written = {}, {}  # written: split -> (temp path, token count)
     eot = GPT2_EOT if raw.eot else None
     try:
         for split, docs in raw.splits.items():
@@ -625,7 +665,9 @@ def prepare(dataset, **overrides):
         for tmp, _ in written.values():
             tmp.unlink(missing_ok=True)
         raise
-    # every split is complete on disk: now swap them in, then the metadata last
+    # every split is complete on disk: drop the old metadata (a folder without meta.json reads
+    # as unfinished), swap the splits in, and write the new metadata last
+    (out_dir / "meta.json").unlink(missing_ok=True)
     for split, (tmp, _) in written.items():
         os.replace(tmp, out_dir / f"{split}.bin")
     meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits={s: int(n) for s, (_, n) in written.items()},
@@ -635,13 +677,16 @@ def prepare(dataset, **overrides):
     for split, count in meta["splits"].items():
         print(f"{folder}/{split}.bin: {count:,} tokens")
     if kind == "gpt2" and stats["seconds"] > 0:
-        meta_rate = stats["tokens"] / stats["seconds"]
+        # encode time only (not reading or writing), the number to compare across machines
+        rate = stats["tokens"] / stats["seconds"]
+        threads = opts.get("num_threads") or os.cpu_count()
         print(f"GPT-2 tokenization: {stats['tokens']:,} tokens in {stats['seconds']:.2f} s = "
-              f"{meta_rate:,.0f} tokens/s (tiktoken batch encoding, {os.cpu_count()} cores)")
+              f"{rate:,.0f} tokens/s (tiktoken encode_ordinary_batch, {threads} threads)")
     return meta
 
 
 def list_datasets(data_dir=None):
+    """The --list table: name, prepared or not (meta.json present), description, source."""
     root = Path(data_dir or DATA_DIR)
     lines = []
     for name, spec in DATASETS.items():
@@ -659,7 +704,7 @@ def list_datasets(data_dir=None):
 
 
 def parse_args(argv):
-    """['NAME', '--k=v', ...] -> (name, {k: v}); '--list' and '--help' give name '--list'/'--help'."""
+    """['NAME', '--k=v', ...] -> (name, {k: v}); --list/--help come back as overrides['__action']."""
     name, overrides = None, {}
     for arg in argv:
         if arg in ("--list", "--help", "-h"):
@@ -677,6 +722,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """Command line entry; returns the exit code (0 ok, 1 data problem, 2 usage, 130 Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         name, overrides = parse_args(argv)
@@ -684,16 +730,16 @@ def main(argv=None):
         if action == "--list":
             print(list_datasets(overrides.get("data_dir")))
             return 0
-        if action or name is None:
-            if name and action:  # `NAME --help`: that dataset's knobs
-                opts = resolve_options(name, {})
-                print(f"{name}: {DATASETS[name].description}\noptions: " +
-                      " ".join(f"--{k}={v}" for k, v in opts.items()))
-                return 0
-            print(__doc__.strip())
-            if name is None and not action:
-                raise UsageError("name a dataset (python prepare.py --list shows them)")
+        if action and name:  # `NAME --help`: that dataset's knobs and their defaults
+            opts = resolve_options(name, {})
+            print(f"{name}: {DATASETS[name].description}\noptions: " +
+                  " ".join(f"--{k}={v}" for k, v in opts.items()))
             return 0
+        if action:
+            print(__doc__.strip())
+            return 0
+        if name is None:
+            raise UsageError("name a dataset; python prepare.py --list shows them, --help the usage")
         prepare(name, **overrides)
         return 0
     except PrepareError as e:
