@@ -83,6 +83,8 @@ def test_shakespeare_gpt2_counts_and_batched_encoding_is_exact(tmp_path, capsys)
 
 
 def test_safe_pieces_match_whole_encoding_on_awkward_text():
+    """Runs of newlines and spaces, contractions, digits, accents: the cases where a careless
+    cut changes GPT-2's pre-tokenization. Tiny pieces make cuts land everywhere they may."""
     tok = gpt2()
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
@@ -95,6 +97,7 @@ def test_safe_pieces_match_whole_encoding_on_awkward_text():
 
 @needs_wikitext
 def test_wikitext2_prepares_available_splits_and_names_the_missing_one(tmp_path):
+    """Offline only valid and test exist: exit 0, a warning naming train.txt, the rest prepared."""
     r = run_cli("wikitext2", f"--input={WIKITEXT}", f"--data_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "train split missing" in r.stderr and "train.txt" in r.stderr
@@ -124,6 +127,7 @@ def test_tokenizer_round_trips():
 
 
 def test_counting_is_deterministic_and_val_starts_are_unseen(tmp_path):
+    """Same seed, same bytes; val starts never start a train sequence (the whole point of val)."""
     small = dict(num_train=2000, num_val=200)
     a = prepare.prepare("counting", data_dir=tmp_path / "a", seed=7, **small)
     b = prepare.prepare("counting", data_dir=tmp_path / "b", seed=7, **small)
@@ -176,6 +180,7 @@ class _Evil:
 
 
 def test_malicious_meta_pkl_is_refused_without_running_it(tmp_path):
+    """A plain pickle.load would run `touch marker` while loading; ours must refuse first."""
     marker = tmp_path / "pwned"
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "x": _Evil(marker)}))
     with pytest.raises(prepare.PrepareError, match="refused"):
@@ -206,6 +211,7 @@ class FakeResponse:
 
 
 def test_download_retries_checks_sha256_and_reuses(tmp_path, monkeypatch):
+    """Network error, then wrong bytes, then the right bytes: three tries, one verified file."""
     good = b"the real file\n" * 1000
     sha = hashlib.sha256(good).hexdigest()
     answers = [requests.ConnectionError("down"), b"corrupted", good]
@@ -238,7 +244,7 @@ def test_offline_failure_names_address_and_path(tmp_path, monkeypatch, capsys):
         raise requests.ConnectionError("Name or service not known")
 
     monkeypatch.setattr(prepare.requests, "get", no_network)
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)  # skip the retry backoff
     code = prepare.main(["the_verdict", f"--data_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 1
@@ -252,6 +258,7 @@ def test_offline_failure_names_address_and_path(tmp_path, monkeypatch, capsys):
 
 @needs_shakespeare
 def test_interrupted_prepare_leaves_no_bin(tmp_path, monkeypatch):
+    """Ctrl-C after the first chunk: nothing is left, and an older complete prepare survives."""
     real = prepare.encode_documents
 
     def dies_midway(*args, **kwargs):
@@ -293,6 +300,7 @@ def test_token_id_out_of_range_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------- user errors
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
+    """Through the real command line: exit code, one `error:` line naming the fix, no traceback."""
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     latin1 = tmp_path / "latin1.txt"
@@ -341,6 +349,8 @@ def test_text_folder_and_list(tmp_path):
 # ----------------------------------------------------------------------------- openwebtext path
 
 def test_openwebtext_streaming_writer_on_small_documents(tmp_path):
+    """The openwebtext path (batched threaded encoding, eot per document, chunked appends)
+    on a few in-memory documents instead of 8M downloaded ones."""
     tok = gpt2()
     long_doc = "A long document, cut into pieces for the batch encoder. " * 3000  # > one 64k piece
     docs = ["Hello world.", "", "Second\n\ndocument with <|endoftext|> as plain text.", long_doc, "end"]
