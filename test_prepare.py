@@ -4,7 +4,6 @@ CPU only and offline: raw text comes from the shared copies in ../shared/data (t
 a reason when they are absent) and everything is prepared under pytest's tmp_path.
 """
 import hashlib
-import json
 import os
 import pickle
 import subprocess
