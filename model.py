@@ -1,0 +1,620 @@
+"""
+The whole GPT-2 language model in one file, leaf first: LayerNorm -> attention -> MLP
+-> Block -> GPTConfig -> GPT.
+
+Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn,
+mlp.c_fc, c_proj) so pretrained weights map key for key. References:
+1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face's PyTorch port: transformers/models/gpt2/modeling_gpt2.py
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
+    logits, loss = model(idx, targets)            # training
+    out = model.generate(idx, max_new_tokens=100)  # KV-cached sampling
+    model = GPT.from_pretrained("gpt2")            # Hugging Face weights (local cache or folder)
+
+This file reads no files except weight files, parses no arguments and keeps no global state.
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch.nn.LayerNorm has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        # eps 1e-5 is GPT-2's layer_norm_epsilon
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated up to max_len.
+
+    Allocated lazily on the first write so the cache takes the dtype the attention
+    produces (bfloat16 under autocast, float32 otherwise).
+    """
+
+    def __init__(self, n_layer, max_len):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.max_len = max_len
+        self.pos = 0  # number of positions already stored
+
+    def update(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return all keys/values so far."""
+        T = k.size(2)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos} + {T} > max_len {self.max_len}")
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
+        # key, query, value projections for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.layer_idx = None  # set by GPT, indexes the KV cache
+        self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
+
+        if past > 0 and T > 1:
+            # a chunk after a prefix: query i sees keys [0, past+i]
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = dict(attn_mask=mask)
+        else:
+            # no prefix: plain causal; one new query: it sees every cached key
+            causal = dict(is_causal=T > 1)
+
+        if self.attn_record is not None:
+            # explicit softmax(q k^T / sqrt(hs)) so the probabilities that produce y can be
+            # returned; GPT.attention_maps checks this path against the fused kernel
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, past+T)
+            keep = causal.get("attn_mask")
+            if keep is None:
+                keep = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+            att = att.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+            self.attn_record.append(att)
+            y = att @ v  # (B, nh, T, hs)
+        else:
+            # flash / memory-efficient kernels where the hardware has them
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (context length)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining, try 0.1+ for finetuning
+    bias: bool = True  # biases in Linear and LayerNorm, like GPT-2; False is a bit better and faster
+
+
+# Hugging Face names of the four OpenAI GPT-2 checkpoints and their shapes
+# (from the GPT-2 paper, table 2; all use vocab 50257 and context 1024).
+PRETRAINED = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+# Hugging Face GPT-2 stores these Linear layers as Conv1D, weight shape (in, out): transpose.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# Dense peak FLOP/s per device and dtype, from the vendors' datasheets (no sparsity).
+# float32 is the plain (non-tensor-core) rate. Anything not listed is "unknown", CPUs included.
+PEAK_FLOPS = [
+    # (substring of torch.cuda.get_device_name(), {dtype: FLOP/s}); first match wins
+    ("H100 PCIe", {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 51e12}),
+    ("H100 NVL", {torch.bfloat16: 835e12, torch.float16: 835e12, torch.float32: 60e12}),
+    ("H100", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),  # SXM
+    ("H200", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),
+    ("B200", {torch.bfloat16: 2250e12, torch.float16: 2250e12, torch.float32: 75e12}),
+    ("A100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12}),
+    ("L40S", {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12}),
+    ("A10G", {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 31.2e12}),
+    ("A10", {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 31.2e12}),
+    ("L4", {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30.3e12}),
+    ("V100", {torch.float16: 125e12, torch.float32: 15.7e12}),
+]
+
+
+def peak_flops(device_name, dtype=torch.bfloat16):
+    """Peak FLOP/s of a known accelerator for dtype, or None when we do not know it."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    for key, table in PEAK_FLOPS:
+        if key.lower() in (device_name or "").lower():
+            return table.get(dtype)
+    return None
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, V): greedy, or sampled after temperature,
+    top-k and top-p (nucleus) filtering. Returns (B,) token ids."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        # drop a token when the tokens ranked above it already hold top_p of the mass;
+        # the most likely token is always kept
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if not 0.0 <= config.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {config.dropout}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (GPT-2 does it; https://paperswithcode.com/method/weight-tying)
+        self.transformer.wte.weight = self.lm_head.weight
+        for i, block in enumerate(self.transformer.h):
+            block.attn.layer_idx = i
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(N), N = 2 per block
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ---------------------------------------------------------------- forward
+
+    def _check_idx(self, idx, past=0):
+        if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            what = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise TypeError(f"idx must be an integer tensor of token ids, got {what}; use torch.long")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}")
+        T = idx.size(1)
+        if past + T > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {past + T}: block_size is "
+                             f"{self.config.block_size}; crop the input to its last {self.config.block_size} tokens")
+        if T == 0:
+            raise ValueError("idx is empty: need at least one token per row")
+        # Range check costs a device sync, so CUDA training skips it (its data was checked
+        # when prepared) and compiled graphs skip it (data-dependent branches break graphs).
+        if not torch.compiler.is_compiling() and not (idx.is_cuda and self.training):
+            lo, hi = torch.aminmax(idx)
+            if lo.item() < 0 or hi.item() >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {lo.item()} "
+                                 f"max {hi.item()}; the data or prompt does not match this model's vocabulary")
+
+    def _hidden(self, idx, cache=None):
+        """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions."""
+        past = cache.pos if cache is not None else 0
+        self._check_idx(idx, past)
+        T = idx.size(1)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe.weight[past:past + T]  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1.
+        Without: logits of the last position only, (B, 1, V), and loss None."""
+        x = self._hidden(idx)
+        if targets is None:
+            # inference needs only the last position: skip the other T-1 rows of the lm_head matmul
+            return self.lm_head(x[:, [-1], :]), None
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """Attention probabilities of every layer for idx: a list of n_layer tensors (B, nh, T, T).
+
+        They are the weights the forward pass itself multiplies the values with: each
+        attention layer switches from the fused kernel to its explicit softmax path."""
+        was_training = self.training
+        self.eval()
+        records = []
+        try:
+            for block in self.transformer.h:
+                block.attn.attn_record = records
+            self._hidden(idx)
+        finally:
+            for block in self.transformer.h:
+                block.attn.attn_record = None
+            self.train(was_training)
+        return records
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        vocab_limit=None, generator=None):
+        """Yield max_new_tokens new tokens, each a (B,) tensor, continuing the prompts idx (B, T).
+
+        One forward over the prompt fills a KV cache, then each step feeds one token.
+        Past block_size the model conditions on the last block_size tokens, as without a
+        cache; positions then shift every step, so the cache no longer applies and each
+        step recomputes the window. vocab_limit: only ids below it are sampled (set it to
+        the tokenizer's size when vocab_size is padded, e.g. 50257 for 50304)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if vocab_limit is not None and not 0 < vocab_limit <= self.config.vocab_size:
+            raise ValueError(f"vocab_limit must be in [1, {self.config.vocab_size}], got {vocab_limit}")
+        if isinstance(idx, torch.Tensor) and idx.dim() == 1:
+            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}; use idx[None] for one prompt")
+        block_size = self.config.block_size
+        B, T = idx.shape
+        # the running sequence; only its last block_size tokens are ever looked at
+        seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+        seq[:, :T] = idx
+        was_training = self.training
+        self.eval()  # generation never uses dropout
+        try:
+            cache = KVCache(self.config.n_layer, block_size)
+            start = max(0, T - block_size)
+            hidden = self._hidden(seq[:, start:T], cache)[:, -1, :]  # (B, C)
+            for step in range(max_new_tokens):
+                logits = self.lm_head(hidden)  # (B, V)
+                if vocab_limit is not None:
+                    logits = logits[:, :vocab_limit]
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                L = T + step + 1  # sequence length including nxt
+                seq[:, L - 1] = nxt
+                yield nxt
+                if step == max_new_tokens - 1:
+                    break
+                if L <= block_size:
+                    hidden = self._hidden(nxt[:, None], cache)[:, -1, :]  # one new position
+                else:
+                    hidden = self._hidden(seq[:, L - block_size:L])[:, -1, :]  # sliding window
+        finally:
+            self.train(was_training)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 vocab_limit=None, generator=None):
+        """Continue the prompts idx (B, T): returns (B, T + max_new_tokens) token ids.
+        temperature 0 is greedy; top_k keeps the k likeliest; top_p keeps the nucleus of
+        mass top_p; generator (torch.Generator) makes sampling reproducible."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    # ---------------------------------------------------------------- size, FLOPs, MFU
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count, tied weights once. non_embedding leaves out the position
+        embeddings (the token embedding stays: it is also the lm_head's matmul)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def param_breakdown(self):
+        """Parameter counts by kind: embeddings (token + position, tied head counted
+        there), attention, mlp, norms, total."""
+        counts = dict(embeddings=0, attention=0, mlp=0, norms=0)
+        for name, p in self.named_parameters():  # named_parameters yields tied weights once
+            if ".attn." in name:
+                kind = "attention"
+            elif ".mlp." in name:
+                kind = "mlp"
+            elif "ln_" in name:
+                kind = "norms"
+            else:
+                kind = "embeddings"
+            counts[kind] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def param_table(self):
+        """The parameter breakdown as a small printable table."""
+        counts = self.param_breakdown()
+        lines = [f"{'parameters':<12}{'count':>14}{'share':>8}"]
+        for kind, n in counts.items():
+            lines.append(f"{kind:<12}{n:>14,}{100 * n / counts['total']:>7.1f}%")
+        return "\n".join(lines)
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length, e.g. to fine-tune GPT-2 (1024) with a smaller block."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be in [1, {self.config.block_size}], got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
+    def flops_per_token(self):
+        """Training FLOPs (forward + backward) per token at full context: 6N for the
+        matmuls with the weights plus 12 * n_layer * n_embd * block_size for attention
+        (PaLM paper, appendix B: https://arxiv.org/abs/2204.02311)."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_sec, device_name, dtype=torch.bfloat16):
+        """Model FLOPs utilisation: achieved FLOP/s over the device's peak for dtype.
+        None when the peak is unknown (CPUs and unlisted GPUs): no made-up number."""
+        peak = peak_flops(device_name, dtype)
+        if peak is None:
+            return None
+        return self.flops_per_token() * tokens_per_sec / peak
+
+    # ---------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices and embeddings (2-D) only, not on biases
+        and LayerNorm gains; the fused kernel where this torch has it for device_type."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        n_decay = sum(p.numel() for p in decay)
+        n_no_decay = sum(p.numel() for p in no_decay)
+        print(f"optimizer: {len(decay)} decayed tensors ({n_decay:,} parameters), "
+              f"{len(no_decay)} non-decayed tensors ({n_no_decay:,} parameters)")
+        # fused AdamW exists for CUDA (torch 2.0+) and CPU (torch 2.4+); MPS in recent releases
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        extra = dict(fused=True) if fused else dict()
+        try:
+            optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        except RuntimeError:  # an older torch without the fused kernel for this device
+            fused = False
+            optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+        print(f"optimizer: AdamW, fused kernel: {fused}")
+        return optimizer
+
+    # ---------------------------------------------------------------- Hugging Face GPT-2
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """GPT-2 weights from Hugging Face: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
+        (from the local Hugging Face cache, downloaded when online and huggingface_hub is
+        installed), or a local folder with config.json and model.safetensors or
+        pytorch_model.bin. override_args may set dropout only."""
+        override_args = dict(override_args or {})
+        unknown = set(override_args) - {"dropout"}
+        if unknown:
+            raise ValueError(f"override_args may only set 'dropout', got {sorted(unknown)}")
+        folder = _find_pretrained_folder(name_or_path)
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{folder}: activation_function {hf['activation_function']!r} is not GPT-2's "
+                             f"tanh GELU; this model cannot represent it")
+        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+            raise ValueError(f"{folder}: n_inner {hf['n_inner']} is not 4 * n_embd; this model cannot represent it")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                           dropout=override_args.get("dropout", 0.0))
+        model = cls(config)
+        hf_sd = _read_weights(folder)
+        sd = model.state_dict()
+        # GPT2LMHeadModel prefixes "transformer."; a bare GPT2Model does not
+        hf_sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
+                 for k, v in hf_sd.items()}
+        # causal-mask buffers of older transformers versions are not weights
+        hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        hf_sd.setdefault("lm_head.weight", hf_sd.get("transformer.wte.weight"))  # tied
+        missing = sorted(set(sd) - set(hf_sd))
+        unexpected = sorted(set(hf_sd) - set(sd))
+        if missing or unexpected:
+            raise ValueError(f"{folder}: weights do not match GPT-2: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        with torch.no_grad():
+            for k, target in sd.items():
+                w = hf_sd[k]
+                if k.endswith(_CONV1D):
+                    w = w.t()
+                if w.shape != target.shape:
+                    raise ValueError(f"{folder}: {k} has shape {tuple(w.shape)}, expected {tuple(target.shape)}")
+                target.copy_(w)
+        return model
+
+    def save_pretrained(self, folder):
+        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads with the
+        same logits. Models without biases get zero biases (the same function)."""
+        cfg = self.config
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
+            "bos_token_id": min(50256, cfg.vocab_size - 1), "eos_token_id": min(50256, cfg.vocab_size - 1),
+        }
+        out = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue  # tied to transformer.wte.weight; transformers re-ties it on load
+            out[k] = (v.t() if k.endswith(_CONV1D) else v).detach().to("cpu", torch.float32).contiguous()
+        if not cfg.bias:
+            for k, v in list(out.items()):
+                if k.endswith(".weight") and (".c_" in k or ".ln_" in k or k.startswith("transformer.ln_f")):
+                    n = v.shape[1] if k.endswith(_CONV1D) else v.shape[0]
+                    out[k[:-len("weight")] + "bias"] = torch.zeros(n)
+        os.makedirs(folder, exist_ok=True)
+        _atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
+        try:
+            from safetensors.torch import save
+        except ImportError:
+            _atomic_write(os.path.join(folder, "pytorch_model.bin"), lambda f: torch.save(out, f))
+        else:
+            _atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(out, {"format": "pt"})))
+
+
+def _atomic_write(path, write):
+    """Write a file through a temporary name so a crash never leaves it half-written."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _find_pretrained_folder(name_or_path):
+    """A folder holding config.json and weights for a model name or path, or a clear error."""
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise FileNotFoundError(f"{name_or_path} has no config.json: not a Hugging Face model folder")
+        return name_or_path
+    if name_or_path not in PRETRAINED:
+        raise FileNotFoundError(f"{name_or_path!r} is neither a folder nor one of {sorted(PRETRAINED)}")
+    repo_id = name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        snapshot_download = None
+    if snapshot_download is not None:
+        patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
+        try:  # the local cache first, so no network is touched when the files are here
+            folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        except Exception:
+            try:
+                folder = snapshot_download(repo_id, allow_patterns=patterns)
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"GPT-2 weights {repo_id!r} are not in the local Hugging Face cache and could not be "
+                    f"downloaded ({type(e).__name__}: {str(e)[:200]}). Download them once where there is network "
+                    f"(`huggingface-cli download {repo_id} config.json model.safetensors`) or pass a local folder."
+                ) from None
+        return folder
+    # without huggingface_hub, look in the cache layout it would have written
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    snapshots = os.path.join(hub, f"models--{repo_id}", "snapshots")
+    if os.path.isdir(snapshots):
+        for snap in sorted(os.listdir(snapshots)):
+            folder = os.path.join(snapshots, snap)
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                return folder
+    raise FileNotFoundError(f"GPT-2 weights {repo_id!r} not found under {snapshots}; install huggingface_hub "
+                            f"(`pip install huggingface_hub`) to download them, or pass a local folder")
+
+
+def _read_weights(folder):
+    """The state dict in a Hugging Face folder: model.safetensors, else pytorch_model.bin."""
+    st = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(st):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{st} needs the safetensors package: pip install safetensors") from None
+        return load_file(st)
+    pt = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")

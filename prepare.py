@@ -1,0 +1,754 @@
+"""
+Turn a corpus into data/NAME/train.bin, val.bin (and test.bin where the corpus has one)
+as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for every dataset.
+
+    python prepare.py --list                            # every dataset, its source, prepared or not
+    python prepare.py shakespeare_char                  # Tiny Shakespeare, 65 characters
+    python prepare.py shakespeare                       # Tiny Shakespeare, GPT-2 BPE
+    python prepare.py the_verdict                       # 20k-character story, GPT-2 BPE
+    python prepare.py wikitext2 --input=../shared/data/wikitext-2   # folder with train/valid/test.txt
+    python prepare.py counting --seed=1337              # synthetic "x x+1 x+2 ..." sequences
+    python prepare.py openwebtext                       # needs `pip install datasets` and network
+    python prepare.py text --input=notes/ --tokenizer=char --name=mydata
+
+Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
+PATH instead of data/; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
+
+In code (what train.py, sample.py and evaluation use):
+    import prepare
+    tok = prepare.load_tokenizer(prepare.DATA_DIR / "shakespeare_char")
+    tok.decode(tok.encode("To be")) == "To be"
+"""
+import difflib
+import hashlib
+import json
+import os
+import pickle
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import requests
+
+# data/ beside this file, not the working directory, so scripts run from anywhere agree
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# uint16 halves disk and memmap traffic versus int32 and still holds GPT-2's 50,257 ids
+TOKEN_DTYPE = np.uint16
+MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids 0..65535
+GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
+
+
+class PrepareError(Exception):
+    """A problem the user can fix; main() prints it as one line, no traceback."""
+    exit_code = 1  # data problems (missing, empty, not UTF-8, offline)
+
+
+class UsageError(PrepareError):
+    """Bad command line (unknown dataset or option)."""
+    exit_code = 2
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class Tokenizer:
+    """encode(str) -> list[int], decode(list[int]) -> str, vocab_size, name.
+
+    encode_batch(list[str]) -> list[list[int]] is the data-preparation path; for GPT-2 it runs
+    tiktoken's threaded batch encoder and treats special-token text as plain text.
+    """
+
+    # One class holding functions rather than a class per kind: the three tokenizers differ
+    # only in these four callables, and callers never need to know which one they got.
+    def __init__(self, name, vocab_size, encode, decode, encode_batch=None):
+        self.name = name
+        self.vocab_size = vocab_size
+        self.encode = encode
+        self.decode = decode
+        self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
+
+    def __repr__(self):
+        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def char_tokenizer(chars):
+    """Id i is chars[i]; chars is sorted so the same text always gives the same ids."""
+    stoi = {ch: i for i, ch in enumerate(chars)}
+
+    def encode(text):
+        try:
+            return [stoi[ch] for ch in text]
+        except KeyError as e:  # a prompt with a character the training text never had
+            raise PrepareError(f"character {e.args[0]!r} is not in this dataset's vocabulary "
+                               f"of {len(chars)} characters") from None
+
+    return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids))
+
+
+def gpt2_tokenizer(num_threads=None):
+    """tiktoken's 'gpt2' encoding (50,257 ids); encode_batch spreads over num_threads cores."""
+    import tiktoken  # imported here so char-only users never load the BPE files
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline without a cache tiktoken fails deep inside requests
+        raise PrepareError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); offline, "
+                           "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache") from None
+    threads = num_threads or os.cpu_count() or 1
+    return Tokenizer(
+        "gpt2", enc.n_vocab,
+        # prompts may spell <|endoftext|> on purpose; data files are encoded "ordinary" (as nanoGPT)
+        lambda text: enc.encode(text, allowed_special={"<|endoftext|>"}),
+        enc.decode,
+        lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads))
+
+
+def counting_tokenizer(vocab_size=101):
+    """Token i is the number i; the last id separates sequences and reads as a newline."""
+    sep = vocab_size - 1
+
+    def encode(text):
+        # lines are sequences; whitespace inside a line only separates numbers
+        ids = []
+        for line_no, line in enumerate(text.split("\n")):
+            if line_no:
+                ids.append(sep)
+            for word in line.split():
+                if not (word.isascii() and word.isdigit()) or int(word) >= sep:
+                    raise PrepareError(f"counting tokenizer: {word!r} is not a number in 0..{sep - 1}")
+                ids.append(int(word))
+        return ids
+
+    def decode(ids):
+        # numbers joined by single spaces, no space around the newline, so encode(decode(x)) == x
+        out = []
+        for i in ids:
+            word = "\n" if i == sep else str(i)
+            out.append(word if i == sep or not out or out[-1] == "\n" else " " + word)
+        return "".join(out)
+
+    return Tokenizer("counting", vocab_size, encode, decode)
+
+
+def get_tokenizer(meta):
+    """Tokenizer described by metadata (meta.json or nanoGPT meta.pkl); GPT-2 when meta is empty."""
+    name = meta.get("tokenizer")
+    if name is None:  # nanoGPT's meta.pkl has only vocab_size, itos, stoi
+        name = "char" if ("itos" in meta or "chars" in meta) else "gpt2"
+    if name == "char":
+        if "chars" in meta:
+            chars = list(meta["chars"])
+        elif "itos" in meta:  # nanoGPT: {id: char}, ids 0..n-1
+            chars = [meta["itos"][i] for i in range(len(meta["itos"]))]
+        else:
+            raise PrepareError("char metadata has no 'chars' (or 'itos'); re-run prepare.py")
+        return char_tokenizer(chars)
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    if name == "counting":  # vocab_size = numbers + separator, so --numbers changes it
+        return counting_tokenizer(int(meta.get("vocab_size", 101)))
+    raise PrepareError(f"unknown tokenizer {name!r} in metadata; known: char, gpt2, counting")
+
+
+# ----------------------------------------------------------------------------- metadata
+
+class _PlainUnpickler(pickle.Unpickler):
+    # Plain dicts, lists, strings and numbers need no class lookup; anything that does
+    # (os.system in a __reduce__, any custom object) is refused before it can run.
+    def find_class(self, module, name):
+        raise PrepareError(f"meta.pkl wants {module}.{name}; refused: only plain dicts, lists, "
+                           "strings and numbers are read (an arbitrary pickle can run code)")
+
+
+def read_meta(dataset_dir):
+    """meta.json, else nanoGPT's meta.pkl (restricted unpickler), else {}."""
+    dataset_dir = Path(dataset_dir)
+    # JSON first: it is what we write, readable by eye, and loading it runs nothing
+    path = dataset_dir / "meta.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PrepareError(f"{path} is not valid JSON ({e}); re-run prepare.py") from None
+    path = dataset_dir / "meta.pkl"
+    if path.exists():
+        with open(path, "rb") as f:
+            try:
+                meta = _PlainUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, ValueError) as e:  # truncated or not a pickle
+                raise PrepareError(f"{path} is not a readable pickle ({e})") from None
+        if not isinstance(meta, dict):
+            raise PrepareError(f"{path} holds a {type(meta).__name__}, expected a dict")
+        return meta
+    return {}
+
+
+def load_tokenizer(dataset_dir):
+    """The tokenizer a prepared folder was made with (GPT-2 when it has no metadata, as nanoGPT)."""
+    return get_tokenizer(read_meta(dataset_dir))
+
+
+# ----------------------------------------------------------------------------- files
+
+_last_draw = [0.0]
+
+
+def progress(label, done, total=None, final=False):
+    """Own one-line progress bar on stderr (no tqdm dependency)."""
+    now = time.monotonic()
+    if not final and now - _last_draw[0] < 0.2:  # redrawing per 64 KiB block would flood logs
+        return
+    _last_draw[0] = now
+    if total:
+        frac = min(done / total, 1.0)
+        bar = "#" * int(30 * frac)
+        text = f"\r{label} [{bar:<30}] {100 * frac:5.1f}% {done:,}/{total:,}"
+    else:
+        text = f"\r{label} {done:,}"
+    sys.stderr.write(text + ("\n" if final else ""))
+    sys.stderr.flush()
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
+    """Fetch url into dest (reused when present and matching), via a temp name; returns sha256."""
+    dest = Path(dest)
+    if dest.exists():  # a previous run (or the user) already put it there
+        digest = sha256_of(dest)
+        if sha256 is None or digest == sha256:
+            return digest
+        print(f"{dest} has the wrong sha256; downloading again", file=sys.stderr)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # the final name appears only once the bytes are complete and verified, so a killed
+    # download is never mistaken for the real file on the next run
+    tmp = dest.with_name(dest.name + ".part")
+    problem = None
+    for attempt in range(1, retries + 1):
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as r:
+                r.raise_for_status()
+                total = int(r.headers.get("content-length") or 0) or None  # absent when compressed
+                h, done = hashlib.sha256(), 0
+                with open(tmp, "wb") as f:
+                    for block in r.iter_content(chunk_size=1 << 16):
+                        f.write(block)
+                        h.update(block)
+                        done += len(block)
+                        progress(f"downloading {dest.name}", done, total)
+                    f.flush()
+                    os.fsync(f.fileno())
+                progress(f"downloading {dest.name}", done, total, final=True)
+            digest = h.hexdigest()
+            # a mismatch is retried too: proxies and captive portals return wrong bytes with 200
+            if sha256 is not None and digest != sha256:
+                problem = f"sha256 mismatch (got {digest[:12]}..., expected {sha256[:12]}...)"
+            else:
+                os.replace(tmp, dest)
+                return digest
+        except requests.RequestException as e:  # offline, DNS, timeout, HTTP 4xx/5xx
+            problem = f"{type(e).__name__}: {str(e)[:120]}"
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if tmp.exists():
+            tmp.unlink()
+        if attempt < retries:
+            print(f"download of {url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
+            time.sleep(backoff * attempt)  # linear backoff: a blip passes, a dead network fails fast
+    raise PrepareError(f"could not download {url} ({problem}). No network? Put the file at "
+                       f"{dest} or pass --input=PATH to a local copy")
+
+
+def read_text(path):
+    """A UTF-8 file, or every .txt file under a folder (sorted), as one string."""
+    path = Path(path)
+    if not path.exists():
+        raise PrepareError(f"input {path} does not exist; check --input")
+    # sorted so the same folder always gives the same token stream and split
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise PrepareError(f"no .txt files under {path}; point --input at a .txt file or a folder of them")
+    parts = []
+    for file in files:
+        try:
+            parts.append(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"{file} is not UTF-8 text (byte {e.start}); convert it, e.g. "
+                               f"iconv -f latin1 -t utf-8") from None
+        except OSError as e:
+            raise PrepareError(f"cannot read {file}: {e.strerror}") from None
+    # files joined so that each one starts on its own line
+    text = "".join(p if p.endswith("\n") or i == len(parts) - 1 else p + "\n" for i, p in enumerate(parts))
+    if not text.strip():
+        raise PrepareError(f"input {path} is empty; nothing to tokenize")
+    return text
+
+
+def write_tokens(path, arrays, vocab_size):
+    """Stream id arrays into path's temp name ('.NAME.tmp', same folder, fsynced); returns (tmp, count).
+
+    The caller renames with os.replace only after every split is complete, so an interrupted
+    run never leaves a truncated .bin behind; on any failure the temp file is removed here.
+    """
+    # same folder as the target so os.replace is a rename on one filesystem (atomic);
+    # a fixed name means a run killed with SIGKILL leaves at most one stale file per split
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            for ids in arrays:
+                ids = np.asarray(ids, dtype=np.int64)
+                # checked before the cast: astype(uint16) would silently wrap 70000 to 4464
+                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                    bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+                    raise PrepareError(f"token id {bad} out of range for vocab_size {vocab_size} "
+                                       f"while writing {path.name}; the tokenizer and metadata disagree")
+                f.write(ids.astype(TOKEN_DTYPE).tobytes())
+                count += ids.size
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, or a crash could expose zeros
+    except BaseException:  # KeyboardInterrupt too: nothing half-written survives
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, count
+
+
+def write_json(path, obj):
+    """Atomic like the .bin files; meta.json is written last, so its presence means complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def safe_pieces(text, size=1 << 16):
+    """Cut text into ~size pieces that GPT-2 BPE encodes exactly as the whole.
+
+    A cut just before an ASCII space that follows a letter or digit is a token boundary of
+    GPT-2's pre-tokenizer regex in both directions (no pattern spans ' ' after a word, and
+    ' ?\\p{L}+' starts the same way), so the concatenated ids equal encode_ordinary(text).
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut] == " " and text[cut - 1].isalnum()):
+            cut += 1
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
+
+
+def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="tokenizing", stats=None):
+    """Yield uint16-ready id arrays for an iterable of documents, eot appended after each one.
+
+    Documents are cut into safe pieces and encoded a batch (~batch_chars characters) at a time
+    with tokenizer.encode_batch, so memory stays bounded and all cores work whatever the size.
+    """
+    # in-memory text (a list) shows progress in characters, a corpus in documents
+    by_chars = isinstance(docs, list)
+    total = sum(map(len, docs)) if by_chars else (len(docs) if hasattr(docs, "__len__") else None)
+    stats = stats if stats is not None else {}
+    stats.setdefault("tokens", 0)
+    stats.setdefault("seconds", 0.0)
+    pieces, chars, done = [], 0, 0  # None in pieces marks a document end (eot goes there)
+
+    def flush():
+        t0 = time.perf_counter()
+        encoded = iter(tokenizer.encode_batch([p for p in pieces if p is not None]))
+        stats["seconds"] += time.perf_counter() - t0
+        out = []
+        for piece in pieces:
+            out.extend(next(encoded) if piece is not None else (eot,))
+        stats["tokens"] += len(out)
+        pieces.clear()
+        return np.array(out, dtype=np.int64)
+
+    for doc in docs:
+        for piece in safe_pieces(doc) if tokenizer.name == "gpt2" else [doc]:
+            pieces.append(piece)
+            chars += len(piece)
+            done += len(piece) if by_chars else 0
+            if chars >= batch_chars:  # flush mid-document too: one huge file stays bounded
+                yield flush()
+                chars = 0
+                progress(label, done, total)
+        if eot is not None:
+            pieces.append(None)
+        done += 0 if by_chars else 1
+    if pieces:
+        yield flush()
+    progress(label, done, total, final=True)
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class RawFile:
+    name: str  # file name inside data/NAME/
+    url: str
+    sha256: str | None = None  # from ../shared/data/SHA256SUMS where known
+
+
+@dataclass
+class Raw:
+    """What a source hands to the common pipeline: documents per split and provenance."""
+    splits: dict  # split name -> list/iterable of documents (str)
+    source: str
+    sha256: dict = field(default_factory=dict)  # file name -> sha256
+    eot: bool = False  # append the tokenizer's end-of-text id after each document
+    extra: dict = field(default_factory=dict)  # more keys for meta.json
+
+
+def fetch_file(raw_file, out_dir, input_path=None):
+    """Local --input copy or a (cached) download; returns (path, sha256)."""
+    if input_path:  # a local copy is used as is; a different sha256 is allowed but reported
+        path = Path(input_path)
+        if not path.is_file():
+            raise PrepareError(f"--input={input_path} is not a file")
+        digest = sha256_of(path)
+        if raw_file.sha256 and digest != raw_file.sha256:
+            print(f"warning: {path} differs from the published {raw_file.name} (sha256 {digest[:12]}...)",
+                  file=sys.stderr)
+        return path, digest
+    path = out_dir / raw_file.name
+    return path, download(raw_file.url, path, raw_file.sha256)
+
+
+def split_90_10(text):
+    cut = int(len(text) * 0.9)  # by characters, as nanoGPT does
+    return {"train": [text[:cut]], "val": [text[cut:]]}
+
+
+def single_file_source(raw_file):
+    """Source for a one-file corpus split 90/10 (Tiny Shakespeare, The Verdict)."""
+    def read(opts, out_dir):
+        path, digest = fetch_file(raw_file, out_dir, opts["input"])
+        return Raw(split_90_10(read_text(path)), source=str(opts["input"] or raw_file.url),
+                   sha256={raw_file.name: digest})
+    return read
+
+
+WIKITEXT_URL = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/"
+WIKITEXT_FILES = {  # our split name -> file
+    "train": RawFile("train.txt", WIKITEXT_URL + "train.txt"),
+    "val": RawFile("valid.txt", WIKITEXT_URL + "valid.txt",
+                   "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+    "test": RawFile("test.txt", WIKITEXT_URL + "test.txt",
+                    "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+}
+
+
+def read_wikitext2(opts, out_dir):
+    """WikiText-2's own splits; a split that cannot be had is skipped with a warning, because
+    val and test alone are what perplexity evaluation needs (offline, train is not available)."""
+    splits, digests, missing = {}, {}, []
+    for split, raw_file in WIKITEXT_FILES.items():
+        try:
+            if opts["input"]:  # a folder: use what is there, download nothing
+                path = Path(opts["input"]) / raw_file.name
+                if not Path(opts["input"]).is_dir():
+                    raise PrepareError(f"--input={opts['input']} is not a folder with train/valid/test.txt")
+                if not path.exists():
+                    raise PrepareError(f"{path} is missing")
+                path, digest = fetch_file(raw_file, out_dir, path)
+            else:
+                path, digest = fetch_file(raw_file, out_dir)
+        except PrepareError as e:
+            missing.append((split, raw_file, str(e)))
+            continue
+        splits[split] = [read_text(path)]
+        digests[raw_file.name] = digest
+    if not splits:
+        raise PrepareError("no WikiText-2 split could be read: " + "; ".join(m[2] for m in missing))
+    for split, raw_file, why in missing:
+        print(f"warning: wikitext2 {split} split missing ({why}). Put {raw_file.url} at "
+              f"{out_dir / raw_file.name} (or in the --input folder) and re-run; "
+              f"preparing {', '.join(splits)} only", file=sys.stderr)
+    return Raw(splits, source=str(opts["input"] or WIKITEXT_URL), sha256=digests,
+               extra={"missing_splits": [m[0] for m in missing]})
+
+
+def read_counting(opts, out_dir):
+    """Sequences 'x x+1 ... x+k', one per line; val uses start values never used in train.
+
+    Numbers 0..numbers-1 are tokens 0..numbers-1; the newline between sequences is token
+    `numbers`, so a model learns where a count begins and how to continue it. Starts 1 and 10
+    are always held out because evaluation prompts with "1 2 3" and "10 11 12".
+    """
+    numbers, lo, hi = opts["numbers"], opts["min_len"], opts["max_len"]
+    if not 2 <= lo <= hi <= numbers:
+        raise UsageError(f"counting needs 2 <= --min_len ({lo}) <= --max_len ({hi}) <= --numbers ({numbers})")
+    # random.Random, not numpy: its seeded stream is the same on every platform and version
+    rng = random.Random(opts["seed"])
+    starts = list(range(numbers - lo + 1))  # a sequence of min_len must fit below `numbers`
+    forced = [s for s in (1, 10) if s in starts]
+    others = [s for s in starts if s not in forced]
+    held_out = sorted(forced + rng.sample(others, min(opts["val_starts"], len(others) - 1)))
+    train_starts = [s for s in starts if s not in held_out]
+
+    def lines(count, pool):
+        # random lengths, so a model cannot just count to a fixed length and stop
+        out = []
+        for _ in range(count):
+            x = rng.choice(pool)
+            length = rng.randint(lo, min(hi, numbers - x))
+            out.append(" ".join(str(v) for v in range(x, x + length)) + "\n")
+        return ["".join(out)]
+
+    splits = {"train": lines(opts["num_train"], train_starts), "val": lines(opts["num_val"], held_out)}
+    return Raw(splits, source=f"generated (seed={opts['seed']})",
+               extra={"val_starts": held_out, "separator": numbers,
+                      "counting": {k: opts[k] for k in ("seed", "numbers", "min_len", "max_len")}})
+
+
+def read_openwebtext(opts, out_dir):
+    try:
+        from datasets import load_dataset  # optional: only this dataset needs it
+    except ImportError:
+        raise PrepareError("openwebtext needs Hugging Face datasets: pip install datasets") from None
+    # ~8M documents, ~54 GB in the Hugging Face cache; num_proc parallelises its download/unpack
+    ds = load_dataset(opts["hf_name"], split="train", num_proc=opts["num_proc"])
+    # nanoGPT's split: 0.05% of documents for val, fixed seed
+    parts = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    docs = {name: _Column(parts[key], "text") for name, key in (("train", "train"), ("val", "test"))}
+    # eot after each document tells the model where one web page ends and the next begins
+    return Raw(docs, source=f"huggingface.co/datasets/{opts['hf_name']}", eot=True)
+
+
+class _Column:
+    """A lazily-read text column with a length, so progress shows a total."""
+
+    def __init__(self, table, key):
+        self.table, self.key = table, key
+
+    def __len__(self):
+        return len(self.table)
+
+    def __iter__(self):
+        for row in self.table:
+            yield row[self.key]
+
+
+def read_text_source(opts, out_dir):
+    if not opts["input"]:
+        raise UsageError("text needs --input=PATH (a .txt file or a folder of them)")
+    path = Path(opts["input"])
+    return Raw(split_90_10(read_text(path)), source=str(path.resolve()),
+               sha256={path.name: sha256_of(path)} if path.is_file() else {})
+
+
+# ----------------------------------------------------------------------------- registry
+
+SHAKESPEARE = RawFile("input.txt", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                      "tinyshakespeare/input.txt",
+                      "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")
+VERDICT = RawFile("the-verdict.txt", "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                  "ch02/01_main-chapter-code/the-verdict.txt",
+                  "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f")
+
+
+@dataclass
+class Dataset:
+    """A registry entry; adding a dataset means writing one source function and one entry."""
+    description: str
+    source: str
+    tokenizer: str  # 'char' | 'gpt2' | 'counting' | 'choose' (text: --tokenizer)
+    read: Callable  # (opts, out_dir) -> Raw
+    options: dict  # this dataset's --key=value knobs and their defaults
+
+
+COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
+# num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
+DATASETS = {
+    "shakespeare_char": Dataset("Tiny Shakespeare, 65-character vocabulary, 90/10 split",
+                                SHAKESPEARE.url, "char", single_file_source(SHAKESPEARE), {"input": None}),
+    "shakespeare": Dataset("Tiny Shakespeare, GPT-2 BPE, 90/10 split",
+                           SHAKESPEARE.url, "gpt2", single_file_source(SHAKESPEARE),
+                           {"input": None, "num_threads": 0}),
+    "the_verdict": Dataset("Edith Wharton's The Verdict (20k characters), GPT-2 BPE, 90/10 split",
+                           VERDICT.url, "gpt2", single_file_source(VERDICT),
+                           {"input": None, "num_threads": 0}),
+    "wikitext2": Dataset("WikiText-2, GPT-2 BPE, its own train/valid/test splits (perplexity)",
+                         WIKITEXT_URL, "gpt2", read_wikitext2, {"input": None, "num_threads": 0}),
+    "counting": Dataset("synthetic counting sequences over numbers 0..99, held-out start values in val",
+                        "generated from --seed", "counting", read_counting,
+                        {"seed": 1337, "numbers": 100, "min_len": 4, "max_len": 16,
+                         "num_train": 20000, "num_val": 1000, "val_starts": 8}),
+    "openwebtext": Dataset("OpenWebText (GPT-2 reproduction corpus), GPT-2 BPE, eot after each document",
+                           "https://huggingface.co/datasets/Skylion007/openwebtext", "gpt2", read_openwebtext,
+                           {"hf_name": "Skylion007/openwebtext", "num_proc": 8, "num_threads": 0}),
+    "text": Dataset("any local .txt file or folder of them, 90/10 split (--input, --tokenizer, --name)",
+                    "--input=PATH", "choose", read_text_source,
+                    {"input": None, "tokenizer": "gpt2", "name": None, "num_threads": 0}),
+}
+
+
+def resolve_options(name, overrides):
+    """Defaults of dataset `name` updated with overrides; unknown keys and bad values are errors."""
+    if name not in DATASETS:
+        near = difflib.get_close_matches(name, DATASETS, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise UsageError(f"unknown dataset {name!r}{hint}; available: {', '.join(DATASETS)}")
+    opts = {**COMMON_OPTIONS, **DATASETS[name].options}
+    for key, value in overrides.items():
+        if key not in opts:
+            near = difflib.get_close_matches(key, opts, n=1)
+            hint = f" (did you mean --{near[0]}?)" if near else ""
+            raise UsageError(f"unknown option --{key} for {name}{hint}; "
+                             f"known: {', '.join('--' + k for k in opts)}")
+        default = opts[key]
+        # command-line values arrive as strings; knobs whose default is an int must parse as one
+        if isinstance(default, int) and isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise UsageError(f"--{key} must be an integer, got {value!r}") from None
+        opts[key] = value
+    if name == "text" and opts["tokenizer"] not in ("char", "gpt2"):
+        raise UsageError(f"--tokenizer must be char or gpt2, got {opts['tokenizer']!r}")
+    return opts
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def prepare(dataset, **overrides):
+    """Prepare `dataset` into <data_dir>/<dataset or --name>/; returns the metadata written."""
+    opts = resolve_options(dataset, overrides)
+    spec = DATASETS[dataset]
+    folder = opts.get("name") or dataset
+    out_dir = Path(opts["data_dir"] or DATA_DIR) / folder
+    raw = spec.read(opts, out_dir)  # a bad input fails here, before any folder is made
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # one mechanism for all: the source gives documents per split, the tokenizer turns them
+    # into ids, the writer streams them to disk; only the source differs between datasets
+    kind = opts["tokenizer"] if spec.tokenizer == "choose" else spec.tokenizer
+    meta = {"dataset": dataset, "tokenizer": kind}
+    if kind == "char":
+        # every split is in memory for char datasets; the vocabulary covers all of them
+        chars = sorted(set().union(*(set(d) for docs in raw.splits.values() for d in docs)))
+        if len(chars) > MAX_VOCAB:
+            raise PrepareError(f"{len(chars):,} distinct characters do not fit uint16 token ids "
+                               f"(at most {MAX_VOCAB:,}); use --tokenizer=gpt2")
+        tokenizer = char_tokenizer(chars)
+        meta["chars"] = chars
+    elif kind == "gpt2":
+        tokenizer = gpt2_tokenizer(opts.get("num_threads") or None)
+    else:
+        tokenizer = counting_tokenizer(opts["numbers"] + 1)
+    meta["vocab_size"] = tokenizer.vocab_size
+    if tokenizer.vocab_size > MAX_VOCAB:
+        raise PrepareError(f"vocab_size {tokenizer.vocab_size:,} does not fit uint16 (at most {MAX_VOCAB:,})")
+
+    stats, written = {}, {}  # written: split -> (temp path, token count)
+    eot = GPT2_EOT if raw.eot else None
+    try:
+        for split, docs in raw.splits.items():
+            arrays = encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}", stats=stats)
+            written[split] = write_tokens(out_dir / f"{split}.bin", arrays, tokenizer.vocab_size)
+    except BaseException:
+        for tmp, _ in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    # every split is complete on disk: drop the old metadata (a folder without meta.json reads
+    # as unfinished), swap the splits in, and write the new metadata last
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for split, (tmp, _) in written.items():
+        os.replace(tmp, out_dir / f"{split}.bin")
+    meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits={s: int(n) for s, (_, n) in written.items()},
+                source=raw.source, source_sha256=raw.sha256, **raw.extra)
+    write_json(out_dir / "meta.json", meta)
+
+    for split, count in meta["splits"].items():
+        print(f"{folder}/{split}.bin: {count:,} tokens")
+    if kind == "gpt2" and stats["seconds"] > 0:
+        # encode time only (not reading or writing), the number to compare across machines
+        rate = stats["tokens"] / stats["seconds"]
+        threads = opts.get("num_threads") or os.cpu_count()
+        print(f"GPT-2 tokenization: {stats['tokens']:,} tokens in {stats['seconds']:.2f} s = "
+              f"{rate:,.0f} tokens/s (tiktoken encode_ordinary_batch, {threads} threads)")
+    return meta
+
+
+def list_datasets(data_dir=None):
+    """The --list table: name, prepared or not (meta.json present), description, source."""
+    root = Path(data_dir or DATA_DIR)
+    lines = []
+    for name, spec in DATASETS.items():
+        if name == "text":
+            state = "use --name"
+        else:
+            state = "prepared" if (root / name / "meta.json").exists() else "not prepared"
+        lines.append(f"{name:<17} {state:<13} {spec.description}\n{'':<31} source: {spec.source}")
+    # folders made by `text --name=...` or copied from nanoGPT
+    extra = sorted(p.name for p in root.glob("*/") if p.name not in DATASETS
+                   and ((p / "meta.json").exists() or (p / "meta.pkl").exists()))
+    if extra:
+        lines.append(f"also prepared under {root}: {', '.join(extra)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    """['NAME', '--k=v', ...] -> (name, {k: v}); --list/--help come back as overrides['__action']."""
+    name, overrides = None, {}
+    for arg in argv:
+        if arg in ("--list", "--help", "-h"):
+            overrides.setdefault("__action", arg)
+        elif arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                raise UsageError(f"option {arg} needs a value: --{key}=VALUE")
+            overrides[key] = value
+        elif name is None:
+            name = arg
+        else:
+            raise UsageError(f"one dataset at a time; got {name!r} and {arg!r}")
+    return name, overrides
+
+
+def main(argv=None):
+    """Command line entry; returns the exit code (0 ok, 1 data problem, 2 usage, 130 Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        name, overrides = parse_args(argv)
+        action = overrides.pop("__action", None)
+        if action == "--list":
+            print(list_datasets(overrides.get("data_dir")))
+            return 0
+        if action and name:  # `NAME --help`: that dataset's knobs and their defaults
+            opts = resolve_options(name, {})
+            print(f"{name}: {DATASETS[name].description}\noptions: " +
+                  " ".join(f"--{k}={v}" for k, v in opts.items()))
+            return 0
+        if action:
+            print(__doc__.strip())
+            return 0
+        if name is None:
+            raise UsageError("name a dataset; python prepare.py --list shows them, --help the usage")
+        prepare(name, **overrides)
+        return 0
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted; no partial .bin was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Tests for prepare.py: exact token counts, round trips, atomic writes, errors, safe metadata.
+
+CPU only and offline: raw text comes from the shared copies in ../shared/data (tests skip with
+a reason when they are absent) and everything is prepared under pytest's tmp_path.
+"""
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+
+import prepare  # noqa: E402  (after the cache variable, which tiktoken reads lazily anyway)
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+WIKITEXT = SHARED_DATA / "wikitext-2"
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"no offline copy at {SHAKESPEARE}")
+needs_wikitext = pytest.mark.skipif(not (WIKITEXT / "valid.txt").exists(), reason=f"no offline copy in {WIKITEXT}")
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+def read_bin(path):
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def gpt2():
+    try:
+        return prepare.gpt2_tokenizer()
+    except prepare.PrepareError as e:
+        pytest.skip(str(e))
+
+
+# ----------------------------------------------------------------------------- exact counts
+
+@needs_shakespeare
+def test_shakespeare_char_counts_bins_and_metadata(tmp_path):
+    meta = prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
+    out = tmp_path / "shakespeare_char"
+    # nanoGPT's data/shakespeare_char/prepare.py gives exactly these
+    assert meta["splits"] == {"train": 1_003_854, "val": 111_540}
+    assert meta["vocab_size"] == 65 and len(meta["chars"]) == 65
+    train, val = read_bin(out / "train.bin"), read_bin(out / "val.bin")
+    assert train.dtype == np.uint16 and len(train) == 1_003_854 and len(val) == 111_540
+    assert (out / "train.bin").stat().st_size == 2 * 1_003_854
+    # metadata round trip: what is on disk is what prepare returned, and it decodes the text back
+    assert prepare.read_meta(out) == meta
+    assert meta["source_sha256"] == {"input.txt": hashlib.sha256(SHAKESPEARE.read_bytes()).hexdigest()}
+    tok = prepare.load_tokenizer(out)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == text
+    assert tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
+    assert not list(out.glob(".*tmp"))
+
+
+@needs_shakespeare
+def test_shakespeare_gpt2_counts_and_batched_encoding_is_exact(tmp_path, capsys):
+    meta = prepare.prepare("shakespeare", input=SHAKESPEARE, data_dir=tmp_path)
+    assert meta["splits"] == {"train": 301_966, "val": 36_059}
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert "tokens/s" in capsys.readouterr().out
+    # cutting into pieces for the threaded batch encoder must not change a single id
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    assert read_bin(tmp_path / "shakespeare" / "val.bin").tolist() == enc.encode_ordinary(text[cut:])
+    assert read_bin(tmp_path / "shakespeare" / "train.bin").tolist() == enc.encode_ordinary(text[:cut])
+
+
+def test_safe_pieces_match_whole_encoding_on_awkward_text():
+    """Runs of newlines and spaces, contractions, digits, accents: the cases where a careless
+    cut changes GPT-2's pre-tokenization. Tiny pieces make cuts land everywhere they may."""
+    tok = gpt2()
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    text = ("word's  it'll  \n\n\n  42 3.14 'quote' é ünïcode   tabs\t\tend\n" * 300) + "tail"
+    pieces = list(prepare.safe_pieces(text, size=97))
+    assert "".join(pieces) == text and len(pieces) > 10
+    ids = [i for p in tok.encode_batch(pieces) for i in p]
+    assert ids == enc.encode_ordinary(text)
+
+
+@needs_wikitext
+def test_wikitext2_prepares_available_splits_and_names_the_missing_one(tmp_path):
+    """Offline only valid and test exist: exit 0, a warning naming train.txt, the rest prepared."""
+    r = run_cli("wikitext2", f"--input={WIKITEXT}", f"--data_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert "train split missing" in r.stderr and "train.txt" in r.stderr
+    meta = prepare.read_meta(tmp_path / "wikitext2")
+    assert meta["splits"] == {"val": 258_659, "test": 295_877}
+    assert meta["missing_splits"] == ["train"]
+    assert (tmp_path / "wikitext2" / "test.bin").exists() and not (tmp_path / "wikitext2" / "train.bin").exists()
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def test_tokenizer_round_trips():
+    text = "Hello, world!\n\nTo be, or not to be: <|endoftext|> ünïcode 42"
+    tok = gpt2()
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("<|endoftext|>") == [prepare.GPT2_EOT]  # prompts may ask for it
+    char = prepare.char_tokenizer(sorted(set(text)))
+    assert char.decode(char.encode(text)) == text
+    with pytest.raises(prepare.PrepareError, match="not in this dataset's vocabulary"):
+        char.encode("Z")
+    count = prepare.get_tokenizer({"tokenizer": "counting", "vocab_size": 101})
+    assert count.encode("10 11 12") == [10, 11, 12]
+    assert count.decode([10, 11, 12]) == "10 11 12"
+    assert count.decode(count.encode("1 2 3\n40 41\n")) == "1 2 3\n40 41\n"
+    with pytest.raises(prepare.PrepareError, match="not a number"):
+        count.encode("100")
+
+
+def test_counting_is_deterministic_and_val_starts_are_unseen(tmp_path):
+    """Same seed, same bytes; val starts never start a train sequence (the whole point of val)."""
+    small = dict(num_train=2000, num_val=200)
+    a = prepare.prepare("counting", data_dir=tmp_path / "a", seed=7, **small)
+    b = prepare.prepare("counting", data_dir=tmp_path / "b", seed=7, **small)
+    c = prepare.prepare("counting", data_dir=tmp_path / "c", seed=8, **small)
+    bins = [(tmp_path / d / "counting" / "train.bin").read_bytes() for d in "abc"]
+    assert bins[0] == bins[1] and bins[0] != bins[2] and a == b and a != c
+    assert a["vocab_size"] == 101 and a["separator"] == 100
+
+    def starts_and_check(path):
+        ids = read_bin(path).tolist()
+        starts, seq = [], []
+        for i in ids + [100]:
+            if i == 100:
+                if seq:
+                    assert seq == list(range(seq[0], seq[0] + len(seq)))  # really counts up by one
+                    assert 4 <= len(seq) <= 16
+                    starts.append(seq[0])
+                seq = []
+            else:
+                seq.append(i)
+        assert ids[-1] == 100  # every sequence ends with the separator
+        return set(starts)
+
+    out = tmp_path / "a" / "counting"
+    train, val = starts_and_check(out / "train.bin"), starts_and_check(out / "val.bin")
+    assert {1, 10} <= val and not (train & val)
+    assert set(a["val_starts"]) >= val
+    tok = prepare.load_tokenizer(out)
+    assert tok.encode("10 11 12") == [10, 11, 12] and tok.decode([1, 2, 3]) == "1 2 3"
+
+
+# ----------------------------------------------------------------------------- metadata safety
+
+def test_nanogpt_meta_pkl_is_read(tmp_path):
+    chars = sorted(set("hello world\n"))
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
+    assert prepare.read_meta(tmp_path) == meta
+    tok = prepare.load_tokenizer(tmp_path)
+    assert tok.name == "char" and tok.decode(tok.encode("hello world")) == "hello world"
+    assert prepare.read_meta(tmp_path / "nothing_here") == {}
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_meta_pkl_is_refused_without_running_it(tmp_path):
+    """A plain pickle.load would run `touch marker` while loading; ours must refuse first."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "x": _Evil(marker)}))
+    with pytest.raises(prepare.PrepareError, match="refused"):
+        prepare.read_meta(tmp_path)
+    with pytest.raises(prepare.PrepareError):
+        prepare.load_tokenizer(tmp_path)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- downloads
+
+class FakeResponse:
+    def __init__(self, body):
+        self.body, self.headers = body, {"content-length": str(len(body))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        for i in range(0, len(self.body), chunk_size):
+            yield self.body[i:i + chunk_size]
+
+
+def test_download_retries_checks_sha256_and_reuses(tmp_path, monkeypatch):
+    """Network error, then wrong bytes, then the right bytes: three tries, one verified file."""
+    good = b"the real file\n" * 1000
+    sha = hashlib.sha256(good).hexdigest()
+    answers = [requests.ConnectionError("down"), b"corrupted", good]
+    calls = []
+
+    def fake_get(url, stream, timeout):
+        calls.append(url)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return FakeResponse(answer)
+
+    monkeypatch.setattr(prepare.requests, "get", fake_get)
+    dest = tmp_path / "x" / "file.txt"
+    assert prepare.download("https://example.org/file.txt", dest, sha, backoff=0) == sha
+    assert dest.read_bytes() == good and len(calls) == 3
+    assert not (dest.parent / "file.txt.part").exists()
+    # a file already there with the right sha256 is reused: no request at all
+    assert prepare.download("https://example.org/file.txt", dest, sha, backoff=0) == sha
+    assert len(calls) == 3
+    # a body that never matches is an error, and nothing is kept
+    monkeypatch.setattr(prepare.requests, "get", lambda url, stream, timeout: FakeResponse(b"bad"))
+    with pytest.raises(prepare.PrepareError, match="sha256 mismatch"):
+        prepare.download("https://example.org/other.txt", tmp_path / "other.txt", sha, backoff=0)
+    assert not list(tmp_path.glob("other.txt*"))
+
+
+def test_offline_failure_names_address_and_path(tmp_path, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise requests.ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(prepare.requests, "get", no_network)
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)  # skip the retry backoff
+    code = prepare.main(["the_verdict", f"--data_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")][0]
+    assert prepare.VERDICT.url in line
+    assert str(tmp_path / "the_verdict" / "the-verdict.txt") in line and "--input=" in line
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@needs_shakespeare
+def test_interrupted_prepare_leaves_no_bin(tmp_path, monkeypatch):
+    """Ctrl-C after the first chunk: nothing is left, and an older complete prepare survives."""
+    real = prepare.encode_documents
+
+    def dies_midway(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        yield next(gen)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "encode_documents", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
+    out = tmp_path / "shakespeare_char"
+    assert sorted(p.name for p in out.iterdir()) == []  # no .bin, no temp file, no meta.json
+    # a complete earlier preparation survives a later interrupted one untouched
+    monkeypatch.setattr(prepare, "encode_documents", real)
+    prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def val_dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # train finished, val breaks
+            raise KeyboardInterrupt
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "encode_documents", val_dies)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_token_id_out_of_range_is_an_error(tmp_path):
+    with pytest.raises(prepare.PrepareError, match="token id 70000 out of range"):
+        prepare.write_tokens(tmp_path / "train.bin", [np.array([1, 2]), np.array([70000])], 50257)
+    with pytest.raises(prepare.PrepareError, match="token id 65 out of range"):
+        prepare.write_tokens(tmp_path / "train.bin", [[3, 65]], 65)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- user errors
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    """Through the real command line: exit code, one `error:` line naming the fix, no traceback."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    cases = [
+        (["shakespere"], 2, "did you mean shakespeare"),
+        (["counting", "--sed=3"], 2, "did you mean --seed"),
+        (["counting", "--seed=abc"], 2, "must be an integer"),
+        (["text", f"--input={empty}"], 1, "is empty"),
+        (["text", f"--input={latin1}"], 1, "is not UTF-8"),
+        (["text", f"--input={tmp_path / 'missing.txt'}"], 1, "does not exist"),
+        (["text", f"--input={latin1}", "--tokenizer=bpe"], 2, "--tokenizer must be char or gpt2"),
+    ]
+    for args, code, message in cases:
+        r = run_cli(*args, f"--data_dir={tmp_path / 'out'}")
+        assert r.returncode == code, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "out").rglob("*.bin"))
+
+
+def test_char_vocabulary_over_uint16_is_an_error(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("".join(chr(0x10000 + i) for i in range(prepare.MAX_VOCAB + 1)), encoding="utf-8")
+    with pytest.raises(prepare.PrepareError, match="do not fit uint16"):
+        prepare.prepare("text", input=big, tokenizer="char", data_dir=tmp_path)
+
+
+def test_text_folder_and_list(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first file, first line\n" * 20)
+    (folder / "b.txt").write_text("second file without newline")
+    meta = prepare.prepare("text", input=folder, tokenizer="char", name="mydata", data_dir=tmp_path / "d")
+    tok = prepare.load_tokenizer(tmp_path / "d" / "mydata")
+    ids = np.concatenate([read_bin(tmp_path / "d" / "mydata" / f"{s}.bin") for s in ("train", "val")])
+    assert tok.decode(ids.tolist()) == "first file, first line\n" * 20 + "second file without newline"
+    assert sum(meta["splits"].values()) == len(ids)
+    r = run_cli("--list", f"--data_dir={tmp_path / 'd'}")
+    assert r.returncode == 0
+    for name in prepare.DATASETS:
+        assert name in r.stdout
+    assert "not prepared" in r.stdout and "mydata" in r.stdout
+
+
+# ----------------------------------------------------------------------------- openwebtext path
+
+def test_openwebtext_streaming_writer_on_small_documents(tmp_path):
+    """The openwebtext path (batched threaded encoding, eot per document, chunked appends)
+    on a few in-memory documents instead of 8M downloaded ones."""
+    tok = gpt2()
+    long_doc = "A long document, cut into pieces for the batch encoder. " * 3000  # > one 64k piece
+    docs = ["Hello world.", "", "Second\n\ndocument with <|endoftext|> as plain text.", long_doc, "end"]
+    # a generator (no len) in batches far smaller than the documents: many chunks are appended
+    arrays = prepare.encode_documents((d for d in docs), tok, eot=prepare.GPT2_EOT, batch_chars=1000)
+    tmp, count = prepare.write_tokens(tmp_path / "train.bin", arrays, tok.vocab_size)
+    os.replace(tmp, tmp_path / "train.bin")
+    ids = read_bin(tmp_path / "train.bin").tolist()
+    expected = [len(tok.encode_batch([d])[0]) + 1 for d in docs]
+    assert count == len(ids) == sum(expected)
+    eot_at = [i for i, t in enumerate(ids) if t == prepare.GPT2_EOT]
+    assert eot_at == list(np.cumsum(expected) - 1)  # exactly one eot after each document
+    pieces, start = [], 0
+    for end in eot_at:
+        pieces.append(tok.decode(ids[start:end]))
+        start = end + 1
+    assert pieces == docs
+
+
+def test_openwebtext_without_datasets_says_how_to_install(tmp_path):
+    try:
+        import datasets  # noqa: F401
+        pytest.skip("datasets is installed; the install hint cannot be shown")
+    except ImportError:
+        pass
+    with pytest.raises(prepare.PrepareError, match="pip install datasets"):
+        prepare.prepare("openwebtext", data_dir=tmp_path)
