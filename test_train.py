@@ -265,6 +265,34 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
     assert all(torch.equal(after['model'][k], good['model'][k]) for k in good['model'])
 
 
+def test_resume_from_nanogpt_checkpoint(tmp_path, data):
+    """A checkpoint in nanoGPT's layout (compiled-model keys, no RNG or data state) resumes."""
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--eval_interval=3']
+    assert run_train(*args, '--max_iters=3').returncode == 0
+    ours = common.load_checkpoint(out / 'ckpt.pt')
+    nanogpt = {'model': {'_orig_mod.' + k: v for k, v in ours['model'].items()},
+               'optimizer': ours['optimizer'], 'model_args': ours['model_args'], 'iter_num': 3,
+               'best_val_loss': torch.tensor(ours['best_val_loss']), 'config': ours['config']}
+    torch.save(nanogpt, out / 'ckpt.pt')
+    proc = run_train(*args, '--max_iters=5', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr
+    assert [row[0] for row in read_log(out, 'train')] == [0, 1, 2, 3, 4]
+
+
+def test_eval_only_from_local_hugging_face_folder(tmp_path, data):
+    """init_from a folder written by model.save_pretrained, with eval_only: one evaluation, no training."""
+    from model import GPT, GPTConfig
+    folder = tmp_path / 'hf'
+    GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
+    out = tmp_path / 'out'
+    proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', f'--init_from={folder}', '--eval_only=True')
+    assert proc.returncode == 0, proc.stderr
+    assert [row[1:3] for row in read_log(out)] == [('eval', 'train'), ('eval', 'val')]
+    assert not (out / 'ckpt.pt').exists()
+    assert_one_line_error(run_train(*TINY, f'--data_dir={data}', '--init_from=gpt3'), "init_from='gpt3'")
+
+
 def test_data_errors(tmp_path, data):
     missing = run_train(*TINY, '--dataset=nonexistent_corpus', f'--out_dir={tmp_path / "out"}')
     assert_one_line_error(missing, 'python prepare.py nonexistent_corpus')
