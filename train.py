@@ -93,6 +93,9 @@ if compile not in (None, True, False):
     common.die(f"compile must be True, False or None (auto), got {compile!r}")
 if seed < 0:
     common.die(f"seed must be >= 0, got {seed}")
+for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
+    if globals()[key] < 1:
+        common.die(f"{key} must be at least 1, got {globals()[key]}")
 
 # -----------------------------------------------------------------------------
 # device, dtype and DDP setup
@@ -101,8 +104,8 @@ ddp = ranks is not None
 rank, local_rank, world_size = ranks if ddp else (0, 0, 1)
 master_process = rank == 0  # only rank 0 prints, logs and writes files
 dev = common.setup_device(device, dtype, local_rank=local_rank if ddp else None, verbose=master_process)
-if dev.device_type == 'cuda':
-    torch.cuda.set_device(dev.device)
+if dev.device_type == 'cuda' and ':' in dev.device:
+    torch.cuda.set_device(dev.device)  # so that nccl and new tensors use this process's GPU
 if ddp:
     common.ddp_setup(backend, dev.device_type)
 try:  # from here on, leave the process group on any exit so other ranks do not hang
@@ -240,7 +243,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
 
     # The uncompiled `model` is what gets saved; the others share its parameters.
     fast_model = torch.compile(model) if use_compile else model
-    train_model = DDP(fast_model, device_ids=[local_rank] if dev.device_type == 'cuda' else None) if ddp else fast_model
+    if ddp:
+        device_ids = [torch.device(dev.device).index] if dev.device_type == 'cuda' else None
+        train_model = DDP(fast_model, device_ids=device_ids)
+    else:
+        train_model = fast_model
 
     def get_lr(it):
         """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
@@ -406,6 +413,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
             stop_signal = stop_signal or ('SIGTERM' if stop_flag.item() else None)
         if stop_signal is not None and (log_now or not ddp):
+            if not math.isfinite(loss.item()):  # this step may not have been checked by a log line
+                common.die(f"training loss is not finite at iteration {iter_num - 1}; not saving over the last "
+                           f"good state in {out_dir}/ckpt.pt")
             if master_process:
                 save_training_state(f"stopped by {stop_signal}")
                 print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
