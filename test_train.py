@@ -125,6 +125,29 @@ def test_train_py_config_errors_are_one_line(tmp_path, data):
     assert_one_line_error(run_train('--batch_size=big'), "'batch_size'", "'big'", 'expected int')
 
 
+def train_defaults():
+    """The knobs at the top of train.py: its module-level `name = literal` assignments."""
+    import ast
+    tree = ast.parse((REPO / 'train.py').read_text())
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass  # not a knob (e.g. config_keys)
+    return defaults
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'config').glob('*.py')), ids=lambda p: p.name)
+def test_repo_config_files_are_valid_and_commented(path):
+    overrides = common.load_config(train_defaults(), [str(path)])
+    assert overrides
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith('#'):
+            assert '  # ' in line, f"{path.name}: every setting gets a trailing comment: {line!r}"
+
+
 # -----------------------------------------------------------------------------
 # common: device and checkpoints
 

@@ -55,7 +55,7 @@ wandb_run_name = 'gpt2'  # wandb run name
 # data
 dataset = 'openwebtext'  # reads data/<dataset>/{train,val}.bin, written by `python prepare.py <dataset>`
 data_dir = ''  # a folder with train.bin/val.bin/meta.json instead of data/<dataset>
-gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step, over ALL processes
+gradient_accumulation_steps = 40  # micro-batches per optimizer step over ALL processes (5 per GPU on 8 GPUs)
 batch_size = 12  # sequences per micro-batch (per process)
 block_size = 1024  # tokens per sequence
 # model
