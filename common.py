@@ -160,6 +160,14 @@ class DeviceSetup:
 _printed_device_lines = set()
 
 
+def _cuda_has_native_bf16():
+    """True on Ampere and newer; older GPUs only emulate bfloat16, slowly, so float16 is better there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no including_emulation argument
+        return torch.cuda.is_bf16_supported()
+
+
 def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True):
     """Pick the device and the compute dtype; print the choice and the reason once per process.
 
@@ -188,7 +196,7 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True):
         device = f'cuda:{local_rank}'  # one GPU per torchrun process
 
     if dtype == 'auto':
-        if device_type == 'cuda' and torch.cuda.is_bf16_supported():
+        if device_type == 'cuda' and _cuda_has_native_bf16():
             dtype, dtype_reason = 'bfloat16', "auto: this GPU supports bfloat16"
         elif device_type == 'cuda':
             dtype, dtype_reason = 'float16', "auto: no bfloat16 on this GPU, float16 with a GradScaler"
