@@ -10,10 +10,9 @@ $ python train.py config/train_shakespeare_char.py
 One node with 8 GPUs (gradient_accumulation_steps is global: it is split over the 8 processes):
 $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2.py
 
-Two nodes with 8 GPUs each; run on both nodes, with the first node's address:
-$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 train.py config/gpt2.py
-$ torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 train.py config/gpt2.py
-(without InfiniBand, prepend NCCL_IB_DISABLE=1)
+Two nodes with 8 GPUs each: the same command on both nodes, with the first node's address
+(ranks are assigned at the rendezvous; without InfiniBand, prepend NCCL_IB_DISABLE=1):
+$ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 --rdzv_id=gpt2 train.py config/gpt2.py
 
 Config files and flags override the defaults below, in order: train.py config/a.py --batch_size=32.
 Resume: --init_from=resume (same out_dir). Ctrl-C or SIGTERM: the step finishes, ckpt.pt is saved, exit 0.
