@@ -48,7 +48,7 @@ def load_config(defaults, argv):
     flags (applied after all files, in order; the later one wins). Every key must be in
     defaults. A value must have the type of its default: an int may stand for a float, bools
     are only True/False, and a string may be written without quotes. A default of None accepts
-    any Python literal; the script checks what it means.
+    any value; the script checks what it means.
     """
     current = dict(defaults)
     overrides = {}
