@@ -100,41 +100,38 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = None  # set by GPT, indexes the KV cache
         self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, last_only=False):
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
         q, k, v = linear(self.c_attn, x, cache).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
         if cache is not None:
-            past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
-
-        if past > 0 and T > 1:
-            # a chunk after a prefix: query i sees keys [0, past+i]
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = dict(attn_mask=mask)
+        if last_only:
+            # inference wants the last position only: one query row, all keys and values
+            q = q[:, :, -1:]  # (B, nh, 1, hs)
+        Tq, Tk = q.size(2), k.size(2)
+        # query i (of Tq, the last Tq positions) sees keys [0, Tk - Tq + i]
+        if Tq == Tk or Tq == 1:
+            causal = dict(is_causal=Tq > 1)  # plain causal, or one query that sees every key
         else:
-            # no prefix: plain causal; one new query: it sees every cached key
-            causal = dict(is_causal=T > 1)
+            causal = dict(attn_mask=torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq))
 
         if self.attn_record is not None:
             # explicit softmax(q k^T / sqrt(hs)) so the probabilities that produce y can be
-            # returned; GPT.attention_maps checks this path against the fused kernel
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, past+T)
-            keep = causal.get("attn_mask")
-            if keep is None:
-                keep = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+            # returned; test_model.py checks this path against the fused kernel
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, Tq, Tk)
+            keep = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq)
             att = att.masked_fill(~keep, float("-inf")).softmax(dim=-1)
             self.attn_record.append(att)
-            y = att @ v  # (B, nh, T, hs)
+            y = att @ v  # (B, nh, Tq, hs)
         else:
             # flash / memory-efficient kernels where the hardware has them
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, Tq, hs)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C): heads side by side
         return self.resid_dropout(linear(self.c_proj, y, cache))
 
 
@@ -162,8 +159,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, last_only=False):
+        a = self.attn(self.ln_1(x), cache, last_only)  # (B, 1, C) when last_only
+        x = (x[:, -1:] if last_only else x) + a
         x = x + self.mlp(self.ln_2(x), cache)
         return x
 
@@ -304,16 +302,17 @@ class GPT(nn.Module):
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {lo.item()} "
                                  f"max {hi.item()}; the data or prompt does not match this model's vocabulary")
 
-    def _hidden(self, idx, cache=None):
-        """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions."""
+    def _hidden(self, idx, cache=None, last_only=False):
+        """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions;
+        last_only: of the last position only, (B, 1, C), sparing the last block the rest."""
         past = cache.pos if cache is not None else 0
         self._check_idx(idx, past)
         T = idx.size(1)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe.weight[past:past + T]  # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x, cache)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, last_only and i == len(self.transformer.h) - 1)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -321,10 +320,10 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1.
         Without: logits of the last position only, (B, 1, V), and loss None."""
-        x = self._hidden(idx)
         if targets is None:
-            # inference needs only the last position: skip the other T-1 rows of the lm_head matmul
-            return self.lm_head(x[:, [-1], :]), None
+            # inference needs only the last position: spare the last block and lm_head the rest
+            return self.lm_head(self._hidden(idx, last_only=True)), None
+        x = self._hidden(idx)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         logits = self.lm_head(x)  # (B, T, V)
@@ -381,7 +380,7 @@ class GPT(nn.Module):
                 weights_t = {m: m.weight.t().contiguous() for m in self.modules() if isinstance(m, nn.Linear)}
             cache = KVCache(self.config.n_layer, block_size, weights_t)
             start = max(0, T - block_size)
-            hidden = self._hidden(seq[:, start:T], cache)[:, -1, :]  # (B, C)
+            hidden = self._hidden(seq[:, start:T], cache, last_only=True)[:, -1, :]  # (B, C)
             for step in range(max_new_tokens):
                 logits = linear(self.lm_head, hidden, cache)  # (B, V)
                 if vocab_limit is not None:
@@ -395,7 +394,7 @@ class GPT(nn.Module):
                 if L <= block_size:
                     hidden = self._hidden(nxt[:, None], cache)[:, -1, :]  # one new position
                 else:
-                    hidden = self._hidden(seq[:, L - block_size:L])[:, -1, :]  # sliding window
+                    hidden = self._hidden(seq[:, L - block_size:L], last_only=True)[:, -1, :]  # sliding window
         finally:
             self.train(was_training)
 
