@@ -40,6 +40,27 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class Dropout(nn.Module):
+    """Dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    Same distribution as nn.Dropout, but the mask comes from torch.rand: on CPU
+    bernoulli_ draws its numbers serially at ~10 ns each, rand at under half that,
+    and the baby GPT draws ~44M mask elements per training step (README, benchmarks).
+    On other devices nn.Dropout's fused kernels are used."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        mask = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * mask
+
+
 class KVCache:
     """Keys and values of every layer for positions [0, pos), preallocated up to max_len.
 
@@ -93,7 +114,8 @@ class CausalSelfAttention(nn.Module):
         # key, query, value projections for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -119,14 +141,16 @@ class CausalSelfAttention(nn.Module):
         else:
             causal = dict(attn_mask=torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq))
 
-        if self.attn_record is not None:
-            # explicit softmax(q k^T / sqrt(hs)) so the probabilities that produce y can be
-            # returned; test_model.py checks this path against the fused kernel
+        # SDPA has no fused dropout on CPU (it falls back to the same explicit math with a
+        # slower mask), and attention_maps needs the probabilities: compute them here
+        cpu_dropout = self.training and self.dropout > 0.0 and x.device.type == "cpu"
+        if self.attn_record is not None or cpu_dropout:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, Tq, Tk)
             keep = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq)
             att = att.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-            self.attn_record.append(att)
-            y = att @ v  # (B, nh, Tq, hs)
+            if self.attn_record is not None:
+                self.attn_record.append(att)  # test_model.py checks this path against SDPA
+            y = self.attn_dropout(att) @ v  # (B, nh, Tq, hs)
         else:
             # flash / memory-efficient kernels where the hardware has them
             dropout_p = self.dropout if self.training else 0.0
@@ -141,7 +165,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x, cache=None):
         # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face)
@@ -257,7 +281,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -327,7 +351,7 @@ class GPT(nn.Module):
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
