@@ -101,9 +101,9 @@ class StreamPrinter:
     GPT-2 BPE tokens can end in the middle of a multi-byte character (decoded as U+FFFD until
     the next token completes it), and the counting tokenizer puts spaces between numbers."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
+    def __init__(self, tokenizer, out=None):
         self.tokenizer = tokenizer
-        self.out = out
+        self.out = out or sys.stdout
         self.ids = []
         self.shown = ''
 
