@@ -19,6 +19,8 @@ Config files and flags override the defaults below, in order: train.py config/a.
 Resume: --init_from=resume (same out_dir). Ctrl-C or SIGTERM: the step finishes, ckpt.pt is saved, exit 0.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -26,7 +28,6 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 from model import GPT, GPTConfig
+from prepare import PrepareError, read_meta
 
 # -----------------------------------------------------------------------------
 # defaults: a GPT-2 (124M) on OpenWebText; config/*.py and --key=value change them
@@ -133,12 +135,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             common.die(f"{path} has {split_sizes[split]} tokens but block_size={block_size} needs at least "
                        f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
     try:
-        from prepare import read_meta  # also understands nanoGPT's meta.pkl
-    except ImportError:
-        def read_meta(folder):
-            path = os.path.join(folder, 'meta.json')
-            return json.load(open(path)) if os.path.isfile(path) else {}
-    meta = read_meta(dataset_dir)
+        meta = read_meta(dataset_dir)  # meta.json, or nanoGPT's meta.pkl
+    except PrepareError as e:
+        common.die(str(e))
     meta_vocab_size = meta.get('vocab_size')
 
     def get_batch(split, offsets):
@@ -200,7 +199,10 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
         if master_process:
             print(f"initializing from pretrained weights: {init_from}")
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        try:
+            model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        except FileNotFoundError as e:  # weights neither cached nor downloadable, or not a model folder
+            common.die(str(e))
         for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
             model_args[k] = getattr(model.config, k)
     else:
@@ -220,7 +222,8 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     # -------------------------------------------------------------------------
     # optimizer
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)  # no-op unless float16
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type)
+    with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):  # it prints a summary
+        optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint.get('scaler'):
@@ -359,7 +362,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             torch.manual_seed(int(dropout_seeds[micro_step]))  # dropout masks fixed by (seed, iteration, micro-step)
             # gradients are all-reduced only after the last micro-step
             last = micro_step == accum_steps - 1
-            with train_model.no_sync() if ddp and not last else nullcontext():
+            with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
                 with dev.autocast():
                     _, loss = train_model(x, y)
                 scaler.scale(loss / accum_steps).backward()
