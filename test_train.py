@@ -22,10 +22,12 @@ import torch
 import common
 
 REPO = Path(__file__).resolve().parent
+# One thread per process: tiny models gain nothing from more, and the runs stay fast on a busy machine.
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 # A model small enough that an iteration takes milliseconds.
 TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4',
         '--eval_iters=2', '--log_interval=1', '--warmup_iters=2', '--lr_decay_iters=20',
-        '--learning_rate=1e-2', '--min_lr=1e-3', '--compile=False']
+        '--learning_rate=1e-2', '--min_lr=1e-3', '--compile=False', '--gradient_accumulation_steps=1']
 
 
 def make_dataset(folder, n_tokens=4000, vocab_size=16):
@@ -50,7 +52,7 @@ def data(tmp_path):
 def run_train(*args, timeout=120):
     """Run train.py with args; return the CompletedProcess (text output captured)."""
     return subprocess.run([sys.executable, 'train.py', *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=ENV)
 
 
 def read_log(out_dir, kind=None):
@@ -177,7 +179,7 @@ def test_kill_during_save_keeps_old_checkpoint(tmp_path):
             time.sleep(60)
         common.torch.save = stalling_save
         common.save_checkpoint({{'model': {{'w': torch.ones(4)}}, 'model_args': {{}}, 'iter_num': 2}}, {str(path)!r})
-    """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert child.stdout.readline().strip() == 'writing'
         child.kill()
@@ -208,6 +210,7 @@ def test_loss_decreases(tmp_path, data):
     assert {'optimizer', 'model_args', 'best_val_loss', 'config', 'rng', 'scaler', 'data'} <= set(ckpt)
 
 
+@pytest.mark.slow
 def test_exact_resume(tmp_path, data):
     """2N iterations straight give the same losses as N, stop, resume for N more (dropout on)."""
     args = [*TINY, f'--data_dir={data}', '--dropout=0.1', '--gradient_accumulation_steps=2', '--eval_interval=4']
@@ -227,7 +230,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data):
     out = tmp_path / 'out'
     args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000']
     proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -281,7 +284,7 @@ def free_port():
 
 def torchrun(*args, timeout=180):
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 @pytest.mark.slow
@@ -315,7 +318,7 @@ def test_multi_node_rendezvous_on_localhost(tmp_path, data):
                    '--rdzv_id=test', 'train.py', *TINY, f'--data_dir={data}', '--gradient_accumulation_steps=2',
                    '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "out"}']
     nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', f'--node_rank={rank}', *common_args],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
              for rank in (0, 1)]
     try:
         results = [node.communicate(timeout=180) for node in nodes]
