@@ -1,0 +1,8 @@
+# Evaluate OpenAI's gpt2-large (36 layers, 20 heads, 1280 wide: 774M parameters) on OpenWebText, no training.
+# python prepare.py openwebtext && python train.py config/eval_gpt2_large.py
+
+init_from = 'gpt2-large'  # pretrained weights (downloaded by transformers)
+eval_only = True  # evaluate once, then exit
+batch_size = 8  # sequences per eval batch
+eval_iters = 500  # 500 batches per split for a precise estimate
+wandb_log = False  # nothing to follow

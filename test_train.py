@@ -1,0 +1,335 @@
+"""
+Tests for common.py and train.py on CPU: tiny models on tiny random datasets in temporary folders.
+
+train.py runs as a subprocess, as a user would run it; losses are read back from out_dir/log.jsonl.
+Tests marked slow start torchrun or several runs (run them all with `python -m pytest test_train.py`).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+REPO = Path(__file__).resolve().parent
+# One thread per process: tiny models gain nothing from more, and the runs stay fast on a busy machine.
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+# A model small enough that an iteration takes milliseconds.
+TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4',
+        '--eval_iters=2', '--log_interval=1', '--warmup_iters=2', '--lr_decay_iters=20',
+        '--learning_rate=1e-2', '--min_lr=1e-3', '--compile=False', '--gradient_accumulation_steps=1']
+
+
+def make_dataset(folder, n_tokens=4000, vocab_size=16):
+    """A learnable token stream: a repeating 0..vocab-1 ramp with 10% random tokens mixed in."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tokens = np.arange(n_tokens, dtype=np.uint16) % vocab_size
+    noise = rng.random(n_tokens) < 0.1
+    tokens[noise] = rng.integers(0, vocab_size, noise.sum())
+    tokens.tofile(folder / 'train.bin')
+    tokens[: n_tokens // 4].tofile(folder / 'val.bin')
+    (folder / 'meta.json').write_text(json.dumps({'vocab_size': vocab_size}))
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_dataset(tmp_path / 'data')
+
+
+def run_train(*args, timeout=120):
+    """Run train.py with args; return the CompletedProcess (text output captured)."""
+    return subprocess.run([sys.executable, 'train.py', *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+
+
+def read_log(out_dir, kind=None):
+    """[(iter, kind, split, loss)] from out_dir/log.jsonl, optionally only one kind ('train' or 'eval')."""
+    rows = [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
+    return [(r['iter'], r['kind'], r['split'], r['loss']) for r in rows if kind in (None, r['kind'])]
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0, proc.stdout
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(error_lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+# -----------------------------------------------------------------------------
+# common.load_config
+
+DEFAULTS = {'batch_size': 12, 'learning_rate': 6e-4, 'decay_lr': True, 'out_dir': 'out', 'device': 'auto',
+            'max_iters': 100, 'lr_decay_iters': 100, 'compile': None}
+
+
+def test_config_files_compose_and_flags_win(tmp_path):
+    a = tmp_path / 'a.py'
+    a.write_text("batch_size = 32  # first file\nmax_iters = 50\nout_dir = 'out-a'\n")
+    b = tmp_path / 'b.py'
+    b.write_text("import math\nbatch_size = 64  # second file wins over the first\nlr_decay_iters = max_iters\n")
+    overrides = common.load_config(DEFAULTS, [str(a), '--batch_size=8', str(b), '--device=cuda:1',
+                                              '--learning_rate=1', "--out_dir='x y'", '--compile=False'])
+    # files apply in order, then flags (also flags written before a file)
+    assert overrides == {'batch_size': 8, 'max_iters': 50, 'out_dir': 'x y', 'lr_decay_iters': 50,
+                         'device': 'cuda:1', 'learning_rate': 1.0, 'compile': False}
+    assert isinstance(overrides['learning_rate'], float)  # an int stands for a float, stored as float
+
+
+@pytest.mark.parametrize('argv, fragments', [
+    (['--learning_rat=1e-3'], ["'learning_rat'", "did you mean 'learning_rate'"]),
+    (['--batch_size=1.5'], ["'batch_size'", '1.5', 'expected int']),
+    (['--decay_lr=yes'], ["'decay_lr'", "'yes'", 'True or False']),
+    (['--decay_lr=1'], ["'decay_lr'", 'True or False']),
+    (['--learning_rate=fast'], ["'learning_rate'", "'fast'", 'expected float']),
+    (['--batch_size'], ['--key=value']),
+    (['no_such_file.py'], ['no_such_file.py', 'not found']),
+])
+def test_config_flag_errors(argv, fragments):
+    with pytest.raises(common.ConfigError) as error:
+        common.load_config(DEFAULTS, argv)
+    for fragment in fragments:
+        assert fragment in error.value.message
+
+
+def test_config_file_errors(tmp_path):
+    typo = tmp_path / 'typo.py'
+    typo.write_text("batchsize = 32\n")
+    with pytest.raises(common.ConfigError, match="'batchsize' in .*typo.py; did you mean 'batch_size'"):
+        common.load_config(DEFAULTS, [str(typo)])
+    wrong_type = tmp_path / 'wrong.py'
+    wrong_type.write_text("decay_lr = 'no'\n")
+    with pytest.raises(common.ConfigError, match="'decay_lr' in .*wrong.py: got 'no'"):
+        common.load_config(DEFAULTS, [str(wrong_type)])
+
+
+def test_train_py_config_errors_are_one_line(tmp_path, data):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("n_layers = 4\n")
+    assert_one_line_error(run_train(cfg), "'n_layers'", "did you mean 'n_layer'")
+    assert_one_line_error(run_train('--max_iter=5'), "did you mean 'max_iters'")
+    assert_one_line_error(run_train('--batch_size=big'), "'batch_size'", "'big'", 'expected int')
+
+
+# -----------------------------------------------------------------------------
+# common: device and checkpoints
+
+def test_setup_device_cpu():
+    dev = common.setup_device('cpu', 'auto')
+    assert (dev.device, dev.device_type, dev.dtype, dev.use_grad_scaler) == ('cpu', 'cpu', 'float32', False)
+    dev = common.setup_device('cpu', 'bfloat16')  # an explicit dtype is honoured, also on CPU
+    assert dev.ptdtype == torch.bfloat16
+    with dev.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(common.ConfigError, match='float8'):
+        common.setup_device('cpu', 'float8')
+    if not torch.cuda.is_available():
+        with pytest.raises(common.ConfigError, match='--device=cpu'):
+            common.setup_device('cuda', 'auto')
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    ckpt = {'format': common.CHECKPOINT_FORMAT, 'model': {'w': torch.ones(3)}, 'model_args': {'n_layer': 1}}
+    common.save_checkpoint(ckpt, path)
+    assert torch.equal(common.load_checkpoint(path)['model']['w'], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
+    with pytest.raises(common.ConfigError, match='no checkpoint at'):
+        common.load_checkpoint(tmp_path / 'missing.pt')
+    (tmp_path / 'truncated.pt').write_bytes(path.read_bytes()[:100])
+    with pytest.raises(common.ConfigError, match='truncated, corrupt'):
+        common.load_checkpoint(tmp_path / 'truncated.pt')
+    torch.save({'weights': torch.ones(1)}, tmp_path / 'foreign.pt')
+    with pytest.raises(common.ConfigError, match='not a training checkpoint'):
+        common.load_checkpoint(tmp_path / 'foreign.pt')
+
+
+def test_model_state_dict_strips_prefix_only_for_nanogpt_files():
+    nanogpt = {'model': {'_orig_mod.wte.weight': 1, 'lm_head.weight': 2}, 'model_args': {}}
+    assert common.model_state_dict(nanogpt) == {'wte.weight': 1, 'lm_head.weight': 2}
+    ours = {'format': common.CHECKPOINT_FORMAT, 'model': {'_orig_mod.x': 1}, 'model_args': {}}
+    assert common.model_state_dict(ours) == {'_orig_mod.x': 1}
+
+
+def test_kill_during_save_keeps_old_checkpoint(tmp_path):
+    """SIGKILL a process in the middle of save_checkpoint: ckpt.pt still holds the previous, loadable state."""
+    path = tmp_path / 'ckpt.pt'
+    common.save_checkpoint({'model': {'w': torch.zeros(4)}, 'model_args': {}, 'iter_num': 1}, path)
+    # The child's torch.save writes some bytes and then stalls, so the kill lands mid-write for sure.
+    child = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f"""
+        import time, torch, common
+        def stalling_save(obj, f):
+            f.write(b'half a checkpoint')
+            f.flush()
+            print('writing', flush=True)
+            time.sleep(60)
+        common.torch.save = stalling_save
+        common.save_checkpoint({{'model': {{'w': torch.ones(4)}}, 'model_args': {{}}, 'iter_num': 2}}, {str(path)!r})
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert child.stdout.readline().strip() == 'writing'
+        child.kill()
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert [p.name for p in tmp_path.glob('.ckpt.pt.*.tmp')]  # the half-written file is a temporary
+    ckpt = common.load_checkpoint(path)
+    assert ckpt['iter_num'] == 1 and torch.equal(ckpt['model']['w'], torch.zeros(4))
+    common.save_checkpoint({'model': {}, 'model_args': {}, 'iter_num': 3}, path)  # the next save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end
+
+def test_loss_decreases(tmp_path, data):
+    out = tmp_path / 'out'
+    proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=30', '--eval_interval=30',
+                     '--eval_iters=8')
+    assert proc.returncode == 0, proc.stderr
+    evals = [loss for it, kind, split, loss in read_log(out, 'eval') if split == 'val']
+    assert evals[-1] < evals[0] - 1.0, evals  # from ~ln(16)=2.8 down towards the 10%-noise floor
+    config = json.loads((out / 'config.json').read_text())
+    assert config['max_iters'] == 30 and config['n_embd'] == 32
+    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    assert ckpt['iter_num'] == 30 and not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+    assert {'optimizer', 'model_args', 'best_val_loss', 'config', 'rng', 'scaler', 'data'} <= set(ckpt)
+
+
+@pytest.mark.slow
+def test_exact_resume(tmp_path, data):
+    """2N iterations straight give the same losses as N, stop, resume for N more (dropout on)."""
+    args = [*TINY, f'--data_dir={data}', '--dropout=0.1', '--gradient_accumulation_steps=2', '--eval_interval=4']
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    assert run_train(*args, f'--out_dir={straight}', '--max_iters=8').returncode == 0
+    assert run_train(*args, f'--out_dir={resumed}', '--max_iters=4').returncode == 0
+    proc = run_train(*args, f'--out_dir={resumed}', '--max_iters=8', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr
+    assert 'resuming from' in proc.stdout
+    a, b = read_log(straight), read_log(resumed)
+    assert [row[:3] for row in a] == [row[:3] for row in b]
+    assert [row[3] for row in a] == pytest.approx([row[3] for row in b], rel=1e-6, abs=0)
+    assert len([row for row in a if row[1] == 'train']) == 8
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path, data):
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000']
+    proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if (out / 'log.jsonl').exists() and len(read_log(out, 'train')) >= 3:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert 'stopped by SIGTERM' in stdout
+    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    assert ckpt['iter_num'] >= 3
+    assert ckpt['iter_num'] == read_log(out, 'train')[-1][0] + 1  # the state after the last finished step
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
+    """A run that diverges stops with an error naming the iteration; ckpt.pt keeps the last good state.
+
+    The divergence is a real one: resuming with learning_rate=1e30, a single AdamW step moves every
+    weight by ~1e30, and the next forward pass overflows float32 (LayerNorm squares ~1e30 values).
+    """
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--eval_interval=3']
+    assert run_train(*args, '--max_iters=3').returncode == 0
+    good = common.load_checkpoint(out / 'ckpt.pt')
+    proc = run_train(*args, '--max_iters=20', '--init_from=resume', '--learning_rate=1e30', '--decay_lr=False')
+    assert_one_line_error(proc, 'not finite', 'iteration', 'ckpt.pt keeps the last good state')
+    after = common.load_checkpoint(out / 'ckpt.pt')
+    assert after['iter_num'] == good['iter_num'] == 3
+    assert all(torch.equal(after['model'][k], good['model'][k]) for k in good['model'])
+
+
+def test_data_errors(tmp_path, data):
+    missing = run_train(*TINY, '--dataset=nonexistent_corpus', f'--out_dir={tmp_path / "out"}')
+    assert_one_line_error(missing, 'python prepare.py nonexistent_corpus')
+    short = make_dataset(tmp_path / 'short', n_tokens=40)  # val.bin gets 10 tokens
+    proc = run_train(*TINY, f'--data_dir={short}', f'--out_dir={tmp_path / "out"}')
+    assert_one_line_error(proc, 'has 10 tokens', 'block_size=16', 'at least 17')
+
+
+# -----------------------------------------------------------------------------
+# DDP on CPU (gloo)
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, timeout=180):
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process(tmp_path, data):
+    """torchrun with 2 processes trains on the same global batches as 1 process: losses agree to 1e-5 relative.
+
+    The two differ only in the order of floating-point sums (gradients are averaged across ranks).
+    """
+    args = ['train.py', *TINY, f'--data_dir={data}', '--gradient_accumulation_steps=4', '--max_iters=6',
+            '--eval_interval=3', '--dropout=0.1']
+    single = run_train(*args[1:], f'--out_dir={tmp_path / "single"}')
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun('--standalone', '--nproc_per_node=2', *args, f'--out_dir={tmp_path / "ddp"}')
+    assert ddp.returncode == 0, ddp.stderr
+    assert ddp.stdout.count('step 3:') == 1  # only rank 0 prints
+    a, b = read_log(tmp_path / 'single'), read_log(tmp_path / 'ddp')
+    assert [row[:3] for row in a] == [row[:3] for row in b]
+    assert [row[3] for row in a] == pytest.approx([row[3] for row in b], rel=1e-5, abs=0)
+    # the accumulation count is global, so it must divide over the processes
+    odd = torchrun('--standalone', '--nproc_per_node=2', *args, '--gradient_accumulation_steps=3',
+                   f'--out_dir={tmp_path / "odd"}')
+    assert odd.returncode != 0
+    assert 'gradient_accumulation_steps=3 is the global count' in odd.stderr
+
+
+@pytest.mark.slow
+def test_multi_node_rendezvous_on_localhost(tmp_path, data):
+    """Two torchrun 'nodes' (one process each) meet through a c10d rendezvous and train together."""
+    port = free_port()
+    common_args = ['--nnodes=2', '--nproc_per_node=1', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
+                   '--rdzv_id=test', 'train.py', *TINY, f'--data_dir={data}', '--gradient_accumulation_steps=2',
+                   '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "out"}']
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', f'--node_rank={rank}', *common_args],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for rank in (0, 1)]
+    try:
+        results = [node.communicate(timeout=180) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (stdout, stderr) in zip(nodes, results):
+        # Known torchrun race (pytorch/pytorch#69197): when the agent hosting the c10d store exits first,
+        # the other agent's last poll of the store fails, after its worker finished successfully.
+        agent_race = 'RendezvousConnectionError' in stderr and 'num_nodes_waiting' in stderr
+        assert node.returncode == 0 or agent_race, stderr
+        assert 'ChildFailedError' not in stderr, stderr  # no train.py process failed
+    assert len(read_log(tmp_path / 'out', 'train')) == 4
+    assert common.load_checkpoint(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 4
