@@ -1,0 +1,304 @@
+"""
+Small pieces shared by train.py, sample.py and bench.py:
+
+- load_config: `python X.py [config/a.py ...] [--key=value ...]` overrides, every key checked
+- setup_device: device and dtype chosen in one place, with the reason printed once
+- ddp_ranks / ddp_setup / ddp_teardown: joining and leaving the torchrun process group
+- save_checkpoint / load_checkpoint / model_state_dict: checkpoint files
+
+User mistakes raise ConfigError. It is a SystemExit, so a script that does not catch it
+prints its one-line message to stderr and exits with status 1, without a traceback.
+"""
+
+import ast
+import difflib
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Marks checkpoints written by this repository, so model_state_dict can tell them from nanoGPT's.
+CHECKPOINT_FORMAT = 'gpt-train-checkpoint/1'
+
+
+class ConfigError(SystemExit):
+    """A user error with a one-line message that says what to change."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+        self.message = message
+
+
+def die(message):
+    """Stop the script with a one-line error on stderr and exit status 1."""
+    raise ConfigError(message)
+
+
+# -----------------------------------------------------------------------------
+# config: config files, then --key=value flags
+
+def load_config(defaults, argv):
+    """Return {key: value} for the keys that config files and flags in argv override.
+
+    argv items are config files (plain Python assignments, applied in order) or --key=value
+    flags (applied after all files, in order; the later one wins). Every key must be in
+    defaults. A value must have the type of its default: an int may stand for a float, bools
+    are only True/False, and a string may be written without quotes. A default of None accepts
+    any Python literal; the script checks what it means.
+    """
+    current = dict(defaults)
+    overrides = {}
+    files = [a for a in argv if not a.startswith('--')]
+    flags = [a for a in argv if a.startswith('--')]
+    for path in files:
+        for key, value in _read_config_file(path, current).items():
+            value = _check_value(defaults, key, value, f"in {path}")
+            current[key] = overrides[key] = value
+    for flag in flags:
+        key, sep, text = flag[2:].partition('=')
+        if not sep or not key:
+            raise ConfigError(f"cannot read flag {flag!r}: write it as --key=value")
+        _check_key(defaults, key, f"(flag {flag})")
+        value = _parse_flag_value(defaults[key], text)
+        value = _check_value(defaults, key, value, f"(flag {flag})")
+        current[key] = overrides[key] = value
+    return overrides
+
+
+def _read_config_file(path, current):
+    """Run a config file and return the knobs it assigns (names it adds or changes)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found (flags must look like --key=value)")
+    with open(path) as f:
+        source = f.read()
+    # The file sees the values so far, so `lr_decay_iters = max_iters` works as in nanoGPT.
+    namespace = dict(current)
+    try:
+        exec(compile(source, path, 'exec'), namespace)
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
+    assigned = {}
+    for key, value in namespace.items():
+        if key.startswith('_') or callable(value) or type(value).__name__ == 'module':
+            continue  # __builtins__, imports and helper functions are not knobs
+        if key not in current:
+            _check_key(current, key, f"in {path}")
+        if key not in current or value is not current[key]:
+            assigned[key] = value
+    return assigned
+
+
+def _check_key(defaults, key, where):
+    if key not in defaults:
+        nearest = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.0)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        raise ConfigError(f"unknown config key {key!r} {where}{hint}")
+
+
+def _parse_flag_value(default, text):
+    """Python literal if it parses (1, 3e-4, True, 'x'), else the plain text for string knobs."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a plain word such as --device=cuda:1; the type check decides if that is fine
+    if isinstance(default, str) and not isinstance(value, str):
+        return text  # --wandb_run_name=2024 means the string '2024'
+    return value
+
+
+def _check_value(defaults, key, value, where):
+    default = defaults[key]
+    if default is None:
+        ok, expected = True, "any"
+    elif isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "bool (True or False)"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "int"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "float"
+        value = float(value) if ok else value
+    else:
+        ok, expected = isinstance(value, type(default)), type(default).__name__
+    if not ok:
+        raise ConfigError(f"config key {key!r} {where}: got {value!r} ({type(value).__name__}), "
+                          f"expected {expected} like the default {default!r}")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# device and dtype
+
+PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+@dataclass
+class DeviceSetup:
+    device: str          # 'cpu', 'cuda:0', 'mps'
+    device_type: str     # 'cpu', 'cuda' or 'mps': what torch.autocast wants
+    dtype: str           # 'float32', 'bfloat16' or 'float16'
+    reason: str          # why this device and dtype, as printed
+
+    @property
+    def ptdtype(self):
+        return PTDTYPES[self.dtype]
+
+    @property
+    def use_grad_scaler(self):
+        return self.dtype == 'float16'  # float16 gradients underflow without loss scaling
+
+    def autocast(self):
+        """Context for forward passes: mixed precision for bfloat16/float16, nothing for float32."""
+        if self.dtype == 'float32':
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
+
+
+_printed_device_lines = set()
+
+
+def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True):
+    """Pick the device and the compute dtype; print the choice and the reason once per process.
+
+    device 'auto': cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu.
+    dtype 'auto': bfloat16 on a CUDA GPU that supports it, float16 with a GradScaler on an
+    older CUDA GPU, float32 on CPU and MPS. An explicit dtype is honoured (bfloat16 on CPU works).
+    """
+    if device == 'auto':
+        if torch.cuda.is_available():
+            device = 'cuda' if local_rank is None else f'cuda:{local_rank}'
+            device_reason = "auto: CUDA is available"
+        elif torch.backends.mps.is_available():
+            device, device_reason = 'mps', "auto: no CUDA, Apple MPS is available"
+        else:
+            device, device_reason = 'cpu', "auto: no CUDA or MPS"
+    else:
+        device_reason = "asked for"
+    device_type = device.split(':')[0]
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device {device!r} not understood; use auto, cpu, cuda, cuda:N or mps")
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but this torch sees no CUDA GPU; use --device=cpu")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} asked for but MPS is not available; use --device=cpu")
+    if device == 'cuda' and local_rank is not None:
+        device = f'cuda:{local_rank}'  # one GPU per torchrun process
+
+    if dtype == 'auto':
+        if device_type == 'cuda' and torch.cuda.is_bf16_supported():
+            dtype, dtype_reason = 'bfloat16', "auto: this GPU supports bfloat16"
+        elif device_type == 'cuda':
+            dtype, dtype_reason = 'float16', "auto: no bfloat16 on this GPU, float16 with a GradScaler"
+        else:
+            dtype, dtype_reason = 'float32', f"auto: full precision on {device_type}"
+    elif dtype in PTDTYPES:
+        dtype_reason = "asked for"
+    else:
+        raise ConfigError(f"dtype {dtype!r} not understood; use auto, float32, bfloat16 or float16")
+
+    if device_type == 'cuda':
+        # TF32 matmuls for the float32 parts (about 3x faster on Ampere+, ~1e-3 relative error)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    reason = f"device {device} ({device_reason}), dtype {dtype} ({dtype_reason})"
+    if verbose and reason not in _printed_device_lines:
+        _printed_device_lines.add(reason)
+        print(reason)
+    return DeviceSetup(device, device_type, dtype, reason)
+
+
+# -----------------------------------------------------------------------------
+# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each process's environment
+
+def ddp_ranks():
+    """(rank, local_rank, world_size) under torchrun; None for a plain `python X.py` run."""
+    if 'RANK' not in os.environ:
+        return None
+    return int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+
+
+def ddp_setup(backend, device_type):
+    """Join the process group. backend 'auto': nccl for CUDA, gloo for CPU."""
+    import torch.distributed as dist
+    if backend == 'auto':
+        backend = 'nccl' if device_type == 'cuda' else 'gloo'
+    if backend == 'nccl' and device_type != 'cuda':
+        raise ConfigError(f"backend nccl needs CUDA GPUs but the device is {device_type}; use --backend=gloo")
+    dist.init_process_group(backend=backend)
+    return backend
+
+
+def ddp_teardown():
+    """Leave the process group if this process joined one (safe to call more than once)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(obj, path):
+    """Write obj with torch.save so that path holds either the old or the new file, never half of one.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
+    renamed over path (os.replace is atomic on POSIX and Windows); then the folder entry is
+    flushed too, so the rename survives a power cut.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f'.{path.name}.*.tmp'):
+        stale.unlink(missing_ok=True)  # left by a writer that was killed mid-save
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, 'O_DIRECTORY'):  # POSIX: make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Read a checkpoint written by train.py (or nanoGPT) safely: weights_only=True runs no pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}: train first, or point --out_dir at the run's folder")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
+                          f"plain PyTorch checkpoint ({first_line})") from None
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConfigError(f"{path} is not a training checkpoint: expected keys 'model' and "
+                          f"'model_args', found {found}")
+    return ckpt
+
+
+def model_state_dict(ckpt):
+    """The model weights of a checkpoint, with nanoGPT's '_orig_mod.' prefix removed.
+
+    nanoGPT saves the state of the torch.compile wrapper, whose keys start with '_orig_mod.'.
+    train.py saves the uncompiled model, so its checkpoints (marked by 'format') are returned as is.
+    """
+    state = ckpt['model']
+    if ckpt.get('format') == CHECKPOINT_FORMAT:
+        return state
+    prefix = '_orig_mod.'
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}

@@ -1,0 +1,415 @@
+"""
+Train a GPT. One process on a CPU or one GPU, or many processes under torchrun (DDP).
+
+CPU quick start (prepare the data first: python prepare.py shakespeare_char):
+$ python train.py config/train_shakespeare_char_cpu.py
+
+One GPU:
+$ python train.py config/train_shakespeare_char.py
+
+One node with 8 GPUs (gradient_accumulation_steps is global: it is split over the 8 processes):
+$ torchrun --standalone --nproc_per_node=8 train.py config/gpt2.py
+
+Two nodes with 8 GPUs each; run on both nodes, with the first node's address:
+$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 train.py config/gpt2.py
+$ torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 train.py config/gpt2.py
+(without InfiniBand, prepend NCCL_IB_DISABLE=1)
+
+Config files and flags override the defaults below, in order: train.py config/a.py --batch_size=32.
+Resume: --init_from=resume (same out_dir). Ctrl-C or SIGTERM: the step finishes, ckpt.pt is saved, exit 0.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# defaults: a GPT-2 (124M) on OpenWebText; config/*.py and --key=value change them
+# I/O
+out_dir = 'out'  # checkpoint, config.json and log.jsonl go here
+eval_interval = 2000  # evaluate (and maybe checkpoint) every this many iterations
+log_interval = 1  # print and log the training loss every this many iterations
+eval_iters = 200  # batches per split for each evaluation
+eval_only = False  # evaluate once at the start, then exit
+always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local Hugging Face folder
+# wandb logging
+wandb_log = False  # log to Weights & Biases (needs `pip install wandb`)
+wandb_project = 'owt'  # wandb project name
+wandb_run_name = 'gpt2'  # wandb run name
+# data
+dataset = 'openwebtext'  # reads data/<dataset>/{train,val}.bin, written by `python prepare.py <dataset>`
+data_dir = ''  # a folder with train.bin/val.bin/meta.json instead of data/<dataset>
+gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step, over ALL processes
+batch_size = 12  # sequences per micro-batch (per process)
+block_size = 1024  # tokens per sequence
+# model
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads per block
+n_embd = 768  # embedding width
+dropout = 0.0  # 0 for pretraining; try 0.1+ for finetuning
+bias = False  # biases in Linear and LayerNorm layers
+# adamw optimizer
+learning_rate = 6e-4  # peak learning rate
+max_iters = 600000  # optimizer steps to train for
+weight_decay = 1e-1  # AdamW weight decay on matrices (not on biases and norms)
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.95  # AdamW beta2
+grad_clip = 1.0  # clip the global gradient norm to this; 0.0 disables
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True  # False keeps learning_rate constant
+warmup_iters = 2000  # warmup steps
+lr_decay_iters = 600000  # step where the cosine reaches min_lr; ~max_iters per Chinchilla
+min_lr = 6e-5  # floor of the schedule; ~learning_rate/10 per Chinchilla
+# DDP
+backend = 'auto'  # 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'
+# system
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16' (float16 adds a GradScaler)
+compile = None  # torch.compile the model; None: only on CUDA; True/False to force
+seed = 1337  # seeds model init, batch sampling and dropout
+# -----------------------------------------------------------------------------
+# config overrides: config files, then --key=value flags (common.load_config checks every key)
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
+globals().update(common.load_config({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
+if compile not in (None, True, False):
+    common.die(f"compile must be True, False or None (auto), got {compile!r}")
+if seed < 0:
+    common.die(f"seed must be >= 0, got {seed}")
+
+# -----------------------------------------------------------------------------
+# device, dtype and DDP setup
+ranks = common.ddp_ranks()  # None unless launched by torchrun
+ddp = ranks is not None
+rank, local_rank, world_size = ranks if ddp else (0, 0, 1)
+master_process = rank == 0  # only rank 0 prints, logs and writes files
+dev = common.setup_device(device, dtype, local_rank=local_rank if ddp else None, verbose=master_process)
+if dev.device_type == 'cuda':
+    torch.cuda.set_device(dev.device)
+if ddp:
+    common.ddp_setup(backend, dev.device_type)
+try:  # from here on, leave the process group on any exit so other ranks do not hang
+
+    if gradient_accumulation_steps % world_size != 0:
+        common.die(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global count and must "
+                   f"divide evenly over {world_size} processes; use a multiple of {world_size}")
+    accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process per iteration
+    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+    use_compile = (dev.device_type == 'cuda') if compile is None else compile
+    if master_process:
+        print("config: " + json.dumps(config))
+        print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
+
+    # -------------------------------------------------------------------------
+    # data: uint16 token files read through np.memmap
+    here = os.path.dirname(os.path.abspath(__file__))
+    dataset_dir = data_dir or os.path.join(here, 'data', dataset)
+    split_paths = {split: os.path.join(dataset_dir, f'{split}.bin') for split in ('train', 'val')}
+    split_sizes = {}
+    for split, path in split_paths.items():
+        if not os.path.isfile(path):
+            common.die(f"no {path}: prepare the dataset first with `python prepare.py {dataset}` "
+                       f"(or point --data_dir at a folder with train.bin and val.bin)")
+        split_sizes[split] = os.path.getsize(path) // 2  # uint16 tokens
+        if split_sizes[split] < block_size + 1:
+            common.die(f"{path} has {split_sizes[split]} tokens but block_size={block_size} needs at least "
+                       f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
+    try:
+        from prepare import read_meta  # also understands nanoGPT's meta.pkl
+    except ImportError:
+        def read_meta(folder):
+            path = os.path.join(folder, 'meta.json')
+            return json.load(open(path)) if os.path.isfile(path) else {}
+    meta = read_meta(dataset_dir)
+    meta_vocab_size = meta.get('vocab_size')
+
+    def get_batch(split, offsets):
+        """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
+        # A fresh memmap per batch keeps the process's memory flat on huge files.
+        data = np.memmap(split_paths[split], dtype=np.uint16, mode='r')
+        tokens = data[offsets[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+        x = torch.from_numpy(np.ascontiguousarray(tokens[:, :-1], dtype=np.int64))
+        y = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:], dtype=np.int64))
+        if dev.device_type == 'cuda':
+            # pinned memory lets the copy run asynchronously while the GPU is busy
+            return x.pin_memory().to(dev.device, non_blocking=True), y.pin_memory().to(dev.device, non_blocking=True)
+        return x.to(dev.device), y.to(dev.device)
+
+    def iteration_plan(it):
+        """Sequence offsets (G, B) and dropout seeds (G,) for all G global micro-steps of iteration it.
+
+        They come from a generator seeded by (seed, it) alone, so every process computes the same
+        plan and takes its own rows: the batches do not depend on the number of processes, and a
+        resumed run draws exactly the batches the uninterrupted run would have drawn.
+        """
+        rng = np.random.default_rng([seed, 0, it])
+        offsets = rng.integers(0, split_sizes['train'] - block_size, size=(gradient_accumulation_steps, batch_size))
+        dropout_seeds = rng.integers(0, 2**62, size=gradient_accumulation_steps)
+        first = rank * accum_steps
+        return offsets[first:first + accum_steps], dropout_seeds[first:first + accum_steps]
+
+    # A fixed evaluation set per split, so losses at different iterations are comparable.
+    eval_offsets = {split: np.random.default_rng([seed, 1, i]).integers(
+                        0, split_sizes[split] - block_size, size=(eval_iters, batch_size))
+                    for i, split in enumerate(('train', 'val'))}
+
+    # -------------------------------------------------------------------------
+    # model
+    iter_num = 0  # optimizer steps done so far
+    best_val_loss = float('inf')  # lowest val loss seen by an evaluation
+    checkpoint = None
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                      bias=bias, vocab_size=None, dropout=dropout)
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    if init_from == 'scratch':
+        if meta_vocab_size is None:
+            if master_process:
+                print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
+            meta_vocab_size = 50304
+        model_args['vocab_size'] = meta_vocab_size
+        model = GPT(GPTConfig(**model_args))
+    elif init_from == 'resume':
+        checkpoint = common.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=dev.device)
+        # the shape comes from the checkpoint; dropout may change between runs
+        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+            model_args[k] = checkpoint['model_args'][k]
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(common.model_state_dict(checkpoint))
+        iter_num = checkpoint['iter_num']
+        best_val_loss = float(checkpoint['best_val_loss'])
+        if master_process:
+            print(f"resuming from {out_dir}/ckpt.pt at iteration {iter_num}")
+    elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+        if master_process:
+            print(f"initializing from pretrained weights: {init_from}")
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+            model_args[k] = getattr(model.config, k)
+    else:
+        common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
+                   f"gpt2-large, gpt2-xl or the path of a local Hugging Face model folder")
+    if meta_vocab_size is not None and meta_vocab_size > model_args['vocab_size']:
+        common.die(f"the dataset has vocab_size {meta_vocab_size} but the model only {model_args['vocab_size']}")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)  # e.g. GPT-2's 1024 positions down to a shorter context
+        model_args['block_size'] = block_size
+    elif block_size > model.config.block_size:
+        common.die(f"block_size={block_size} is longer than the model's {model.config.block_size} positions")
+    model.to(dev.device)
+    if master_process:
+        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
+
+    # -------------------------------------------------------------------------
+    # optimizer
+    scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)  # no-op unless float16
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if checkpoint.get('scaler'):
+            scaler.load_state_dict(checkpoint['scaler'])
+        rng_state = checkpoint.get('rng')
+        if rng_state is not None:  # nanoGPT checkpoints have none
+            random.setstate(rng_state['python'])
+            np.random.set_state((rng_state['numpy'][0], np.array(rng_state['numpy'][1], dtype=np.uint32),
+                                 *rng_state['numpy'][2:]))
+            torch.set_rng_state(rng_state['torch'].cpu())
+            if rng_state.get('cuda') and dev.device_type == 'cuda':
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng_state['cuda']])
+        checkpoint = None  # free the memory
+
+    # The uncompiled `model` is what gets saved; the others share its parameters.
+    fast_model = torch.compile(model) if use_compile else model
+    train_model = DDP(fast_model, device_ids=[local_rank] if dev.device_type == 'cuda' else None) if ddp else fast_model
+
+    def get_lr(it):
+        """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+        if not decay_lr:
+            return learning_rate
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        if it > lr_decay_iters:
+            return min_lr
+        progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)  # 0 .. 1
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce."""
+        model.eval()
+        losses = {}
+        for split in ('train', 'val'):
+            total = torch.zeros((), device=dev.device)
+            for k in range(rank, eval_iters, world_size):
+                x, y = get_batch(split, eval_offsets[split][k])
+                with dev.autocast():
+                    _, loss = fast_model(x, y)
+                total += loss.float()
+            if ddp:
+                dist.all_reduce(total)
+            losses[split] = total.item() / eval_iters
+        model.train()
+        return losses
+
+    def save_training_state(reason):
+        """Rank 0 writes out_dir/ckpt.pt with everything an exact resume needs."""
+        np_state = np.random.get_state()
+        common.save_checkpoint({
+            'format': common.CHECKPOINT_FORMAT,
+            'model': model.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'model_args': model_args,
+            'iter_num': iter_num,
+            'best_val_loss': best_val_loss,
+            'config': config,
+            'scaler': scaler.state_dict(),
+            'rng': {'python': random.getstate(),
+                    'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+                    'torch': torch.get_rng_state(),
+                    'cuda': torch.cuda.get_rng_state_all() if dev.device_type == 'cuda' else []},
+            # batches and dropout masks are a pure function of (seed, iteration): see iteration_plan
+            'data': {'sampler': 'numpy default_rng([seed, 0, iter_num])', 'seed': seed, 'iter_num': iter_num},
+        }, os.path.join(out_dir, 'ckpt.pt'))
+        print(f"saved checkpoint to {out_dir}/ckpt.pt at iteration {iter_num} ({reason})")
+
+    # log.jsonl: one JSON object per line, for plots. A resumed run drops the lines it will redo.
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if master_process:
+        kept = []
+        if init_from == 'resume' and os.path.isfile(log_path):
+            kept = [line for line in open(log_path) if line.strip() and json.loads(line)['iter'] < iter_num]
+        with open(log_path, 'w') as f:
+            f.writelines(kept)
+    run_start = time.time()
+
+    def log_jsonl(**record):
+        record['time'] = round(time.time() - run_start, 3)  # seconds since this process started training
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+    if wandb_log and master_process:
+        import wandb  # optional: only needed when asked for
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    # Ctrl-C / SIGTERM: remember it, finish the current step, save, exit 0. A second signal kills.
+    stop_signal = None
+
+    def request_stop(signum, frame):
+        global stop_signal
+        stop_signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    # -------------------------------------------------------------------------
+    # training loop
+    start_iter = iter_num
+    device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
+    t_log, last_log_iter = time.time(), iter_num
+    loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
+    while True:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+
+        # evaluate, and checkpoint when val improved (or always_save_checkpoint)
+        if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+            t_eval = time.time()
+            losses = estimate_loss()
+            if master_process:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                for split in ('train', 'val'):
+                    log_jsonl(iter=iter_num, kind='eval', split=split, loss=losses[split], lr=lr,
+                              tokens=iter_num * tokens_per_iter)
+                if wandb_log:
+                    wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
+            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+                common.die(f"evaluation loss is not finite at iteration {iter_num} (train {losses['train']}, "
+                           f"val {losses['val']}); {out_dir}/ckpt.pt keeps the last good state")
+            improved = losses['val'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val'])
+            if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
+                save_training_state('val loss improved' if improved else 'always_save_checkpoint')
+            t_log += time.time() - t_eval  # keep evals and saves out of ms/iter
+        if eval_only or iter_num >= max_iters:
+            break
+
+        # one optimizer step over accum_steps micro-batches (this rank's share of the global batch)
+        log_now = iter_num % log_interval == 0
+        offsets, dropout_seeds = iteration_plan(iter_num)
+        for micro_step in range(accum_steps):
+            x, y = get_batch('train', offsets[micro_step])
+            torch.manual_seed(int(dropout_seeds[micro_step]))  # dropout masks fixed by (seed, iteration, micro-step)
+            # gradients are all-reduced only after the last micro-step
+            last = micro_step == accum_steps - 1
+            with train_model.no_sync() if ddp and not last else nullcontext():
+                with dev.autocast():
+                    _, loss = train_model(x, y)
+                scaler.scale(loss / accum_steps).backward()
+            if log_now:
+                loss_sum += loss.detach().float()
+        if grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+
+        # log: the mean loss over all micro-steps of all ranks (the only sync point outside evals)
+        if log_now:
+            if ddp:
+                dist.all_reduce(loss_sum)
+            lossf = loss_sum.item() / gradient_accumulation_steps
+            loss_sum.zero_()
+            now = time.time()
+            dt = (now - t_log) / (iter_num - last_log_iter)  # seconds per iteration since the last log line
+            t_log, last_log_iter = now, iter_num
+            if not math.isfinite(lossf):
+                common.die(f"training loss is not finite ({lossf}) at iteration {iter_num - 1}; "
+                           f"{out_dir}/ckpt.pt keeps the last good state (try a lower learning_rate or grad_clip)")
+            if master_process:
+                tokens_per_sec = tokens_per_iter / dt
+                mfu = model.estimate_mfu(tokens_per_sec / world_size, device_name, dev.ptdtype)
+                mfu_text = f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a"
+                print(f"iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.2f}ms/iter, "
+                      f"{tokens_per_sec:,.0f} tokens/s, {mfu_text}")
+                log_jsonl(iter=iter_num - 1, kind='train', split='train', loss=lossf, lr=lr,
+                          tokens=iter_num * tokens_per_iter, ms_per_iter=dt * 1000,
+                          tokens_per_sec=tokens_per_sec, mfu=mfu)
+                if wandb_log:
+                    wandb.log({'iter': iter_num - 1, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu})
+
+        # a stop request takes effect between steps; under DDP ranks agree at log intervals
+        if ddp and log_now:
+            stop_flag = torch.tensor(float(stop_signal is not None), device=dev.device)
+            dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
+            stop_signal = stop_signal or ('SIGTERM' if stop_flag.item() else None)
+        if stop_signal is not None and (log_now or not ddp):
+            if master_process:
+                save_training_state(f"stopped by {stop_signal}")
+                print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
+            break
+
+# -----------------------------------------------------------------------------
+# teardown
+finally:
+    if ddp:
+        common.ddp_teardown()
