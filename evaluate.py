@@ -142,8 +142,7 @@ DEFAULTS = {
     ),
     'counting': dict(
         MODEL_KNOBS,
-        dataset='counting',  # its meta.json gives the separator token and the held-out starts
-        data_dir='',  # a folder with meta.json instead of data/<dataset>
+        data_dir='',  # the counting data's folder (meta.json: separator, held-out starts); '' means the run's
         starts='',  # comma-separated start values, e.g. '1,10'; '' means the held-out val starts
         prompt_len=3,  # numbers in each prompt
         max_new_tokens=5,  # numbers generated and checked per prompt
@@ -152,11 +151,11 @@ DEFAULTS = {
 
 
 def load_model(cfg):
-    """The model named by init_from/out_dir on the chosen device, in eval mode; and the device setup."""
+    """(model, info, device setup) for init_from/out_dir: see common.load_model."""
     dev = common.setup_device(cfg['device'], cfg['dtype'])
-    model = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
-    model.eval()
-    return model, dev
+    model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+    print(f"model: {info['source']}")
+    return model, info, dev
 
 
 def run_perplexity(cfg):
@@ -166,7 +165,7 @@ def run_perplexity(cfg):
         common.die(f"no {path}: prepare it with `python prepare.py {cfg['dataset']}` "
                    f"(or point --data_dir at a folder with {cfg['split']}.bin)")
     tokens = np.memmap(path, dtype=np.uint16, mode='r')
-    model, dev = load_model(cfg)
+    model, _, dev = load_model(cfg)
     if cfg['block_size']:
         if cfg['block_size'] > model.config.block_size:
             common.die(f"block_size={cfg['block_size']} is longer than the model's {model.config.block_size}")
@@ -185,9 +184,9 @@ def run_perplexity(cfg):
 
 
 def run_counting(cfg):
-    folder = cfg['data_dir'] or os.path.join(prepare.DATA_DIR, cfg['dataset'])
+    model, info, _ = load_model(cfg)
+    folder = cfg['data_dir'] or info.get('data_dir') or os.path.join(prepare.DATA_DIR, 'counting')
     meta = prepare.read_meta(folder)
-    model, _ = load_model(cfg)
     separator = meta.get('separator', model.config.vocab_size - 1)
     if cfg['starts']:
         starts = [int(s) for s in str(cfg['starts']).split(',')]

@@ -22,7 +22,6 @@ import os
 import sys
 
 import common
-import prepare
 
 DPI = 100  # figure sizes below are in inches; pixels = inches * DPI
 
@@ -109,8 +108,10 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600):
             losses = [r['loss'] for r in rows]
             ax_iter.plot([r['iter'] for r in rows], losses, color=color, label=label, **style)
             ax_tok.plot([r['tokens'] for r in rows], losses, color=color, label=label, **style)
+    from matplotlib.ticker import EngFormatter
     ax_iter.set_xlabel('iteration')
     ax_tok.set_xlabel('tokens seen')
+    ax_tok.xaxis.set_major_formatter(EngFormatter(sep=''))  # 300k, 1.2M, ...
     for ax in (ax_iter, ax_tok):
         ax.set_ylabel('loss (nats per token)')
         ax.grid(True, alpha=0.4)
@@ -179,6 +180,7 @@ def plot_attention(model, ids, labels, path, title=None):
 ATTENTION_DEFAULTS = dict(
     out_dir='out',  # the run folder holding ckpt.pt (init_from='resume')
     init_from='resume',  # 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local Hugging Face folder
+    data_dir='',  # folder with the tokenizer's meta.json; '' means the one the run trained on
     start='\n',  # the prompt; 'FILE:prompt.txt' reads it from a file
     out='',  # the PNG to write; '' means <out_dir>/attention.png (attention.png for init_from=gpt2*)
     max_tokens=48,  # longer prompts are cut to their first max_tokens tokens (the grid gets huge)
@@ -202,8 +204,8 @@ def run_loss(argv):
 def run_attention(argv):
     cfg = dict(ATTENTION_DEFAULTS, **common.load_config(ATTENTION_DEFAULTS, argv))
     dev = common.setup_device(cfg['device'], 'float32')
-    model = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
-    tokenizer = common.load_tokenizer(cfg['init_from'], cfg['out_dir'])
+    model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+    tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
     start = cfg['start']
     if start.startswith('FILE:'):
         with open(start[5:], encoding='utf-8') as f:

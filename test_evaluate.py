@@ -3,6 +3,7 @@ after a short training run, and the PNGs (size read back from the file, panel co
 
 CPU only, offline, tiny models; everything is written under pytest's tmp_path.
 """
+import dataclasses
 import json
 import math
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import evaluate
 import plot
 import prepare
@@ -190,3 +192,39 @@ def test_attention_grid_has_a_panel_per_layer_and_head(tmp_path):
     assert image.shape[:2] == (round(height), round(width)) and image.std() > 0
     ticks = [t.get_text() for t in panels[4].get_xticklabels()]  # bottom row carries key labels
     assert ticks[2] == '\\n' and ticks[3] == 'd\\$'
+
+
+# -----------------------------------------------------------------------------
+# command lines, on a checkpoint saved the way train.py saves one
+
+
+def save_tiny_run(tmp_path, vocab_size=101):
+    """A run folder with ckpt.pt for a tiny model, and counting data (tokenizer metadata)."""
+    prepare.prepare('counting', data_dir=tmp_path, num_train=200, num_val=50)
+    data_dir = tmp_path / 'counting'
+    model = tiny_gpt(block_size=16, vocab_size=vocab_size)
+    out_dir = tmp_path / 'run'
+    common.save_checkpoint({'format': common.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+                            'model_args': dataclasses.asdict(model.config), 'iter_num': 0,
+                            'best_val_loss': 9.9, 'config': {'dataset': 'counting', 'data_dir': str(data_dir)}},
+                           out_dir / 'ckpt.pt')
+    return model, out_dir, data_dir
+
+
+def test_perplexity_cli_prints_the_numbers_of_the_function(tmp_path, capsys):
+    model, out_dir, data_dir = save_tiny_run(tmp_path)
+    assert evaluate.main(['perplexity', f'--out_dir={out_dir}', f'--data_dir={data_dir}', '--split=val',
+                          '--stride=4', '--batch_size=16', '--device=cpu']) == 0
+    tokens = np.fromfile(data_dir / 'val.bin', dtype=np.uint16)
+    r = evaluate.perplexity(model, tokens, stride=4)
+    out = capsys.readouterr().out
+    assert f"{r['tokens']:,} tokens scored" in out and f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}" in out
+
+
+def test_counting_and_attention_cli_run_on_a_checkpoint(tmp_path, capsys):
+    _, out_dir, _ = save_tiny_run(tmp_path)
+    assert evaluate.main(['counting', f'--out_dir={out_dir}', '--starts=1,10', '--device=cpu']) == 0
+    out = capsys.readouterr().out
+    assert 'prompt [1, 2, 3] -> [' in out and 'prompt [10, 11, 12] -> [' in out and 'accuracy ' in out
+    assert plot.main(['attention', f'--out_dir={out_dir}', '--start=1 2 3 4']) == 0
+    assert mpimg.imread(out_dir / 'attention.png').ndim == 3
