@@ -177,7 +177,7 @@ def run_perplexity(cfg):
         r = perplexity(model, tokens, cfg['stride'] or None, cfg['batch_size'], dev.autocast)
     except ValueError as e:
         common.die(str(e))
-    print(f"{path}: {r['tokens']:,} tokens scored in {r['windows']} windows "
+    print(f"{os.path.relpath(path)}: {r['tokens']:,} tokens scored in {r['windows']} windows "
           f"(block_size {r['block_size']}, stride {r['stride']})")
     print(f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}")
     return r
