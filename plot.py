@@ -16,7 +16,6 @@ In code (train.py draws out_dir/loss.png at each evaluation when matplotlib is i
         plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
 """
 
-import importlib.util
 import json
 import os
 import sys
@@ -28,7 +27,11 @@ DPI = 100  # figure sizes below are in inches; pixels = inches * DPI
 
 def have_matplotlib():
     """True when matplotlib can be imported (it is optional: only pictures need it)."""
-    return importlib.util.find_spec('matplotlib') is not None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _new_figure(width_px, height_px):
@@ -86,12 +89,12 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600):
     Lines per run (one colour each): val loss at evaluations (solid, dots), train loss at
     evaluations (dashed), and the logged per-step training loss (thin, faint).
     """
+    logs = [read_log(d) for d in out_dirs]  # a missing log fails before any drawing
+    names = [os.path.basename(os.path.normpath(d)) for d in out_dirs]
     fig = _new_figure(width_px, height_px)
     ax_iter, ax_tok = fig.subplots(1, 2)
-    names = [os.path.basename(os.path.normpath(d)) for d in out_dirs]
     any_points = False
-    for i, (out_dir, name) in enumerate(zip(out_dirs, names)):
-        records = read_log(out_dir)
+    for i, (records, name) in enumerate(zip(logs, names)):
         color = f'C{i % 10}'
         series = [  # (label, style, records)
             (f'{name} train (step)', dict(lw=0.8, alpha=0.35),

@@ -137,7 +137,10 @@ def test_counting_accuracy_counts_from_the_prompt():
 # -----------------------------------------------------------------------------
 # pictures
 
-mpimg = pytest.importorskip('matplotlib.image', reason='pictures need matplotlib')
+@pytest.fixture
+def mpimg():
+    """matplotlib.image, for reading PNGs back; tests that draw skip without matplotlib."""
+    return pytest.importorskip('matplotlib.image', reason='pictures need matplotlib')
 
 
 def write_log(out_dir, iters=5):
@@ -153,7 +156,7 @@ def write_log(out_dir, iters=5):
         f.write('{"iter": 5, "kind": "tr')  # a line train.py is still writing
 
 
-def test_loss_plot_of_several_runs_has_the_asked_size(tmp_path):
+def test_loss_plot_of_several_runs_has_the_asked_size(tmp_path, mpimg):
     write_log(tmp_path / 'run-a')
     write_log(tmp_path / 'run-b', iters=3)
     path = tmp_path / 'loss.png'
@@ -165,7 +168,7 @@ def test_loss_plot_of_several_runs_has_the_asked_size(tmp_path):
     assert 'run-a val' in labels and 'run-b train (eval)' in labels
 
 
-def test_loss_plot_cli_writes_into_the_run_folder(tmp_path):
+def test_loss_plot_cli_writes_into_the_run_folder(tmp_path, mpimg):
     write_log(tmp_path / 'run')
     assert plot.main(['loss', str(tmp_path / 'run')]) == 0
     assert mpimg.imread(tmp_path / 'run' / 'loss.png').shape[:2] == (600, 1200)
@@ -176,7 +179,7 @@ def test_loss_plot_names_a_missing_log(tmp_path):
         plot.plot_loss([tmp_path], tmp_path / 'loss.png')
 
 
-def test_attention_grid_has_a_panel_per_layer_and_head(tmp_path):
+def test_attention_grid_has_a_panel_per_layer_and_head(tmp_path, mpimg):
     model = tiny_gpt(block_size=16, n_layer=3, n_head=2)
     ids = [1, 2, 3, 4, 5, 6]
     labels = ['a', ' b', '\n', 'd$', 'e', 'f']
@@ -221,10 +224,14 @@ def test_perplexity_cli_prints_the_numbers_of_the_function(tmp_path, capsys):
     assert f"{r['tokens']:,} tokens scored" in out and f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}" in out
 
 
-def test_counting_and_attention_cli_run_on_a_checkpoint(tmp_path, capsys):
+def test_counting_cli_runs_on_a_checkpoint(tmp_path, capsys):
     _, out_dir, _ = save_tiny_run(tmp_path)
     assert evaluate.main(['counting', f'--out_dir={out_dir}', '--starts=1,10', '--device=cpu']) == 0
     out = capsys.readouterr().out
     assert 'prompt [1, 2, 3] -> [' in out and 'prompt [10, 11, 12] -> [' in out and 'accuracy ' in out
+
+
+def test_attention_cli_runs_on_a_checkpoint(tmp_path, mpimg):
+    _, out_dir, _ = save_tiny_run(tmp_path)
     assert plot.main(['attention', f'--out_dir={out_dir}', '--start=1 2 3 4']) == 0
     assert mpimg.imread(out_dir / 'attention.png').ndim == 3
