@@ -310,3 +310,102 @@ def model_state_dict(ckpt):
         return state
     prefix = '_orig_mod.'
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+# -----------------------------------------------------------------------------
+# loading a trained or pretrained model, and its tokenizer (sample.py, bench.py, evaluation)
+
+def load_model(init_from, out_dir, device='cpu', dropout=None):
+    """(model, info) for init_from 'resume' (out_dir/ckpt.pt from train.py or nanoGPT's train.py),
+    'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face model folder.
+
+    The model is on device, in eval mode. dropout=None keeps the checkpoint's value (HF: 0).
+    info: source (a description), dataset (name or None), data_dir (folder with meta.json or
+    meta.pkl, or None: GPT-2 BPE), vocab_size, iter_num and best_val_loss (checkpoints only).
+    """
+    from dataclasses import fields
+    from model import GPT, GPTConfig, PRETRAINED
+    if init_from == 'resume':
+        path = Path(out_dir) / 'ckpt.pt'
+        ckpt = load_checkpoint(path, map_location='cpu')  # to the device after the shapes are checked
+        known = {f.name for f in fields(GPTConfig)}
+        # nanoGPT writes the same model_args keys; anything else is ignored rather than fatal
+        args = {k: v for k, v in dict(ckpt['model_args']).items() if k in known}
+        missing = sorted({'n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'} - set(args))
+        if missing:
+            raise ConfigError(f"{path}: model_args lacks {missing}; it was not written by train.py")
+        if dropout is not None:
+            args['dropout'] = dropout
+        try:
+            model = GPT(GPTConfig(**args))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: model_args {args} do not make a GPT ({e})") from None
+        state = model_state_dict(ckpt)
+        # nanoGPT without flash attention saves its causal-mask buffer as '<block>.attn.bias'
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own or not k.endswith('.attn.bias')}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"{path}: weights do not fit model_args {args}: "
+                              f"{' '.join(str(e).split())[:300]}") from None
+        config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+        dataset = config.get('dataset')
+        info = dict(source=f"checkpoint {path} (iteration {ckpt.get('iter_num', '?')})",
+                    dataset=dataset, data_dir=_find_data_dir(config.get('data_dir'), dataset),
+                    iter_num=ckpt.get('iter_num'), best_val_loss=ckpt.get('best_val_loss'))
+    elif init_from in PRETRAINED or os.path.isdir(init_from):
+        try:
+            model = GPT.from_pretrained(init_from, dict(dropout=dropout or 0.0))
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise ConfigError(f"cannot load {init_from}: {e}") from None
+        info = dict(source=f"pretrained {init_from}", dataset=None, data_dir=None,
+                    iter_num=None, best_val_loss=None)
+    else:
+        raise ConfigError(f"init_from={init_from!r} not understood: use resume (out_dir/ckpt.pt), "
+                          f"{', '.join(PRETRAINED)}, or the path of a local Hugging Face model folder")
+    info['vocab_size'] = model.config.vocab_size
+    model.to(device)
+    model.eval()
+    return model, info
+
+
+def _find_data_dir(data_dir, dataset):
+    """The folder holding a run's tokenizer metadata: the run's data_dir, else data/<dataset> next
+    to this file, else data/<dataset> under the working directory (where nanoGPT keeps it)."""
+    candidates = [data_dir] if data_dir else []
+    if dataset:
+        candidates += [Path(__file__).resolve().parent / 'data' / dataset, Path('data') / dataset]
+    for folder in candidates:
+        if (Path(folder) / 'meta.json').is_file() or (Path(folder) / 'meta.pkl').is_file():
+            return str(folder)
+    return None
+
+
+def load_tokenizer_for(info, data_dir=None):
+    """The tokenizer a loaded model was trained with (prepare.Tokenizer).
+
+    From data_dir if given, else info['data_dir'] (meta.json, or nanoGPT's meta.pkl read by a
+    restricted unpickler); GPT-2 BPE when there is no metadata, as for pretrained GPT-2. A model
+    whose vocabulary is too small for GPT-2 and has no metadata is an error, not gibberish.
+    """
+    import prepare
+    folder = data_dir or info.get('data_dir')
+    try:
+        if folder:
+            if not Path(folder).is_dir():
+                raise ConfigError(f"data_dir {folder} is not a folder")
+            tokenizer = prepare.load_tokenizer(folder)
+        else:
+            if info.get('vocab_size', 50257) < 50257:
+                where = f"data/{info['dataset']}/" if info.get('dataset') else "the dataset folder"
+                raise ConfigError(f"the model has vocab_size {info['vocab_size']} but no tokenizer metadata was "
+                                  f"found (meta.json or meta.pkl in {where}); prepare the dataset again "
+                                  f"or pass --data_dir=FOLDER")
+            tokenizer = prepare.gpt2_tokenizer()
+    except prepare.PrepareError as e:
+        raise ConfigError(str(e)) from None
+    if tokenizer.vocab_size > info.get('vocab_size', tokenizer.vocab_size):
+        raise ConfigError(f"the tokenizer ({tokenizer.name}, {tokenizer.vocab_size} ids) does not fit the "
+                          f"model's vocab_size {info['vocab_size']}: wrong data_dir for this checkpoint?")
+    return tokenizer

@@ -40,18 +40,41 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class Dropout(nn.Module):
+    """Dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    Same distribution as nn.Dropout, but the mask comes from torch.rand: on CPU
+    bernoulli_ draws its numbers serially at ~10 ns each, rand at under half that,
+    and the baby GPT draws ~44M mask elements per training step (README, benchmarks).
+    On other devices nn.Dropout's fused kernels are used."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        mask = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * mask
+
+
 class KVCache:
     """Keys and values of every layer for positions [0, pos), preallocated up to max_len.
 
     Allocated lazily on the first write so the cache takes the dtype the attention
-    produces (bfloat16 under autocast, float32 otherwise).
+    produces (bfloat16 under autocast, float32 otherwise). weights_t optionally maps
+    Linear modules to contiguous copies of their transposed weights, see linear().
     """
 
-    def __init__(self, n_layer, max_len):
+    def __init__(self, n_layer, max_len, weights_t=None):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.max_len = max_len
         self.pos = 0  # number of positions already stored
+        self.weights_t = weights_t or {}
 
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at [pos, pos+T) and return all keys/values so far."""
@@ -68,6 +91,20 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs)
 
 
+def linear(layer, x, cache=None):
+    """layer(x), or x @ W^T from the cache's contiguous copy of W^T when it has one.
+
+    Decoding multiplies one row by each weight matrix, a matrix-vector product bound
+    by memory bandwidth. With MKL on x86 CPUs that runs about 1.7x faster when the
+    weight is stored (in, out) rather than nn.Linear's (out, in) (measured with
+    bench.py, see README), so generation on CPU keeps transposed copies."""
+    wt = cache.weights_t.get(layer) if cache is not None else None
+    if wt is None:
+        return layer(x)
+    y = x @ wt
+    return y if layer.bias is None else y + layer.bias
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -77,49 +114,49 @@ class CausalSelfAttention(nn.Module):
         # key, query, value projections for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.layer_idx = None  # set by GPT, indexes the KV cache
         self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, last_only=False):
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        q, k, v = linear(self.c_attn, x, cache).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
         if cache is not None:
-            past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
-
-        if past > 0 and T > 1:
-            # a chunk after a prefix: query i sees keys [0, past+i]
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = dict(attn_mask=mask)
+        if last_only:
+            # inference wants the last position only: one query row, all keys and values
+            q = q[:, :, -1:]  # (B, nh, 1, hs)
+        Tq, Tk = q.size(2), k.size(2)
+        # query i (of Tq, the last Tq positions) sees keys [0, Tk - Tq + i]
+        if Tq == Tk or Tq == 1:
+            causal = dict(is_causal=Tq > 1)  # plain causal, or one query that sees every key
         else:
-            # no prefix: plain causal; one new query: it sees every cached key
-            causal = dict(is_causal=T > 1)
+            causal = dict(attn_mask=torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq))
 
-        if self.attn_record is not None:
-            # explicit softmax(q k^T / sqrt(hs)) so the probabilities that produce y can be
-            # returned; GPT.attention_maps checks this path against the fused kernel
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, past+T)
-            keep = causal.get("attn_mask")
-            if keep is None:
-                keep = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+        # SDPA has no fused dropout on CPU (it falls back to the same explicit math with a
+        # slower mask), and attention_maps needs the probabilities: compute them here
+        cpu_dropout = self.training and self.dropout > 0.0 and x.device.type == "cpu"
+        if self.attn_record is not None or cpu_dropout:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, Tq, Tk)
+            keep = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq)
             att = att.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-            self.attn_record.append(att)
-            y = att @ v  # (B, nh, T, hs)
+            if self.attn_record is not None:
+                self.attn_record.append(att)  # test_model.py checks this path against SDPA
+            y = self.attn_dropout(att) @ v  # (B, nh, Tq, hs)
         else:
             # flash / memory-efficient kernels where the hardware has them
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, Tq, hs)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C): heads side by side
+        return self.resid_dropout(linear(self.c_proj, y, cache))
 
 
 class MLP(nn.Module):
@@ -128,11 +165,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face)
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = F.gelu(linear(self.c_fc, x, cache), approximate="tanh")
+        return self.dropout(linear(self.c_proj, h, cache))
 
 
 class Block(nn.Module):
@@ -145,9 +183,10 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
-        x = x + self.mlp(self.ln_2(x))
+    def forward(self, x, cache=None, last_only=False):
+        a = self.attn(self.ln_1(x), cache, last_only)  # (B, 1, C) when last_only
+        x = (x[:, -1:] if last_only else x) + a
+        x = x + self.mlp(self.ln_2(x), cache)
         return x
 
 
@@ -242,7 +281,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -287,16 +326,17 @@ class GPT(nn.Module):
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {lo.item()} "
                                  f"max {hi.item()}; the data or prompt does not match this model's vocabulary")
 
-    def _hidden(self, idx, cache=None):
-        """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions."""
+    def _hidden(self, idx, cache=None, last_only=False):
+        """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions;
+        last_only: of the last position only, (B, 1, C), sparing the last block the rest."""
         past = cache.pos if cache is not None else 0
         self._check_idx(idx, past)
         T = idx.size(1)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe.weight[past:past + T]  # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x, cache)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, last_only and i == len(self.transformer.h) - 1)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -304,14 +344,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1.
         Without: logits of the last position only, (B, 1, V), and loss None."""
-        x = self._hidden(idx)
         if targets is None:
-            # inference needs only the last position: skip the other T-1 rows of the lm_head matmul
-            return self.lm_head(x[:, [-1], :]), None
+            # inference needs only the last position: spare the last block and lm_head the rest
+            return self.lm_head(self._hidden(idx, last_only=True)), None
+        x = self._hidden(idx)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -359,11 +399,14 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # generation never uses dropout
         try:
-            cache = KVCache(self.config.n_layer, block_size)
+            weights_t = None
+            if idx.device.type == "cpu":  # see linear(): faster matrix-vector products on CPU
+                weights_t = {m: m.weight.t().contiguous() for m in self.modules() if isinstance(m, nn.Linear)}
+            cache = KVCache(self.config.n_layer, block_size, weights_t)
             start = max(0, T - block_size)
-            hidden = self._hidden(seq[:, start:T], cache)[:, -1, :]  # (B, C)
+            hidden = self._hidden(seq[:, start:T], cache, last_only=True)[:, -1, :]  # (B, C)
             for step in range(max_new_tokens):
-                logits = self.lm_head(hidden)  # (B, V)
+                logits = linear(self.lm_head, hidden, cache)  # (B, V)
                 if vocab_limit is not None:
                     logits = logits[:, :vocab_limit]
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -375,7 +418,7 @@ class GPT(nn.Module):
                 if L <= block_size:
                     hidden = self._hidden(nxt[:, None], cache)[:, -1, :]  # one new position
                 else:
-                    hidden = self._hidden(seq[:, L - block_size:L])[:, -1, :]  # sliding window
+                    hidden = self._hidden(seq[:, L - block_size:L], last_only=True)[:, -1, :]  # sliding window
         finally:
             self.train(was_training)
 

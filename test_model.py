@@ -205,6 +205,50 @@ def test_overfits_one_batch():
     assert loss.item() < 0.1, loss.item()
 
 
+def test_non_contiguous_targets():
+    model = tiny()
+    chunk = torch.randint(0, 53, (2, 17))
+    x, y = chunk[:, :-1], chunk[:, 1:]  # views into one tensor, y not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, y)[1], model(x.contiguous(), y.contiguous())[1])
+
+
+def test_cpu_dropout_has_the_right_distribution():
+    """Our Dropout draws uniforms instead of bernoulli_: check rate, scale and that the
+    expectation is preserved, as nn.Dropout guarantees."""
+    from model import Dropout
+    drop = Dropout(0.2).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(1_000_000))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.002
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1.25))
+    assert abs(out.mean().item() - 1.0) < 0.005
+    x = torch.ones(10, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # gradient passes where kept, scaled alike
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_training_with_dropout_matches_sdpa_in_expectation():
+    """The explicit CPU attention used under dropout equals the fused kernel when the
+    dropout rate is zero: switch the rate after construction to take both paths."""
+    model = tiny(dropout=0.1).train()
+    idx = torch.randint(0, 53, (2, 16))
+    for block in model.transformer.h:
+        block.attn.attn_dropout.p = 0.0  # explicit path, no dropping
+    for m in model.modules():
+        if type(m).__name__ == "Dropout":
+            m.p = 0.0
+    with torch.no_grad():
+        explicit = model(idx, idx)[0]
+        for block in model.transformer.h:
+            block.attn.dropout = 0.0  # fused path
+        fused = model(idx, idx)[0]
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+
+
 def test_dropout_only_in_training():
     model = tiny(dropout=0.5)
     idx = torch.randint(0, 53, (2, 16))

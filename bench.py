@@ -1,0 +1,377 @@
+"""
+Benchmark what users wait for: a training step, and generation (prefill + per-token decode).
+
+$ python bench.py config/bench_baby.py                                  # Shakespeare-char baby GPT
+$ python bench.py config/bench_gpt2.py --device=cuda                    # GPT-2 124M on a GPU
+$ python bench.py config/bench_gpt2.py --mode=generate --hf_compare=True  # + transformers' cached generate
+$ python bench.py config/bench_baby.py --nanogpt_dir=/path/to/nanoGPT   # the same runs on nanoGPT's model
+$ python bench.py --n_layer=2 --n_embd=64 --mode=train --json_out=bench.jsonl --profile=True
+
+Every result is one JSON line on stdout (lines starting with '{'), also appended to json_out
+when set. With nanogpt_dir or hf_compare a table (ours, theirs, ratio) follows. The weights,
+batches and seeds are the same for every implementation. Config files and --key=value flags are
+checked like train.py's.
+"""
+
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import common
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# defaults; config files (config/bench_*.py) and --key=value flags change them
+# model
+n_layer = 6  # transformer blocks
+n_head = 6  # attention heads per block
+n_embd = 384  # embedding width
+block_size = 256  # context length; training batches are this long
+vocab_size = 65  # vocabulary of the benchmarked model
+bias = False  # biases in Linear and LayerNorm layers
+dropout = 0.0  # dropout during the training step (the recipe's value makes the step realistic)
+# what to run
+mode = 'all'  # 'train', 'generate' or 'all'
+dataset = ''  # batches from data/<dataset>/train.bin when it exists; otherwise synthetic random tokens
+data_dir = ''  # a folder with train.bin instead of data/<dataset> (as in train.py)
+batch_size = 12  # sequences per training step (gradient accumulation 1)
+burn_in = 3  # untimed steps first (allocator warm-up, torch.compile, cache fills)
+num_iters = 10  # timed training steps per repeat
+repeats = 3  # repeats of each measurement; the median is reported
+# generation
+prompt_len = 1  # tokens of (random) prompt
+max_new_tokens = 100  # tokens generated per sequence
+gen_batch_sizes = [1, 8]  # sequences generated at once, one measurement each
+gen_vocab_size = 0  # vocabulary of the generation model; 0 = vocab_size (GPT-2: 50257, its unpadded size)
+temperature = 1.0  # sampling temperature
+top_k = 200  # top-k sampling; 0 = none
+# comparisons
+nanogpt_dir = ''  # a nanoGPT checkout: also measure its model.py (same weights, batches and seeds)
+hf_compare = False  # also measure transformers.GPT2LMHeadModel.generate (use_cache=True) for generation
+# output
+json_out = ''  # append every JSON result line to this file
+profile = False  # record the timed training steps with torch.profiler
+trace_file = 'bench_trace.json'  # chrome trace written when profile=True (open in chrome://tracing or Perfetto)
+# system
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
+compile = False  # torch.compile the model for the training step (generation runs eager)
+seed = 1337  # weights, batches and sampling
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str, list))}
+IMPL_NAMES = {'ours': 'ours', 'nanogpt': 'nanoGPT', 'hf': 'HF cached'}
+
+
+def sync(dev):
+    """Wait for queued GPU work, so the clock measures the work and not just its launch."""
+    if dev.device_type == 'cuda':
+        torch.cuda.synchronize(dev.device)
+    elif dev.device_type == 'mps':
+        torch.mps.synchronize()
+
+
+def timed(dev, fn):
+    sync(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(dev)
+    return time.perf_counter() - t0, out
+
+
+def peak_memory(dev):
+    """(MiB, what it measures): the CUDA allocator's peak, or the whole process's peak RSS on CPU."""
+    if dev.device_type == 'cuda':
+        return torch.cuda.max_memory_allocated(dev.device) / 2**20, 'cuda max_memory_allocated'
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == 'darwin' else 2**10), 'process peak RSS (whole run so far)'
+
+
+def load_nanogpt(folder):
+    """nanoGPT's model module, imported from folder/model.py under a name of its own so it
+    cannot shadow (or be shadowed by) our model.py."""
+    path = os.path.join(folder, 'model.py')
+    if not os.path.isfile(path):
+        common.die(f"nanogpt_dir={folder} has no model.py; point it at a nanoGPT checkout")
+    spec = importlib.util.spec_from_file_location(f'nanogpt_model_{os.getpid()}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_models(cfg, vocab, dev, impls):
+    """{impl: model} with identical weights: ours is built from the seed, the others copy it."""
+    args = dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
+                vocab_size=vocab, bias=cfg['bias'], dropout=cfg['dropout'])
+    torch.manual_seed(cfg['seed'])
+    ours = GPT(GPTConfig(**args))
+    models = {'ours': ours}
+    if 'nanogpt' in impls:
+        nano = load_nanogpt(cfg['nanogpt_dir'])
+        theirs = nano.GPT(nano.GPTConfig(**args))
+        # without flash attention nanoGPT keeps a causal-mask buffer; that is not a weight
+        missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+        if unexpected or any(not k.endswith('.attn.bias') for k in missing):
+            common.die(f"nanoGPT's model does not take our weights: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        models['nanogpt'] = theirs
+    if 'hf' in impls:
+        import transformers
+        with tempfile.TemporaryDirectory() as tmp:
+            ours.save_pretrained(tmp)
+            models['hf'] = transformers.GPT2LMHeadModel.from_pretrained(tmp)
+    for m in models.values():
+        m.to(dev.device)
+    return models
+
+
+def make_batches(cfg, dev):
+    """A function giving (x, y) for step i, and a description of the data. The same batches
+    for every implementation: step i always draws from a generator seeded with (seed, i)."""
+    B, T = cfg['batch_size'], cfg['block_size']
+    here = os.path.dirname(os.path.abspath(__file__))
+    folder = cfg['data_dir'] or (os.path.join(here, 'data', cfg['dataset']) if cfg['dataset'] else '')
+    path = os.path.join(folder, 'train.bin') if folder else ''
+    data = np.memmap(path, dtype=np.uint16, mode='r') if path and os.path.isfile(path) else None
+    if data is not None and len(data) <= T + 1:
+        common.die(f"{path} has {len(data)} tokens, too few for block_size={T}")
+    if data is not None and int(data[:1_000_000].max()) >= cfg['vocab_size']:
+        common.die(f"{path} has token ids >= vocab_size={cfg['vocab_size']}; set --vocab_size to the dataset's")
+
+    def get_batch(i):
+        rng = np.random.default_rng([cfg['seed'], i])
+        if data is None:
+            tokens = rng.integers(0, cfg['vocab_size'], size=(B, T + 1))
+        else:
+            offsets = rng.integers(0, len(data) - T - 1, size=B)
+            tokens = data[offsets[:, None] + np.arange(T + 1)].astype(np.int64)  # (B, T+1)
+        tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(dev.device)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    what = path if data is not None else 'synthetic random tokens'
+    if path and data is None:
+        what += f" (no {path}: prepare it with `python prepare.py {cfg['dataset'] or 'NAME'}` for real data)"
+    return get_batch, what
+
+
+def bench_train(name, model, cfg, dev, get_batch, data_desc):
+    """Median time of a training step: forward + backward + AdamW step, one micro-batch."""
+    model.train()
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), dev.device_type)
+    step_model = torch.compile(model) if cfg['compile'] else model
+    scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)
+
+    def step(i):
+        x, y = get_batch(i)
+        with dev.autocast():
+            _, loss = step_model(x, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch.manual_seed(cfg['seed'])  # the same dropout masks for every implementation
+    for i in range(cfg['burn_in']):
+        step(i)
+    if dev.device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev.device)
+    profiler = None
+    if cfg['profile']:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if dev.device_type == 'cuda':
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        profiler.__enter__()
+    per_repeat = []
+    for r in range(cfg['repeats']):
+        first = cfg['burn_in'] + r * cfg['num_iters']
+        seconds, _ = timed(dev, lambda: [step(first + i) for i in range(cfg['num_iters'])])
+        per_repeat.append(seconds / cfg['num_iters'])
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        trace = cfg['trace_file'] if name == 'ours' else cfg['trace_file'].replace('.json', f'_{name}.json')
+        profiler.export_chrome_trace(trace)
+        print(f"profile: chrome trace of the timed {name} steps in {trace}", file=sys.stderr)
+    dt = statistics.median(per_repeat)
+    tokens_per_sec = cfg['batch_size'] * cfg['block_size'] / dt
+    mem, mem_kind = peak_memory(dev)
+    device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
+    mfu = estimate_mfu(cfg, tokens_per_sec, device_name, dev)
+    return dict(bench='train', impl=name, ms_per_iter=1000 * dt, tokens_per_sec=tokens_per_sec,
+                mfu=mfu, peak_memory_mib=mem, memory=mem_kind, batch_size=cfg['batch_size'],
+                block_size=cfg['block_size'], data=data_desc, repeats=cfg['repeats'], num_iters=cfg['num_iters'])
+
+
+def estimate_mfu(cfg, tokens_per_sec, device_name, dev):
+    """MFU from our FLOP count for the configured shape (the same architecture in every
+    implementation); None where the device's peak is unknown, CPUs included."""
+    with torch.device('meta'):  # shapes only, no memory
+        shape = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']))
+    return shape.estimate_mfu(tokens_per_sec, device_name, dev.ptdtype)
+
+
+def generate_fn(name, model, cfg):
+    """generate(idx, n, generator) -> (B, T+n) for each implementation, with the same sampling."""
+    top_k = cfg['top_k'] or None
+    if name == 'ours':
+        return lambda idx, n, g: model.generate(idx, n, temperature=cfg['temperature'], top_k=top_k, generator=g)
+    if name == 'nanogpt':  # samples from the global RNG; seeded before each call
+        return lambda idx, n, g: model.generate(idx, n, temperature=cfg['temperature'], top_k=top_k)
+    # transformers: min_new_tokens stops an end-of-text token from ending the run early
+    return lambda idx, n, g: model.generate(idx, do_sample=True, top_k=top_k or 0, temperature=cfg['temperature'],
+                                            max_new_tokens=n, min_new_tokens=n, use_cache=True,
+                                            pad_token_id=0, attention_mask=torch.ones_like(idx))
+
+
+@torch.no_grad()
+def bench_generate(name, model, cfg, dev, batch):
+    """Prefill time (prompt forward + first token), per-token decode time, tokens/s."""
+    model.eval()
+    if dev.device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev.device)
+    vocab = cfg['gen_vocab_size'] or cfg['vocab_size']
+    rng = np.random.default_rng([cfg['seed'], 1, batch])
+    idx = torch.from_numpy(rng.integers(0, vocab, size=(batch, cfg['prompt_len']))).to(dev.device)
+    generate = generate_fn(name, model, cfg)
+    n = cfg['max_new_tokens']
+
+    def run(new_tokens):
+        g = torch.Generator(device=dev.device).manual_seed(cfg['seed'])
+        torch.manual_seed(cfg['seed'])
+        with dev.autocast():
+            out = generate(idx, new_tokens, g)
+        if out.shape != (batch, cfg['prompt_len'] + new_tokens):
+            raise RuntimeError(f"{name} generated shape {tuple(out.shape)}, expected {(batch, cfg['prompt_len'] + new_tokens)}")
+
+    run(min(n, 4))  # burn in
+    prefill, decode, total = [], [], []
+    for _ in range(cfg['repeats']):
+        if name == 'ours':
+            # our generate_stream yields each token: time to the first one is the prefill,
+            # the steps between tokens are the decode
+            g = torch.Generator(device=dev.device).manual_seed(cfg['seed'])
+            stamps = []
+            sync(dev)
+            t0 = time.perf_counter()
+            with dev.autocast():
+                for _ in model.generate_stream(idx, n, temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
+                                               generator=g):
+                    sync(dev)
+                    stamps.append(time.perf_counter())
+            prefill.append(stamps[0] - t0)
+            decode.append(statistics.median(np.diff(stamps)) if n > 1 else 0.0)
+            total.append(stamps[-1] - t0)
+        else:
+            # generate returns only at the end: prefill = a run for one new token, decode =
+            # the rest of a full run, per token
+            prefill.append(timed(dev, lambda: run(1))[0])
+            total.append(timed(dev, lambda: run(n))[0])
+            decode.append(max(total[-1] - prefill[-1], 0.0) / max(n - 1, 1))
+    t_prefill, t_decode, t_total = statistics.median(prefill), statistics.median(decode), statistics.median(total)
+    mem, mem_kind = peak_memory(dev)
+    return dict(bench='generate', impl=name, batch_size=batch, prompt_len=cfg['prompt_len'], max_new_tokens=n,
+                prefill_ms=1000 * t_prefill, decode_ms_per_token=1000 * float(t_decode),
+                tokens_per_sec=batch * n / t_total, total_s=t_total, peak_memory_mib=mem, memory=mem_kind,
+                repeats=cfg['repeats'], timing='per-token stream' if name == 'ours' else 'two generate calls')
+
+
+def comparison_table(results):
+    """Text table of the results measured by more than one implementation: one row per
+    measurement, one column per implementation, and ours over each other implementation."""
+    impls = [i for i in IMPL_NAMES if any(r['impl'] == i for r in results)]
+    rows = {}
+    for r in results:
+        if r['bench'] == 'train':
+            key = f"train B={r['batch_size']} T={r['block_size']}  tokens/s"
+        else:
+            key = f"generate B={r['batch_size']} {r['max_new_tokens']} new  tokens/s"
+        rows.setdefault(key, {})[r['impl']] = r['tokens_per_sec']
+    others = [i for i in impls if i != 'ours']
+    header = [f"{'measurement':<40}"] + [f"{IMPL_NAMES[i]:>12}" for i in impls] + \
+             [f"{'ours/' + IMPL_NAMES[i]:>18}" for i in others]
+    lines = [''.join(header)]
+    for key, values in rows.items():
+        if len(values) < 2:
+            continue
+        cells = [f"{key:<40}"] + [f"{values[i]:>12,.1f}" if i in values else f"{'-':>12}" for i in impls]
+        for i in others:
+            ratio = values['ours'] / values[i] if 'ours' in values and values.get(i) else None
+            cells.append(f"{ratio:>17.2f}x" if ratio is not None else f"{'-':>18}")
+        lines.append(''.join(cells))
+    return '\n'.join(lines)
+
+
+def emit(result, cfg, dev):
+    """Print one JSON line (and append it to json_out)."""
+    result = dict(result, device=dev.device, dtype=dev.dtype, compile=cfg['compile'],
+                  model=dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']),
+                  torch=torch.__version__, time=time.strftime('%Y-%m-%dT%H:%M:%S'))
+    line = json.dumps(result)
+    if result['bench'] == 'train':
+        mfu = 'n/a (device peak unknown)' if result['mfu'] is None else f"{100 * result['mfu']:.1f}%"
+        summary = (f"train {result['impl']}: {result['ms_per_iter']:.1f} ms/iter, {result['tokens_per_sec']:,.0f} "
+                   f"tokens/s, MFU {mfu}, peak memory {result['peak_memory_mib']:,.0f} MiB ({result['memory']})")
+    else:
+        summary = (f"generate {result['impl']} B={result['batch_size']}: prefill {result['prefill_ms']:.1f} ms, "
+                   f"decode {result['decode_ms_per_token']:.2f} ms/token, {result['tokens_per_sec']:,.1f} tokens/s")
+    print(summary, file=sys.stderr)
+    print(line, flush=True)
+    if cfg['json_out']:
+        with open(cfg['json_out'], 'a') as f:
+            f.write(line + '\n')
+
+
+def main(argv):
+    cfg = dict(DEFAULTS)
+    cfg.update(common.load_config(DEFAULTS, argv))
+    if cfg['mode'] not in ('train', 'generate', 'all'):
+        common.die(f"mode must be train, generate or all, got {cfg['mode']!r}")
+    if not (isinstance(cfg['gen_batch_sizes'], list) and cfg['gen_batch_sizes']
+            and all(isinstance(b, int) and b > 0 for b in cfg['gen_batch_sizes'])):
+        common.die(f"gen_batch_sizes must be a list of positive ints like [1, 8], got {cfg['gen_batch_sizes']!r}")
+    for key in ('batch_size', 'num_iters', 'repeats', 'prompt_len', 'max_new_tokens'):
+        if cfg[key] < 1:
+            common.die(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
+        common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
+    dev = common.setup_device(cfg['device'], cfg['dtype'])
+    torch.manual_seed(cfg['seed'])
+    if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):
+        common.die(f"nanogpt_dir={cfg['nanogpt_dir']} is not a folder")
+    impls = ['ours'] + (['nanogpt'] if cfg['nanogpt_dir'] else [])
+    results = []
+    if cfg['mode'] in ('train', 'all'):
+        get_batch, data_desc = make_batches(cfg, dev)
+        print(f"train: {data_desc}", file=sys.stderr)
+        models = build_models(cfg, cfg['vocab_size'], dev, impls)
+        for name, model in models.items():
+            results.append(bench_train(name, model, cfg, dev, get_batch, data_desc))
+            emit(results[-1], cfg, dev)
+        del models
+    if cfg['mode'] in ('generate', 'all'):
+        gen_impls = impls + (['hf'] if cfg['hf_compare'] else [])
+        models = build_models(cfg, cfg['gen_vocab_size'] or cfg['vocab_size'], dev, gen_impls)
+        for batch in cfg['gen_batch_sizes']:
+            for name, model in models.items():
+                results.append(bench_generate(name, model, cfg, dev, batch))
+                emit(results[-1], cfg, dev)
+    if len({r['impl'] for r in results}) > 1:
+        print(comparison_table(results))
+    return results
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)

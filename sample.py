@@ -1,0 +1,184 @@
+"""
+Sample text from a trained model (out_dir/ckpt.pt) or from pretrained GPT-2.
+
+$ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:"
+$ python sample.py --out_dir=out-shakespeare-char --num_samples=5 --max_new_tokens=200 --temperature=0.9
+$ python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --top_p=0.9   # GPT-2 weights from the HF cache
+$ python sample.py --init_from=path/to/hf_folder --temperature=0              # greedy
+$ python sample.py config/my_sampling.py --seed=7                             # a config file, then flags
+
+With num_samples=1 the text streams to stdout as it is generated; several samples are drawn
+as one batch and printed one after another, each followed by a line of dashes. The prompt is
+printed too. Notices (device, model, prompt handling) go to stderr, so `> out.txt` keeps only
+the samples. Config files and --key=value flags are checked like train.py's.
+"""
+
+import os
+import sys
+from contextlib import redirect_stdout
+
+import torch
+
+import common
+
+# -----------------------------------------------------------------------------
+# defaults; config files and --key=value flags change them
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or an HF folder
+out_dir = 'out'  # the training run's folder (init_from='resume')
+data_dir = ''  # folder with the tokenizer metadata (meta.json or meta.pkl); '' = the checkpoint's dataset
+start = ''  # the prompt, or FILE:path to read it from a file; '' = start of text (newline or <|endoftext|>)
+num_samples = 1  # samples to draw; 1 streams tokens as they come, more are drawn as one batch
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 = the model's distribution, < 1 sharper, > 1 flatter, 0 = greedy
+top_k = 200  # sample only among the k likeliest tokens; 0 = no limit
+top_p = 1.0  # sample only from the smallest set of tokens holding this much probability; 1.0 = no limit
+seed = 1337  # seeds the sampling generator: the same seed gives the same samples
+stream = True  # with num_samples=1, print tokens as they are generated (False: print at the end)
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
+compile = False  # torch.compile each transformer block (worth it only for long generations on a GPU)
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+SEPARATOR = '-' * 40
+
+
+def notice(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_prompt(start):
+    """The prompt text: start itself, or the contents of the file in 'FILE:path'."""
+    if not start.startswith('FILE:'):
+        return start
+    path = start[len('FILE:'):]
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        common.die(f"cannot read the prompt file {path}: {e.strerror if isinstance(e, OSError) else e}")
+
+
+def encode_prompt(text, tokenizer, block_size):
+    """Token ids for the prompt, with the start-of-text fallback for an empty prompt and
+    cropping to the model's context; explains each adjustment on stderr."""
+    import prepare
+    if text == '':
+        if tokenizer.name == 'gpt2':
+            notice("empty prompt: starting from <|endoftext|> (id 50256)")
+            return [50256]
+        try:
+            ids = tokenizer.encode('\n')
+        except prepare.PrepareError:
+            common.die("empty prompt and the vocabulary has no newline to start from; pass --start=TEXT")
+        notice("empty prompt: starting from a newline")
+        return ids
+    try:
+        ids = tokenizer.encode(text)
+    except prepare.PrepareError as e:
+        if tokenizer.name == 'char':
+            missing = []
+            for ch in dict.fromkeys(text):  # unique characters in prompt order
+                try:
+                    tokenizer.encode(ch)
+                except prepare.PrepareError:
+                    missing.append(ch)
+            common.die(f"the prompt has {len(missing)} character(s) missing from the model's "
+                       f"{tokenizer.vocab_size}-character vocabulary: {' '.join(repr(c) for c in missing)}")
+        common.die(f"cannot encode the prompt: {e}")
+    if not ids:
+        common.die(f"the prompt {text!r} encodes to no tokens; pass a different --start")
+    if len(ids) > block_size:
+        notice(f"prompt is {len(ids)} tokens, longer than the context of {block_size}: "
+               f"keeping its last {block_size} tokens")
+        ids = ids[-block_size:]
+    return ids
+
+
+class StreamPrinter:
+    """Prints a growing token sequence as text, piece by piece, so that the pieces add up to
+    tokenizer.decode(all ids). Each step decodes the whole sequence and prints the new suffix:
+    GPT-2 BPE tokens can end in the middle of a multi-byte character (decoded as U+FFFD until
+    the next token completes it), and the counting tokenizer puts spaces between numbers."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer = tokenizer
+        self.out = out or sys.stdout
+        self.ids = []
+        self.shown = ''
+
+    def add(self, ids):
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith('\ufffd'):
+            return  # maybe half a character: wait for the next token
+        self._emit(text)
+
+    def finish(self):
+        self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text):
+        if text.startswith(self.shown):
+            piece = text[len(self.shown):]
+        else:  # an earlier piece changed meaning (not seen with our tokenizers): print the rest anyway
+            piece = text[len(os.path.commonprefix([text, self.shown])):]
+        self.out.write(piece)
+        self.out.flush()
+        self.shown = text
+
+
+def main(argv):
+    cfg = dict(DEFAULTS)
+    cfg.update(common.load_config(DEFAULTS, argv))
+    if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 0:
+        common.die(f"need num_samples >= 1 and max_new_tokens >= 0, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
+    if cfg['temperature'] < 0:
+        common.die(f"temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
+    if cfg['top_k'] < 0 or not 0.0 < cfg['top_p'] <= 1.0:
+        common.die(f"need top_k >= 0 (0 = no limit) and 0 < top_p <= 1, got {cfg['top_k']} and {cfg['top_p']}")
+
+    with redirect_stdout(sys.stderr):  # status lines from the shared helpers go to stderr
+        dev = common.setup_device(cfg['device'], cfg['dtype'])
+        model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+        tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
+    notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
+           f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} ids)")
+    if cfg['compile']:
+        for block in model.transformer.h:
+            block.compile()
+
+    prompt = encode_prompt(read_prompt(cfg['start']), tokenizer, model.config.block_size)
+    x = torch.tensor(prompt, dtype=torch.long, device=dev.device)[None, :].repeat(cfg['num_samples'], 1)  # (B, T)
+    generator = torch.Generator(device=dev.device)
+    generator.manual_seed(cfg['seed'])
+    sampling = dict(
+        temperature=cfg['temperature'],
+        top_k=cfg['top_k'] or None,
+        top_p=cfg['top_p'] if cfg['top_p'] < 1.0 else None,
+        # a padded vocabulary (50304 for GPT-2's 50257) has ids no tokenizer can decode
+        vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None,
+        generator=generator,
+    )
+    with dev.autocast():
+        if cfg['num_samples'] == 1 and cfg['stream']:
+            printer = StreamPrinter(tokenizer)
+            printer.add(prompt)
+            for token in model.generate_stream(x, cfg['max_new_tokens'], **sampling):
+                printer.add([token.item()])
+            printer.finish()
+            print(f"\n{SEPARATOR}")
+        else:
+            y = model.generate(x, cfg['max_new_tokens'], **sampling)  # (B, T + max_new_tokens)
+            for row in y.tolist():
+                print(tokenizer.decode(row))
+                print(SEPARATOR)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:  # e.g. a prompt with token ids the model's vocabulary does not have
+        common.die(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)

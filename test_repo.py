@@ -1,0 +1,25 @@
+"""Repository hygiene that CI relies on."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Tests", 1)[1]
+    return re.search(r"```sh\n(.+?)\n```", section, re.S).group(1).strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    command = readme_test_command()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines, f"README's test command {command!r} is not a line of .ci/run"
+
+
+def test_runtime_requirements_are_the_four_packages():
+    reqs = [line.split(">=")[0].split("==")[0].strip()
+            for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert sorted(reqs) == ["numpy", "requests", "tiktoken", "torch"], reqs
