@@ -371,11 +371,12 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
 
 
 def _find_data_dir(data_dir, dataset):
-    """The folder holding a run's tokenizer metadata: the run's data_dir, else data/<dataset> next
-    to this file, else data/<dataset> under the working directory (where nanoGPT keeps it)."""
+    """The folder holding a run's tokenizer metadata: the run's data_dir, else data/<dataset> under
+    the working directory (where nanoGPT keeps it), else data/<dataset> next to this file. From
+    this repository's root the last two are the same folder."""
     candidates = [data_dir] if data_dir else []
     if dataset:
-        candidates += [Path(__file__).resolve().parent / 'data' / dataset, Path('data') / dataset]
+        candidates += [Path('data') / dataset, Path(__file__).resolve().parent / 'data' / dataset]
     for folder in candidates:
         if (Path(folder) / 'meta.json').is_file() or (Path(folder) / 'meta.pkl').is_file():
             return str(folder)

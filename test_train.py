@@ -235,6 +235,12 @@ def test_loss_decreases(tmp_path, data):
     ckpt = common.load_checkpoint(out / 'ckpt.pt')
     assert ckpt['iter_num'] == 30 and not any(k.startswith('_orig_mod.') for k in ckpt['model'])
     assert {'optimizer', 'model_args', 'best_val_loss', 'config', 'rng', 'scaler', 'data'} <= set(ckpt)
+    # the parameter table is printed once; the loss curve is drawn at each evaluation
+    assert proc.stdout.count('parameters') >= 1 and 'attention' in proc.stdout and 'total' in proc.stdout
+    matplotlib = pytest.importorskip('matplotlib')
+    from matplotlib import image
+    png = image.imread(out / 'loss.png')
+    assert png.shape[:2] == (600, 1200), png.shape
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+import plot  # loss curves; matplotlib is imported only when drawing
 from model import GPT, GPTConfig
 from prepare import PrepareError, read_meta
 
@@ -220,6 +221,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     model.to(dev.device)
     if master_process:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
+        print(model.param_table())
 
     # -------------------------------------------------------------------------
     # optimizer
@@ -347,6 +349,8 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 for split in ('train', 'val'):
                     log_jsonl(iter=iter_num, kind='eval', split=split, loss=losses[split], lr=lr,
                               tokens=iter_num * tokens_per_iter)
+                if plot.have_matplotlib():  # out_dir/loss.png, redrawn at every evaluation
+                    plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
                 if wandb_log:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
             if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
