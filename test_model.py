@@ -231,22 +231,29 @@ def test_cpu_dropout_has_the_right_distribution():
     assert torch.equal(drop.eval()(x), x)
 
 
-def test_training_with_dropout_matches_sdpa_in_expectation():
-    """The explicit CPU attention used under dropout equals the fused kernel when the
-    dropout rate is zero: switch the rate after construction to take both paths."""
-    model = tiny(dropout=0.1).train()
-    idx = torch.randint(0, 53, (2, 16))
+@pytest.mark.parametrize("T", [16, 203], ids=["one-chunk", "four-chunks"])
+def test_explicit_attention_matches_sdpa(T):
+    """The explicit (chunked for long sequences) CPU attention used under dropout equals
+    the fused kernel when nothing is dropped: switch the rates after construction to take
+    both paths, forward and backward."""
+    model = tiny(dropout=0.1, block_size=256).train()
+    idx = torch.randint(0, 53, (2, T))
     for block in model.transformer.h:
         block.attn.attn_dropout.p = 0.0  # explicit path, no dropping
     for m in model.modules():
         if type(m).__name__ == "Dropout":
             m.p = 0.0
-    with torch.no_grad():
-        explicit = model(idx, idx)[0]
-        for block in model.transformer.h:
-            block.attn.dropout = 0.0  # fused path
-        fused = model(idx, idx)[0]
+    explicit, loss = model(idx, idx)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for block in model.transformer.h:
+        block.attn.dropout = 0.0  # fused path
+    fused, loss = model(idx, idx)
+    loss.backward()
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_dropout_only_in_training():
