@@ -661,7 +661,7 @@ def _find_pretrained_folder(name_or_path):
             except Exception as e:
                 raise FileNotFoundError(
                     f"GPT-2 weights {repo_id!r} are not in the local Hugging Face cache and could not be "
-                    f"downloaded ({type(e).__name__}: {str(e)[:200]}). Download them once where there is network "
+                    f"downloaded ({type(e).__name__}: {' '.join(str(e).split())[:160]}). Download them once where there is network "
                     f"(`huggingface-cli download {repo_id} config.json model.safetensors`) or pass a local folder."
                 ) from None
         return folder
