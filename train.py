@@ -424,6 +424,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
             break
 
+    if ddp:
+        # finish together: rank 0's torchrun agent may host the rendezvous store, and a node
+        # that exits while another is still saving or leaving the group aborts that one
+        dist.barrier()
+
 # -----------------------------------------------------------------------------
 # teardown
 finally:
