@@ -21,7 +21,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 import prepare
@@ -83,11 +82,10 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
             y[row, :skip] = -1  # already scored by the previous window: ignored
         x, y = x.to(device), y.to(device)
         with autocast() if autocast else nullcontext():
-            logits, _ = model(x, y)  # (B, T, V)
-        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                              ignore_index=-1, reduction='sum')
-        total_nll += nll.item()
-        total_count += int((y != -1).sum())
+            _, loss = model(x, y)  # mean cross-entropy over the targets that are not -1
+        count = int((y != -1).sum())  # every window scores at least one target (window_plan)
+        total_nll += loss.item() * count
+        total_count += count
     model.train(was_training)
     assert total_count == len(tokens) - 1, f"scored {total_count} tokens, expected {len(tokens) - 1}"
     loss = total_nll / total_count

@@ -149,12 +149,7 @@ class CausalSelfAttention(nn.Module):
         if last_only:
             # inference wants the last position only: one query row, all keys and values
             q = q[:, :, -1:]  # (B, nh, 1, hs)
-        Tq, Tk = q.size(2), k.size(2)
-        # query i (of Tq, the last Tq positions) sees keys [0, Tk - Tq + i]
-        if Tq == Tk or Tq == 1:
-            causal = dict(is_causal=Tq > 1)  # plain causal, or one query that sees every key
-        else:
-            causal = dict(attn_mask=torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq))
+        Tq, Tk = q.size(2), k.size(2)  # query i (of the last Tq positions) sees keys [0, Tk - Tq + i]
 
         # SDPA has no fused dropout on CPU (it falls back to the same explicit math with a
         # slower mask), and attention_maps needs the probabilities: compute them here
@@ -169,6 +164,10 @@ class CausalSelfAttention(nn.Module):
             y = ys[0] if n_chunks == 1 else torch.cat(ys, dim=2)  # (B, nh, Tq, hs)
         else:
             # flash / memory-efficient kernels where the hardware has them
+            if Tq == Tk or Tq == 1:
+                causal = dict(is_causal=Tq > 1)  # plain causal, or one query that sees every key
+            else:
+                causal = dict(attn_mask=torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq))
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, Tq, hs)
         y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C): heads side by side
