@@ -4,7 +4,7 @@ Small pieces shared by train.py, sample.py and bench.py:
 - load_config: `python X.py [config/a.py ...] [--key=value ...]` overrides, every key checked
 - setup_device: device and dtype chosen in one place, with the reason printed once
 - ddp_ranks / ddp_setup / ddp_teardown: joining and leaving the torchrun process group
-- save_checkpoint / load_checkpoint / model_state_dict: checkpoint files
+- atomic_write / save_checkpoint / load_checkpoint / model_state_dict: files and checkpoints
 
 User mistakes raise ConfigError. It is a SystemExit, so a script that does not catch it
 prints its one-line message to stderr and exits with status 1, without a traceback.
@@ -249,24 +249,26 @@ def ddp_teardown():
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(obj, path):
-    """Write obj with torch.save so that path holds either the old or the new file, never half of one.
+def atomic_write(path, write):
+    """Create path by calling write(binary file) so that path holds either the old or the new
+    file, never half of one.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
     renamed over path (os.replace is atomic on POSIX and Windows); then the folder entry is
-    flushed too, so the rename survives a power cut.
+    flushed too, so the rename survives a power cut. Temporary files of a writer that was
+    killed mid-write ('.NAME.*.tmp') are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f'.{path.name}.*.tmp'):
-        stale.unlink(missing_ok=True)  # left by a writer that was killed mid-save
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -279,6 +281,12 @@ def save_checkpoint(obj, path):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def save_checkpoint(obj, path):
+    """Write obj with torch.save atomically (see atomic_write): a crash or kill -9 during the
+    save leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, map_location='cpu'):

@@ -50,13 +50,8 @@ def _new_figure(width_px, height_px):
 
 
 def _save(fig, path):
-    """Write the PNG under a temporary name and rename it, so a viewer never sees half a file."""
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp.png')
-    fig.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
+    """Write the PNG atomically (common.atomic_write), so a viewer never sees half a file."""
+    common.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
 
 
 # -----------------------------------------------------------------------------
