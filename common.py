@@ -76,6 +76,13 @@ def load_config(defaults, argv):
     return overrides
 
 
+def unknown_command(name, commands, script):
+    """One line for an unknown subcommand, naming the nearest one."""
+    nearest = difflib.get_close_matches(name, list(commands), n=1, cutoff=0.0)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    return f"unknown command {name!r}{hint} (commands: {', '.join(commands)}; python {script} --help)"
+
+
 def _read_config_file(path, current):
     """Run a config file and return the knobs it assigns (names it adds or changes)."""
     if not os.path.isfile(path):
@@ -464,6 +471,20 @@ class RunLock:
                 except OSError:
                     pass
         self.held = False
+
+
+def open_tokens(path):
+    """np.memmap of a uint16 token file, after checking that it is one: an odd byte size or an
+    empty file is a one-line error instead of numpy's ValueError."""
+    import numpy as np
+    try:
+        n_bytes = os.path.getsize(path)
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    if n_bytes % 2 or n_bytes == 0:
+        die(f"{path} has {'an odd size' if n_bytes else 'no tokens'} ({n_bytes:,} bytes) but should hold "
+            f"uint16 tokens: it is truncated or not a token file; prepare the dataset again")
+    return np.memmap(path, dtype=np.uint16, mode='r')
 
 
 def check_token_ids(path, vocab_size, chunk=1 << 24):

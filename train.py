@@ -546,8 +546,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         if master_process:
             if iter_num > start_iter:
                 save_training_state(f"stopped by {stop_signal}")
-            print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; "
-                  f"continue with --init_from=resume --out_dir={out_dir}")
+            if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+                print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; "
+                      f"continue with --init_from=resume --out_dir={out_dir}")
+            else:
+                print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; nothing to save yet")
 
     if ddp:
         # finish together: rank 0's torchrun agent may host the rendezvous store, and a node
