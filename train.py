@@ -90,7 +90,7 @@ config_keys = [k for k, v in globals().items()
 with common.errors_once_under_torchrun():  # every rank fails the same way here: rank 0 says so once
     overrides = common.load_config({k: globals()[k] for k in config_keys}, sys.argv[1:])
     globals().update(overrides)
-    if compile not in (None, True, False):
+    if compile is not None and not isinstance(compile, bool):
         common.die(f"compile must be True, False or None (auto), got {compile!r}")
     if seed < 0:
         common.die(f"seed must be >= 0, got {seed}")
@@ -189,6 +189,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     except PrepareError as e:
         common.die(str(e))
     meta_vocab_size = meta.get('vocab_size')
+    if meta_vocab_size is not None and (not isinstance(meta_vocab_size, int) or not 0 < meta_vocab_size <= 2**16):
+        common.die(f"{dataset_dir}: vocab_size {meta_vocab_size!r} in the metadata is not a uint16 vocabulary size; "
+                   f"prepare the dataset again")
     if meta_vocab_size is not None:
         # token ids must be < vocab_size: files up to 256 MiB are scanned now (well under a second);
         # bigger ones are checked batch by batch in get_batch, before the model sees a token
