@@ -646,7 +646,7 @@ def torchrun_popen(*args):
 
 def workers_of(out):
     """PIDs of train.py processes started for this out_dir (workers outlive a killed torchrun)."""
-    found = subprocess.run(['pgrep', '-f', f'--out_dir={out}'], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(['pgrep', '-f', '--', f'--out_dir={out}'], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
 
 
@@ -692,12 +692,12 @@ def test_torchrun_error_printed_once_and_all_ranks_exit(tmp_path, data, trained,
 
 @pytest.mark.slow
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
-def test_torchrun_stopped_during_long_evaluation_leaves_no_workers(tmp_path, data, sig):
+def test_torchrun_stopped_during_long_evaluation_leaves_no_workers(run_copy, sig):
     """SIGTERM to torchrun is forwarded to the workers; after a SIGKILL of torchrun the workers get
     SIGTERM from the kernel (PR_SET_PDEATHSIG). Either way they agree to stop within seconds."""
-    out = tmp_path / 'out'
+    data, out = run_copy  # resumed at iteration 3: the evaluation at iteration 4 takes minutes
     proc = torchrun_popen(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--gradient_accumulation_steps=2',
-                          '--max_iters=100', '--eval_interval=4', '--eval_iters=1000000')
+                          '--max_iters=100', '--eval_interval=4', '--eval_iters=1000000', '--init_from=resume')
     try:
         assert wait_for(lambda: (out / 'log.jsonl').exists() and len(read_log(out, 'train')) >= 4, 120)
         time.sleep(0.5)
