@@ -226,6 +226,8 @@ def parse_starts(text):
     """'1,10' -> [1, 10]; anything else is a one-line error."""
     if isinstance(text, int):
         return [text]
+    if isinstance(text, list):  # already parsed by check_config
+        return text
     if isinstance(text, tuple):
         text = ','.join(map(str, text))
     try:
