@@ -566,6 +566,10 @@ except common.ConfigError as error:
     if master_process or getattr(error, 'this_rank_only', False):
         raise
     raise SystemExit(1) from None  # every rank hit it; rank 0 prints it once
+except KeyboardInterrupt:  # Ctrl-C before training started (later it is a graceful stop): nothing to save
+    if master_process:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 finally:
     run_lock.release()
     if ddp:
