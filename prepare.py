@@ -8,7 +8,10 @@ as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for e
     python prepare.py the_verdict                       # 20k-character story, GPT-2 BPE
     python prepare.py wikitext2 --input=../shared/data/wikitext-2   # folder with train/valid/test.txt
     python prepare.py counting --seed=1337              # synthetic "x x+1 x+2 ..." sequences
-    python prepare.py openwebtext                       # needs `pip install datasets` and network
+    python prepare.py fineweb_edu --max_tokens=100_000_000   # FineWeb-Edu sample-10BT prefix (parquet, network)
+    python prepare.py fineweb_edu                       # all ~10B tokens (~20 GB of .bin, ~27 GB of parquet)
+    python prepare.py openwebtext                       # OpenWebText from the Hub's parquet files
+    python prepare.py fineweb_edu --input=shards/       # local .parquet files with a `text` column, offline
     python prepare.py text --input=notes/ --tokenizer=char --name=mydata
 
 Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
@@ -21,6 +24,7 @@ In code (what train.py, sample.py and evaluation use):
 """
 import difflib
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -30,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote
 
 import numpy as np
 import requests
@@ -412,6 +417,9 @@ class Raw:
     sha256: dict = field(default_factory=dict)  # file name -> sha256
     eot: bool = False  # append the tokenizer's end-of-text id after each document
     extra: dict = field(default_factory=dict)  # more keys for meta.json
+    # large corpora: an iterable of document batches (lists of str) in corpus order, split into
+    # train/val by write_corpus instead of `splits` (which then stays empty)
+    corpus: object = None
 
 
 def fetch_file(raw_file, out_dir, input_path=None):
@@ -516,32 +524,238 @@ def read_counting(opts, out_dir):
                       "counting": {k: opts[k] for k in ("seed", "numbers", "min_len", "max_len")}})
 
 
-def read_openwebtext(opts, out_dir):
+# ----------------------------------------------------------------------------- parquet corpora
+
+@dataclass
+class Shard:
+    """One parquet file of a corpus: where it comes from and what it must be."""
+    name: str  # file name under data/NAME/parquet/
+    url: str
+    size: int | None = None  # bytes, from the Hub's file listing
+    sha256: str | None = None  # the Hub gives it for files stored with Git LFS
+
+
+@dataclass
+class HubParquet:
+    """A dataset's parquet files on the Hugging Face Hub. `where` lists (revision, folder)
+    candidates tried in order; the first that holds .parquet files is used."""
+    repo: str
+    where: list
+
+    @property
+    def page(self):
+        return f"https://huggingface.co/datasets/{self.repo}"
+
+
+def hub_endpoint():
+    # HF_ENDPOINT is the Hub's own variable for mirrors; the tests point it at a local server
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_parquet_shards(hub, timeout=30):
+    """The .parquet files of `hub`, sorted by path, from the Hub's file-listing API."""
+    endpoint = hub_endpoint()
+    for revision, folder in hub.where:
+        rev = quote(revision, safe="")  # refs/convert/parquet -> refs%2Fconvert%2Fparquet
+        url = f"{endpoint}/api/datasets/{hub.repo}/tree/{rev}/{folder}".rstrip("/") + "?recursive=true"
+        shards = []
+        while url:  # the listing is paged; the next page is in the Link header
+            try:
+                r = requests.get(url, timeout=timeout)
+                if r.status_code == 404:  # no such branch or folder: try the next candidate
+                    break
+                r.raise_for_status()
+                entries = r.json()
+            except (requests.RequestException, ValueError) as e:
+                raise PrepareError(f"cannot list the parquet files at {url} ({type(e).__name__}: "
+                                   f"{str(e)[:80]}). No network? Download the .parquet files of "
+                                   f"{hub.page} elsewhere and pass --input=FOLDER") from None
+            for entry in entries:
+                path = entry.get("path", "")
+                if entry.get("type") == "file" and path.endswith(".parquet"):
+                    shards.append(Shard(path.replace("/", "_"), f"{endpoint}/datasets/{hub.repo}/resolve/{rev}/{path}",
+                                        entry.get("size"), (entry.get("lfs") or {}).get("oid")))
+            url = r.links.get("next", {}).get("url")
+        if shards:
+            if any("partial" in s.url for s in shards):  # the Hub converts only ~5 GB of big datasets
+                print(f"warning: {hub.repo} has only a partial parquet conversion; the corpus is "
+                      f"smaller than the original", file=sys.stderr)
+            return sorted(shards, key=lambda s: s.url)
+    raise PrepareError(f"no .parquet files found for {hub.repo} at {', '.join(r + ':' + (f or '/') for r, f in hub.where)}; "
+                       f"download them elsewhere and pass --input=FOLDER")
+
+
+DOWNLOAD_BLOCK = 1 << 20  # bytes per write; a cut connection loses at most the block in flight
+
+
+def download_resumable(shard, dest, retries=5, timeout=60, backoff=2.0):
+    """Fetch shard.url into dest via dest.part, resuming with an HTTP Range request after an
+    interruption (also across runs); checked by size and sha256 where known. Returns dest."""
+    dest = Path(dest)
+    if dest.exists() and (shard.size is None or dest.stat().st_size == shard.size):
+        return dest  # verified when it was downloaded; re-hashing 27 GB on every run costs minutes
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")  # kept on failure: the next try asks for the rest only
+    problem = None
+    for attempt in range(1, retries + 1):
+        have = tmp.stat().st_size if tmp.exists() else 0
+        if shard.size is not None and have > shard.size:  # not this file's prefix
+            tmp.unlink()
+            have = 0
+        try:
+            if shard.size is None or have < shard.size:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                with requests.get(shard.url, stream=True, timeout=timeout, headers=headers) as r:
+                    r.raise_for_status()
+                    if have and r.status_code != 206:  # the server ignored Range: start over
+                        have = 0
+                    done = have
+                    with open(tmp, "ab" if have else "wb") as f:
+                        for block in r.iter_content(chunk_size=DOWNLOAD_BLOCK):
+                            f.write(block)
+                            done += len(block)
+                            progress(f"downloading {dest.name} (bytes)", done, shard.size)
+                        f.flush()
+                        os.fsync(f.fileno())
+                progress(f"downloading {dest.name} (bytes)", done, shard.size, final=True)
+            got = tmp.stat().st_size
+            if shard.size is not None and got != shard.size:
+                problem = f"got {got:,} bytes of {shard.size:,}"
+            elif shard.sha256 and sha256_of(tmp) != shard.sha256:
+                tmp.unlink()  # wrong bytes, not a short read: resuming would keep them
+                problem = "sha256 mismatch"
+            else:
+                os.replace(tmp, dest)
+                return dest
+        except requests.RequestException as e:  # offline, timeout, cut connection, HTTP 4xx/5xx
+            problem = f"{type(e).__name__}: {str(e)[:120]}"
+        if attempt < retries:
+            print(f"\ndownload of {shard.url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
+            time.sleep(backoff * attempt)
+    raise PrepareError(f"could not download {shard.url} ({problem}); a re-run resumes from {tmp}, "
+                       f"or pass --input=FOLDER with the .parquet files")
+
+
+def _pyarrow():
     try:
-        from datasets import load_dataset  # optional: only this dataset needs it
+        import pyarrow.parquet as pq  # optional: only the parquet corpora need it
     except ImportError:
-        raise PrepareError("openwebtext needs Hugging Face datasets: pip install datasets") from None
-    # ~8M documents, ~54 GB in the Hugging Face cache; num_proc parallelises its download/unpack
-    ds = load_dataset(opts["hf_name"], split="train", num_proc=opts["num_proc"])
-    # nanoGPT's split: 0.05% of documents for val, fixed seed
-    parts = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-    docs = {name: _Column(parts[key], "text") for name, key in (("train", "train"), ("val", "test"))}
-    # eot after each document tells the model where one web page ends and the next begins
-    return Raw(docs, source=f"huggingface.co/datasets/{opts['hf_name']}", eot=True)
+        raise PrepareError("reading parquet files needs pyarrow: pip install pyarrow") from None
+    return pq
 
 
-class _Column:
-    """A lazily-read text column with a length, so progress shows a total."""
+def parquet_documents(path, batch_rows=1024):
+    """The `text` column of one parquet file, a batch of documents at a time (bounded memory)."""
+    pq = _pyarrow()
+    try:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"]):
+            yield [t or "" for t in batch.column(0).to_pylist()]
+    except OSError as e:  # pyarrow.ArrowInvalid is an OSError-free ValueError; both mean a bad file
+        raise PrepareError(f"cannot read {path} as parquet ({e})") from None
+    except ValueError as e:
+        raise PrepareError(f"cannot read {path} as parquet ({str(e)[:120]})") from None
 
-    def __init__(self, table, key):
-        self.table, self.key = table, key
 
-    def __len__(self):
-        return len(self.table)
+def parquet_source(hub):
+    """Source for a corpus of parquet files: --input=FOLDER (or one file), else the Hub's shards,
+    downloaded one at a time into data/NAME/parquet/ just before they are tokenized, so a
+    --max_tokens prefix downloads only the shards it needs."""
+    def read(opts, out_dir):
+        _pyarrow()  # the install hint before any download
+        if opts["shards"] < 0 or opts["max_tokens"] < 0 or opts["val_every"] < 2:
+            raise UsageError("--shards and --max_tokens must be >= 0 (0: all) and --val_every >= 2")
+        if opts["input"]:
+            path = Path(opts["input"])
+            if not path.exists():
+                raise PrepareError(f"input {path} does not exist; check --input")
+            files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+            if not files:
+                raise PrepareError(f"no .parquet files under {path}; point --input at a folder of them")
+            shards = [Shard(f.name, str(f.resolve())) for f in files]
+            source = str(path.resolve())
+        else:
+            shards = hub_parquet_shards(hub)
+            source = hub.page
+        if opts["shards"]:
+            shards = shards[:opts["shards"]]
+        used, digests = [], {}  # filled while the corpus is read; they end up in meta.json
 
-    def __iter__(self):
-        for row in self.table:
-            yield row[self.key]
+        def batches():
+            for shard in shards:
+                local = Path(shard.url) if opts["input"] else download_resumable(shard, out_dir / "parquet" / shard.name)
+                used.append(shard.name)
+                if shard.sha256:
+                    digests[shard.name] = shard.sha256
+                yield from parquet_documents(local)
+
+        return Raw({}, source=source, eot=True, corpus=batches(),
+                   sha256=digests,
+                   extra={"shards": used, "max_tokens": opts["max_tokens"],
+                          "val_rule": f"document k (0-based, corpus order) is val when k % {opts['val_every']} == 0"})
+    return read
+
+
+def write_corpus(out_dir, batches, tokenizer, max_tokens=0, val_every=2000, label="tokenizing", stats=None):
+    """Tokenize document batches into out_dir/.train.bin.tmp and .val.bin.tmp at once, eot after
+    each document; returns {split: (temp path, token count)} for prepare() to rename.
+
+    Whole documents go to val (every val_every-th, the first included): a val document is
+    never cut, and the split does not depend on batch sizes or thread counts. With max_tokens
+    the corpus stops at the first document boundary where train + val reach max_tokens.
+    Memory holds one batch; on any failure the temp files are removed.
+    """
+    stats = stats if stats is not None else {}
+    stats.setdefault("tokens", 0)
+    stats.setdefault("seconds", 0.0)
+    tmps = {s: out_dir / f".{s}.bin.tmp" for s in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    files = {}
+    k = total = 0  # documents and tokens so far
+    t_start = time.perf_counter()
+    try:
+        files = {s: open(p, "wb") for s, p in tmps.items()}
+        for docs in batches:
+            t0 = time.perf_counter()
+            encoded = tokenizer.encode_batch(docs)  # tiktoken threads; its Rust code releases the GIL
+            stats["seconds"] += time.perf_counter() - t0
+            parts = {"train": [], "val": []}
+            for ids in encoded:
+                ids.append(GPT2_EOT)
+                parts["val" if k % val_every == 0 else "train"].append(ids)
+                k += 1
+                total += len(ids)
+                if max_tokens and total >= max_tokens:
+                    break
+            for split, lists in parts.items():
+                if lists:
+                    n = sum(map(len, lists))
+                    arr = np.fromiter(itertools.chain.from_iterable(lists), dtype=TOKEN_DTYPE, count=n)
+                    files[split].write(arr.tobytes())
+                    counts[split] += arr.size
+            stats["tokens"] = total
+            progress(f"{label} (tokens)", total, max_tokens or None)
+            if max_tokens and total >= max_tokens:
+                break
+        progress(f"{label} (tokens)", total, max_tokens or None, final=True)
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        if counts["train"] == 0:
+            raise PrepareError(f"only {k} document(s) read; the train split would be empty "
+                               f"(every {val_every}th document goes to val)")
+    except BaseException:
+        for s, p in tmps.items():
+            if s in files:
+                files[s].close()
+            p.unlink(missing_ok=True)
+        raise
+    stats["documents"] = k
+    stats["wall"] = time.perf_counter() - t_start  # reading, downloading, tokenizing and writing
+    return {s: (tmps[s], counts[s]) for s in ("train", "val")}
 
 
 def read_text_source(opts, out_dir):
@@ -572,6 +786,11 @@ class Dataset:
     options: dict  # this dataset's --key=value knobs and their defaults
 
 
+FINEWEB_EDU = HubParquet("HuggingFaceFW/fineweb-edu", [("main", "sample/10BT")])
+# the dataset repo holds a loading script and tarballs; its parquet files are the Hub's conversion
+OPENWEBTEXT = HubParquet("Skylion007/openwebtext", [("main", ""), ("refs/convert/parquet", "")])
+# val_every=2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
+PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_threads": 0}
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
 # num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
 DATASETS = {
@@ -589,9 +808,12 @@ DATASETS = {
                         "generated from --seed", "counting", read_counting,
                         {"seed": 1337, "numbers": 100, "min_len": 4, "max_len": 16,
                          "num_train": 20000, "num_val": 1000, "val_starts": 8}),
-    "openwebtext": Dataset("OpenWebText (GPT-2 reproduction corpus), GPT-2 BPE, eot after each document",
-                           "https://huggingface.co/datasets/Skylion007/openwebtext", "gpt2", read_openwebtext,
-                           {"hf_name": "Skylion007/openwebtext", "num_proc": 8, "num_threads": 0}),
+    "fineweb_edu": Dataset("FineWeb-Edu sample-10BT (~10B tokens, GPT-2 124M reproductions), GPT-2 BPE, "
+                           "eot after each document", FINEWEB_EDU.page + " (sample/10BT)", "gpt2",
+                           parquet_source(FINEWEB_EDU), dict(PARQUET_OPTIONS)),
+    "openwebtext": Dataset("OpenWebText (nanoGPT's GPT-2 corpus, ~9B tokens) from the Hub's parquet files, "
+                           "GPT-2 BPE, eot after each document", OPENWEBTEXT.page, "gpt2",
+                           parquet_source(OPENWEBTEXT), dict(PARQUET_OPTIONS)),
     "text": Dataset("any local .txt file or folder of them, 90/10 split (--input, --tokenizer, --name)",
                     "--input=PATH", "choose", read_text_source,
                     {"input": None, "tokenizer": "gpt2", "name": None, "num_threads": 0}),
@@ -617,7 +839,13 @@ def resolve_options(name, overrides):
             try:
                 value = int(value)
             except ValueError:
-                raise UsageError(f"--{key} must be an integer, got {value!r}") from None
+                try:  # 1e8 or 100e6 for --max_tokens
+                    number = float(value)
+                    if not number.is_integer():
+                        raise ValueError
+                    value = int(number)
+                except ValueError:
+                    raise UsageError(f"--{key} must be an integer, got {value!r}") from None
         opts[key] = value
     if name == "text" and opts["tokenizer"] not in ("char", "gpt2"):
         raise UsageError(f"--tokenizer must be char or gpt2, got {opts['tokenizer']!r}")
@@ -658,6 +886,9 @@ def prepare(dataset, **overrides):
     stats, written = {}, {}  # written: split -> (temp path, token count)
     eot = GPT2_EOT if raw.eot else None
     try:
+        if raw.corpus is not None:
+            written = write_corpus(out_dir, raw.corpus, tokenizer, opts["max_tokens"], opts["val_every"],
+                                   label=folder, stats=stats)
         for split, docs in raw.splits.items():
             arrays = encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}", stats=stats)
             written[split] = write_tokens(out_dir / f"{split}.bin", arrays, tokenizer.vocab_size)
@@ -682,6 +913,9 @@ def prepare(dataset, **overrides):
         threads = opts.get("num_threads") or os.cpu_count()
         print(f"GPT-2 tokenization: {stats['tokens']:,} tokens in {stats['seconds']:.2f} s = "
               f"{rate:,.0f} tokens/s (tiktoken encode_ordinary_batch, {threads} threads)")
+        if stats.get("wall"):
+            print(f"end to end (read, tokenize, write): {stats['documents']:,} documents, "
+                  f"{stats['tokens'] / stats['wall']:,.0f} tokens/s")
     return meta
 
 
