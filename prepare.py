@@ -644,14 +644,17 @@ def _pyarrow():
     return pq
 
 
-def parquet_documents(path, batch_rows=1024):
+PARQUET_BATCH_ROWS = 1024  # documents per batch: ~5 MB of FineWeb-Edu text, one task for a tokenizer process
+
+
+def parquet_documents(path, batch_rows=None):
     """The `text` column of one parquet file, a batch of documents at a time (bounded memory)."""
     pq = _pyarrow()
     try:
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
             raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"]):
+        for batch in pf.iter_batches(batch_size=batch_rows or PARQUET_BATCH_ROWS, columns=["text"]):
             yield [t or "" for t in batch.column(0).to_pylist()]
     except OSError as e:  # pyarrow.ArrowInvalid is an OSError-free ValueError; both mean a bad file
         raise PrepareError(f"cannot read {path} as parquet ({e})") from None
@@ -665,8 +668,8 @@ def parquet_source(hub):
     --max_tokens prefix downloads only the shards it needs."""
     def read(opts, out_dir):
         _pyarrow()  # the install hint before any download
-        if opts["shards"] < 0 or opts["max_tokens"] < 0 or opts["val_every"] < 2:
-            raise UsageError("--shards and --max_tokens must be >= 0 (0: all) and --val_every >= 2")
+        if min(opts["shards"], opts["max_tokens"], opts["num_proc"]) < 0 or opts["val_every"] < 2:
+            raise UsageError("--shards, --max_tokens and --num_proc must be >= 0 (0: all) and --val_every >= 2")
         if opts["input"]:
             path = Path(opts["input"])
             if not path.exists():
@@ -698,14 +701,57 @@ def parquet_source(hub):
     return read
 
 
-def write_corpus(out_dir, batches, tokenizer, max_tokens=0, val_every=2000, label="tokenizing", stats=None):
-    """Tokenize document batches into out_dir/.train.bin.tmp and .val.bin.tmp at once, eot after
-    each document; returns {split: (temp path, token count)} for prepare() to rename.
+_worker_enc = []  # the GPT-2 encoding, loaded once per process
+
+
+def encode_gpt2_documents(docs):
+    """(ids, lengths, seconds): every document's GPT-2 ids (encode_ordinary) followed by eot, as
+    one uint16 array; tokens per document, eot included; seconds spent encoding. Runs in the
+    worker processes of write_corpus (or in-process with num_proc=1)."""
+    if not _worker_enc:
+        _worker_enc.append(gpt2_tokenizer(num_threads=1))
+    encode_batch = _worker_enc[0].encode_batch
+    t0 = time.perf_counter()
+    encoded = encode_batch(docs)
+    seconds = time.perf_counter() - t0
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=TOKEN_DTYPE)
+    for ids, end in zip(encoded, ends):
+        flat[end - 1 - len(ids):end - 1] = ids
+    flat[ends - 1] = GPT2_EOT
+    return flat, lengths, seconds
+
+
+def _encoded_batches(batches, num_proc):
+    """encode_gpt2_documents of each batch, in order, on num_proc processes. At most 2 batches
+    per process are in flight, so memory stays bounded however large the corpus."""
+    if num_proc <= 1:
+        for docs in batches:
+            yield encode_gpt2_documents(docs)
+        return
+    import multiprocessing
+    from collections import deque
+    # spawn: workers start clean (no copy of the parent's threads, sockets or locks)
+    with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
+        pending = deque()
+        for docs in batches:
+            pending.append(pool.apply_async(encode_gpt2_documents, (docs,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_corpus(out_dir, batches, num_proc=1, max_tokens=0, val_every=2000, label="tokenizing", stats=None):
+    """Tokenize document batches (GPT-2 BPE) on num_proc processes into out_dir/.train.bin.tmp and
+    .val.bin.tmp at once, eot after each document; returns {split: (temp path, token count)} for
+    prepare() to rename.
 
     Whole documents go to val (every val_every-th, the first included): a val document is
-    never cut, and the split does not depend on batch sizes or thread counts. With max_tokens
+    never cut, and the split does not depend on batch sizes or process counts. With max_tokens
     the corpus stops at the first document boundary where train + val reach max_tokens.
-    Memory holds one batch; on any failure the temp files are removed.
+    Memory holds a few batches; on any failure the temp files are removed.
     """
     stats = stats if stats is not None else {}
     stats.setdefault("tokens", 0)
@@ -717,24 +763,19 @@ def write_corpus(out_dir, batches, tokenizer, max_tokens=0, val_every=2000, labe
     t_start = time.perf_counter()
     try:
         files = {s: open(p, "wb") for s, p in tmps.items()}
-        for docs in batches:
-            t0 = time.perf_counter()
-            encoded = tokenizer.encode_batch(docs)  # tiktoken threads; its Rust code releases the GIL
-            stats["seconds"] += time.perf_counter() - t0
-            parts = {"train": [], "val": []}
-            for ids in encoded:
-                ids.append(GPT2_EOT)
-                parts["val" if k % val_every == 0 else "train"].append(ids)
-                k += 1
-                total += len(ids)
-                if max_tokens and total >= max_tokens:
-                    break
-            for split, lists in parts.items():
-                if lists:
-                    n = sum(map(len, lists))
-                    arr = np.fromiter(itertools.chain.from_iterable(lists), dtype=TOKEN_DTYPE, count=n)
-                    files[split].write(arr.tobytes())
-                    counts[split] += arr.size
+        for flat, lengths, seconds in _encoded_batches(batches, num_proc):
+            stats["seconds"] += seconds
+            if max_tokens and total + flat.size >= max_tokens:  # keep documents up to the one reaching it
+                last = int(np.searchsorted(total + np.cumsum(lengths), max_tokens))
+                lengths = lengths[:last + 1]
+                flat = flat[:int(lengths.sum())]
+            is_val = np.arange(k, k + len(lengths)) % val_every == 0
+            in_val = np.repeat(is_val, lengths)  # (tokens,)
+            for split, part in (("val", flat[in_val]), ("train", flat[~in_val])):
+                files[split].write(part.tobytes())
+                counts[split] += part.size
+            k += len(lengths)
+            total += flat.size
             stats["tokens"] = total
             progress(f"{label} (tokens)", total, max_tokens or None)
             if max_tokens and total >= max_tokens:
@@ -790,7 +831,8 @@ FINEWEB_EDU = HubParquet("HuggingFaceFW/fineweb-edu", [("main", "sample/10BT")])
 # the dataset repo holds a loading script and tarballs; its parquet files are the Hub's conversion
 OPENWEBTEXT = HubParquet("Skylion007/openwebtext", [("main", ""), ("refs/convert/parquet", "")])
 # val_every=2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
-PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_threads": 0}
+# num_proc=0: a tokenizer process per core
+PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_proc": 0}
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
 # num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
 DATASETS = {
@@ -887,8 +929,8 @@ def prepare(dataset, **overrides):
     eot = GPT2_EOT if raw.eot else None
     try:
         if raw.corpus is not None:
-            written = write_corpus(out_dir, raw.corpus, tokenizer, opts["max_tokens"], opts["val_every"],
-                                   label=folder, stats=stats)
+            written = write_corpus(out_dir, raw.corpus, opts["num_proc"] or os.cpu_count() or 1,
+                                   opts["max_tokens"], opts["val_every"], label=folder, stats=stats)
         for split, docs in raw.splits.items():
             arrays = encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}", stats=stats)
             written[split] = write_tokens(out_dir / f"{split}.bin", arrays, tokenizer.vocab_size)
@@ -907,15 +949,17 @@ def prepare(dataset, **overrides):
 
     for split, count in meta["splits"].items():
         print(f"{folder}/{split}.bin: {count:,} tokens")
-    if kind == "gpt2" and stats["seconds"] > 0:
+    if stats.get("wall"):  # a parquet corpus: tokenizer processes, the whole pipeline timed
+        print(f"{stats['documents']:,} documents, {stats['tokens']:,} tokens in {stats['wall']:.1f} s = "
+              f"{stats['tokens'] / stats['wall']:,.0f} tokens/s end to end (read, tokenize, write) with "
+              f"{opts['num_proc'] or os.cpu_count()} tokenizer processes; "
+              f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s per process while encoding")
+    elif kind == "gpt2" and stats["seconds"] > 0:
         # encode time only (not reading or writing), the number to compare across machines
         rate = stats["tokens"] / stats["seconds"]
         threads = opts.get("num_threads") or os.cpu_count()
         print(f"GPT-2 tokenization: {stats['tokens']:,} tokens in {stats['seconds']:.2f} s = "
               f"{rate:,.0f} tokens/s (tiktoken encode_ordinary_batch, {threads} threads)")
-        if stats.get("wall"):
-            print(f"end to end (read, tokenize, write): {stats['documents']:,} documents, "
-                  f"{stats['tokens'] / stats['wall']:,.0f} tokens/s")
     return meta
 
 

@@ -401,7 +401,7 @@ def split_by_eot(ids):
     return out
 
 
-def test_parquet_corpus_from_input_folder_is_exact(tmp_path):
+def test_parquet_corpus_from_input_folder_is_exact(tmp_path, monkeypatch):
     """Every document is encode_ordinary(doc) + [eot], in corpus order; val holds exactly the
     documents k % val_every == 0, whole; --shards and --max_tokens take prefixes."""
     gpt2()
@@ -410,7 +410,9 @@ def test_parquet_corpus_from_input_folder_is_exact(tmp_path):
     shards = corpus_docs()
     parquet_corpus(tmp_path / "src", shards)
     docs = [d for shard in shards for d in shard]
-    meta = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "d", val_every=10)
+    # two tokenizer processes, small batches: results come back out of step and must be put in order
+    monkeypatch.setattr(prepare, "PARQUET_BATCH_ROWS", 5)
+    meta = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "d", val_every=10, num_proc=2)
     out = tmp_path / "d" / "fineweb_edu"
     train, val = (read_bin(out / f"{s}.bin").tolist() for s in ("train", "val"))
     assert split_by_eot(val) == [enc.encode_ordinary(d) for k, d in enumerate(docs) if k % 10 == 0]
@@ -420,14 +422,15 @@ def test_parquet_corpus_from_input_folder_is_exact(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
     # --shards=1: the first file only; --max_tokens: stops at the first document boundary past N
-    one = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "s1", val_every=10, shards=1)
+    one = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "s1", val_every=10, shards=1,
+                          num_proc=1)
     assert one["shards"] == ["000_00000.parquet"]
     first = [len(enc.encode_ordinary(d)) + 1 for d in shards[0]]
     assert sum(one["splits"].values()) == sum(first)
     lengths = [len(enc.encode_ordinary(d)) + 1 for d in docs]
     limit = sum(lengths[:50]) - 3  # inside document 49
     cut = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "m", val_every=10,
-                          max_tokens=str(limit))
+                          max_tokens=str(limit), num_proc=1)
     assert sum(cut["splits"].values()) == sum(lengths[:50])
     ids = read_bin(tmp_path / "m" / "fineweb_edu" / "train.bin").tolist()
     assert split_by_eot(ids) == [enc.encode_ordinary(d) for k, d in enumerate(docs[:50]) if k % 10 != 0]
@@ -444,7 +447,7 @@ def test_parquet_interrupted_tokenization_leaves_nothing_usable(tmp_path, monkey
 
     monkeypatch.setattr(prepare, "parquet_documents", dies_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare("openwebtext", input=tmp_path / "src", data_dir=tmp_path / "d")
+        prepare.prepare("openwebtext", input=tmp_path / "src", data_dir=tmp_path / "d", num_proc=1)
     assert list((tmp_path / "d" / "openwebtext").iterdir()) == []  # no .bin, no temp file, no meta.json
 
 
@@ -552,7 +555,7 @@ def test_parquet_download_resumes_with_range_and_matches_local_input(tmp_path, m
     monkeypatch.setattr(prepare, "DOWNLOAD_BLOCK", 1024)  # small files still arrive in several blocks
     with HubServer(tmp_path / "src", "HuggingFaceFW/fineweb-edu", "sample/10BT") as hub:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
-        meta = prepare.prepare("fineweb_edu", data_dir=tmp_path / "d", val_every=10)
+        meta = prepare.prepare("fineweb_edu", data_dir=tmp_path / "d", val_every=10, num_proc=1)
     ranges = [(p.rsplit("/", 1)[-1], r) for p, r in hub.requests if "/resolve/" in p]
     half = files[0].stat().st_size // 2
     assert ranges[0] == ("000_00000.parquet", None) and ranges[1][0] == "000_00000.parquet"
@@ -565,13 +568,13 @@ def test_parquet_download_resumes_with_range_and_matches_local_input(tmp_path, m
     assert meta["source_sha256"] == {f"sample_10BT_{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()
                                      for f in files}
     local = tmp_path / "local"
-    prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=local, val_every=10)
+    prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=local, val_every=10, num_proc=1)
     for split in ("train.bin", "val.bin"):
         assert (out / split).read_bytes() == (local / "fineweb_edu" / split).read_bytes()
     # a re-run finds the shards on disk: it lists them again but downloads nothing
     with HubServer(tmp_path / "src", "HuggingFaceFW/fineweb-edu", "sample/10BT") as hub:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
-        prepare.prepare("fineweb_edu", data_dir=tmp_path / "d", val_every=10)
+        prepare.prepare("fineweb_edu", data_dir=tmp_path / "d", val_every=10, num_proc=1)
     assert not [p for p, _ in hub.requests if "/resolve/" in p]
 
 
