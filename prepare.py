@@ -417,8 +417,8 @@ class Raw:
     sha256: dict = field(default_factory=dict)  # file name -> sha256
     eot: bool = False  # append the tokenizer's end-of-text id after each document
     extra: dict = field(default_factory=dict)  # more keys for meta.json
-    # large corpora: an iterable of document batches (lists of str) in corpus order, split into
-    # train/val by write_corpus instead of `splits` (which then stays empty)
+    # large corpora: an iterable of parquet row groups (parquet_tasks) in corpus order, split
+    # into train/val by write_corpus instead of `splits` (which then stays empty)
     corpus: object = None
 
 
@@ -644,22 +644,45 @@ def _pyarrow():
     return pq
 
 
-PARQUET_BATCH_ROWS = 1024  # documents per batch: ~5 MB of FineWeb-Edu text, one task for a tokenizer process
+PARQUET_BATCH_ROWS = 1024  # documents encoded at once inside a task: ~5 MB of FineWeb-Edu text
 
 
-def parquet_documents(path, batch_rows=None):
-    """The `text` column of one parquet file, a batch of documents at a time (bounded memory)."""
+def _parquet_error(path, e):
+    # pyarrow raises ArrowInvalid (a ValueError) or OSError for a file that is not parquet
+    return PrepareError(f"cannot read {path} as parquet ({type(e).__name__}: {str(e)[:120]})")
+
+
+def parquet_tasks(path):
+    """One task (path, row group) per row group of a parquet file with a `text` column."""
     pq = _pyarrow()
     try:
         pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
-        for batch in pf.iter_batches(batch_size=batch_rows or PARQUET_BATCH_ROWS, columns=["text"]):
-            yield [t or "" for t in batch.column(0).to_pylist()]
-    except OSError as e:  # pyarrow.ArrowInvalid is an OSError-free ValueError; both mean a bad file
-        raise PrepareError(f"cannot read {path} as parquet ({e})") from None
-    except ValueError as e:
-        raise PrepareError(f"cannot read {path} as parquet ({str(e)[:120]})") from None
+        names = pf.schema_arrow.names
+        groups = pf.metadata.num_row_groups
+    except (OSError, ValueError) as e:
+        raise _parquet_error(path, e) from None
+    if "text" not in names:
+        raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(names)})")
+    return [(str(path), g) for g in range(groups)]
+
+
+def encode_row_group(task):
+    """encode_gpt2_documents over one row group of the `text` column, read PARQUET_BATCH_ROWS
+    documents at a time. Runs in a tokenizer process: reading and decompressing parquet is
+    parallel too, and the main process only writes arrays."""
+    path, group = task
+    pq = _pyarrow()
+    parts = []
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group],
+                                                        columns=["text"]):
+            parts.append(encode_gpt2_documents([t or "" for t in batch.column(0).to_pylist()]))
+    except (OSError, ValueError) as e:
+        raise _parquet_error(path, e) from None
+    if not parts:
+        return np.empty(0, TOKEN_DTYPE), np.empty(0, np.int64), 0.0
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            sum(p[2] for p in parts))
 
 
 def parquet_source(hub):
@@ -686,15 +709,15 @@ def parquet_source(hub):
             shards = shards[:opts["shards"]]
         used, digests = [], {}  # filled while the corpus is read; they end up in meta.json
 
-        def batches():
+        def tasks():
             for shard in shards:
                 local = Path(shard.url) if opts["input"] else download_resumable(shard, out_dir / "parquet" / shard.name)
                 used.append(shard.name)
                 if shard.sha256:
                     digests[shard.name] = shard.sha256
-                yield from parquet_documents(local)
+                yield from parquet_tasks(local)
 
-        return Raw({}, source=source, eot=True, corpus=batches(),
+        return Raw({}, source=source, eot=True, corpus=tasks(),
                    sha256=digests,
                    extra={"shards": used, "max_tokens": opts["max_tokens"],
                           "val_rule": f"document k (0-based, corpus order) is val when k % {opts['val_every']} == 0"})
@@ -723,35 +746,35 @@ def encode_gpt2_documents(docs):
     return flat, lengths, seconds
 
 
-def _encoded_batches(batches, num_proc):
-    """encode_gpt2_documents of each batch, in order, on num_proc processes. At most 2 batches
-    per process are in flight, so memory stays bounded however large the corpus."""
+def _encoded_tasks(tasks, num_proc):
+    """encode_row_group of each task, in order, on num_proc processes. At most 2 tasks per
+    process are in flight, so memory stays bounded however large the corpus."""
     if num_proc <= 1:
-        for docs in batches:
-            yield encode_gpt2_documents(docs)
+        for task in tasks:
+            yield encode_row_group(task)
         return
     import multiprocessing
     from collections import deque
     # spawn: workers start clean (no copy of the parent's threads, sockets or locks)
     with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
         pending = deque()
-        for docs in batches:
-            pending.append(pool.apply_async(encode_gpt2_documents, (docs,)))
+        for task in tasks:
+            pending.append(pool.apply_async(encode_row_group, (task,)))
             if len(pending) >= 2 * num_proc:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
 
 
-def write_corpus(out_dir, batches, num_proc=1, max_tokens=0, val_every=2000, label="tokenizing", stats=None):
-    """Tokenize document batches (GPT-2 BPE) on num_proc processes into out_dir/.train.bin.tmp and
+def write_corpus(out_dir, tasks, num_proc=1, max_tokens=0, val_every=2000, label="tokenizing", stats=None):
+    """Tokenize parquet row groups (tasks from parquet_tasks; GPT-2 BPE) on num_proc processes into out_dir/.train.bin.tmp and
     .val.bin.tmp at once, eot after each document; returns {split: (temp path, token count)} for
     prepare() to rename.
 
     Whole documents go to val (every val_every-th, the first included): a val document is
-    never cut, and the split does not depend on batch sizes or process counts. With max_tokens
+    never cut, and the split does not depend on row groups, batch sizes or process counts. With max_tokens
     the corpus stops at the first document boundary where train + val reach max_tokens.
-    Memory holds a few batches; on any failure the temp files are removed.
+    Memory holds 2 row groups per process; on any failure the temp files are removed.
     """
     stats = stats if stats is not None else {}
     stats.setdefault("tokens", 0)
@@ -763,7 +786,7 @@ def write_corpus(out_dir, batches, num_proc=1, max_tokens=0, val_every=2000, lab
     t_start = time.perf_counter()
     try:
         files = {s: open(p, "wb") for s, p in tmps.items()}
-        for flat, lengths, seconds in _encoded_batches(batches, num_proc):
+        for flat, lengths, seconds in _encoded_tasks(tasks, num_proc):
             stats["seconds"] += seconds
             if max_tokens and total + flat.size >= max_tokens:  # keep documents up to the one reaching it
                 last = int(np.searchsorted(total + np.cumsum(lengths), max_tokens))

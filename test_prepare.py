@@ -377,7 +377,7 @@ def parquet_corpus(folder, shards):
     import pyarrow.parquet as pq
     folder.mkdir(parents=True, exist_ok=True)
     for i, docs in enumerate(shards):
-        # small row groups: several batches per file, as in the real 2 GB shards
+        # small row groups: several tasks per file for the tokenizer processes
         pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}),
                        folder / f"{i:03d}_00000.parquet", row_group_size=7)
     return sorted(folder.glob("*.parquet"))
@@ -410,8 +410,7 @@ def test_parquet_corpus_from_input_folder_is_exact(tmp_path, monkeypatch):
     shards = corpus_docs()
     parquet_corpus(tmp_path / "src", shards)
     docs = [d for shard in shards for d in shard]
-    # two tokenizer processes, small batches: results come back out of step and must be put in order
-    monkeypatch.setattr(prepare, "PARQUET_BATCH_ROWS", 5)
+    # two tokenizer processes, row groups of 7 documents: results must be put back in order
     meta = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "d", val_every=10, num_proc=2)
     out = tmp_path / "d" / "fineweb_edu"
     train, val = (read_bin(out / f"{s}.bin").tolist() for s in ("train", "val"))
@@ -421,6 +420,7 @@ def test_parquet_corpus_from_input_folder_is_exact(tmp_path, monkeypatch):
     assert meta["shards"] == ["000_00000.parquet", "001_00000.parquet"] and "k % 10 == 0" in meta["val_rule"]
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
+    monkeypatch.setattr(prepare, "PARQUET_BATCH_ROWS", 3)  # in-process below: row groups read in pieces
     # --shards=1: the first file only; --max_tokens: stops at the first document boundary past N
     one = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "s1", val_every=10, shards=1,
                           num_proc=1)
@@ -439,13 +439,13 @@ def test_parquet_corpus_from_input_folder_is_exact(tmp_path, monkeypatch):
 def test_parquet_interrupted_tokenization_leaves_nothing_usable(tmp_path, monkeypatch):
     gpt2()
     parquet_corpus(tmp_path / "src", corpus_docs())
-    real = prepare.parquet_documents
+    real = prepare.parquet_tasks
 
-    def dies_after_first_batch(path, *args, **kwargs):
-        yield next(real(path, *args, **kwargs))
+    def dies_after_first_row_group(path):
+        yield real(path)[0]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "parquet_documents", dies_after_first_batch)
+    monkeypatch.setattr(prepare, "parquet_tasks", dies_after_first_row_group)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("openwebtext", input=tmp_path / "src", data_dir=tmp_path / "d", num_proc=1)
     assert list((tmp_path / "d" / "openwebtext").iterdir()) == []  # no .bin, no temp file, no meta.json
