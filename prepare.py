@@ -12,6 +12,7 @@ as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for e
     python prepare.py fineweb_edu                       # all ~10B tokens (~20 GB of .bin, ~27 GB of parquet)
     python prepare.py openwebtext                       # OpenWebText from the Hub's parquet files
     python prepare.py fineweb_edu --input=shards/       # local .parquet files with a `text` column, offline
+    python prepare.py fineweb10B_gpt2 --shards=8        # FineWeb already in GPT-2 tokens: no tokenizing
     python prepare.py text --input=notes/ --tokenizer=char --name=mydata
 
 Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
@@ -420,6 +421,7 @@ class Raw:
     # large corpora: an iterable of parquet row groups (parquet_tasks) in corpus order, split
     # into train/val by write_corpus instead of `splits` (which then stays empty)
     corpus: object = None
+    tokenized: bool = False  # splits hold iterables of token id arrays, not documents
 
 
 def fetch_file(raw_file, out_dir, input_path=None):
@@ -536,11 +538,12 @@ class Shard:
 
 
 @dataclass
-class HubParquet:
-    """A dataset's parquet files on the Hugging Face Hub. `where` lists (revision, folder)
-    candidates tried in order; the first that holds .parquet files is used."""
+class HubFiles:
+    """A dataset's data files (names ending in `suffix`) on the Hugging Face Hub. `where` lists
+    (revision, folder) candidates tried in order; the first that holds such files is used."""
     repo: str
     where: list
+    suffix: str = ".parquet"
 
     @property
     def page(self):
@@ -552,8 +555,8 @@ def hub_endpoint():
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def hub_parquet_shards(hub, timeout=30):
-    """The .parquet files of `hub`, sorted by path, from the Hub's file-listing API."""
+def hub_shards(hub, timeout=30):
+    """The data files of `hub`, sorted by path, from the Hub's file-listing API."""
     endpoint = hub_endpoint()
     for revision, folder in hub.where:
         rev = quote(revision, safe="")  # refs/convert/parquet -> refs%2Fconvert%2Fparquet
@@ -567,12 +570,12 @@ def hub_parquet_shards(hub, timeout=30):
                 r.raise_for_status()
                 entries = r.json()
             except (requests.RequestException, ValueError) as e:
-                raise PrepareError(f"cannot list the parquet files at {url} ({type(e).__name__}: "
-                                   f"{str(e)[:80]}). No network? Download the .parquet files of "
+                raise PrepareError(f"cannot list the {hub.suffix} files at {url} ({type(e).__name__}: "
+                                   f"{str(e)[:80]}). No network? Download the {hub.suffix} files of "
                                    f"{hub.page} elsewhere and pass --input=FOLDER") from None
             for entry in entries:
                 path = entry.get("path", "")
-                if entry.get("type") == "file" and path.endswith(".parquet"):
+                if entry.get("type") == "file" and path.endswith(hub.suffix):
                     shards.append(Shard(path.replace("/", "_"), f"{endpoint}/datasets/{hub.repo}/resolve/{rev}/{path}",
                                         entry.get("size"), (entry.get("lfs") or {}).get("oid")))
             url = r.links.get("next", {}).get("url")
@@ -581,7 +584,7 @@ def hub_parquet_shards(hub, timeout=30):
                 print(f"warning: {hub.repo} has only a partial parquet conversion; the corpus is "
                       f"smaller than the original", file=sys.stderr)
             return sorted(shards, key=lambda s: s.url)
-    raise PrepareError(f"no .parquet files found for {hub.repo} at {', '.join(r + ':' + (f or '/') for r, f in hub.where)}; "
+    raise PrepareError(f"no {hub.suffix} files found for {hub.repo} at {', '.join(r + ':' + (f or '/') for r, f in hub.where)}; "
                        f"download them elsewhere and pass --input=FOLDER")
 
 
@@ -703,7 +706,7 @@ def parquet_source(hub):
             shards = [Shard(f.name, str(f.resolve())) for f in files]
             source = str(path.resolve())
         else:
-            shards = hub_parquet_shards(hub)
+            shards = hub_shards(hub)
             source = hub.page
         if opts["shards"]:
             shards = shards[:opts["shards"]]
@@ -822,6 +825,62 @@ def write_corpus(out_dir, tasks, num_proc=1, max_tokens=0, val_every=2000, label
     return {s: (tmps[s], counts[s]) for s in ("train", "val")}
 
 
+# ----------------------------------------------------------------------------- pre-tokenized shards
+
+LLMC_MAGIC = 20240520  # llm.c / modded-nanogpt token shards: 256 int32 header (magic, version 1, count), uint16 ids
+
+
+def read_llmc_shard(path):
+    """The uint16 tokens of an llm.c-format shard, memory-mapped, after checking its header."""
+    path = Path(path)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header.size < 256 or header[0] != LLMC_MAGIC or header[1] != 1:
+        raise PrepareError(f"{path} is not an llm.c token shard (a 256-int32 header starting "
+                           f"{LLMC_MAGIC}, 1); re-download it")
+    count = int(header[2])
+    if path.stat().st_size != 256 * 4 + 2 * count:
+        raise PrepareError(f"{path} should hold {count:,} tokens after its header but has "
+                           f"{path.stat().st_size - 1024:,} bytes; it is truncated, re-download it")
+    return np.memmap(path, dtype="<u2", mode="r", offset=256 * 4, shape=(count,))
+
+
+def llmc_source(hub):
+    """Source for pre-tokenized GPT-2 shards (fineweb_val_*.bin, fineweb_train_*.bin): copied into
+    val.bin and train.bin, no tokenization. --shards=K keeps the first K train shards."""
+    def read(opts, out_dir):
+        if opts["shards"] < 0:
+            raise UsageError("--shards must be >= 0 (0: all)")
+        if opts["input"]:
+            folder = Path(opts["input"])
+            if not folder.is_dir():
+                raise PrepareError(f"--input={folder} is not a folder of fineweb_val_*.bin and fineweb_train_*.bin")
+            shards = [Shard(f.name, str(f.resolve())) for f in sorted(folder.glob("*.bin"))]
+        else:
+            shards = hub_shards(hub)
+        val = [s for s in shards if "_val_" in s.name]
+        train = [s for s in shards if "_train_" in s.name]
+        if not val or not train:
+            raise PrepareError(f"need fineweb_val_*.bin and fineweb_train_*.bin shards, found "
+                               f"{', '.join(s.name for s in shards) or 'none'} in {opts['input'] or hub.page}")
+        train = train[:opts["shards"] or None]
+        used, digests = [], {}
+
+        def arrays(group):
+            for shard in group:
+                path = Path(shard.url) if opts["input"] else download_resumable(shard, out_dir / "shards" / shard.name)
+                used.append(shard.name)
+                if shard.sha256:
+                    digests[shard.name] = shard.sha256
+                tokens = read_llmc_shard(path)
+                for i in range(0, len(tokens), 1 << 24):  # 32 MB at a time: memory stays flat
+                    yield tokens[i:i + (1 << 24)]
+
+        source = str(Path(opts["input"]).resolve()) if opts["input"] else hub.page
+        return Raw({"val": arrays(val), "train": arrays(train)}, source=source, sha256=digests, tokenized=True,
+                   extra={"shards": used})
+    return read
+
+
 def read_text_source(opts, out_dir):
     if not opts["input"]:
         raise UsageError("text needs --input=PATH (a .txt file or a folder of them)")
@@ -850,11 +909,13 @@ class Dataset:
     options: dict  # this dataset's --key=value knobs and their defaults
 
 
-FINEWEB_EDU = HubParquet("HuggingFaceFW/fineweb-edu", [("main", "sample/10BT")])
+FINEWEB_EDU = HubFiles("HuggingFaceFW/fineweb-edu", [("main", "sample/10BT")])
 # the dataset repo holds a loading script and tarballs; its parquet files are the Hub's conversion
-OPENWEBTEXT = HubParquet("Skylion007/openwebtext", [("main", ""), ("refs/convert/parquet", "")])
+OPENWEBTEXT = HubFiles("Skylion007/openwebtext", [("main", ""), ("refs/convert/parquet", "")])
 # val_every=2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
 # num_proc=0: a tokenizer process per core
+# modded-nanogpt's FineWeb 10B (not -Edu) in GPT-2 tokens: 1 val + 103 train shards of ~100M tokens
+FINEWEB10B_GPT2 = HubFiles("kjj0/fineweb10B-gpt2", [("main", "")], suffix=".bin")
 PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_proc": 0}
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
 # num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
@@ -879,6 +940,9 @@ DATASETS = {
     "openwebtext": Dataset("OpenWebText (nanoGPT's GPT-2 corpus, ~9B tokens) from the Hub's parquet files, "
                            "GPT-2 BPE, eot after each document", OPENWEBTEXT.page, "gpt2",
                            parquet_source(OPENWEBTEXT), dict(PARQUET_OPTIONS)),
+    "fineweb10B_gpt2": Dataset("FineWeb 10B already in GPT-2 tokens (modded-nanogpt's llm.c shards), copied, "
+                               "not tokenized; val is its first shard (~100M tokens)", FINEWEB10B_GPT2.page, "gpt2",
+                               llmc_source(FINEWEB10B_GPT2), {"input": None, "shards": 0}),
     "text": Dataset("any local .txt file or folder of them, 90/10 split (--input, --tokenizer, --name)",
                     "--input=PATH", "choose", read_text_source,
                     {"input": None, "tokenizer": "gpt2", "name": None, "num_threads": 0}),
@@ -955,7 +1019,8 @@ def prepare(dataset, **overrides):
             written = write_corpus(out_dir, raw.corpus, opts["num_proc"] or os.cpu_count() or 1,
                                    opts["max_tokens"], opts["val_every"], label=folder, stats=stats)
         for split, docs in raw.splits.items():
-            arrays = encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}", stats=stats)
+            arrays = docs if raw.tokenized else encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}",
+                                                                 stats=stats)
             written[split] = write_tokens(out_dir / f"{split}.bin", arrays, tokenizer.vocab_size)
     except BaseException:
         for tmp, _ in written.values():
@@ -977,7 +1042,7 @@ def prepare(dataset, **overrides):
               f"{stats['tokens'] / stats['wall']:,.0f} tokens/s end to end (read, tokenize, write) with "
               f"{opts['num_proc'] or os.cpu_count()} tokenizer processes; "
               f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s per process while encoding")
-    elif kind == "gpt2" and stats["seconds"] > 0:
+    elif kind == "gpt2" and stats.get("seconds", 0) > 0:
         # encode time only (not reading or writing), the number to compare across machines
         rate = stats["tokens"] / stats["seconds"]
         threads = opts.get("num_threads") or os.cpu_count()

@@ -466,7 +466,7 @@ def test_parquet_errors_are_one_line(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "fineweb_edu", f"--data_dir={tmp_path / 'off'}"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("error: cannot list the parquet files at "
+    assert r.stderr.startswith("error: cannot list the .parquet files at "
                                "http://127.0.0.1:9/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT")
     assert "--input=FOLDER" in r.stderr
     assert not (tmp_path / "off").exists()
@@ -486,8 +486,8 @@ class HubServer:
         import json
         import threading
         self.requests = []
-        files = sorted(folder.glob("*.parquet"))
-        listing = [{"type": "file", "path": f"{prefix}/{f.name}", "size": f.stat().st_size,
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".parquet", ".bin"))
+        listing = [{"type": "file", "path": f"{prefix}/{f.name}".lstrip("/"), "size": f.stat().st_size,
                     "lfs": {"oid": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}}
                    for f in files]
         cut_done = set()
@@ -507,14 +507,14 @@ class HubServer:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
-                api = f"/api/datasets/{repo}/tree/main/{prefix}?recursive=true"
+                api = f"/api/datasets/{repo}/tree/main/{prefix}".rstrip("/") + "?recursive=true"
                 if self.path == api:  # page 1 of 2, the next page named in a Link header
                     link = f'<http://127.0.0.1:{server.port}{api}&cursor=2>; rel="next"'
                     return self.send_body(200, json.dumps(listing[:1]).encode(), [("Link", link)])
                 if self.path == api + "&cursor=2":
                     return self.send_body(200, json.dumps(listing[1:]).encode())
                 name = self.path.rsplit("/", 1)[-1]
-                if not self.path.startswith(f"/datasets/{repo}/resolve/main/{prefix}/") or not (folder / name).is_file():
+                if not self.path.startswith(f"/datasets/{repo}/resolve/main/{prefix}".rstrip("/") + "/") or not (folder / name).is_file():
                     return self.send_body(404, b"not found")
                 data = (folder / name).read_bytes()
                 rng = self.headers.get("Range")
@@ -587,3 +587,41 @@ def test_download_resumable_rejects_wrong_bytes(tmp_path, monkeypatch):
         with pytest.raises(prepare.PrepareError, match="sha256 mismatch"):
             prepare.download_resumable(shard, tmp_path / "x.parquet", retries=2)
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.part").exists()
+
+
+def llmc_shard(path, tokens, magic=20240520):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, 1, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def test_pretokenized_fineweb_shards_are_copied_exactly(tmp_path, monkeypatch):
+    """modded-nanogpt's llm.c shards (header 20240520, 1, count; uint16 ids): val from the val
+    shard, train from the first --shards train shards, downloaded from a local Hub or --input."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    parts = {name: rng.integers(0, 50257, size=n) for name, n in
+             (("fineweb_val_000000.bin", 300), ("fineweb_train_000001.bin", 500), ("fineweb_train_000002.bin", 400))}
+    for name, tokens in parts.items():
+        llmc_shard(src / name, tokens)
+    meta = prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "a", shards=1)
+    out = tmp_path / "a" / "fineweb10B_gpt2"
+    assert read_bin(out / "val.bin").tolist() == parts["fineweb_val_000000.bin"].tolist()
+    assert read_bin(out / "train.bin").tolist() == parts["fineweb_train_000001.bin"].tolist()
+    assert meta["splits"] == {"val": 300, "train": 500} and meta["tokenizer"] == "gpt2"
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    with HubServer(src, "kjj0/fineweb10B-gpt2", "") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
+        prepare.prepare("fineweb10B_gpt2", data_dir=tmp_path / "b")
+    train = read_bin(tmp_path / "b" / "fineweb10B_gpt2" / "train.bin").tolist()
+    assert train == parts["fineweb_train_000001.bin"].tolist() + parts["fineweb_train_000002.bin"].tolist()
+    # a shard with another magic number or fewer tokens than its header says is refused
+    llmc_shard(src / "fineweb_train_000001.bin", [1, 2, 3], magic=20240801)
+    with pytest.raises(prepare.PrepareError, match="not an llm.c token shard"):
+        prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "c")
+    llmc_shard(src / "fineweb_train_000001.bin", [1, 2, 3])
+    (src / "fineweb_train_000001.bin").write_bytes((src / "fineweb_train_000001.bin").read_bytes()[:-2])
+    with pytest.raises(prepare.PrepareError, match="truncated"):
+        prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "c")
+    assert not list((tmp_path / "c").rglob("*.bin"))
