@@ -25,7 +25,6 @@ In code (what train.py, sample.py and evaluation use):
 """
 import difflib
 import hashlib
-import itertools
 import json
 import os
 import pickle
@@ -530,8 +529,8 @@ def read_counting(opts, out_dir):
 
 @dataclass
 class Shard:
-    """One parquet file of a corpus: where it comes from and what it must be."""
-    name: str  # file name under data/NAME/parquet/
+    """One data file of a corpus (parquet or token shard): where it comes from, what it must be."""
+    name: str  # file name under data/NAME/parquet/ (or shards/)
     url: str
     size: int | None = None  # bytes, from the Hub's file listing
     sha256: str | None = None  # the Hub gives it for files stored with Git LFS
