@@ -280,6 +280,7 @@ def hf_ending_scores(model, enc, ctx, endings):
     return sums, means
 
 
+@pytest.mark.slow  # ~12 s on the busy 2-core machine, mostly importing transformers
 def test_hellaswag_matches_transformers_gpt2(tmp_path, capsys):
     """Labels are set to transformers' lowest-sum ending, so acc must be exactly 1; acc_norm must
     equal the share of examples where transformers' lowest-mean ending is that same one."""

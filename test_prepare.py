@@ -578,16 +578,22 @@ def test_parquet_download_resumes_with_range_and_matches_local_input(tmp_path, m
     assert not [p for p, _ in hub.requests if "/resolve/" in p]
 
 
-def test_download_resumable_rejects_wrong_bytes(tmp_path, monkeypatch):
+def test_download_resumable_resumes_a_part_file_and_rejects_wrong_bytes(tmp_path, monkeypatch):
     files = parquet_corpus(tmp_path / "src", corpus_docs(n_shards=1))
+    data = files[0].read_bytes()
     monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
     with HubServer(tmp_path / "src", "o/r", "p") as hub:
-        shard = prepare.Shard("x.parquet", f"http://127.0.0.1:{hub.port}/datasets/o/r/resolve/main/p/{files[0].name}",
-                              files[0].stat().st_size, "0" * 64)
+        url = f"http://127.0.0.1:{hub.port}/datasets/o/r/resolve/main/p/{files[0].name}"
+        # a .part left by an earlier, killed run: the first request asks only for the rest
+        (tmp_path / "y.parquet.part").write_bytes(data[:1000])
+        shard = prepare.Shard("y.parquet", url, len(data), hashlib.sha256(data).hexdigest())
+        assert prepare.download_resumable(shard, tmp_path / "y.parquet").read_bytes() == data
+        assert hub.requests[0][1] == "bytes=1000-" and not (tmp_path / "y.parquet.part").exists()
+        # the right size but the wrong sha256: refused, nothing kept
+        shard = prepare.Shard("x.parquet", url, len(data), "0" * 64)
         with pytest.raises(prepare.PrepareError, match="sha256 mismatch"):
             prepare.download_resumable(shard, tmp_path / "x.parquet", retries=2)
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.part").exists()
-
 
 def llmc_shard(path, tokens, magic=20240520):
     header = np.zeros(256, dtype="<i4")
