@@ -253,9 +253,9 @@ class HellaSwagDuringTraining:
 
 
 def run_hellaswag(cfg):
+    examples = read_hellaswag(hellaswag_path(cfg['input']), cfg['limit'])  # a bad file fails before the model loads
     model, info, dev = load_model(cfg)
     tokenizer = gpt2_tokenizer_or_die(info, cfg['data_dir'] or None)
-    examples = read_hellaswag(hellaswag_path(cfg['input']), cfg['limit'])
     n, c, cn = hellaswag_counts(model, examples, tokenizer.encode, cfg['batch_size'], dev.autocast,
                                 label='hellaswag')
     print(f"hellaswag: {n} examples, acc {c / n:.4f}, acc_norm {cn / n:.4f}")
