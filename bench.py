@@ -9,8 +9,9 @@ $ python bench.py --n_layer=2 --n_embd=64 --mode=train --json_out=bench.jsonl --
 
 Every result is one JSON line on stdout (lines starting with '{'), also appended to json_out
 when set. With nanogpt_dir or hf_compare a table (ours, theirs, ratio) follows. The weights,
-batches and seeds are the same for every implementation. Config files and --key=value flags are
-checked like train.py's.
+batches and seeds are the same for every implementation (with a modern knob such as
+--pos_emb=rope, nanoGPT runs a GPT-2 of the same shape with its own weights). Config files and
+--key=value flags are checked like train.py's.
 """
 
 import importlib.util
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 import common
-from model import GPT, GPTConfig
+from model import GPT, GPT2_KNOBS, GPTConfig, check_knobs
 
 # -----------------------------------------------------------------------------
 # defaults; config files (config/bench_*.py) and --key=value flags change them
@@ -38,6 +39,12 @@ block_size = 256  # context length; training batches are this long
 vocab_size = 65  # vocabulary of the benchmarked model
 bias = False  # biases in Linear and LayerNorm layers
 dropout = 0.0  # dropout during the training step (the recipe's value makes the step realistic)
+pos_emb = 'learned'  # our model's modern knobs (as in train.py); nanoGPT and HF stay GPT-2
+norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
+mlp_act = 'gelu'  # 'gelu' or 'relu2'
+qk_norm = False  # RMS-normalise queries and keys per head
+tie_embeddings = True  # the output head shares the token embedding
+logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off
 # what to run
 mode = 'all'  # 'train', 'generate' or 'all'
 dataset = ''  # batches from data/<dataset>/train.bin when it exists; otherwise synthetic random tokens
@@ -112,11 +119,14 @@ def build_models(cfg, vocab, dev, impls):
     args = dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
                 vocab_size=vocab, bias=cfg['bias'], dropout=cfg['dropout'])
     torch.manual_seed(cfg['seed'])
-    ours = GPT(GPTConfig(**args))
+    ours = GPT(GPTConfig(**args, **{k: cfg[k] for k in GPT2_KNOBS}))
     models = {'ours': ours}
     if 'nanogpt' in impls:
         nano = load_nanogpt(cfg['nanogpt_dir'])
         theirs = nano.GPT(nano.GPTConfig(**args))
+        if any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
+            models['nanogpt'] = theirs  # a GPT-2 of the same shape, its own random weights
+            return to_device(models, dev)
         # without flash attention nanoGPT keeps a causal-mask buffer; that is not a weight
         missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
         if unexpected or any(not k.endswith('.attn.bias') for k in missing):
@@ -127,6 +137,10 @@ def build_models(cfg, vocab, dev, impls):
         with tempfile.TemporaryDirectory() as tmp:
             ours.save_pretrained(tmp)
             models['hf'] = transformers.GPT2LMHeadModel.from_pretrained(tmp)
+    return to_device(models, dev)
+
+
+def to_device(models, dev):
     for m in models.values():
         m.to(dev.device)
     return models
@@ -214,7 +228,8 @@ def estimate_mfu(cfg, tokens_per_sec, device_name, dev):
     implementation); None where the device's peak is unknown, CPUs included."""
     with torch.device('meta'):  # shapes only, no memory
         shape = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']))
+                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
+                              **{k: cfg[k] for k in GPT2_KNOBS}))
     return shape.estimate_mfu(tokens_per_sec, device_name, dev.ptdtype)
 
 
@@ -313,7 +328,8 @@ def emit(result, cfg, dev):
     """Print one JSON line (and append it to json_out)."""
     result = dict(result, device=dev.device, dtype=dev.dtype, compile=cfg['compile'],
                   model=dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']),
+                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
+                             **{k: cfg[k] for k in GPT2_KNOBS}),
                   torch=torch.__version__, time=time.strftime('%Y-%m-%dT%H:%M:%S'))
     line = json.dumps(result)
     if result['bench'] == 'train':
@@ -343,6 +359,13 @@ def main(argv):
             common.die(f"{key} must be >= 1, got {cfg[key]}")
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
         common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
+    try:
+        check_knobs(GPTConfig(**{k: cfg[k] for k in GPT2_KNOBS}))
+    except ValueError as e:
+        common.die(str(e).replace('GPTConfig.', ''))
+    if cfg['hf_compare'] and any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
+        common.die("hf_compare needs GPT-2's architecture: leave pos_emb, norm, mlp_act, qk_norm, "
+                   "tie_embeddings and logit_softcap at their defaults")
     dev = common.setup_device(cfg['device'], cfg['dtype'])
     torch.manual_seed(cfg['seed'])
     if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):

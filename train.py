@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plot  # loss curves; matplotlib is imported only when drawing
-from model import GPT, GPTConfig
+from model import GPT, GPT2_KNOBS, GPTConfig, check_knobs
 from prepare import PrepareError, read_meta
 
 # -----------------------------------------------------------------------------
@@ -64,6 +64,12 @@ n_head = 12  # attention heads per block
 n_embd = 768  # embedding width
 dropout = 0.0  # 0 for pretraining; try 0.1+ for finetuning
 bias = False  # biases in Linear and LayerNorm layers
+pos_emb = 'learned'  # positions: 'learned' (GPT-2) or 'rope' (rotary; see docs/modern_model.md)
+norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
+mlp_act = 'gelu'  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
+qk_norm = False  # RMS-normalise queries and keys per head
+tie_embeddings = True  # the output head shares the token embedding (GPT-2)
+logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off (nanochat uses 15)
 # adamw optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps to train for
@@ -96,6 +102,11 @@ if seed < 0:
 for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
     if globals()[key] < 1:
         common.die(f"{key} must be at least 1, got {globals()[key]}")
+try:  # the model's knobs, before anything is written
+    check_knobs(GPTConfig(pos_emb=pos_emb, norm=norm, mlp_act=mlp_act, qk_norm=qk_norm,
+                          tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
+except ValueError as e:
+    common.die(str(e).replace('GPTConfig.', ''))
 
 # -----------------------------------------------------------------------------
 # device, dtype and DDP setup
@@ -179,7 +190,10 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     best_val_loss = float('inf')  # lowest val loss seen by an evaluation
     checkpoint = None
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      bias=bias, vocab_size=None, dropout=dropout)
+                      bias=bias, vocab_size=None, dropout=dropout, pos_emb=pos_emb, norm=norm,
+                      mlp_act=mlp_act, qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap)
+    # the architecture; a checkpoint or pretrained model decides it (old checkpoints: GPT-2's knobs)
+    arch_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size') + tuple(GPT2_KNOBS)
     torch.manual_seed(seed)  # the same initial weights on every rank
     if init_from == 'scratch':
         if meta_vocab_size is None:
@@ -187,12 +201,15 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
             meta_vocab_size = 50304
         model_args['vocab_size'] = meta_vocab_size
-        model = GPT(GPTConfig(**model_args))
+        try:
+            model = GPT(GPTConfig(**model_args))
+        except ValueError as e:  # a bad knob value, named with its allowed values
+            common.die(str(e).replace('GPTConfig.', ''))
     elif init_from == 'resume':
         checkpoint = common.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=dev.device)
         # the shape comes from the checkpoint; dropout may change between runs
-        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
-            model_args[k] = checkpoint['model_args'][k]
+        for k in arch_keys:
+            model_args[k] = checkpoint['model_args'].get(k, GPT2_KNOBS.get(k))
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(common.model_state_dict(checkpoint))
         iter_num = checkpoint['iter_num']
@@ -206,7 +223,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             model = GPT.from_pretrained(init_from, dict(dropout=dropout))
         except FileNotFoundError as e:  # weights neither cached nor downloadable, or not a model folder
             common.die(str(e))
-        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+        for k in arch_keys:
             model_args[k] = getattr(model.config, k)
     else:
         common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
