@@ -13,6 +13,10 @@ mlp.c_fc, c_proj) so pretrained weights map key for key. References:
     out = model.generate(idx, max_new_tokens=100)  # KV-cached sampling
     model = GPT.from_pretrained("gpt2")            # Hugging Face weights (local cache or folder)
 
+GPTConfig's defaults are GPT-2 exactly; modern changes are opt-in fields (pos_emb='rope',
+norm='rmsnorm', mlp_act='relu2', qk_norm, tie_embeddings=False, logit_softcap; see
+docs/modern_model.md), each choosing its module or function once, in the constructor.
+
 This file reads no files except weight files, parses no arguments and keeps no global state.
 """
 
