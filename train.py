@@ -107,8 +107,8 @@ for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulatio
     if globals()[key] < 1:
         common.die(f"{key} must be at least 1, got {globals()[key]}")
 try:  # the model's knobs, before anything is written
-    check_knobs(GPTConfig(pos_emb=pos_emb, norm=norm, mlp_act=mlp_act, qk_norm=qk_norm,
-                          tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
+    check_knobs(GPTConfig(n_head=n_head, n_embd=n_embd, pos_emb=pos_emb, norm=norm, mlp_act=mlp_act,
+                          qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
 except ValueError as e:
     common.die(str(e).replace('GPTConfig.', ''))
 
@@ -207,7 +207,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         model_args['vocab_size'] = meta_vocab_size
         try:
             model = GPT(GPTConfig(**model_args))
-        except ValueError as e:  # a bad knob value, named with its allowed values
+        except ValueError as e:  # a shape the model refuses, e.g. n_embd not divisible by n_head
             common.die(str(e).replace('GPTConfig.', ''))
     elif init_from == 'resume':
         checkpoint = common.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=dev.device)
