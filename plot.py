@@ -47,6 +47,7 @@ def _new_figure(width_px, height_px, layout=None):
         raise common.ConfigError("pictures need matplotlib: pip install matplotlib") from None
     matplotlib.use('Agg')  # no display needed; harmless if a backend is already set
     from matplotlib.figure import Figure
+    width_px, height_px = round(width_px), round(height_px)  # whole pixels: the PNG is exactly this size
     return Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout=layout)
 
 
