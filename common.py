@@ -113,8 +113,10 @@ def _comments_for(keys, path):
     chosen = {k: lines[k][0] for k in keys if len(lines.get(k, [])) == 1}
     for i, key in enumerate(keys):
         if len(lines.get(key, [])) > 1:
-            anchors = [chosen[k][0] for k in keys[max(0, i - 1):i + 2] if k in chosen]
-            chosen[key] = min(lines[key], key=lambda lc: sum(abs(lc[0] - a) for a in anchors))
+            # the next key's line, else the previous key's: a block's knobs sit together
+            near = [k for k in keys[i + 1:i + 2] + keys[max(0, i - 1):i] if k in chosen][:1]
+            anchor = chosen[near[0]][0] if near else 0
+            chosen[key] = min(lines[key], key=lambda lc: abs(lc[0] - anchor))
     return {k: comment for k, (_, comment) in chosen.items()}
 
 

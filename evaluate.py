@@ -220,8 +220,13 @@ COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting}
 
 def main(argv):
     if not argv or argv[0] not in COMMANDS:
-        common.print_stdout(__doc__.strip())
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
+        common.print_stdout(f"usage: python evaluate.py {{{','.join(COMMANDS)}}} [--key=value ...]\n{__doc__.strip()}")
+        if argv and argv[0] in ('-h', '--help'):
+            for command, defaults in DEFAULTS.items():
+                common.print_stdout('')
+                common.print_help(defaults, __file__, f"python evaluate.py {command} [--key=value ...]")
+            return 0
+        return 2
     command, rest = argv[0], argv[1:]
     defaults = DEFAULTS[command]
     overrides = common.load_config(defaults, rest, usage=f"python evaluate.py {command} [--key=value ...]")

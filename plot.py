@@ -206,7 +206,7 @@ LOSS_DEFAULTS = dict(
 def run_loss(argv):
     out_dirs = [a for a in argv if not a.startswith('-')]
     cfg = dict(LOSS_DEFAULTS, **common.load_config(LOSS_DEFAULTS, [a for a in argv if a.startswith('-')],
-                                                     usage="python plot.py loss [OUT_DIR ...] [--out=FILE.png]"))
+                                                     usage=USAGES['loss'][1]))
     if not out_dirs:  # the newest run folder here
         out_dirs = [common.find_run_dir('out', False, what='plot')]
     path = cfg['out'] or (os.path.join(out_dirs[0], 'loss.png') if len(out_dirs) == 1 else 'loss.png')
@@ -215,7 +215,7 @@ def run_loss(argv):
 
 
 def run_attention(argv):
-    overrides = common.load_config(ATTENTION_DEFAULTS, argv, usage="python plot.py attention [--key=value ...]")
+    overrides = common.load_config(ATTENTION_DEFAULTS, argv, usage=USAGES['attention'][1])
     cfg = dict(ATTENTION_DEFAULTS, **overrides)
     dev = common.setup_device(cfg['device'], 'float32',
                               default_reason=None if 'device' in overrides else "plot.py's default")
@@ -243,12 +243,19 @@ def run_attention(argv):
 
 
 COMMANDS = {'loss': run_loss, 'attention': run_attention}
+USAGES = {'loss': (LOSS_DEFAULTS, "python plot.py loss [OUT_DIR ...] [--out=FILE.png]"),
+          'attention': (ATTENTION_DEFAULTS, "python plot.py attention [--key=value ...]")}
 
 
 def main(argv):
     if not argv or argv[0] not in COMMANDS:
-        common.print_stdout(__doc__.strip())
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
+        common.print_stdout(f"usage: python plot.py {{{','.join(COMMANDS)}}} ...\n{__doc__.strip()}")
+        if argv and argv[0] in ('-h', '--help'):
+            for command, (defaults, usage) in USAGES.items():
+                common.print_stdout('')
+                common.print_help(defaults, __file__, usage)
+            return 0
+        return 2
     COMMANDS[argv[0]](argv[1:])
     return 0
 

@@ -788,7 +788,10 @@ def main(argv=None):
                   f"{DATASETS[name].description}\noptions: " + " ".join(f"--{k}={v}" for k, v in opts.items()))
             return 0
         if action:
-            print(__doc__.strip())
+            knobs = "\n".join(f"  {n:<17} " + " ".join(f"--{k}={v}" for k, v in {**COMMON_OPTIONS, **d.options}.items())
+                              for n, d in DATASETS.items())
+            print(f"usage: python prepare.py NAME [--key=value ...] [--force] | --list\n{__doc__.strip()}\n\n"
+                  f"knobs of each dataset (--key=default):\n{knobs}")
             return 0
         if name is None:
             raise UsageError("name a dataset; python prepare.py --list shows them, --help the usage")
