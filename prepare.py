@@ -499,6 +499,9 @@ def read_wikitext2(opts, out_dir):
                extra={"missing_splits": [m[0] for m in missing]})
 
 
+COUNTING_KNOBS = ("seed", "numbers", "min_len", "max_len", "num_train", "num_val", "val_starts")  # in meta.json
+
+
 def read_counting(opts, out_dir):
     """Sequences 'x x+1 ... x+k', one per line; val uses start values never used in train.
 
@@ -529,7 +532,7 @@ def read_counting(opts, out_dir):
     splits = {"train": lines(opts["num_train"], train_starts), "val": lines(opts["num_val"], held_out)}
     return Raw(splits, source=f"generated (seed={opts['seed']})",
                extra={"val_starts": held_out, "separator": numbers,
-                      "counting": {k: opts[k] for k in ("seed", "numbers", "min_len", "max_len")}})
+                      "counting": {k: opts[k] for k in COUNTING_KNOBS}})
 
 
 def read_openwebtext(opts, out_dir):
@@ -723,10 +726,8 @@ def already_prepared(name, overrides):
             return None
     if name == "text" and meta.get("tokenizer") != opts["tokenizer"]:
         return None
-    if name == "counting" and meta.get("counting") != {k: opts[k] for k in ("seed", "numbers", "min_len", "max_len")}:
+    if name == "counting" and meta.get("counting") != {k: opts[k] for k in COUNTING_KNOBS}:
         return None
-    if name == "counting" and any(str(k) in overrides for k in ("num_train", "num_val", "val_starts")):
-        return None  # not recorded in meta.json: make it again
     if opts.get("input") and Path(opts["input"]).is_file():
         if sha256_of(opts["input"]) not in (meta.get("source_sha256") or {}).values():
             return None
