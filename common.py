@@ -551,7 +551,8 @@ class Progress:
     """Progress of a long loop on stderr, silent for work that ends within `after` seconds.
 
     On a terminal, a bar redrawn in place; otherwise (a log file, CI) a plain line every `every`
-    seconds. close() (or leaving a `with` block) prints a last line if anything was shown.
+    seconds. close() (or leaving a `with` block) prints a last line if anything was shown; with
+    keep=False it erases the bar instead (the caller prints its own result line).
 
         with common.Progress('perplexity', total=len(batches), unit='windows') as bar:
             for b in batches:
@@ -559,8 +560,8 @@ class Progress:
                 bar.update(len(b))
     """
 
-    def __init__(self, label, total=None, unit='', after=3.0, every=10.0, stream=None):
-        self.label, self.total, self.unit = label, total, unit
+    def __init__(self, label, total=None, unit='', after=3.0, every=10.0, stream=None, keep=True):
+        self.label, self.total, self.unit, self.keep = label, total, unit, keep
         self.after, self.every = after, every
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
@@ -600,7 +601,10 @@ class Progress:
         if self.shown_at is None:
             return  # quick work stays silent
         text = self._text(time.monotonic())
-        self.stream.write(('\r' + text + '\033[K\n') if self.tty else text + '\n')
+        if not self.keep:
+            self.stream.write('\r\033[K' if self.tty else '')
+        else:
+            self.stream.write(('\r' + text + '\033[K\n') if self.tty else text + '\n')
         self.stream.flush()
         self.shown_at = None
 

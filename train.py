@@ -268,7 +268,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         losses = {}
         # silent unless it takes more than a few seconds (the first evaluation of a big model)
         bar = common.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
-                              stream=None if master_process else io.StringIO())
+                              stream=None if master_process else io.StringIO(), keep=False)
         for split in ('train', 'val'):
             total = torch.zeros((), device=dev.device)
             for k in range(rank, eval_iters, world_size):
