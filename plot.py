@@ -108,6 +108,15 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600):
             losses = [r['loss'] for r in rows]
             ax_iter.plot([r['iter'] for r in rows], losses, color=color, label=label, **style)
             ax_tok.plot([r['tokens'] for r in rows], losses, color=color, label=label, **style)
+    hellaswag = [[r for r in records if r.get('kind') == 'hellaswag'] for records in logs]
+    if any(hellaswag):  # train.py's hellaswag_interval: accuracy on its own scale, right axis
+        ax_acc = ax_iter.twinx()
+        for i, (rows, name) in enumerate(zip(hellaswag, names)):
+            if rows:
+                ax_acc.plot([r['iter'] for r in rows], [r['acc_norm'] for r in rows], color=f'C{i % 10}',
+                            ls=':', marker='s', ms=3, label=f'{name} HellaSwag acc_norm')
+        ax_acc.set_ylabel('HellaSwag acc_norm')
+        ax_acc.legend(fontsize=8, loc='upper right')
     from matplotlib.ticker import EngFormatter
     ax_iter.set_xlabel('iteration')
     ax_tok.set_xlabel('tokens seen')

@@ -48,6 +48,8 @@ eval_iters = 200  # batches per split for each evaluation
 eval_only = False  # evaluate once at the start, then exit
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local Hugging Face folder
+hellaswag_interval = 0  # HellaSwag acc_norm every this many iterations, logged and plotted (GPT-2 BPE data); 0: off
+hellaswag_input = ''  # a HellaSwag .jsonl file; '' downloads hellaswag_val.jsonl into data/hellaswag/
 # wandb logging
 wandb_log = False  # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = 'owt'  # wandb project name
@@ -93,6 +95,8 @@ if compile not in (None, True, False):
     common.die(f"compile must be True, False or None (auto), got {compile!r}")
 if seed < 0:
     common.die(f"seed must be >= 0, got {seed}")
+if hellaswag_interval < 0:
+    common.die(f"hellaswag_interval must be >= 0 (0: off), got {hellaswag_interval}")
 for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
     if globals()[key] < 1:
         common.die(f"{key} must be at least 1, got {globals()[key]}")
@@ -219,6 +223,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     elif block_size > model.config.block_size:
         common.die(f"block_size={block_size} is longer than the model's {model.config.block_size} positions")
     model.to(dev.device)
+    if hellaswag_interval:
+        import evaluate  # each rank scores its share of the examples; the counts are summed
+        hellaswag = evaluate.HellaSwagDuringTraining(meta, hellaswag_input, model_args['vocab_size'], rank, world_size)
     if master_process:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
         print(model.param_table())
@@ -366,6 +373,17 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
                 save_training_state('val loss improved' if improved else 'always_save_checkpoint')
             t_log += time.time() - t_eval  # keep evals and saves out of ms/iter
+        if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num == max_iters or eval_only):
+            t_eval = time.time()
+            hs = hellaswag(model, dev)  # the uncompiled model: example lengths vary, no recompiles
+            if master_process:
+                print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
+                log_jsonl(iter=iter_num, kind='hellaswag', tokens=iter_num * tokens_per_iter, **hs)
+                if plot.have_matplotlib():
+                    plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
+                if wandb_log:
+                    wandb.log({'iter': iter_num, 'hellaswag/acc_norm': hs['acc_norm']})
+            t_log += time.time() - t_eval
         if eval_only or iter_num >= max_iters:
             break
 
