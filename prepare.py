@@ -1051,6 +1051,8 @@ def prepare(dataset, **overrides):
         os.replace(tmp, out_dir / f"{split}.bin")
     meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits={s: int(n) for s, (_, n) in written.items()},
                 source=raw.source, source_sha256=raw.sha256, **raw.extra)
+    # the knobs that shape the tokens, so `prepare.py NAME` can tell whether it is already done
+    meta["options"] = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
     write_json(out_dir / "meta.json", meta)
 
     for split, count in meta["splits"].items():
@@ -1067,6 +1069,10 @@ def prepare(dataset, **overrides):
         print(f"GPT-2 tokenization: {stats['tokens']:,} tokens in {stats['seconds']:.2f} s = "
               f"{rate:,.0f} tokens/s (tiktoken encode_ordinary_batch, {threads} threads)")
     return meta
+
+
+# where the data is read from or written to and how many cores work on it, not what it holds
+NOT_CONTENT_OPTIONS = ("data_dir", "input", "num_threads", "num_proc")
 
 
 def already_prepared(name, overrides):
@@ -1093,6 +1099,12 @@ def already_prepared(name, overrides):
         return None
     if name == "counting" and meta.get("counting") != {k: opts[k] for k in COUNTING_KNOBS}:
         return None
+    wanted = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
+    if "options" in meta:
+        if meta["options"] != json.loads(json.dumps(wanted)):  # as meta.json stores them
+            return None
+    elif any(k not in NOT_CONTENT_OPTIONS for k in overrides):
+        return None  # prepared before knobs were recorded: asked for something, so make it again
     if opts.get("input") and Path(opts["input"]).is_file():
         if sha256_of(opts["input"]) not in (meta.get("source_sha256") or {}).values():
             return None
