@@ -32,6 +32,10 @@ SKIP = [
     ('config/train_shakespeare_char.py', 'a GPU-sized model'),
     ('config/bench_gpt2.py', 'GPT-2 124M'),
     ('--dataset=wikitext2', 'needs WikiText-2'),
+    ('config/gpt2', 'a GPU-sized model'),
+    ('fineweb', 'downloads a corpus'),
+    ('openwebtext', 'downloads a corpus'),
+    ('hellaswag', 'downloads HellaSwag'),
 ]
 # (substring, flags appended so the command takes seconds; later flags win)
 SHORTEN = [
@@ -97,8 +101,15 @@ def test_the_readme_lists_the_commands_a_new_user_needs():
     assert 'python -m pytest' in commands
     for script in SCRIPTS:
         assert any(c.startswith(f'python {script}') for c in commands), f"no example of {script}"
-    # every run folder a README command reads is one that a README command creates
-    made = {'out-shakespeare-char-cpu'}  # config/train_shakespeare_char_cpu.py's out_dir
+    # every run folder a README command reads is one that a README command creates: a train.py
+    # command's --out_dir, or the out_dir of a config file it names
+    made = set()
+    for command in commands:
+        if command.startswith(('python train.py', 'torchrun')):
+            made.update(re.findall(r"--out_dir=(\S+)", command))
+            for config in re.findall(r"(config/\w+\.py)", command):
+                made.update(re.findall(r"^out_dir = '(.+?)'", (ROOT / config).read_text(), re.M))
+    assert 'out-shakespeare-char-cpu' in made
     for command in commands:
         for folder in re.findall(r"--out_dir=(\S+)", command) + re.findall(r"plot.py loss (\S+)", command):
             assert folder in made, f"{command!r} reads {folder}, which no README command creates"
