@@ -132,7 +132,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     use_compile = (dev.device_type == 'cuda') if compile is None else compile
     if master_process:
-        print("config: " + json.dumps(config))
+        print(common.config_summary(config, common.source_defaults(__file__), os.path.join(out_dir, 'config.json')))
         print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, 'config.json'), 'w') as f:
@@ -290,6 +290,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce."""
         model.eval()
         losses = {}
+        # silent unless it takes more than a few seconds (the first evaluation of a big model)
+        bar = common.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
+                              stream=None if master_process else io.StringIO(), keep=False)
         for split in ('train', 'val'):
             total = torch.zeros((), device=dev.device)
             for k in range(rank, eval_iters, world_size):
@@ -297,9 +300,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 with dev.autocast():
                     _, loss = fast_model(x, y)
                 total += loss.float()
+                bar.update()
             if ddp:
                 dist.all_reduce(total)
             losses[split] = total.item() / eval_iters
+        bar.close()
         model.train()
         return losses
 
@@ -458,6 +463,20 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 save_training_state(f"stopped by {stop_signal}")
                 print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
             break
+
+    if master_process and not eval_only:  # what happened, and what to do next
+        wall = time.time() - run_start
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
+              f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
+        if os.path.isfile(ckpt_path):
+            print(f"checkpoint: {ckpt_path} (log: {log_path}, loss curve: {out_dir}/loss.png)")
+            start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
+            print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n"
+                  f"      python plot.py loss {out_dir}")
+        else:
+            print(f"no checkpoint was written (no evaluation after iteration {start_iter}); "
+                  f"lower --eval_interval to save one")
 
     if ddp:
         # finish together: rank 0's torchrun agent may host the rendezvous store, and a node
