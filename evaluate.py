@@ -3,7 +3,7 @@ Numbers about a trained model: perplexity over a whole split, counting accuracy,
 
 Perplexity of a checkpoint (out_dir/ckpt.pt) or of a Hugging Face GPT-2 (name or local folder)
 on any prepared split, every token scored exactly once:
-$ python evaluate.py perplexity --out_dir=out-shakespeare --dataset=shakespeare --split=val
+$ python evaluate.py perplexity --out_dir=out-shakespeare-char-cpu      # its own dataset's val split
 $ python evaluate.py perplexity --init_from=gpt2 --dataset=wikitext2 --split=test --stride=512
 
 Counting accuracy of a model trained on `python prepare.py counting` (greedy decoding from
@@ -15,8 +15,9 @@ BPE model; GPT-2 124M gets acc_norm ~0.29:
 $ python evaluate.py hellaswag --init_from=gpt2
 $ python evaluate.py hellaswag --out_dir=out-gpt2 --limit=1000
 
-Knobs are --key=value flags (or config files), checked like train.py's; `python evaluate.py
-perplexity --help` lists them with their defaults.
+Without --out_dir, the newest run folder here (one holding ckpt.pt) is used. Knobs are
+--key=value flags (or config files), checked like train.py's; `python evaluate.py perplexity
+--help` lists them with their defaults.
 """
 
 import json
@@ -81,6 +82,7 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
     was_training = model.training
     model.eval()
     total_nll, total_count = 0.0, 0
+    bar = common.Progress('perplexity', total=len(plan), unit='windows')
     for i in range(0, len(plan), batch_size):
         chunk = plan[i:i + batch_size]
         x = torch.stack([data[b:b + n] for b, n, _ in chunk])  # (B, T); all windows share T
@@ -93,6 +95,8 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
         count = int((y != -1).sum())  # every window scores at least one target (window_plan)
         total_nll += loss.item() * count
         total_count += count
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     assert total_count == len(tokens) - 1, f"scored {total_count} tokens, expected {len(tokens) - 1}"
     loss = total_nll / total_count
@@ -274,9 +278,9 @@ MODEL_KNOBS = dict(
 DEFAULTS = {
     'perplexity': dict(
         MODEL_KNOBS,
-        dataset='wikitext2',  # reads data/<dataset>/<split>.bin
+        dataset='',  # reads data/<dataset>/<split>.bin; '' = the checkpoint's dataset (wikitext2 for GPT-2)
         data_dir='',  # a folder with <split>.bin instead of data/<dataset>
-        split='test',  # train, val or test
+        split='',  # train, val or test; '' = test where the dataset has one, else val
         stride=0,  # tokens between window starts; 0 means block_size // 2
         block_size=0,  # window length; 0 means the model's block_size (a smaller one crops the model)
         batch_size=8,  # windows per forward pass
@@ -301,19 +305,28 @@ DEFAULTS = {
 def load_model(cfg):
     """(model, info, device setup) for init_from/out_dir: see common.load_model."""
     dev = common.setup_device(cfg['device'], cfg['dtype'])
+    if cfg['init_from'] == 'resume':
+        cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
     model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
     print(f"model: {info['source']}")
     return model, info, dev
 
 
 def run_perplexity(cfg):
-    folder = cfg['data_dir'] or os.path.join(prepare.DATA_DIR, cfg['dataset'])
-    path = os.path.join(folder, f"{cfg['split']}.bin")
+    model, info, dev = load_model(cfg)
+    dataset = cfg['dataset'] or info.get('dataset') or 'wikitext2'  # a checkpoint's own data; GPT-2: wikitext2
+    if cfg['data_dir']:
+        folder = cfg['data_dir']
+    elif not cfg['dataset'] and info.get('data_dir'):
+        folder = info['data_dir']  # where the checkpoint's dataset was found
+    else:
+        folder = os.path.join(prepare.DATA_DIR, dataset)
+    split = cfg['split'] or ('test' if os.path.isfile(os.path.join(folder, 'test.bin')) else 'val')
+    path = os.path.join(folder, f"{split}.bin")
     if not os.path.isfile(path):
-        common.die(f"no {path}: prepare it with `python prepare.py {cfg['dataset']}` "
-                   f"(or point --data_dir at a folder with {cfg['split']}.bin)")
+        common.die(f"no {path}: prepare it with `python prepare.py {dataset}` "
+                   f"(or point --data_dir at a folder with {split}.bin)")
     tokens = common.open_tokens(path)
-    model, _, dev = load_model(cfg)
     if cfg['block_size']:
         if cfg['block_size'] > model.config.block_size:
             common.die(f"block_size={cfg['block_size']} is longer than the model's {model.config.block_size}")
@@ -364,8 +377,8 @@ def check_config(command, cfg):
         if key in cfg and cfg[key] < 0:
             common.die(f"{key} must be >= 0 (0 = the default), got {cfg[key]}")
     if command == 'perplexity':
-        if cfg['split'] not in ('train', 'val', 'test'):
-            common.die(f"split must be train, val or test, got {cfg['split']!r}")
+        if cfg['split'] not in ('', 'train', 'val', 'test'):
+            common.die(f"split must be train, val or test ('' = test, else val), got {cfg['split']!r}")
         if cfg['stride'] and cfg['block_size'] and cfg['stride'] > cfg['block_size']:
             common.die(f"stride={cfg['stride']} must be at most block_size={cfg['block_size']}")
     if command == 'counting' and cfg['starts']:
@@ -391,17 +404,19 @@ def parse_starts(text):
 
 def main(argv):
     if not argv or argv[0] in ('-h', '--help'):
-        print(__doc__.strip())
-        return 0 if argv else 2
+        common.print_stdout(f"usage: python evaluate.py {{{','.join(COMMANDS)}}} [--key=value ...]\n{__doc__.strip()}")
+        if argv:
+            for command, defaults in DEFAULTS.items():
+                common.print_stdout('')
+                common.print_help(defaults, __file__, f"python evaluate.py {command} [--key=value ...]")
+            return 0
+        return 2
     if argv[0] not in COMMANDS:
         common.die(common.unknown_command(argv[0], COMMANDS, 'evaluate.py'))
     command, rest = argv[0], argv[1:]
     defaults = DEFAULTS[command]
-    if '--help' in rest or '-h' in rest:
-        for key, value in defaults.items():
-            print(f"--{key}={value!r}")
-        return 0
-    cfg = dict(defaults, **common.load_config(defaults, rest))
+    overrides = common.load_config(defaults, rest, usage=f"python evaluate.py {command} [--key=value ...]")
+    cfg = dict(defaults, **overrides, _out_dir_given='out_dir' in overrides)
     check_config(command, cfg)
     COMMANDS[command](cfg)
     return 0

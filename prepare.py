@@ -16,7 +16,7 @@ as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for e
     python prepare.py text --input=notes/ --tokenizer=char --name=mydata
 
 Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
-PATH instead of data/; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
+PATH instead of data/; --force prepares again a dataset that is already prepared; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
 
 In code (what train.py, sample.py and evaluation use):
     import prepare
@@ -198,21 +198,32 @@ def load_tokenizer(dataset_dir):
 # ----------------------------------------------------------------------------- files
 
 _last_draw = [0.0]
+_drawn = [False]  # a line of the current job was shown (in a log, its last line is then shown too)
 
 
-def progress(label, done, total=None, final=False):
-    """Own one-line progress bar on stderr (no tqdm dependency)."""
+def progress(label, done, total=None, final=False, count=None):
+    """Own one-line progress on stderr (no tqdm dependency): a bar redrawn in place on a
+    terminal, a plain line every 10 s otherwise (logs, CI). done/total set the bar; count is
+    the text shown for the amount (default 'done/total'), e.g. tokens written so far."""
     now = time.monotonic()
-    if not final and now - _last_draw[0] < 0.2:  # redrawing per 64 KiB block would flood logs
+    tty = sys.stderr.isatty()
+    if not final and now - _last_draw[0] < (0.2 if tty else 10.0):  # per-block redraws would flood logs
         return
+    if final and not tty and not _drawn[0]:
+        return  # quick work in a log: the summary that follows says it all
+    _drawn[0] = not final
     _last_draw[0] = now
+    count = count or (f"{done:,}/{total:,}" if total else f"{done:,}")
     if total:
         frac = min(done / total, 1.0)
-        bar = "#" * int(30 * frac)
-        text = f"\r{label} [{bar:<30}] {100 * frac:5.1f}% {done:,}/{total:,}"
+        bar = f"[{'#' * int(30 * frac):<30}] " if tty else ""
+        text = f"{label} {bar}{100 * frac:5.1f}% {count}"
     else:
-        text = f"\r{label} {done:,}"
-    sys.stderr.write(text + ("\n" if final else ""))
+        text = f"{label} {count}"
+    if tty:
+        sys.stderr.write("\r" + text + ("\n" if final else ""))
+    else:
+        sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
@@ -248,10 +259,10 @@ def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
                         f.write(block)
                         h.update(block)
                         done += len(block)
-                        progress(f"downloading {dest.name}", done, total)
+                        progress(f"downloading {dest.name}", done, total, count=f"{done:,} bytes" + (f" of {total:,}" if total else ""))
                     f.flush()
                     os.fsync(f.fileno())
-                progress(f"downloading {dest.name}", done, total, final=True)
+                progress(f"downloading {dest.name}", done, total, final=True, count=f"{done:,} bytes")
             digest = h.hexdigest()
             # a mismatch is retried too: proxies and captive portals return wrong bytes with 200
             if sha256 is not None and digest != sha256:
@@ -374,12 +385,17 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
     Documents are cut into safe pieces and encoded a batch (~batch_chars characters) at a time
     with tokenizer.encode_batch, so memory stays bounded and all cores work whatever the size.
     """
-    # in-memory text (a list) shows progress in characters, a corpus in documents
+    # the bar follows the input (characters of in-memory text, documents of a corpus); the count
+    # shown is tokens, the unit of the summary printed at the end
     by_chars = isinstance(docs, list)
     total = sum(map(len, docs)) if by_chars else (len(docs) if hasattr(docs, "__len__") else None)
     stats = stats if stats is not None else {}
     stats.setdefault("tokens", 0)
     stats.setdefault("seconds", 0.0)
+    first_token = stats["tokens"]  # stats may already count earlier splits
+
+    def written():
+        return f"{stats['tokens'] - first_token:,} tokens"
     pieces, chars, done = [], 0, 0  # None in pieces marks a document end (eot goes there)
 
     def flush():
@@ -401,13 +417,13 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
             if chars >= batch_chars:  # flush mid-document too: one huge file stays bounded
                 yield flush()
                 chars = 0
-                progress(label, done, total)
+                progress(label, done, total, count=written())
         if eot is not None:
             pieces.append(None)
         done += 0 if by_chars else 1
     if pieces:
         yield flush()
-    progress(label, done, total, final=True)
+    progress(label, done, total, final=True, count=written())
 
 
 # ----------------------------------------------------------------------------- sources
@@ -502,6 +518,9 @@ def read_wikitext2(opts, out_dir):
                extra={"missing_splits": [m[0] for m in missing]})
 
 
+COUNTING_KNOBS = ("seed", "numbers", "min_len", "max_len", "num_train", "num_val", "val_starts")  # in meta.json
+
+
 def read_counting(opts, out_dir):
     """Sequences 'x x+1 ... x+k', one per line; val uses start values never used in train.
 
@@ -532,7 +551,7 @@ def read_counting(opts, out_dir):
     splits = {"train": lines(opts["num_train"], train_starts), "val": lines(opts["num_val"], held_out)}
     return Raw(splits, source=f"generated (seed={opts['seed']})",
                extra={"val_starts": held_out, "separator": numbers,
-                      "counting": {k: opts[k] for k in ("seed", "numbers", "min_len", "max_len")}})
+                      "counting": {k: opts[k] for k in COUNTING_KNOBS}})
 
 
 # ----------------------------------------------------------------------------- parquet corpora
@@ -1050,6 +1069,8 @@ def prepare(dataset, **overrides):
         os.replace(tmp, out_dir / f"{split}.bin")
     meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits={s: int(n) for s, (_, n) in written.items()},
                 source=raw.source, source_sha256=raw.sha256, **raw.extra)
+    # the knobs that shape the tokens, so `prepare.py NAME` can tell whether it is already done
+    meta["options"] = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
     write_json(out_dir / "meta.json", meta)
 
     for split, count in meta["splits"].items():
@@ -1066,6 +1087,47 @@ def prepare(dataset, **overrides):
         print(f"GPT-2 tokenization: {stats['tokens']:,} tokens in {stats['seconds']:.2f} s = "
               f"{rate:,.0f} tokens/s (tiktoken encode_ordinary_batch, {threads} threads)")
     return meta
+
+
+# where the data is read from or written to and how many cores work on it, not what it holds
+NOT_CONTENT_OPTIONS = ("data_dir", "input", "num_threads", "num_proc")
+
+
+def already_prepared(name, overrides):
+    """Why data/NAME is already prepared as asked (a sentence), or None when it must be made.
+
+    Prepared means: meta.json names this dataset, every split it lists is on disk with its token
+    count, the dataset's own knobs (counting's seed, numbers, ...; text's tokenizer) are the same,
+    and an --input file, if given, has the sha256 recorded. Where the text came from otherwise
+    does not matter: a folder prepared from --input counts as prepared without it.
+    """
+    opts = resolve_options(name, overrides)
+    folder = Path(opts["data_dir"] or DATA_DIR) / (opts.get("name") or name)
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("dataset") != name or not isinstance(meta.get("splits"), dict) or not meta["splits"]:
+        return None
+    for split, count in meta["splits"].items():
+        path = folder / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != count * np.dtype(TOKEN_DTYPE).itemsize:
+            return None
+    if name == "text" and meta.get("tokenizer") != opts["tokenizer"]:
+        return None
+    if name == "counting" and meta.get("counting") != {k: opts[k] for k in COUNTING_KNOBS}:
+        return None
+    wanted = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
+    if "options" in meta:
+        if meta["options"] != json.loads(json.dumps(wanted)):  # as meta.json stores them
+            return None
+    elif any(k not in NOT_CONTENT_OPTIONS for k in overrides):
+        return None  # prepared before knobs were recorded: asked for something, so make it again
+    if opts.get("input") and Path(opts["input"]).is_file():
+        if sha256_of(opts["input"]) not in (meta.get("source_sha256") or {}).values():
+            return None
+    counts = ", ".join(f"{split} {count:,}" for split, count in meta["splits"].items())
+    return f"{folder} is already prepared ({counts} tokens, from {meta.get('source', '?')})"
 
 
 def list_datasets(data_dir=None):
@@ -1092,6 +1154,8 @@ def parse_args(argv):
     for arg in argv:
         if arg in ("--list", "--help", "-h"):
             overrides.setdefault("__action", arg)
+        elif arg == "--force":
+            overrides["__force"] = True
         elif arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
@@ -1113,16 +1177,24 @@ def main(argv=None):
         if action == "--list":
             print(list_datasets(overrides.get("data_dir")))
             return 0
+        force = overrides.pop("__force", False)
         if action and name:  # `NAME --help`: that dataset's knobs and their defaults
             opts = resolve_options(name, {})
-            print(f"{name}: {DATASETS[name].description}\noptions: " +
-                  " ".join(f"--{k}={v}" for k, v in opts.items()))
+            print(f"usage: python prepare.py {name} [--key=value ...] [--force]\n"
+                  f"{DATASETS[name].description}\noptions: " + " ".join(f"--{k}={v}" for k, v in opts.items()))
             return 0
         if action:
-            print(__doc__.strip())
+            knobs = "\n".join(f"  {n:<17} " + " ".join(f"--{k}={v}" for k, v in {**COMMON_OPTIONS, **d.options}.items())
+                              for n, d in DATASETS.items())
+            print(f"usage: python prepare.py NAME [--key=value ...] [--force] | --list\n{__doc__.strip()}\n\n"
+                  f"knobs of each dataset (--key=default):\n{knobs}")
             return 0
         if name is None:
             raise UsageError("name a dataset; python prepare.py --list shows them, --help the usage")
+        done = None if force else already_prepared(name, overrides)
+        if done:
+            print(f"{done}; nothing to do (--force prepares it again)")
+            return 0
         prepare(name, **overrides)
         return 0
     except PrepareError as e:
@@ -1137,5 +1209,17 @@ def main(argv=None):
         return 130
 
 
+def _main_quiet_on_closed_pipe():
+    """main(), ending quietly when stdout's reader goes away (`python prepare.py --help | head`)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # point stdout at devnull so the interpreter's exit flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_quiet_on_closed_pipe())

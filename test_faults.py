@@ -114,7 +114,7 @@ def run_copy(trained, tmp_path):
     ('--n_layer=0', ['n_layer', 'at least 1', '0']),
     ('--n_head=0', ['n_head', 'at least 1']),
     ('--n_embd=0', ['n_embd', 'at least 1']),
-    ('--n_head=3', ['n_embd=32', 'divisible by n_head=3']),
+    ('--n_head=3', ['n_embd', '32', 'divisible by n_head', '3']),
     ('--dropout=1.5', ['dropout', '[0, 1)', '1.5']),
     ('--dropout=-0.1', ['dropout', '[0, 1)']),
     ('--learning_rate=-1', ['learning_rate', '> 0', '-1']),
@@ -219,7 +219,6 @@ def test_prepare_counting_bad_options(tmp_path, argv, fragments):
     ('plot', ['attention', '--start=FILE:/no/such/prompt.txt'], ['/no/such/prompt.txt']),
     ('plot', ['attention', '--out=/no/such/dir/a.png'], ['/no/such/dir']),
     ('plot', ['attention', '--out=picture.jpg'], ['.png']),
-    ('plot', ['loss'], ['at least one run folder']),
     ('plot', ['loss', '/no/such/run'], ['/no/such/run/log.jsonl']),
     ('bench', ['--temperature=-1'], ['temperature', '>= 0']),
     ('bench', ['--top_k=-1'], ['top_k', '>= 0']),
@@ -322,8 +321,10 @@ def test_check_token_ids_names_the_largest_id(tmp_path):
 
 @pytest.mark.parametrize('size, fragment', [(9, 'odd size'), (0, 'no tokens')])
 def test_evaluate_perplexity_refuses_odd_or_empty_token_file(tmp_path, size, fragment):
-    (tmp_path / 'test.bin').write_bytes(b'\0' * size)
-    code, stderr = captured(evaluate.main, ['perplexity', f'--data_dir={tmp_path}', '--device=cpu'])
+    out = char_checkpoint(tmp_path)
+    (tmp_path / 'data' / 'test.bin').write_bytes(b'\0' * size)
+    code, stderr = captured(evaluate.main, ['perplexity', f'--out_dir={out}', f'--data_dir={tmp_path / "data"}',
+                                            '--device=cpu'])
     assert_error_line(code, stderr, 'test.bin', fragment)
 
 

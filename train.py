@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plot  # loss curves; matplotlib is imported only when drawing
-from model import GPT, GPTConfig
+from model import GPT, GPT2_KNOBS, GPTConfig, check_knobs
 from prepare import PrepareError, read_meta
 
 # -----------------------------------------------------------------------------
@@ -66,6 +66,12 @@ n_head = 12  # attention heads per block
 n_embd = 768  # embedding width
 dropout = 0.0  # 0 for pretraining; try 0.1+ for finetuning
 bias = False  # biases in Linear and LayerNorm layers
+pos_emb = 'learned'  # positions: 'learned' (GPT-2) or 'rope' (rotary; see docs/modern_model.md)
+norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
+mlp_act = 'gelu'  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
+qk_norm = False  # RMS-normalise queries and keys per head
+tie_embeddings = True  # the output head shares the token embedding (GPT-2)
+logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off (nanochat uses 15)
 # adamw optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps to train for
@@ -118,8 +124,11 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
     for key in ('beta1', 'beta2', 'dropout'):  # AdamW's betas and dropout's probability live in [0, 1)
         if not 0 <= globals()[key] < 1:
             common.die(f"{key} must be in [0, 1), got {globals()[key]}")
-    if n_embd % n_head != 0:
-        common.die(f"n_embd={n_embd} must be divisible by n_head={n_head} (each head gets n_embd/n_head dims)")
+    try:  # the model's knobs (n_embd divisible by n_head, pos_emb, norm, ...), before anything is written
+        check_knobs(GPTConfig(n_head=n_head, n_embd=n_embd, pos_emb=pos_emb, norm=norm, mlp_act=mlp_act,
+                              qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
+    except ValueError as e:
+        common.die(str(e).replace('GPTConfig.', ''))
     if backend not in ('auto', 'nccl', 'gloo'):
         common.die(f"backend must be auto, nccl or gloo, got {backend!r}")
     if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from)):
@@ -167,7 +176,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     use_compile = (dev.device_type == 'cuda') if compile is None else compile
     if master_process:
-        print("config: " + json.dumps(config))
+        print(common.config_summary(config, common.source_defaults(__file__), os.path.join(out_dir, 'config.json')))
         print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
 
     # -------------------------------------------------------------------------
@@ -243,7 +252,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     best_val_loss = float('inf')  # lowest val loss seen by an evaluation
     checkpoint = None
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      bias=bias, vocab_size=None, dropout=dropout)
+                      bias=bias, vocab_size=None, dropout=dropout, pos_emb=pos_emb, norm=norm,
+                      mlp_act=mlp_act, qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap)
+    # the architecture; a checkpoint or pretrained model decides it (old checkpoints: GPT-2's knobs)
+    arch_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size') + tuple(GPT2_KNOBS)
+
     def check_resume(ckpt):
         """The data must fit the checkpoint's vocabulary; model flags the checkpoint overrides are named,
         and config (config.json, the next checkpoint) records the model that is really trained."""
@@ -259,12 +272,14 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         if block_size > model_args['block_size']:
             common.die(f"block_size={block_size} is longer than the checkpoint's {model_args['block_size']} "
                        f"positions; resume with --block_size={model_args['block_size']} or less")
+        shape_keys = [k for k in arch_keys if k not in ('block_size', 'vocab_size')]
         ignored = [f"{k}={overrides[k]!r} (checkpoint: {model_args[k]!r})"
-                   for k in ('n_layer', 'n_head', 'n_embd', 'bias') if k in overrides and overrides[k] != model_args[k]]
+                   for k in shape_keys if k in overrides and overrides[k] != model_args[k]]
         if ignored and master_process:
             print(f"notice: resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
-        for k in ('n_layer', 'n_head', 'n_embd', 'bias'):
-            config[k] = globals()[k] = model_args[k]
+        for k in shape_keys:
+            if k in config:
+                config[k] = globals()[k] = model_args[k]
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     if init_from == 'scratch':
@@ -273,12 +288,15 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
             meta_vocab_size = 50304
         model_args['vocab_size'] = meta_vocab_size
-        model = GPT(GPTConfig(**model_args))
+        try:
+            model = GPT(GPTConfig(**model_args))
+        except ValueError as e:  # a shape the model refuses, e.g. n_embd not divisible by n_head
+            common.die(str(e).replace('GPTConfig.', ''))
     elif init_from == 'resume':
         checkpoint = common.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=dev.device)
         # the shape comes from the checkpoint; dropout may change between runs
-        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
-            model_args[k] = checkpoint['model_args'][k]
+        for k in arch_keys:
+            model_args[k] = checkpoint['model_args'].get(k, GPT2_KNOBS.get(k))
         check_resume(checkpoint)
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(common.model_state_dict(checkpoint))
@@ -293,7 +311,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             model = GPT.from_pretrained(init_from, dict(dropout=dropout))
         except FileNotFoundError as e:  # weights neither cached nor downloadable, or not a model folder
             common.die(str(e))
-        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+        for k in arch_keys:
             model_args[k] = getattr(model.config, k)
     else:
         common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
@@ -369,6 +387,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         None when a stop was requested meanwhile (a long evaluation must not delay Ctrl-C/SIGTERM)."""
         model.eval()
         losses = {}
+        # silent unless it takes more than a few seconds (the first evaluation of a big model)
+        bar = common.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
+                              stream=None if master_process else io.StringIO(), keep=False)
         for split in ('train', 'val'):
             total = torch.zeros((), device=dev.device)
             for j in range(-(-eval_iters // world_size)):  # every rank checks as often, even with no batch left
@@ -382,9 +403,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 with dev.autocast():
                     _, loss = fast_model(x, y)
                 total += loss.float()
+                bar.update()
             if ddp:
                 dist.all_reduce(total)
             losses[split] = total.item() / eval_iters
+        bar.close()
         model.train()
         return losses
 
@@ -572,6 +595,20 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                       f"continue with --init_from=resume --out_dir={out_dir}")
             else:
                 print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; nothing to save yet")
+
+    if master_process and not eval_only:  # what happened, and what to do next
+        wall = time.time() - run_start
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
+              f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
+        if os.path.isfile(ckpt_path):
+            print(f"checkpoint: {ckpt_path} (log: {log_path}, loss curve: {out_dir}/loss.png)")
+            start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
+            print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n"
+                  f"      python plot.py loss {out_dir}")
+        else:
+            print(f"no checkpoint was written (no evaluation after iteration {start_iter}); "
+                  f"lower --eval_interval to save one")
 
     if ddp:
         # finish together: rank 0's torchrun agent may host the rendezvous store, and a node
