@@ -109,8 +109,8 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
             common.die(f"{key} must be at least 1, got {globals()[key]}")
     # every knob is checked here, before anything is built or written (values that torch or the
     # model would only reject later, with a traceback, or accept and then do nothing)
-    for key, low, high in [('n_layer', 1, None), ('n_head', 1, None), ('n_embd', 1, None), ('max_iters', 0, None),
-                           ('warmup_iters', 0, None), ('lr_decay_iters', 0, None)]:
+    for key, low in [('n_layer', 1), ('n_head', 1), ('n_embd', 1), ('max_iters', 0), ('warmup_iters', 0),
+                     ('lr_decay_iters', 0)]:
         if globals()[key] < low:
             common.die(f"{key} must be at least {low}, got {globals()[key]}")
     for key in ('learning_rate', 'min_lr', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'dropout'):
