@@ -528,6 +528,8 @@ class RunLock:
         mine = f"{os.getpid()} {socket.gethostname()}\n"
         if self.path.parent.exists() and not self.path.parent.is_dir():
             die(f"out_dir {self.path.parent} is a file, not a folder; choose another --out_dir")
+        if self.path.is_dir():
+            die(f"{self.path} is a folder, not a lock file; remove it (rmdir {self.path}) or use another --out_dir")
         for _ in range(3):  # a takeover can race with another takeover: retry a few times
             try:
                 if not self.path.parent.is_dir():

@@ -155,21 +155,27 @@ def hellaswag_path(input_path=''):
 def read_hellaswag(path, limit=0):
     """[(context, [4 endings], label)] from a HellaSwag .jsonl file (fields ctx, endings, label)."""
     examples = []
-    with open(path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                ctx, endings, label = ex['ctx'], list(ex['endings']), int(ex['label'])
-            except (ValueError, KeyError, TypeError) as e:
-                common.die(f"{path} line {line_no} is not a HellaSwag example with ctx, endings and label "
-                           f"({type(e).__name__}: {str(e)[:60]})")
-            if len(endings) != 4 or not 0 <= label < 4:
-                common.die(f"{path} line {line_no}: expected 4 endings and a label 0..3")
-            examples.append((ctx, endings, label))
-            if limit and len(examples) >= limit:
-                break
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        common.die(f"cannot read --input={path}: {e.strerror or e}")
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line.decode('utf-8'))
+            ctx, endings, label = ex['ctx'], list(ex['endings']), int(ex['label'])
+        except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+            common.die(f"{path} line {line_no} is not a HellaSwag example with ctx, endings and label "
+                       f"({type(e).__name__}: {str(e)[:60]})")
+        if len(endings) != 4 or not 0 <= label < 4:
+            common.die(f"{path} line {line_no}: expected 4 endings and a label 0..3")
+        if not all(isinstance(t, str) for t in [ctx, *endings]):
+            common.die(f"{path} line {line_no}: ctx and endings must be strings")
+        examples.append((ctx, endings, label))
+        if limit and len(examples) >= limit:
+            break
     if not examples:
         common.die(f"{path} holds no examples")
     return examples
@@ -347,7 +353,13 @@ def run_perplexity(cfg):
 def run_counting(cfg):
     model, info, _ = load_model(cfg)
     folder = cfg['data_dir'] or info.get('data_dir') or os.path.join(prepare.DATA_DIR, 'counting')
-    meta = prepare.read_meta(folder)
+    try:
+        meta = prepare.read_meta(folder)
+    except prepare.PrepareError as e:
+        common.die(str(e))
+    if meta.get('tokenizer', 'counting') != 'counting':  # numbers are token ids only in counting data
+        common.die(f"counting accuracy needs a model trained on `python prepare.py counting`; {folder} holds "
+                   f"{meta['tokenizer']} data (or point --data_dir at the counting data's folder)")
     separator = meta.get('separator', model.config.vocab_size - 1)
     if cfg['starts']:
         starts = parse_starts(cfg['starts'])
@@ -373,7 +385,7 @@ def check_config(command, cfg):
     for key in ('batch_size', 'prompt_len', 'max_new_tokens'):
         if key in cfg and cfg[key] < 1:
             common.die(f"{key} must be at least 1, got {cfg[key]}")
-    for key in ('stride', 'block_size'):
+    for key in ('stride', 'block_size', 'limit'):
         if key in cfg and cfg[key] < 0:
             common.die(f"{key} must be >= 0 (0 = the default), got {cfg[key]}")
     if command == 'perplexity':
@@ -410,7 +422,7 @@ def main(argv):
                 common.print_stdout('')
                 common.print_help(defaults, __file__, f"python evaluate.py {command} [--key=value ...]")
             return 0
-        return 2
+        common.die(f"name a command: python evaluate.py {{{','.join(COMMANDS)}}} (usage above)")
     if argv[0] not in COMMANDS:
         common.die(common.unknown_command(argv[0], COMMANDS, 'evaluate.py'))
     command, rest = argv[0], argv[1:]

@@ -242,6 +242,11 @@ def run_loss(argv):
     for d in out_dirs:
         if not os.path.isfile(os.path.join(d, 'log.jsonl')):
             common.die(f"no {os.path.join(d, 'log.jsonl')}: is {d} a training run's out_dir?")
+    # a log without a single loss (a run that has not logged a step yet, or a garbled file) makes an
+    # empty picture: say so instead of writing one
+    if not any(r.get('kind', 'train') in ('train', 'eval') for d in out_dirs for r in read_log(d, notice=lambda m: None)):
+        common.die(f"no loss records in {', '.join(os.path.join(d, 'log.jsonl') for d in out_dirs)} yet: "
+                   f"plot once the run has logged a step (log_interval)")
     path = cfg['out'] or (os.path.join(out_dirs[0], 'loss.png') if len(out_dirs) == 1 else 'loss.png')
     plot_loss(out_dirs, path)
     print(f"wrote {path}")
@@ -311,7 +316,7 @@ def main(argv):
                 common.print_stdout('')
                 common.print_help(defaults, __file__, usage)
             return 0
-        return 2
+        common.die(f"name a command: python plot.py {{{','.join(COMMANDS)}}} (usage above)")
     if argv[0] not in COMMANDS:
         common.die(common.unknown_command(argv[0], COMMANDS, 'plot.py'))
     COMMANDS[argv[0]](argv[1:])

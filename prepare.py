@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -174,9 +175,12 @@ def read_meta(dataset_dir):
     path = dataset_dir / "meta.json"
     if path.exists():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            meta = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise PrepareError(f"{path} is not valid JSON ({e}); re-run prepare.py") from None
+        if not isinstance(meta, dict):
+            raise PrepareError(f"{path} holds a JSON {type(meta).__name__}, expected an object; re-run prepare.py")
+        return meta
     path = dataset_dir / "meta.pkl"
     if path.exists():
         with open(path, "rb") as f:
@@ -694,6 +698,10 @@ def parquet_tasks(path):
         raise _parquet_error(path, e) from None
     if "text" not in names:
         raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(names)})")
+    kind = pf.schema_arrow.field("text").type
+    import pyarrow.types as pa_types  # pyarrow is installed: _pyarrow() succeeded above
+    if not (pa_types.is_string(kind) or pa_types.is_large_string(kind)):
+        raise PrepareError(f"{path}: the 'text' column holds {kind}, expected strings (documents)")
     return [(str(path), g) for g in range(groups)]
 
 
@@ -1011,6 +1019,9 @@ def resolve_options(name, overrides):
         opts[key] = value
     if name == "text" and opts["tokenizer"] not in ("char", "gpt2"):
         raise UsageError(f"--tokenizer must be char or gpt2, got {opts['tokenizer']!r}")
+    # --name is one folder under data_dir: '../x' or 'a/b' would write outside it
+    if opts.get("name") is not None and (opts["name"] in ("", ".", "..") or "/" in opts["name"] or "\\" in opts["name"]):
+        raise UsageError(f"--name must be a plain folder name (no '/', '\\', '.' or '..'), got {opts['name']!r}")
     return opts
 
 
@@ -1175,6 +1186,9 @@ def main(argv=None):
         name, overrides = parse_args(argv)
         action = overrides.pop("__action", None)
         if action == "--list":
+            if name:
+                raise UsageError(f"--list takes no dataset name (got {name!r}); python prepare.py {name} --help "
+                                 "shows that dataset's knobs")
             print(list_datasets(overrides.get("data_dir")))
             return 0
         force = overrides.pop("__force", False)
@@ -1209,8 +1223,13 @@ def main(argv=None):
         return 130
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a job scheduler) cleans up like Ctrl-C: no temp files left
+
+
 def _main_quiet_on_closed_pipe():
     """main(), ending quietly when stdout's reader goes away (`python prepare.py --help | head`)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = main()
         sys.stdout.flush()

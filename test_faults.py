@@ -719,3 +719,137 @@ def test_torchrun_stopped_during_long_evaluation_leaves_no_workers(run_copy, sig
         # lock, but on a loaded machine they sometimes exit without saving (the agent hosting the
         # store is gone). What is guaranteed: no orphans, and ckpt.pt is a good checkpoint.
         assert common.load_checkpoint(out / 'ckpt.pt')['iter_num'] in (3, 4)
+
+
+# -----------------------------------------------------------------------------
+# second pass (an adversary's matrix): inputs that used to give a traceback, exit 0 wrongly,
+# write outside data_dir or leave a temporary file behind
+
+def test_prepare_name_must_stay_inside_data_dir(tmp_path):
+    (tmp_path / 'in.txt').write_text('hello world\n' * 50)
+    data_dir = tmp_path / 'data'
+    for name in ('../escaped', 'a/b', '..'):
+        code, stderr = captured(prepare.main, ['text', f'--input={tmp_path / "in.txt"}', f'--data_dir={data_dir}',
+                                               '--tokenizer=char', f'--name={name}'])
+        assert_error_line(code, stderr, '--name', 'plain folder name', repr(name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['in.txt']  # nothing written, inside or out
+
+
+def test_prepare_list_with_a_name_is_refused(tmp_path):
+    code, stderr = captured(prepare.main, ['--list', 'counting'])
+    assert_error_line(code, stderr, '--list', "'counting'")
+
+
+def test_prepare_parquet_text_column_of_numbers(tmp_path):
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    folder = tmp_path / 'shards'
+    folder.mkdir()
+    pq.write_table(pa.table({'text': [1, 2, 3]}), folder / 'a.parquet')
+    code, stderr = captured(prepare.main, ['fineweb_edu', f'--input={folder}', f'--data_dir={tmp_path / "data"}'])
+    assert_error_line(code, stderr, 'a.parquet', "'text' column holds int64", 'strings')
+    assert not list((tmp_path / 'data').rglob('*.bin*'))
+
+
+def test_prepare_sigterm_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (kill, a job scheduler) cleans up like Ctrl-C: no .train.bin.tmp is left."""
+    (tmp_path / 'in').mkdir()
+    (tmp_path / 'in' / 'a.txt').write_text('the quick brown fox jumps over the lazy dog\n' * 400_000)  # 18 MB
+    data_dir = tmp_path / 'data'
+    proc = subprocess.Popen([sys.executable, str(REPO / 'prepare.py'), 'text', f'--input={tmp_path / "in"}',
+                             f'--data_dir={data_dir}', '--num_threads=1'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    while not list(data_dir.rglob('.*.tmp')) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("prepare finished before the signal could be sent (a very fast machine)")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and 'Traceback' not in stderr, stderr
+    assert not list(data_dir.rglob('*.tmp')) and not list(data_dir.rglob('*.bin')), files_under(data_dir)
+
+
+def test_train_refuses_meta_json_that_is_not_an_object(tmp_path, data):
+    (data / 'meta.json').write_text('[1, 2]')
+    out = tmp_path / 'out'
+    code, stderr, _ = run_in_process('train.py', [*TINY, f'--data_dir={data}', f'--out_dir={out}'])
+    assert_error_line(code, stderr, 'meta.json', 'JSON list', 'expected an object')
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('damage, fragments', [
+    ('model_args_junk', ['model_args', 'n_layer', "'x'", 'damaged']),
+    ('missing_tensor', ['Missing key', 'damaged']),
+    ('wrong_shape', ['size mismatch', 'damaged']),
+    ('iter_str', ["iter_num '3'", 'damaged']),
+    ('no_optimizer', ['lacks optimizer', 'new --out_dir']),
+    ('no_vocab', ["model_args['vocab_size']"]),
+])
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(run_copy, damage, fragments):
+    data, out = run_copy
+    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    if damage == 'model_args_junk':
+        ckpt['model_args']['n_layer'] = 'x'
+    elif damage == 'missing_tensor':
+        ckpt['model'].pop('transformer.wte.weight')
+    elif damage == 'wrong_shape':
+        ckpt['model_args']['n_embd'] = 64
+    elif damage == 'iter_str':
+        ckpt['iter_num'] = '3'
+    elif damage == 'no_optimizer':
+        del ckpt['optimizer']
+    else:
+        del ckpt['model_args']['vocab_size']
+    torch.save(ckpt, out / 'ckpt.pt')
+    before = (out / 'ckpt.pt').read_bytes(), (out / 'log.jsonl').read_text()
+    code, stderr, _ = run_in_process('train.py', [*TINY, f'--data_dir={data}', f'--out_dir={out}',
+                                                  '--init_from=resume', '--max_iters=5'])
+    assert_error_line(code, stderr, 'ckpt.pt', *fragments)
+    assert before == ((out / 'ckpt.pt').read_bytes(), (out / 'log.jsonl').read_text())
+    assert not (out / 'run.lock').exists()
+
+
+def test_lock_path_that_is_a_folder_is_one_line(tmp_path, data):
+    out = tmp_path / 'out'
+    (out / 'run.lock').mkdir(parents=True)
+    code, stderr, _ = run_in_process('train.py', [*TINY, f'--data_dir={data}', f'--out_dir={out}'])
+    assert_error_line(code, stderr, 'run.lock', 'is a folder')
+
+
+HELLASWAG_OK = json.dumps({'ctx': 'A man', 'endings': [' a', ' b', ' c', ' d'], 'label': 0})
+
+
+@pytest.mark.parametrize('content, argv, fragments', [
+    (b'\xff\xfe\x00garbage\n', [], ['line 1', 'UnicodeDecodeError']),
+    (json.dumps({'ctx': 5, 'endings': ['a', 'b', 'c', 'd'], 'label': 0}).encode(), [], ['line 1', 'strings']),
+    (json.dumps({'ctx': 'x', 'endings': ['a', 'b', 'c', 5], 'label': 0}).encode(), [], ['line 1', 'strings']),
+    (HELLASWAG_OK.encode(), ['--limit=-1'], ['limit', '>= 0']),
+])
+def test_evaluate_hellaswag_bad_input_is_one_line(tmp_path, content, argv, fragments):
+    path = tmp_path / 'hs.jsonl'
+    path.write_bytes(content)
+    code, stderr = captured(evaluate.main, ['hellaswag', f'--input={path}', f'--out_dir={tmp_path}/none', *argv])
+    assert_error_line(code, stderr, *fragments)
+
+
+@pytest.mark.parametrize('script', ['evaluate', 'plot'])
+def test_no_command_is_an_error_line(script):
+    module = {'evaluate': evaluate, 'plot': plot}[script]
+    code, stderr = captured(module.main, [])
+    assert_error_line(code, stderr, 'name a command')
+
+
+def test_evaluate_counting_refuses_a_model_of_other_data(tmp_path):
+    out = char_checkpoint(tmp_path)
+    code, stderr = captured(evaluate.main, ['counting', f'--out_dir={out}', '--device=cpu'])
+    assert_error_line(code, stderr, 'prepare.py counting', 'char')
+
+
+@pytest.mark.parametrize('log', ['', '\xff\xfe garbage\n', '{"iter": 1}\n[1]\n'])
+def test_plot_loss_of_a_log_without_losses_is_one_line(tmp_path, log):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'log.jsonl').write_text(log, errors='surrogateescape')
+    code, stderr = captured(plot.main, ['loss', str(tmp_path / 'run')])
+    assert_error_line(code, stderr, 'no loss records', 'log.jsonl')
+    assert not (tmp_path / 'run' / 'loss.png').exists()  # no empty picture

@@ -293,13 +293,29 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         except ValueError as e:  # a shape the model refuses, e.g. n_embd not divisible by n_head
             common.die(str(e).replace('GPTConfig.', ''))
     elif init_from == 'resume':
-        checkpoint = common.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=dev.device)
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        checkpoint = common.load_checkpoint(ckpt_path, map_location=dev.device)
+        # a damaged or foreign checkpoint: one line naming what is wrong, before anything is built
+        ckpt_args = checkpoint.get('model_args')
+        missing = [k for k in ('model', 'optimizer', 'iter_num', 'best_val_loss') if k not in checkpoint]
+        missing += [f"model_args['{k}']" for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
+                    if not isinstance(ckpt_args, dict) or k not in ckpt_args]
+        if missing:
+            common.die(f"{ckpt_path} lacks {', '.join(missing)}: it is not a complete training checkpoint; "
+                       f"start a new --out_dir (or --init_from=scratch)")
+        if not isinstance(checkpoint['iter_num'], int) or not isinstance(checkpoint['best_val_loss'], (int, float)):
+            common.die(f"{ckpt_path}: iter_num {checkpoint['iter_num']!r} and best_val_loss "
+                       f"{checkpoint['best_val_loss']!r} must be numbers; the checkpoint is damaged")
         # the shape comes from the checkpoint; dropout may change between runs
         for k in arch_keys:
-            model_args[k] = checkpoint['model_args'].get(k, GPT2_KNOBS.get(k))
+            model_args[k] = ckpt_args.get(k, GPT2_KNOBS.get(k))
         check_resume(checkpoint)
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(common.model_state_dict(checkpoint))
+        try:
+            model = GPT(GPTConfig(**model_args))
+            model.load_state_dict(common.model_state_dict(checkpoint))
+        except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # bad model_args, weights that do not fit
+            common.die(f"{ckpt_path}: its weights and model_args do not make one GPT "
+                       f"({' '.join(str(e).split())[:200]}); the checkpoint is damaged")
         iter_num = checkpoint['iter_num']
         best_val_loss = float(checkpoint['best_val_loss'])
         if master_process:
@@ -339,7 +355,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):  # it prints a summary
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        try:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        except (ValueError, KeyError, TypeError) as e:  # another model's or a damaged optimizer state
+            common.die(f"{ckpt_path}: the optimizer state does not fit the model ({str(e)[:150]}); "
+                       f"the checkpoint is damaged")
         common.crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
         if checkpoint.get('scaler'):
             scaler.load_state_dict(checkpoint['scaler'])
