@@ -405,7 +405,7 @@ def main(argv):
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
         common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
     try:
-        check_knobs(GPTConfig(**{k: cfg[k] for k in GPT2_KNOBS}))
+        check_knobs(GPTConfig(n_embd=cfg['n_embd'], n_head=cfg['n_head'], **{k: cfg[k] for k in GPT2_KNOBS}))
     except ValueError as e:
         common.die(str(e).replace('GPTConfig.', ''))
     if cfg['hf_compare'] and any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
