@@ -161,7 +161,7 @@ class KVCache:
 
     Allocated lazily on the first write so the cache takes the dtype the attention
     produces (bfloat16 under autocast, float32 otherwise). split > 1 makes linear()
-    compute few-row products as that many parallel blocks (CPU decoding).
+    compute few-row products as that many parallel blocks (see linear(); off by default).
 
     rolling (RoPE models only): once full, a single new position overwrites the oldest
     slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
@@ -198,12 +198,15 @@ class KVCache:
 
 
 def linear(layer, x, cache=None):
-    """layer(x); when decoding on CPU, as cache.split parallel matrix-vector products.
+    """layer(x); with cache.split = P > 1 (an option of KVCache), few-row products (decoding)
+    as P parallel blocks of the weight: W (out, in) viewed as (P, out/P, in), no copy, one
+    bmm whose batch entries run on separate threads.
 
-    Decoding multiplies a few rows by each weight matrix: bound by memory bandwidth, and
-    MKL runs it on one core, which streams ~12-20 GB/s here while two reach ~23. Viewing
-    W (out, in) as (split, out/split, in) blocks (no copy) lets bmm give each thread its
-    share: 1.2-2x faster per layer on 2 cores (measurements in README)."""
+    The blocks are multiplied as x @ block^T, the layout of layer(x) itself: the older
+    block @ x^T layout cost ~2x the CPU time of layer(x) per block on torch 2.13 / MKL 2024.
+    generate_stream leaves the split off (P = 1): on this torch MKL already spreads a
+    one-row layer(x) over the threads, and measured as fast or faster than the blocks for
+    both the baby GPT's and GPT-2's matrices (docs/modern_model.md, "Measured")."""
     P = cache.split if cache is not None else 1
     rows = x.numel() // x.size(-1)
     if P == 1 or rows > 16 or layer.out_features < P:
@@ -211,11 +214,12 @@ def linear(layer, x, cache=None):
     out, inp = layer.weight.shape
     main = out - out % P  # GPT-2's 50257 outputs: 50256 in blocks, 1 row on its own
     blocks = layer.weight[:main].view(P, main // P, inp)  # (P, out/P, in)
-    xt = x.reshape(rows, inp).t().expand(P, inp, rows)  # (P, in, rows)
-    y = torch.bmm(blocks, xt).view(main, rows)  # (out, rows)
+    xs = x.reshape(1, rows, inp).expand(P, rows, inp)  # (P, rows, in), no copy
+    y = torch.bmm(xs, blocks.transpose(1, 2))  # (P, rows, out/P)
+    y = y.transpose(0, 1).reshape(rows, main)  # (rows, out)
     if main < out:
-        y = torch.cat([y, layer.weight[main:] @ xt[0]], dim=0)
-    y = y.t().reshape(*x.shape[:-1], out)  # (..., out)
+        y = torch.cat([y, x.reshape(rows, inp) @ layer.weight[main:].t()], dim=1)
+    y = y.reshape(*x.shape[:-1], out)  # (..., out)
     return y if layer.bias is None else y + layer.bias
 
 
@@ -572,10 +576,8 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # generation never uses dropout
         try:
-            # see linear(): on CPU, decoding splits each weight into a block per thread
-            split = torch.get_num_threads() if idx.device.type == "cpu" else 1
             rolling = self.rotary is not None  # see the docstring
-            cache = KVCache(self.config.n_layer, block_size, split, rolling)
+            cache = KVCache(self.config.n_layer, block_size, rolling=rolling)  # split off: see linear()
             if rolling:
                 hidden = self._hidden(seq[:, :min(T, block_size)], cache, last_only=True)[:, -1, :]  # (B, C)
                 for t in range(block_size, T):  # the rest of a long prompt through the rolling cache
