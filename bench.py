@@ -13,6 +13,7 @@ batches and seeds are the same for every implementation. Config files and --key=
 checked like train.py's.
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -56,6 +57,7 @@ top_k = 200  # top-k sampling; 0 = none
 # comparisons
 nanogpt_dir = ''  # a nanoGPT checkout: also measure its model.py (same weights, batches and seeds)
 hf_compare = False  # also measure transformers.GPT2LMHeadModel.generate (use_cache=True) for generation
+quantize = 'none'  # 'int8': also measure generation with int8 weights (model.quantize_int8), side by side
 # output
 json_out = ''  # append every JSON result line to this file
 profile = False  # record the timed training steps with torch.profiler
@@ -68,7 +70,7 @@ seed = 1337  # weights, batches and sampling
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str, list))}
-IMPL_NAMES = {'ours': 'ours', 'nanogpt': 'nanoGPT', 'hf': 'HF cached'}
+IMPL_NAMES = {'ours': 'ours', 'int8': 'ours int8', 'nanogpt': 'nanoGPT', 'hf': 'HF cached'}
 
 
 def sync(dev):
@@ -221,7 +223,7 @@ def estimate_mfu(cfg, tokens_per_sec, device_name, dev):
 def generate_fn(name, model, cfg):
     """generate(idx, n, generator) -> (B, T+n) for each implementation, with the same sampling."""
     top_k = cfg['top_k'] or None
-    if name == 'ours':
+    if name in ('ours', 'int8'):
         return lambda idx, n, g: model.generate(idx, n, temperature=cfg['temperature'], top_k=top_k, generator=g)
     if name == 'nanogpt':  # samples from the global RNG; seeded before each call
         return lambda idx, n, g: model.generate(idx, n, temperature=cfg['temperature'], top_k=top_k)
@@ -254,7 +256,7 @@ def bench_generate(name, model, cfg, dev, batch):
     run(min(n, 4))  # burn in
     prefill, decode, total = [], [], []
     for _ in range(cfg['repeats']):
-        if name == 'ours':
+        if name in ('ours', 'int8'):
             # our generate_stream yields each token: time to the first one is the prefill,
             # the steps between tokens are the decode
             g = torch.Generator(device=dev.device).manual_seed(cfg['seed'])
@@ -280,7 +282,7 @@ def bench_generate(name, model, cfg, dev, batch):
     return dict(bench='generate', impl=name, batch_size=batch, prompt_len=cfg['prompt_len'], max_new_tokens=n,
                 prefill_ms=1000 * t_prefill, decode_ms_per_token=1000 * float(t_decode),
                 tokens_per_sec=batch * n / t_total, total_s=t_total, peak_memory_mib=mem, memory=mem_kind,
-                repeats=cfg['repeats'], timing='per-token stream' if name == 'ours' else 'two generate calls')
+                repeats=cfg['repeats'], timing='per-token stream' if name in ('ours', 'int8') else 'two generate calls')
 
 
 def comparison_table(results):
@@ -294,9 +296,9 @@ def comparison_table(results):
         else:
             key = f"generate B={r['batch_size']} {r['max_new_tokens']} new  tokens/s"
         rows.setdefault(key, {})[r['impl']] = r['tokens_per_sec']
-    others = [i for i in impls if i != 'ours']
+    others = [i for i in impls if i not in ('ours', 'int8')]
     header = [f"{'measurement':<40}"] + [f"{IMPL_NAMES[i]:>12}" for i in impls] + \
-             [f"{'ours/' + IMPL_NAMES[i]:>18}" for i in others]
+             [f"{'ours/' + IMPL_NAMES[i]:>18}" for i in others] + (["    int8/ours"] if 'int8' in impls else [])
     lines = [''.join(header)]
     for key, values in rows.items():
         if len(values) < 2:
@@ -305,6 +307,9 @@ def comparison_table(results):
         for i in others:
             ratio = values['ours'] / values[i] if 'ours' in values and values.get(i) else None
             cells.append(f"{ratio:>17.2f}x" if ratio is not None else f"{'-':>18}")
+        if 'int8' in impls:  # the speedup of int8 weights over our float model
+            ratio = values['int8'] / values['ours'] if values.get('int8') and values.get('ours') else None
+            cells.append(f"{ratio:>12.2f}x" if ratio is not None else f"{'-':>13}")
         lines.append(''.join(cells))
     return '\n'.join(lines)
 
@@ -343,6 +348,8 @@ def main(argv):
             common.die(f"{key} must be >= 1, got {cfg[key]}")
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
         common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
+    if cfg['quantize'] not in ('none', 'int8'):
+        common.die(f"quantize must be 'none' or 'int8', got {cfg['quantize']!r}")
     dev = common.setup_device(cfg['device'], cfg['dtype'])
     torch.manual_seed(cfg['seed'])
     if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):
@@ -360,6 +367,10 @@ def main(argv):
     if cfg['mode'] in ('generate', 'all'):
         gen_impls = impls + (['hf'] if cfg['hf_compare'] else [])
         models = build_models(cfg, cfg['gen_vocab_size'] or cfg['vocab_size'], dev, gen_impls)
+        if cfg['quantize'] != 'none':  # the same weights, quantized: measured right after ours
+            ours = models.pop('ours')
+            models = dict(ours=ours, int8=copy.deepcopy(ours), **models)
+            common.quantize_model(models['int8'], cfg['quantize'])
         for batch in cfg['gen_batch_sizes']:
             for name, model in models.items():
                 results.append(bench_generate(name, model, cfg, dev, batch))

@@ -37,6 +37,7 @@ stream = True  # with num_samples=1, print tokens as they are generated (False: 
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False  # torch.compile each transformer block (worth it only for long generations on a GPU)
+quantize = 'none'  # 'none' or 'int8' (int8 weights, float activations: ~2x faster CPU decoding)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
@@ -140,6 +141,7 @@ def main(argv):
     with redirect_stdout(sys.stderr):  # status lines from the shared helpers go to stderr
         dev = common.setup_device(cfg['device'], cfg['dtype'])
         model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+        common.quantize_model(model, cfg['quantize'])
         tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
     notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
            f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} ids)")

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plot  # loss curves; matplotlib is imported only when drawing
-from model import GPT, GPTConfig
+from model import GPT, PRETRAINED, GPTConfig, apply_lora, lora_state_dict
 from prepare import PrepareError, read_meta
 
 # -----------------------------------------------------------------------------
@@ -47,7 +47,7 @@ log_interval = 1  # print and log the training loss every this many iterations
 eval_iters = 200  # batches per split for each evaluation
 eval_only = False  # evaluate once at the start, then exit
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local Hugging Face folder
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a local Hugging Face folder, or another run's ckpt.pt
 # wandb logging
 wandb_log = False  # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = 'owt'  # wandb project name
@@ -64,6 +64,11 @@ n_head = 12  # attention heads per block
 n_embd = 768  # embedding width
 dropout = 0.0  # 0 for pretraining; try 0.1+ for finetuning
 bias = False  # biases in Linear and LayerNorm layers
+# LoRA: train low-rank adapters on a frozen pretrained model (needs init_from gpt2*, a folder or a ckpt.pt)
+lora_rank = 0  # adapter rank r; 0 = off (full training)
+lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc,mlp.c_proj'  # c_attn, c_proj (attention output), c_fc, mlp.c_proj (MLP output)
 # adamw optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps to train for
@@ -193,8 +198,12 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         # the shape comes from the checkpoint; dropout may change between runs
         for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
             model_args[k] = checkpoint['model_args'][k]
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(common.model_state_dict(checkpoint))
+        if checkpoint.get('lora'):  # adapters only: the frozen base is rebuilt from where the run started
+            model = common.load_lora_model(checkpoint, os.path.join(out_dir, 'ckpt.pt'), dropout, merge=False,
+                                           lora_dropout=lora_dropout)
+        else:
+            model = GPT(GPTConfig(**model_args))
+            model.load_state_dict(common.model_state_dict(checkpoint))
         iter_num = checkpoint['iter_num']
         best_val_loss = float(checkpoint['best_val_loss'])
         if master_process:
@@ -208,9 +217,16 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             common.die(str(e))
         for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
             model_args[k] = getattr(model.config, k)
+    elif os.path.basename(init_from) == 'ckpt.pt':  # start from another run's weights (a fresh run)
+        if master_process:
+            print(f"initializing from the weights of {init_from}")
+        model = common.load_base_model(init_from, dropout)
+        model.train()
+        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+            model_args[k] = getattr(model.config, k)
     else:
         common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
-                   f"gpt2-large, gpt2-xl or the path of a local Hugging Face model folder")
+                   f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
     if meta_vocab_size is not None and meta_vocab_size > model_args['vocab_size']:
         common.die(f"the dataset has vocab_size {meta_vocab_size} but the model only {model_args['vocab_size']}")
     if block_size < model.config.block_size:
@@ -218,6 +234,26 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         model_args['block_size'] = block_size
     elif block_size > model.config.block_size:
         common.die(f"block_size={block_size} is longer than the model's {model.config.block_size} positions")
+    # LoRA: freeze the model, wrap the target layers in adapters (a resumed LoRA run has them already)
+    lora = checkpoint.get('lora') if checkpoint is not None else None  # what ckpt.pt records
+    if lora is not None and lora_rank not in (0, lora['rank']):
+        common.die(f"lora_rank={lora_rank} but {out_dir}/ckpt.pt has rank {lora['rank']}: resume with its settings")
+    if lora is None and lora_rank > 0:
+        if init_from in ('scratch', 'resume'):
+            common.die(f"lora_rank > 0 adapts a trained model, not init_from={init_from!r}: use --init_from=gpt2, "
+                       f"a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
+        if lora_alpha <= 0 or not 0.0 <= lora_dropout < 1.0:
+            common.die(f"need lora_alpha > 0 and 0 <= lora_dropout < 1, got {lora_alpha} and {lora_dropout}")
+        try:
+            apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        except ValueError as e:
+            common.die(str(e))
+        base = init_from if init_from in PRETRAINED else os.path.abspath(init_from)
+        lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, base=base)
+    if lora is not None and master_process:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA rank {lora['rank']} on {lora['targets']} of {lora['base']}: {n_train:,} trainable parameters, "
+              f"the other {sum(p.numel() for p in model.parameters()) - n_train:,} frozen")
     model.to(dev.device)
     if master_process:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
@@ -284,7 +320,8 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         np_state = np.random.get_state()
         common.save_checkpoint({
             'format': common.CHECKPOINT_FORMAT,
-            'model': model.state_dict(),
+            'model': lora_state_dict(model) if lora else model.state_dict(),  # LoRA: adapters only
+            'lora': lora,  # None, or rank, alpha, dropout, targets and the base they adapt
             'optimizer': optimizer.state_dict(),
             'model_args': model_args,
             'iter_num': iter_num,
