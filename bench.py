@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import common
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, apply_lora
 
 # -----------------------------------------------------------------------------
 # defaults; config files (config/bench_*.py) and --key=value flags change them
@@ -57,6 +57,7 @@ top_k = 200  # top-k sampling; 0 = none
 # comparisons
 nanogpt_dir = ''  # a nanoGPT checkout: also measure its model.py (same weights, batches and seeds)
 hf_compare = False  # also measure transformers.GPT2LMHeadModel.generate (use_cache=True) for generation
+lora_rank = 0  # train: LoRA adapters of rank r on c_attn, c_proj, c_fc, mlp.c_proj of a frozen model; 0 = full training
 quantize = 'none'  # 'int8': also measure generation with int8 weights (model.quantize_int8), side by side
 # output
 json_out = ''  # append every JSON result line to this file
@@ -166,6 +167,8 @@ def make_batches(cfg, dev):
 def bench_train(name, model, cfg, dev, get_batch, data_desc):
     """Median time of a training step: forward + backward + AdamW step, one micro-batch."""
     model.train()
+    if cfg['lora_rank'] > 0:
+        apply_lora(model, cfg['lora_rank'], 2.0 * cfg['lora_rank'], 0.0)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), dev.device_type)
     step_model = torch.compile(model) if cfg['compile'] else model
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)
@@ -206,8 +209,14 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
     mem, mem_kind = peak_memory(dev)
     device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
     mfu = estimate_mfu(cfg, tokens_per_sec, device_name, dev)
+    # what the training state holds: every parameter; a gradient per trainable one; AdamW's moments
+    params = list(model.parameters())
+    state_bytes = dict(param_bytes=sum(p.numel() * p.element_size() for p in params),
+                       grad_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+                       optimizer_bytes=sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                                           for t in s.values() if torch.is_tensor(t)))
     return dict(bench='train', impl=name, ms_per_iter=1000 * dt, tokens_per_sec=tokens_per_sec,
-                mfu=mfu, peak_memory_mib=mem, memory=mem_kind, batch_size=cfg['batch_size'],
+                mfu=mfu, peak_memory_mib=mem, memory=mem_kind, lora_rank=cfg['lora_rank'], **state_bytes, batch_size=cfg['batch_size'],
                 block_size=cfg['block_size'], data=data_desc, repeats=cfg['repeats'], num_iters=cfg['num_iters'])
 
 
@@ -324,7 +333,9 @@ def emit(result, cfg, dev):
     if result['bench'] == 'train':
         mfu = 'n/a (device peak unknown)' if result['mfu'] is None else f"{100 * result['mfu']:.1f}%"
         summary = (f"train {result['impl']}: {result['ms_per_iter']:.1f} ms/iter, {result['tokens_per_sec']:,.0f} "
-                   f"tokens/s, MFU {mfu}, peak memory {result['peak_memory_mib']:,.0f} MiB ({result['memory']})")
+                   f"tokens/s, MFU {mfu}, peak memory {result['peak_memory_mib']:,.0f} MiB ({result['memory']}); "
+                   f"parameters {result['param_bytes'] / 2**20:,.1f} MiB, gradients {result['grad_bytes'] / 2**20:,.1f} MiB, "
+                   f"optimizer state {result['optimizer_bytes'] / 2**20:,.1f} MiB")
     else:
         summary = (f"generate {result['impl']} B={result['batch_size']}: prefill {result['prefill_ms']:.1f} ms, "
                    f"decode {result['decode_ms_per_token']:.2f} ms/token, {result['tokens_per_sec']:,.1f} tokens/s")
@@ -348,6 +359,8 @@ def main(argv):
             common.die(f"{key} must be >= 1, got {cfg[key]}")
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
         common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
+    if cfg['lora_rank'] < 0 or (cfg['lora_rank'] and cfg['nanogpt_dir']):
+        common.die(f"lora_rank must be >= 0 and cannot be combined with nanogpt_dir, got {cfg['lora_rank']}")
     if cfg['quantize'] not in ('none', 'int8'):
         common.die(f"quantize must be 'none' or 'int8', got {cfg['quantize']!r}")
     dev = common.setup_device(cfg['device'], cfg['dtype'])

@@ -135,16 +135,19 @@ def main(argv):
         common.die(f"need num_samples >= 1 and max_new_tokens >= 0, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
     if cfg['temperature'] < 0:
         common.die(f"temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
+    if cfg['quantize'] not in ('none', 'int8'):
+        common.die(f"quantize must be 'none' or 'int8', got {cfg['quantize']!r}")
     if cfg['top_k'] < 0 or not 0.0 < cfg['top_p'] <= 1.0:
         common.die(f"need top_k >= 0 (0 = no limit) and 0 < top_p <= 1, got {cfg['top_k']} and {cfg['top_p']}")
 
     with redirect_stdout(sys.stderr):  # status lines from the shared helpers go to stderr
         dev = common.setup_device(cfg['device'], cfg['dtype'])
         model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
-        common.quantize_model(model, cfg['quantize'])
         tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
     notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
            f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} ids)")
+    with redirect_stdout(sys.stderr):
+        common.quantize_model(model, cfg['quantize'])  # after the count above: int8 weights are buffers
     if cfg['compile']:
         for block in model.transformer.h:
             block.compile()
