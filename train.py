@@ -254,6 +254,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"LoRA rank {lora['rank']} on {lora['targets']} of {lora['base']}: {n_train:,} trainable parameters, "
               f"the other {sum(p.numel() for p in model.parameters()) - n_train:,} frozen")
+    model.train()  # loaded bases come in eval mode; dropout must run from the first step
     model.to(dev.device)
     if master_process:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
