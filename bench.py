@@ -7,8 +7,9 @@ $ python bench.py config/bench_gpt2.py --mode=generate --hf_compare=True  # + tr
 $ python bench.py config/bench_baby.py --nanogpt_dir=/path/to/nanoGPT   # the same runs on nanoGPT's model
 $ python bench.py --n_layer=2 --n_embd=64 --mode=train --json_out=bench.jsonl --profile=True
 
-Every result is one JSON line on stdout (lines starting with '{'), also appended to json_out
-when set. With nanogpt_dir or hf_compare a table (ours, theirs, ratio) follows. The weights,
+Every result is printed once: a readable line on a terminal, or one JSON line on stdout (lines
+starting with '{') when stdout is a pipe or file (a readable copy goes to stderr); json_out, when
+set, gets the JSON line too. Each phase shows a progress line when it takes more than a few seconds. With nanogpt_dir or hf_compare a table (ours, theirs, ratio) follows. The weights,
 batches and seeds are the same for every implementation. Config files and --key=value flags are
 checked like train.py's.
 """
@@ -173,7 +174,7 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
     step_model = torch.compile(model) if cfg['compile'] else model
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)
 
-    def step(i):
+    def step(i, bar=None):
         x, y = get_batch(i)
         with dev.autocast():
             _, loss = step_model(x, y)
@@ -181,10 +182,15 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if bar is not None:
+            bar.update()  # the line is drawn at most every 0.5 s, so it does not slow the timing
 
     torch.manual_seed(cfg['seed'])  # the same dropout masks for every implementation
+    bar = common.Progress(f"train {IMPL_NAMES[name]}", total=cfg['burn_in'] + cfg['repeats'] * cfg['num_iters'],
+                          unit='steps')
     for i in range(cfg['burn_in']):
         step(i)
+        bar.update()
     if dev.device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev.device)
     profiler = None
@@ -197,8 +203,9 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
     per_repeat = []
     for r in range(cfg['repeats']):
         first = cfg['burn_in'] + r * cfg['num_iters']
-        seconds, _ = timed(dev, lambda: [step(first + i) for i in range(cfg['num_iters'])])
+        seconds, _ = timed(dev, lambda: [step(first + i, bar) for i in range(cfg['num_iters'])])
         per_repeat.append(seconds / cfg['num_iters'])
+    bar.close()
     if profiler is not None:
         profiler.__exit__(None, None, None)
         trace = cfg['trace_file'] if name == 'ours' else cfg['trace_file'].replace('.json', f'_{name}.json')
@@ -264,6 +271,7 @@ def bench_generate(name, model, cfg, dev, batch):
 
     run(min(n, 4))  # burn in
     prefill, decode, total = [], [], []
+    bar = common.Progress(f"generate {IMPL_NAMES[name]} B={batch}", total=cfg['repeats'], unit='repeats')
     for _ in range(cfg['repeats']):
         if name in ('ours', 'int8'):
             # our generate_stream yields each token: time to the first one is the prefill,
@@ -286,6 +294,8 @@ def bench_generate(name, model, cfg, dev, batch):
             prefill.append(timed(dev, lambda: run(1))[0])
             total.append(timed(dev, lambda: run(n))[0])
             decode.append(max(total[-1] - prefill[-1], 0.0) / max(n - 1, 1))
+        bar.update()
+    bar.close()
     t_prefill, t_decode, t_total = statistics.median(prefill), statistics.median(decode), statistics.median(total)
     mem, mem_kind = peak_memory(dev)
     return dict(bench='generate', impl=name, batch_size=batch, prompt_len=cfg['prompt_len'], max_new_tokens=n,
@@ -339,8 +349,11 @@ def emit(result, cfg, dev):
     else:
         summary = (f"generate {result['impl']} B={result['batch_size']}: prefill {result['prefill_ms']:.1f} ms, "
                    f"decode {result['decode_ms_per_token']:.2f} ms/token, {result['tokens_per_sec']:,.1f} tokens/s")
-    print(summary, file=sys.stderr)
-    print(line, flush=True)
+    if sys.stdout.isatty():  # a person reads this: the readable line only
+        print(summary, flush=True)
+    else:  # a pipe or file gets the JSON; the person watching stderr the readable line
+        print(summary, file=sys.stderr, flush=True)
+        print(line, flush=True)
     if cfg['json_out']:
         with open(cfg['json_out'], 'a') as f:
             f.write(line + '\n')

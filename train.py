@@ -48,6 +48,8 @@ eval_iters = 200  # batches per split for each evaluation
 eval_only = False  # evaluate once at the start, then exit
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a local Hugging Face folder, or another run's ckpt.pt
+hellaswag_interval = 0  # HellaSwag acc_norm every this many iterations, logged and plotted (GPT-2 BPE data); 0: off
+hellaswag_input = ''  # a HellaSwag .jsonl file; '' downloads hellaswag_val.jsonl into data/hellaswag/
 # wandb logging
 wandb_log = False  # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = 'owt'  # wandb project name
@@ -98,6 +100,8 @@ if compile not in (None, True, False):
     common.die(f"compile must be True, False or None (auto), got {compile!r}")
 if seed < 0:
     common.die(f"seed must be >= 0, got {seed}")
+if hellaswag_interval < 0:
+    common.die(f"hellaswag_interval must be >= 0 (0: off), got {hellaswag_interval}")
 for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
     if globals()[key] < 1:
         common.die(f"{key} must be at least 1, got {globals()[key]}")
@@ -122,7 +126,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     use_compile = (dev.device_type == 'cuda') if compile is None else compile
     if master_process:
-        print("config: " + json.dumps(config))
+        print(common.config_summary(config, common.source_defaults(__file__), os.path.join(out_dir, 'config.json')))
         print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, 'config.json'), 'w') as f:
@@ -256,6 +260,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
               f"the other {sum(p.numel() for p in model.parameters()) - n_train:,} frozen")
     model.train()  # loaded bases come in eval mode; dropout must run from the first step
     model.to(dev.device)
+    if hellaswag_interval:
+        import evaluate  # each rank scores its share of the examples; the counts are summed
+        hellaswag = evaluate.HellaSwagDuringTraining(meta, hellaswag_input, model_args['vocab_size'], rank, world_size)
     if master_process:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
         print(model.param_table())
@@ -303,6 +310,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce."""
         model.eval()
         losses = {}
+        # silent unless it takes more than a few seconds (the first evaluation of a big model)
+        bar = common.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
+                              stream=None if master_process else io.StringIO(), keep=False)
         for split in ('train', 'val'):
             total = torch.zeros((), device=dev.device)
             for k in range(rank, eval_iters, world_size):
@@ -310,9 +320,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 with dev.autocast():
                     _, loss = fast_model(x, y)
                 total += loss.float()
+                bar.update()
             if ddp:
                 dist.all_reduce(total)
             losses[split] = total.item() / eval_iters
+        bar.close()
         model.train()
         return losses
 
@@ -399,6 +411,17 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
                 save_training_state('val loss improved' if improved else 'always_save_checkpoint')
             t_log += time.time() - t_eval  # keep evals and saves out of ms/iter
+        if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num == max_iters or eval_only):
+            t_eval = time.time()
+            hs = hellaswag(model, dev)  # the uncompiled model: example lengths vary, no recompiles
+            if master_process:
+                print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
+                log_jsonl(iter=iter_num, kind='hellaswag', tokens=iter_num * tokens_per_iter, **hs)
+                if plot.have_matplotlib():
+                    plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
+                if wandb_log:
+                    wandb.log({'iter': iter_num, 'hellaswag/acc_norm': hs['acc_norm']})
+            t_log += time.time() - t_eval
         if eval_only or iter_num >= max_iters:
             break
 
@@ -461,6 +484,20 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 save_training_state(f"stopped by {stop_signal}")
                 print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
             break
+
+    if master_process and not eval_only:  # what happened, and what to do next
+        wall = time.time() - run_start
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
+              f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
+        if os.path.isfile(ckpt_path):
+            print(f"checkpoint: {ckpt_path} (log: {log_path}, loss curve: {out_dir}/loss.png)")
+            start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
+            print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n"
+                  f"      python plot.py loss {out_dir}")
+        else:
+            print(f"no checkpoint was written (no evaluation after iteration {start_iter}); "
+                  f"lower --eval_interval to save one")
 
     if ddp:
         # finish together: rank 0's torchrun agent may host the rendezvous store, and a node
