@@ -10,8 +10,9 @@ $ python bench.py --n_layer=2 --n_embd=64 --mode=train --json_out=bench.jsonl --
 Every result is printed once: a readable line on a terminal, or one JSON line on stdout (lines
 starting with '{') when stdout is a pipe or file (a readable copy goes to stderr); json_out, when
 set, gets the JSON line too. Each phase shows a progress line when it takes more than a few seconds. With nanogpt_dir or hf_compare a table (ours, theirs, ratio) follows. The weights,
-batches and seeds are the same for every implementation. Config files and --key=value flags are
-checked like train.py's.
+batches and seeds are the same for every implementation (with a modern knob such as
+--pos_emb=rope, nanoGPT runs a GPT-2 of the same shape with its own weights). Config files and
+--key=value flags are checked like train.py's.
 """
 
 import copy
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 import common
-from model import GPT, GPTConfig, apply_lora
+from model import GPT, GPT2_KNOBS, GPTConfig, apply_lora, check_knobs
 
 # -----------------------------------------------------------------------------
 # defaults; config files (config/bench_*.py) and --key=value flags change them
@@ -40,6 +41,12 @@ block_size = 256  # context length; training batches are this long
 vocab_size = 65  # vocabulary of the benchmarked model
 bias = False  # biases in Linear and LayerNorm layers
 dropout = 0.0  # dropout during the training step (the recipe's value makes the step realistic)
+pos_emb = 'learned'  # our model's modern knobs (as in train.py); nanoGPT and HF stay GPT-2
+norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
+mlp_act = 'gelu'  # 'gelu' or 'relu2'
+qk_norm = False  # RMS-normalise queries and keys per head
+tie_embeddings = True  # the output head shares the token embedding
+logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off
 # what to run
 mode = 'all'  # 'train', 'generate' or 'all'
 dataset = ''  # batches from data/<dataset>/train.bin when it exists; otherwise synthetic random tokens
@@ -116,11 +123,14 @@ def build_models(cfg, vocab, dev, impls):
     args = dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
                 vocab_size=vocab, bias=cfg['bias'], dropout=cfg['dropout'])
     torch.manual_seed(cfg['seed'])
-    ours = GPT(GPTConfig(**args))
+    ours = GPT(GPTConfig(**args, **{k: cfg[k] for k in GPT2_KNOBS}))
     models = {'ours': ours}
     if 'nanogpt' in impls:
         nano = load_nanogpt(cfg['nanogpt_dir'])
         theirs = nano.GPT(nano.GPTConfig(**args))
+        if any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
+            models['nanogpt'] = theirs  # a GPT-2 of the same shape, its own random weights
+            return to_device(models, dev)
         # without flash attention nanoGPT keeps a causal-mask buffer; that is not a weight
         missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
         if unexpected or any(not k.endswith('.attn.bias') for k in missing):
@@ -131,6 +141,10 @@ def build_models(cfg, vocab, dev, impls):
         with tempfile.TemporaryDirectory() as tmp:
             ours.save_pretrained(tmp)
             models['hf'] = transformers.GPT2LMHeadModel.from_pretrained(tmp)
+    return to_device(models, dev)
+
+
+def to_device(models, dev):
     for m in models.values():
         m.to(dev.device)
     return models
@@ -143,7 +157,7 @@ def make_batches(cfg, dev):
     here = os.path.dirname(os.path.abspath(__file__))
     folder = cfg['data_dir'] or (os.path.join(here, 'data', cfg['dataset']) if cfg['dataset'] else '')
     path = os.path.join(folder, 'train.bin') if folder else ''
-    data = np.memmap(path, dtype=np.uint16, mode='r') if path and os.path.isfile(path) else None
+    data = common.open_tokens(path) if path and os.path.isfile(path) else None
     if data is not None and len(data) <= T + 1:
         common.die(f"{path} has {len(data)} tokens, too few for block_size={T}")
     if data is not None and int(data[:1_000_000].max()) >= cfg['vocab_size']:
@@ -232,7 +246,8 @@ def estimate_mfu(cfg, tokens_per_sec, device_name, dev):
     implementation); None where the device's peak is unknown, CPUs included."""
     with torch.device('meta'):  # shapes only, no memory
         shape = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']))
+                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
+                              **{k: cfg[k] for k in GPT2_KNOBS}))
     return shape.estimate_mfu(tokens_per_sec, device_name, dev.ptdtype)
 
 
@@ -337,7 +352,8 @@ def emit(result, cfg, dev):
     """Print one JSON line (and append it to json_out)."""
     result = dict(result, device=dev.device, dtype=dev.dtype, compile=cfg['compile'],
                   model=dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']),
+                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
+                             **{k: cfg[k] for k in GPT2_KNOBS}),
                   torch=torch.__version__, time=time.strftime('%Y-%m-%dT%H:%M:%S'))
     line = json.dumps(result)
     if result['bench'] == 'train':
@@ -355,8 +371,23 @@ def emit(result, cfg, dev):
         print(summary, file=sys.stderr, flush=True)
         print(line, flush=True)
     if cfg['json_out']:
-        with open(cfg['json_out'], 'a') as f:
-            f.write(line + '\n')
+        try:
+            with open(cfg['json_out'], 'a') as f:
+                f.write(line + '\n')
+        except OSError as e:
+            common.die(common.os_error_message(e, cfg['json_out']))
+
+
+def check_writable(path, key):
+    """Fail now, not after minutes of measuring, if path cannot be written (without creating it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        common.die(f"{key}={path} is a folder; name a file")
+    if not os.path.isdir(folder):
+        common.die(f"cannot write {key}={path}: folder {folder} does not exist")
+    target = path if os.path.exists(path) else folder
+    if not os.access(target, os.W_OK):
+        common.die(f"cannot write {key}={path}: permission denied or read-only")
 
 
 def main(argv):
@@ -367,11 +398,35 @@ def main(argv):
     if not (isinstance(cfg['gen_batch_sizes'], list) and cfg['gen_batch_sizes']
             and all(isinstance(b, int) and b > 0 for b in cfg['gen_batch_sizes'])):
         common.die(f"gen_batch_sizes must be a list of positive ints like [1, 8], got {cfg['gen_batch_sizes']!r}")
-    for key in ('batch_size', 'num_iters', 'repeats', 'prompt_len', 'max_new_tokens'):
+    for key in ('batch_size', 'num_iters', 'repeats', 'prompt_len', 'max_new_tokens', 'n_layer', 'n_head',
+                'n_embd', 'block_size', 'vocab_size'):
         if cfg[key] < 1:
             common.die(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ('burn_in', 'gen_vocab_size', 'seed'):
+        if cfg[key] < 0:
+            common.die(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg['n_embd'] % cfg['n_head']:
+        common.die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
+    if not 0 <= cfg['dropout'] < 1:
+        common.die(f"dropout must be in [0, 1), got {cfg['dropout']}")
+    if not (cfg['temperature'] >= 0 and cfg['temperature'] < float('inf')):
+        common.die(f"temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
+    if cfg['top_k'] < 0:
+        common.die(f"top_k must be >= 0 (0 = no limit), got {cfg['top_k']}")
+    if cfg['compile'] not in (True, False):
+        common.die(f"compile must be True or False, got {cfg['compile']!r}")
+    for key in ('json_out', 'trace_file'):
+        if cfg[key] and (key == 'json_out' or cfg['profile']):
+            check_writable(cfg[key], key)
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
         common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
+    try:
+        check_knobs(GPTConfig(**{k: cfg[k] for k in GPT2_KNOBS}))
+    except ValueError as e:
+        common.die(str(e).replace('GPTConfig.', ''))
+    if cfg['hf_compare'] and any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
+        common.die("hf_compare needs GPT-2's architecture: leave pos_emb, norm, mlp_act, qk_norm, "
+                   "tie_embeddings and logit_softcap at their defaults")
     if cfg['lora_rank'] < 0 or (cfg['lora_rank'] and cfg['nanogpt_dir']):
         common.die(f"lora_rank must be >= 0 and cannot be combined with nanogpt_dir, got {cfg['lora_rank']}")
     if cfg['quantize'] not in ('none', 'int8'):
