@@ -176,7 +176,8 @@ def test_lora_needs_a_trained_base(tmp_path):
     assert_one_line_error(proc, 'lora_rank > 0', "init_from='scratch'")
     proc = run_train(*TINY, '--lora_rank=2', '--lora_targets=c_att', f'--data_dir={data}',
                      f'--out_dir={tmp_path / "o"}', f'--init_from={tmp_path}')
-    assert proc.returncode != 0
+    assert_one_line_error(proc, "'c_att'", 'mlp.c_proj')
+    assert not (tmp_path / 'o').exists()  # checked before anything is written
 
 
 @pytest.mark.slow

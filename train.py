@@ -35,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plot  # loss curves; matplotlib is imported only when drawing
-from model import GPT, GPT2_KNOBS, PRETRAINED, GPTConfig, apply_lora, check_knobs, lora_state_dict
+from model import (GPT, GPT2_KNOBS, PRETRAINED, GPTConfig, apply_lora, check_knobs, lora_state_dict,
+                   parse_lora_targets)
 from prepare import PrepareError, read_meta
 
 # -----------------------------------------------------------------------------
@@ -136,9 +137,21 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
         common.die(str(e).replace('GPTConfig.', ''))
     if backend not in ('auto', 'nccl', 'gloo'):
         common.die(f"backend must be auto, nccl or gloo, got {backend!r}")
-    if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from)):
+    run_ckpt = os.path.basename(init_from) == 'ckpt.pt' and os.path.isfile(init_from)  # another run's weights
+    if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from) or run_ckpt):
         common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
-                   f"gpt2-large, gpt2-xl or the path of a local Hugging Face model folder")
+                   f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
+    if lora_rank < 0 or lora_alpha <= 0 or not 0 <= lora_dropout < 1:
+        common.die(f"need lora_rank >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1, "
+                   f"got {lora_rank}, {lora_alpha} and {lora_dropout}")
+    if lora_rank > 0:
+        try:
+            parse_lora_targets(lora_targets)
+        except ValueError as e:
+            common.die(str(e))
+        if init_from == 'scratch':
+            common.die("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
+                       "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
     if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
         common.die(f"--init_from=resume but there is no {os.path.join(out_dir, 'ckpt.pt')}; "
                    f"train first, or point --out_dir at the run's folder")
@@ -346,15 +359,10 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     if lora is not None and lora_rank not in (0, lora['rank']):
         common.die(f"lora_rank={lora_rank} but {out_dir}/ckpt.pt has rank {lora['rank']}: resume with its settings")
     if lora is None and lora_rank > 0:
-        if init_from in ('scratch', 'resume'):
-            common.die(f"lora_rank > 0 adapts a trained model, not init_from={init_from!r}: use --init_from=gpt2, "
-                       f"a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
-        if lora_alpha <= 0 or not 0.0 <= lora_dropout < 1.0:
-            common.die(f"need lora_alpha > 0 and 0 <= lora_dropout < 1, got {lora_alpha} and {lora_dropout}")
-        try:
-            apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        except ValueError as e:
-            common.die(str(e))
+        if init_from == 'resume':
+            common.die(f"lora_rank > 0 but {out_dir}/ckpt.pt is a full-training run: resume it with --lora_rank=0, "
+                       f"or adapt it in a new out_dir with --init_from={out_dir}/ckpt.pt")
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
         base = init_from if init_from in PRETRAINED else os.path.abspath(init_from)
         lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, base=base)
     if lora is not None and master_process:
