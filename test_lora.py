@@ -206,3 +206,22 @@ def test_lora_on_a_run_checkpoint_exact_resume_and_ddp(tmp_path):
     c = read_log(tmp_path / 'ddp')
     assert [row[:3] for row in a] == [row[:3] for row in c]
     assert [row[3] for row in a] == pytest.approx([row[3] for row in c], rel=1e-5, abs=0)
+
+
+def test_lora_merge_and_int8_with_the_modern_knobs():
+    """The adapters and int8 weights wrap the same Linear layers under rope, rmsnorm, relu2, qk_norm,
+    an untied head and a logit soft-cap: B = 0 is exact, merging keeps the logits, int8 stays close."""
+    from model import quantize_int8
+    model = tiny_gpt(vocab_size=64, block_size=32, pos_emb='rope', norm='rmsnorm', mlp_act='relu2', qk_norm=True,
+                     tie_embeddings=False, logit_softcap=15.0).eval()
+    idx = torch.randint(0, 64, (2, 20))
+    adapted = copy.deepcopy(model)
+    apply_lora(adapted, 4, 8.0, 0.0, ALL)
+    with torch.no_grad():
+        ref = model(idx, idx)[0]
+        assert torch.equal(adapted(idx, idx)[0], ref)
+        randomize_adapters(adapted)
+        before = adapted(idx, idx)[0]
+        torch.testing.assert_close(merge_lora(adapted)(idx, idx)[0], before, rtol=1e-5, atol=1e-5)
+        quantize_int8(model)
+        assert (model(idx, idx)[0] - ref).abs().max() <= 0.05 * ref.std()
