@@ -71,21 +71,27 @@ class Rotary(nn.Module):
     layout (GPT-NeoX, Llama, nanochat): channel j of a head pairs with channel j + hs/2 and
     the pair turns by angle pos * base^(-2j/hs). Tables for positions [0, block_size) are
     cached; later positions (the rolling KV cache) are computed on demand by the same formula,
-    in float64 then rounded to float32, so both give identical values."""
+    in float64 then rounded to float32, so both give identical values.
+
+    The tables are full head width, (cos, cos) and (-sin, sin), so that apply_rotary is one
+    multiply-add with x and x's halves swapped: 4 ops per call instead of 10 (decoding one
+    token runs ~12 of these per step, each op a few microseconds of dispatch)."""
 
     def __init__(self, head_size, block_size, base):
         super().__init__()
         self.inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
         cos, sin = self.table(0, block_size)
-        self.register_buffer("cos", cos, persistent=False)  # (block_size, hs/2), not a weight
+        self.register_buffer("cos", cos, persistent=False)  # (block_size, 1, hs), not a weight
         self.register_buffer("sin", sin, persistent=False)
 
     def table(self, start, T):
         angle = torch.arange(start, start + T, dtype=torch.float64)[:, None] * self.inv_freq  # (T, hs/2)
-        return angle.cos().float(), angle.sin().float()
+        cos, sin = angle.cos().float(), angle.sin().float()
+        # (T, 1, hs): broadcasts over the heads of x (B, T, nh, hs)
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
     def forward(self, start, T):
-        """(cos, sin), each (T, hs/2), for positions [start, start + T)."""
+        """(cos, sin), each (T, 1, hs), for positions [start, start + T)."""
         if start + T <= self.cos.size(0):
             return self.cos[start:start + T], self.sin[start:start + T]
         cos, sin = self.table(start, T)
@@ -93,12 +99,13 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x, rope):
-    """Rotate x (B, nh, T, hs) by the angles rope = (cos, sin), each (T, hs/2): the pair
+    """Rotate x (B, T, nh, hs) by the angles of rope = Rotary(...)(start, T): the pair
     (x1, x2) = (x[..., j], x[..., j + hs/2]) becomes (x1 cos - x2 sin, x1 sin + x2 cos),
-    i.e. (x1 + i x2) * e^(i angle)."""
+    i.e. (x1 + i x2) * e^(i angle). Written as x * (cos, cos) + (x2, x1) * (-sin, sin):
+    the same products and sums, so the same float results."""
     cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)  # each (B, nh, T, hs/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
+    swapped = x.roll(x.size(-1) // 2, dims=-1)  # (x2, x1)
+    return x * cos + swapped * sin  # (B, T, nh, hs)
 
 
 def gelu_tanh(x):
@@ -154,7 +161,7 @@ class KVCache:
 
     Allocated lazily on the first write so the cache takes the dtype the attention
     produces (bfloat16 under autocast, float32 otherwise). split > 1 makes linear()
-    compute few-row products as that many parallel blocks (CPU decoding).
+    compute few-row products as that many parallel blocks (see linear(); off by default).
 
     rolling (RoPE models only): once full, a single new position overwrites the oldest
     slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
@@ -191,25 +198,234 @@ class KVCache:
 
 
 def linear(layer, x, cache=None):
-    """layer(x); when decoding on CPU, as cache.split parallel matrix-vector products.
+    """layer(x); with cache.split = P > 1 (an option of KVCache), few-row products (decoding)
+    as P parallel blocks of the weight: W (out, in) viewed as (P, out/P, in), no copy, one
+    bmm whose batch entries run on separate threads.
 
-    Decoding multiplies a few rows by each weight matrix: bound by memory bandwidth, and
-    MKL runs it on one core, which streams ~12-20 GB/s here while two reach ~23. Viewing
-    W (out, in) as (split, out/split, in) blocks (no copy) lets bmm give each thread its
-    share: 1.2-2x faster per layer on 2 cores (measurements in README)."""
+    The blocks are multiplied as x @ block^T, the layout of layer(x) itself: the older
+    block @ x^T layout cost ~2x the CPU time of layer(x) per block on torch 2.13 / MKL 2024.
+    generate_stream leaves the split off (P = 1): on this torch MKL already spreads a
+    one-row layer(x) over the threads, and measured as fast or faster than the blocks for
+    both the baby GPT's and GPT-2's matrices (docs/modern_model.md, "Measured")."""
     P = cache.split if cache is not None else 1
     rows = x.numel() // x.size(-1)
-    if P == 1 or rows > 16 or layer.out_features < P:
-        return layer(x)  # prefill and training: a matrix-matrix product, already parallel
+    if P == 1 or rows > 16 or not isinstance(layer, nn.Linear) or layer.out_features < P:
+        return layer(x)  # prefill, training, LoRA and int8 layers (whose kernel is already parallel)
     out, inp = layer.weight.shape
     main = out - out % P  # GPT-2's 50257 outputs: 50256 in blocks, 1 row on its own
     blocks = layer.weight[:main].view(P, main // P, inp)  # (P, out/P, in)
-    xt = x.reshape(rows, inp).t().expand(P, inp, rows)  # (P, in, rows)
-    y = torch.bmm(blocks, xt).view(main, rows)  # (out, rows)
+    xs = x.reshape(1, rows, inp).expand(P, rows, inp)  # (P, rows, in), no copy
+    y = torch.bmm(xs, blocks.transpose(1, 2))  # (P, rows, out/P)
+    y = y.transpose(0, 1).reshape(rows, main)  # (rows, out)
     if main < out:
-        y = torch.cat([y, layer.weight[main:] @ xt[0]], dim=0)
-    y = y.t().reshape(*x.shape[:-1], out)  # (..., out)
+        y = torch.cat([y, x.reshape(rows, inp) @ layer.weight[main:].t()], dim=1)
+    y = y.reshape(*x.shape[:-1], out)  # (..., out)
     return y if layer.bias is None else y + layer.bias
+
+
+# ---------------------------------------------------------------- LoRA adapters
+# Low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685): a frozen weight W
+# plus a trainable update (alpha / r) * B @ A, with A (r, in) and B (out, r). B starts at
+# zero, so an adapted model computes exactly what its base does until training moves B.
+
+# lora_targets names -> module paths inside each Block. The attention output projection and
+# the MLP output projection are both called c_proj: "c_proj" (or "attn.c_proj") means the
+# attention one, "mlp.c_proj" the MLP one.
+LORA_TARGETS = {"c_attn": "attn.c_attn", "attn.c_attn": "attn.c_attn", "c_proj": "attn.c_proj",
+                "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_fc": "mlp.c_fc",
+                "mlp.c_proj": "mlp.c_proj"}
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T, with W and b frozen.
+
+    It keeps the wrapped Linear's weight and bias under the same names, so a state dict has
+    the base keys unchanged plus `lora_A` and `lora_B`. Not an nn.Linear: linear() runs it
+    as layer(x) (sample.py and evaluate.py merge the adapters before inference anyway)."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter objects: the base keeps its storage
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        # A like nn.Linear's default init (the LoRA reference code, loralib, does the same), B = 0
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
+        self.lora_dropout = Dropout(dropout)
+
+    def forward(self, x):
+        low = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out) through rank r
+        return F.linear(x, self.weight, self.bias) + self.scaling * low
+
+    def merged_weight(self):
+        """W + (alpha / r) B A: the plain weight that computes the same function."""
+        return self.weight + self.scaling * (self.lora_B @ self.lora_A).to(self.weight.dtype)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def parse_lora_targets(targets):
+    """'c_attn,mlp.c_proj' -> sorted unique Block-relative module paths; ValueError if unknown."""
+    names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"lora_targets {targets!r}: unknown {unknown or 'empty'}; use a comma-separated "
+                         f"subset of c_attn, c_proj (attention output), c_fc, mlp.c_proj")
+    return sorted({LORA_TARGETS[t] for t in names})
+
+
+def apply_lora(model, rank, alpha, dropout=0.0, targets="c_attn,c_proj,c_fc,mlp.c_proj"):
+    """Freeze every parameter of model (a GPT) and wrap the target Linear layers of every block
+    in LoRALinear; only the adapters' A and B train. Returns the wrapped module names."""
+    paths = parse_lora_targets(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for i, block in enumerate(model.transformer.h):
+        for path in paths:
+            parent_name, child = path.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, child)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"transformer.h.{i}.{path} is {type(layer).__name__}, not a Linear: already adapted?")
+            setattr(parent, child, LoRALinear(layer, rank, alpha, dropout))
+            wrapped.append(f"transformer.h.{i}.{path}")
+    return wrapped
+
+
+def lora_state_dict(model):
+    """Only the adapter tensors (what a LoRA checkpoint stores besides the name of its base)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def merge_lora(model):
+    """Replace every LoRALinear in model by an nn.Linear with the merged weight W + (alpha/r) B A
+    (same outputs, no adapter cost at inference). In place; returns model."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    merged.weight.copy_(child.merged_weight())
+                    if child.bias is not None:
+                        merged.bias.copy_(child.bias)
+                setattr(module, child_name, merged)
+    return model
+
+
+def merged_state_dict(model):
+    """model.state_dict() with each LoRA adapter folded into its weight and the lora_ keys dropped."""
+    sd = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            sd[f"{name}.weight"] = module.merged_weight().detach()
+            del sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]
+    return sd
+
+
+# ---------------------------------------------------------------- int8 weight-only inference
+# Decoding reads every weight once per token, so it is bound by memory bandwidth: int8 weights
+# (1 byte instead of 4) cut the bytes 4x. Weights are quantized per output channel
+# (symmetric, scale = max|w_row| / 127); activations stay in floating point.
+
+def quantize_per_channel(w):
+    """(q int8 (out, in), scale float32 (out,)) with w ~= q * scale[:, None], |error| <= scale / 2."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,); the floor keeps all-zero rows finite
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def int8_kernel_available(device_type):
+    """True where torch has a fused int8-weight x float-activation matmul for the device
+    (aten._weight_int8pack_mm: CPU in torch 2.x; MPS in recent releases)."""
+    return device_type in ("cpu", "mps") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights and per-output-channel scales; activations in floating point.
+
+    kernel=True: torch.ops.aten._weight_int8pack_mm(x (M, in), q (out, in) int8, scales (out,))
+    in bfloat16. Its float32 variant is 3-20x slower than bfloat16 on our CPU (measured in
+    docs/lora_int8.md), so activations go in as bfloat16 and the result comes back in x's
+    dtype. kernel=False: dequantize the weight to x's dtype on every call and F.linear."""
+
+    def __init__(self, layer, kernel):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        q, scale = quantize_per_channel(layer.weight)
+        self.register_buffer("weight_int8", q.to(layer.weight.device))
+        self.register_buffer("scale", scale.to(layer.weight.device))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.kernel = kernel
+        if kernel:
+            self.register_buffer("scale_bf16", scale.to(layer.weight.device, torch.bfloat16))
+        self._matmul = self._kernel_matmul if kernel else self._dequant_matmul  # chosen once
+
+    def dequantized_weight(self, dtype=torch.float32):
+        return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)  # (out, in)
+
+    def _kernel_matmul(self, x2):
+        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale_bf16)
+
+    def _dequant_matmul(self, x2):
+        return F.linear(x2, self.dequantized_weight(x2.dtype))
+
+    def forward(self, x):
+        y = self._matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # (rows, out)
+        y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding read from an int8 table: rows q[idx] * scale[idx]. Shares the lm_head's
+    int8 weight when the two are tied (GPT-2), as the float model shares one matrix."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = [head]  # a list: not a submodule, so its buffers are not listed twice
+
+    def forward(self, idx):
+        head = self.head[0]
+        return head.weight_int8[idx].float() * head.scale[idx][..., None]  # (..., C)
+
+
+def quantize_int8(model, kernel=None):
+    """Replace every nn.Linear of model (blocks and lm_head) by Int8Linear, and a tied token
+    embedding by Int8Embedding over the same int8 table. In place, for inference. kernel None:
+    the fused int8 kernel where int8_kernel_available for the model's device. Returns a one-line
+    description of the path that runs."""
+    device_type = next(model.parameters()).device.type
+    if kernel is None:
+        kernel = int8_kernel_available(device_type)
+    tied = model.transformer.wte.weight is model.lm_head.weight
+    n = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear(child, kernel))
+                n += 1
+    if tied:
+        model.transformer.wte = Int8Embedding(model.lm_head)
+    if kernel:
+        path = "torch.ops.aten._weight_int8pack_mm (int8 weights x bfloat16 activations)"
+    else:
+        why = "asked for" if int8_kernel_available(device_type) else f"no int8 kernel for {device_type} in this torch"
+        path = f"dequantize-on-the-fly ({why})"
+    return f"int8 weight-only: {n} Linear layers{' + tied embedding' if tied else ''}, matmul via {path}"
 
 
 class CausalSelfAttention(nn.Module):
@@ -236,12 +452,13 @@ class CausalSelfAttention(nn.Module):
         """rope: (cos, sin) of x's positions for RoPE models, None for learned positions."""
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
-        q, k, v = linear(self.c_attn, x, cache).split(self.n_embd, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        q = self.rotate(self.qk_norm(q), rope)
-        k = self.rotate(self.qk_norm(k), rope)
+        nh = self.n_head
+        qkv = linear(self.c_attn, x, cache).view(B, T, 3 * nh, hs)  # (B, T, 3 nh, hs): q, k, v heads
+        # norm and rotate queries and keys in one call each (same per-head arithmetic, half the ops)
+        qk = self.rotate(self.qk_norm(qkv[:, :, :2 * nh]), rope)  # (B, T, 2 nh, hs)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hs)
+        v = qkv[:, :, 2 * nh:].transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
         if last_only:
@@ -564,10 +781,8 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # generation never uses dropout
         try:
-            # see linear(): on CPU, decoding splits each weight into a block per thread
-            split = torch.get_num_threads() if idx.device.type == "cpu" else 1
             rolling = self.rotary is not None  # see the docstring
-            cache = KVCache(self.config.n_layer, block_size, split, rolling)
+            cache = KVCache(self.config.n_layer, block_size, rolling=rolling)  # split off: see linear()
             if rolling:
                 hidden = self._hidden(seq[:, :min(T, block_size)], cache, last_only=True)[:, -1, :]  # (B, C)
                 for t in range(block_size, T):  # the rest of a long prompt through the rolling cache
@@ -755,7 +970,7 @@ class GPT(nn.Module):
             "bos_token_id": min(50256, cfg.vocab_size - 1), "eos_token_id": min(50256, cfg.vocab_size - 1),
         }
         out = {}
-        for k, v in self.state_dict().items():
+        for k, v in merged_state_dict(self).items():  # LoRA adapters folded into the weights
             if k == "lm_head.weight":
                 continue  # tied to transformer.wte.weight; transformers re-ties it on load
             out[k] = (v.t() if k.endswith(_CONV1D) else v).detach().to("cpu", torch.float32).contiguous()
