@@ -321,7 +321,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         if missing:
             common.die(f"{ckpt_path} lacks {', '.join(missing)}: it is not a complete training checkpoint; "
                        f"start a new --out_dir (or --init_from=scratch)")
-        if not isinstance(checkpoint['iter_num'], int) or not isinstance(checkpoint['best_val_loss'], (int, float)):
+        try:  # nanoGPT saves best_val_loss as a 0-d tensor
+            best_val_loss = float(checkpoint['best_val_loss'])
+        except (TypeError, ValueError, RuntimeError):
+            best_val_loss = None
+        if not isinstance(checkpoint['iter_num'], int) or best_val_loss is None:
             common.die(f"{ckpt_path}: iter_num {checkpoint['iter_num']!r} and best_val_loss "
                        f"{checkpoint['best_val_loss']!r} must be numbers; the checkpoint is damaged")
         # the shape comes from the checkpoint; dropout may change between runs
@@ -339,7 +343,6 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 common.die(f"{ckpt_path}: its weights and model_args do not make one GPT "
                            f"({' '.join(str(e).split())[:200]}); the checkpoint is damaged")
         iter_num = checkpoint['iter_num']
-        best_val_loss = float(checkpoint['best_val_loss'])
         if master_process:
             print(f"resuming from {out_dir}/ckpt.pt at iteration {iter_num}")
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
