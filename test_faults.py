@@ -141,6 +141,7 @@ def run_copy(trained, tmp_path):
     ('--init_from=gpt3', ["init_from='gpt3'"]),
     ('--init_from=resume', ['init_from=resume', 'no ', 'ckpt.pt']),
     ('--learning_rat=1', ["did you mean 'learning_rate'"]),
+    ('--out_dir=', ['out_dir is empty']),
     ('--batch_size=big', ["'batch_size'", 'expected int']),
 ])
 def test_train_knob_is_refused_before_anything_is_written(tmp_path, data, flag, fragments):

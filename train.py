@@ -152,6 +152,8 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
         if init_from == 'scratch':
             common.die("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
                        "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
+    if not out_dir.strip():  # '' would scatter ckpt.pt, config.json and log.jsonl into the working directory
+        common.die("out_dir is empty; name the run's folder, e.g. --out_dir=out-mine")
     if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
         common.die(f"--init_from=resume but there is no {os.path.join(out_dir, 'ckpt.pt')}; "
                    f"train first, or point --out_dir at the run's folder")
