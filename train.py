@@ -64,13 +64,18 @@ n_head = 12  # attention heads per block
 n_embd = 768  # embedding width
 dropout = 0.0  # 0 for pretraining; try 0.1+ for finetuning
 bias = False  # biases in Linear and LayerNorm layers
-# adamw optimizer
+# optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps to train for
 weight_decay = 1e-1  # AdamW weight decay on matrices (not on biases and norms)
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
 grad_clip = 1.0  # clip the global gradient norm to this; 0.0 disables
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon on the blocks' matrices, AdamW (above) on the rest
+muon_lr = 0.02  # Muon's peak learning rate; the schedule below scales it like learning_rate
+muon_momentum = 0.95  # Muon's Nesterov momentum
+muon_weight_decay = 0.0  # Muon's decoupled weight decay on the blocks' matrices
+muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True  # False keeps learning_rate constant
 warmup_iters = 2000  # warmup steps
@@ -96,6 +101,18 @@ if seed < 0:
 for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
     if globals()[key] < 1:
         common.die(f"{key} must be at least 1, got {globals()[key]}")
+if optimizer not in ('adamw', 'muon'):
+    common.die(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+if optimizer == 'muon':
+    if not (muon_lr > 0 and learning_rate > 0):
+        common.die(f"optimizer='muon' needs muon_lr > 0 and learning_rate > 0 (AdamW's, for embeddings and "
+                   f"gains), got muon_lr={muon_lr}, learning_rate={learning_rate}")
+    if not 0.0 <= muon_momentum < 1.0:
+        common.die(f"muon_momentum must be in [0, 1), got {muon_momentum} (0.95 is usual)")
+    if muon_weight_decay < 0:
+        common.die(f"muon_weight_decay must be >= 0, got {muon_weight_decay}")
+    if not 1 <= muon_ns_steps <= 20:
+        common.die(f"muon_ns_steps must be between 1 and 20, got {muon_ns_steps} (5 is usual)")
 
 # -----------------------------------------------------------------------------
 # device, dtype and DDP setup
@@ -227,8 +244,15 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     # optimizer
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)  # no-op unless float16
     with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):  # it prints a summary
-        optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type)
+        # from here on `optimizer` is the optimizer object; config['optimizer'] keeps the knob
+        optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type,
+                                               config['optimizer'], muon_lr, muon_momentum, muon_weight_decay,
+                                               muon_ns_steps)
     if checkpoint is not None:
+        saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')
+        if saved_optimizer != config['optimizer']:
+            common.die(f"{out_dir}/ckpt.pt was trained with optimizer={saved_optimizer!r}; resume with "
+                       f"--optimizer={saved_optimizer}")
         optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint.get('scaler'):
             scaler.load_state_dict(checkpoint['scaler'])
@@ -338,7 +362,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's groups: muon_lr / learning_rate
 
         # evaluate, and checkpoint when val improved (or always_save_checkpoint)
         if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
