@@ -16,6 +16,7 @@ mlp.c_fc, c_proj) so pretrained weights map key for key. References:
 This file reads no files except weight files, parses no arguments and keeps no global state.
 """
 
+import functools
 import inspect
 import json
 import math
@@ -38,6 +39,82 @@ class LayerNorm(nn.Module):
     def forward(self, x):
         # eps 1e-5 is GPT-2's layer_norm_epsilon
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    """Parameter-free RMSNorm, x / sqrt(mean(x^2) + eps) over the last dim, as nanochat and
+    modded-nanogpt use: no gain, no bias, no mean subtraction (Zhang & Sennrich 2019,
+    https://arxiv.org/abs/1910.07467, without its gain)."""
+
+    def forward(self, x):
+        return rms_norm(x)
+
+
+def rms_norm(x, eps=1e-6):
+    """x / sqrt(mean(x^2, last dim) + eps), statistics in float32, result in x's dtype.
+    eps 1e-6 as in Llama's RMSNorm (torch.nn.functional.rms_norm needs torch 2.4)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x)
+
+
+def keep(x, *_):
+    """The identity, for the knobs that are off (chosen once, no branch in forward)."""
+    return x
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer, https://arxiv.org/abs/2104.09864), half-split
+    layout (GPT-NeoX, Llama, nanochat): channel j of a head pairs with channel j + hs/2 and
+    the pair turns by angle pos * base^(-2j/hs). Tables for positions [0, block_size) are
+    cached; later positions (the rolling KV cache) are computed on demand by the same formula,
+    in float64 then rounded to float32, so both give identical values."""
+
+    def __init__(self, head_size, block_size, base):
+        super().__init__()
+        self.inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+        cos, sin = self.table(0, block_size)
+        self.register_buffer("cos", cos, persistent=False)  # (block_size, hs/2), not a weight
+        self.register_buffer("sin", sin, persistent=False)
+
+    def table(self, start, T):
+        angle = torch.arange(start, start + T, dtype=torch.float64)[:, None] * self.inv_freq  # (T, hs/2)
+        return angle.cos().float(), angle.sin().float()
+
+    def forward(self, start, T):
+        """(cos, sin), each (T, hs/2), for positions [start, start + T)."""
+        if start + T <= self.cos.size(0):
+            return self.cos[start:start + T], self.sin[start:start + T]
+        cos, sin = self.table(start, T)
+        return cos.to(self.cos.device), sin.to(self.cos.device)
+
+
+def apply_rotary(x, rope):
+    """Rotate x (B, nh, T, hs) by the angles rope = (cos, sin), each (T, hs/2): the pair
+    (x1, x2) = (x[..., j], x[..., j + hs/2]) becomes (x1 cos - x2 sin, x1 sin + x2 cos),
+    i.e. (x1 + i x2) * e^(i angle)."""
+    cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, nh, T, hs/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
+
+
+def gelu_tanh(x):
+    # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face)
+    return F.gelu(x, approximate="tanh")
+
+
+def relu_squared(x):
+    # relu(x)^2 (So et al., Primer, https://arxiv.org/abs/2109.08668; modded-nanogpt, nanochat)
+    return F.relu(x).square()
+
+
+def softcap(logits, cap):
+    # cap * tanh(logits / cap): near the identity for |logits| << cap, bounded by +-cap
+    return cap * torch.tanh(logits / cap)
+
+
+def make_norm(config):
+    """The norm module of ln_1, ln_2 and ln_f for config.norm."""
+    return LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
 
 
 class Dropout(nn.Module):
@@ -74,28 +151,39 @@ class KVCache:
     Allocated lazily on the first write so the cache takes the dtype the attention
     produces (bfloat16 under autocast, float32 otherwise). split > 1 makes linear()
     compute few-row products as that many parallel blocks (CPU decoding).
+
+    rolling (RoPE models only): once full, a single new position overwrites the oldest
+    slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
+    max_len keys. Their order in the buffer does not matter: one query sees all of them,
+    and RoPE already rotated each key by its own absolute position.
     """
 
-    def __init__(self, n_layer, max_len, split=1):
+    def __init__(self, n_layer, max_len, split=1, rolling=False):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.max_len = max_len
-        self.pos = 0  # number of positions already stored
+        self.pos = 0  # number of positions already fed (the next one's absolute position)
         self.split = split
+        self.rolling = rolling
 
     def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return all keys/values so far."""
+        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return the keys/values to attend to."""
         T = k.size(2)
         end = self.pos + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.pos} + {T} > max_len {self.max_len}")
         if self.k[layer] is None:
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
             self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs)
+        if end <= self.max_len:
+            self.k[layer][:, :, self.pos:end] = k
+            self.v[layer][:, :, self.pos:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs)
+        if not self.rolling or T != 1:
+            raise ValueError(f"KV cache overflow: {self.pos} + {T} > max_len {self.max_len}")
+        slot = self.pos % self.max_len  # the oldest position's slot
+        self.k[layer][:, :, slot:slot + 1] = k
+        self.v[layer][:, :, slot:slot + 1] = v
+        return self.k[layer], self.v[layer]  # (B, nh, max_len, hs): the last max_len positions
 
 
 def linear(layer, x, cache=None):
@@ -134,16 +222,22 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        # the knobs, chosen once: parameter-free RMS norm of q and k per head, and RoPE
+        self.qk_norm = rms_norm if config.qk_norm else keep
+        self.rotate = apply_rotary if config.pos_emb == "rope" else keep
         self.layer_idx = None  # set by GPT, indexes the KV cache
         self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
 
-    def forward(self, x, cache=None, last_only=False):
+    def forward(self, x, rope=None, cache=None, last_only=False):
+        """rope: (cos, sin) of x's positions for RoPE models, None for learned positions."""
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
         q, k, v = linear(self.c_attn, x, cache).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q = self.rotate(self.qk_norm(q), rope)
+        k = self.rotate(self.qk_norm(k), rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
         if last_only:
@@ -194,25 +288,25 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
+        self.act = gelu_tanh if config.mlp_act == "gelu" else relu_squared
 
     def forward(self, x, cache=None):
-        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face)
-        h = F.gelu(linear(self.c_fc, x, cache), approximate="tanh")
+        h = self.act(linear(self.c_fc, x, cache))
         return self.dropout(linear(self.c_proj, h, cache))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, last_only=False):
-        a = self.attn(self.ln_1(x), cache, last_only)  # (B, 1, C) when last_only
+    def forward(self, x, rope=None, cache=None, last_only=False):
+        a = self.attn(self.ln_1(x), rope, cache, last_only)  # (B, 1, C) when last_only
         x = (x[:, -1:] if last_only else x) + a
         x = x + self.mlp(self.ln_2(x), cache)
         return x
@@ -227,6 +321,18 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining, try 0.1+ for finetuning
     bias: bool = True  # biases in Linear and LayerNorm, like GPT-2; False is a bit better and faster
+    # modern opt-in knobs (docs/modern_model.md); the defaults are GPT-2
+    pos_emb: str = "learned"  # 'learned' (GPT-2's wpe) or 'rope' (rotary, no wpe)
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
+    mlp_act: str = "gelu"  # 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2); False: a separate head
+    logit_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0 = off
+    rope_base: float = 10000.0  # RoPE's base (RoFormer's value); used with pos_emb='rope' only
+
+
+# the knobs' allowed values; GPT-2 is the first of each
+CHOICES = dict(pos_emb=("learned", "rope"), norm=("layernorm", "rmsnorm"), mlp_act=("gelu", "relu2"))
 
 
 # Hugging Face names of the four OpenAI GPT-2 checkpoints and their shapes
@@ -307,17 +413,25 @@ class GPT(nn.Module):
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if not 0.0 <= config.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {config.dropout}")
+        check_knobs(config)
         self.config = config
+        rope = config.pos_emb == "rope"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
+        # one table of angles for all layers; None with learned positions
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base) if rope else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (GPT-2 does it; https://paperswithcode.com/method/weight-tying)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying (GPT-2 does it; https://paperswithcode.com/method/weight-tying)
+            self.transformer.wte.weight = self.lm_head.weight
+        c = config.logit_softcap
+        # smooth cap of the logits at +-c (Gemma 2; modded-nanogpt records, nanochat: c = 15)
+        self.softcap = functools.partial(softcap, cap=float(c)) if c > 0 else keep
         for i, block in enumerate(self.transformer.h):
             block.attn.layer_idx = i
         self.apply(self._init_weights)
@@ -360,13 +474,18 @@ class GPT(nn.Module):
         """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions;
         last_only: of the last position only, (B, 1, C), sparing the last block the rest."""
         past = cache.pos if cache is not None else 0
-        self._check_idx(idx, past)
+        # a rolling cache (RoPE) holds the last block_size positions however many came before
+        self._check_idx(idx, past if cache is None or not cache.rolling else min(past, self.config.block_size - 1))
         T = idx.size(1)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe.weight[past:past + T]  # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.rotary is None:
+            x = x + self.transformer.wpe.weight[past:past + T]  # learned positions (T, C)
+        else:
+            rope = self.rotary(past, T)  # angles of the absolute positions [past, past + T)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, last_only and i == len(self.transformer.h) - 1)
+            x = block(x, rope, cache, last_only and i == len(self.transformer.h) - 1)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -376,11 +495,11 @@ class GPT(nn.Module):
         Without: logits of the last position only, (B, 1, V), and loss None."""
         if targets is None:
             # inference needs only the last position: spare the last block and lm_head the rest
-            return self.lm_head(self._hidden(idx, last_only=True)), None
+            return self.softcap(self.lm_head(self._hidden(idx, last_only=True))), None
         x = self._hidden(idx)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = self.softcap(self.lm_head(x))  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -411,10 +530,22 @@ class GPT(nn.Module):
         """Yield max_new_tokens new tokens, each a (B,) tensor, continuing the prompts idx (B, T).
 
         One forward over the prompt fills a KV cache, then each step feeds one token.
-        Past block_size the model conditions on the last block_size tokens, as without a
-        cache; positions then shift every step, so the cache no longer applies and each
-        step recomputes the window. vocab_limit: only ids below it are sampled (set it to
-        the tokenizer's size when vocab_size is padded, e.g. 50257 for 50304)."""
+        vocab_limit: only ids below it are sampled (set it to the tokenizer's size when
+        vocab_size is padded, e.g. 50257 for 50304).
+
+        Past block_size, learned positions (GPT-2): the model conditions on the last
+        block_size tokens, exactly as without a cache; positions then shift every step, so
+        the cache no longer applies and each step recomputes the window.
+
+        Past block_size, RoPE: scores depend only on relative positions, so the cache rolls
+        (the oldest position leaves, a ring buffer) and each step stays one token. Every
+        query then sees the last block_size keys, but in layers 2.. the cached keys/values of
+        older tokens were computed when their own window reached further back. The result
+        equals exactly (up to float rounding) a full forward of the whole sequence with
+        sliding-window causal attention (each query sees at most block_size keys, RoPE
+        positions 0..N-1), not a recomputation on the last block_size tokens; the two agree
+        for n_layer == 1. A prompt longer than block_size is fed the same way: its first
+        block_size tokens at once, the rest one by one."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if vocab_limit is not None and not 0 < vocab_limit <= self.config.vocab_size:
@@ -431,11 +562,17 @@ class GPT(nn.Module):
         try:
             # see linear(): on CPU, decoding splits each weight into a block per thread
             split = torch.get_num_threads() if idx.device.type == "cpu" else 1
-            cache = KVCache(self.config.n_layer, block_size, split)
-            start = max(0, T - block_size)
-            hidden = self._hidden(seq[:, start:T], cache, last_only=True)[:, -1, :]  # (B, C)
+            rolling = self.rotary is not None  # see the docstring
+            cache = KVCache(self.config.n_layer, block_size, split, rolling)
+            if rolling:
+                hidden = self._hidden(seq[:, :min(T, block_size)], cache, last_only=True)[:, -1, :]  # (B, C)
+                for t in range(block_size, T):  # the rest of a long prompt through the rolling cache
+                    hidden = self._hidden(seq[:, t:t + 1], cache)[:, -1, :]
+            else:
+                start = max(0, T - block_size)
+                hidden = self._hidden(seq[:, start:T], cache, last_only=True)[:, -1, :]  # (B, C)
             for step in range(max_new_tokens):
-                logits = linear(self.lm_head, hidden, cache)  # (B, V)
+                logits = self.softcap(linear(self.lm_head, hidden, cache))  # (B, V)
                 if vocab_limit is not None:
                     logits = logits[:, :vocab_limit]
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -444,7 +581,7 @@ class GPT(nn.Module):
                 yield nxt
                 if step == max_new_tokens - 1:
                     break
-                if L <= block_size:
+                if L <= block_size or rolling:
                     hidden = self._hidden(nxt[:, None], cache)[:, -1, :]  # one new position
                 else:
                     hidden = self._hidden(seq[:, L - block_size:L], last_only=True)[:, -1, :]  # sliding window
@@ -462,16 +599,19 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- size, FLOPs, MFU
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count, tied weights once. non_embedding leaves out the position
-        embeddings (the token embedding stays: it is also the lm_head's matmul)."""
+        """Parameter count, tied weights once. non_embedding leaves out the lookup tables:
+        the position embeddings (none with RoPE), and the token embedding only when the
+        head is untied (tied, it is also the lm_head's matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= sum(m.weight.numel() for name, m in self.transformer.items() if name == "wpe")
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def param_breakdown(self):
-        """Parameter counts by kind: embeddings (token + position, tied head counted
-        there), attention, mlp, norms, total."""
+        """Parameter counts by kind: embeddings (token + position + output head, a tied
+        head once), attention, mlp, norms (0 with the parameter-free RMSNorm), total."""
         counts = dict(embeddings=0, attention=0, mlp=0, norms=0)
         for name, p in self.named_parameters():  # named_parameters yields tied weights once
             if ".attn." in name:
@@ -499,7 +639,9 @@ class GPT(nn.Module):
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"block_size must be in [1, {self.config.block_size}], got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        if self.rotary is None:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        # RoPE has no weights to crop: its cached angles simply go unused past block_size
 
     def flops_per_token(self):
         """Training FLOPs (forward + backward) per token at full context: 6N for the
@@ -616,8 +758,13 @@ class GPT(nn.Module):
 
     def save_pretrained(self, folder):
         """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads with the
-        same logits. Models without biases get zero biases (the same function)."""
+        same logits. Models without biases get zero biases (the same function). Only GPT-2
+        models export: a modern knob (pos_emb, norm, ...) has no GPT-2 equivalent."""
         cfg = self.config
+        for name, value in GPT2_KNOBS.items():
+            if getattr(cfg, name) != value:
+                raise ValueError(f"save_pretrained exports GPT-2 only, and GPT-2 has no {name}={getattr(cfg, name)!r} "
+                                 f"(it needs {name}={value!r}); keep this model as a train.py checkpoint")
         hf_config = {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
@@ -645,6 +792,30 @@ class GPT(nn.Module):
             _atomic_write(os.path.join(folder, "pytorch_model.bin"), lambda f: torch.save(out, f))
         else:
             _atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(out, {"format": "pt"})))
+
+
+# GPT-2's values of the modern knobs (rope_base matters only with pos_emb='rope')
+GPT2_KNOBS = dict(pos_emb="learned", norm="layernorm", mlp_act="gelu", qk_norm=False,
+                  tie_embeddings=True, logit_softcap=0.0)
+
+
+def check_knobs(config):
+    """ValueError naming the GPTConfig field and its allowed values for a bad modern knob."""
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"GPTConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(config, name)!r}")
+    for name in ("qk_norm", "tie_embeddings"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(config, name)!r}")
+    c = config.logit_softcap
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < math.inf:
+        raise ValueError(f"GPTConfig.logit_softcap must be a float >= 0 (0 = off), got {c!r}")
+    b = config.rope_base
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 1 < b < math.inf:
+        raise ValueError(f"GPTConfig.rope_base must be a float > 1, got {b!r}")
+    if config.pos_emb == "rope" and (config.n_embd // config.n_head) % 2:
+        raise ValueError(f"GPTConfig.pos_emb='rope' needs an even head size, got n_embd {config.n_embd} / "
+                         f"n_head {config.n_head} = {config.n_embd // config.n_head}")
 
 
 def _atomic_write(path, write):

@@ -1,0 +1,391 @@
+"""Tests of the modern opt-in GPTConfig knobs (pos_emb, norm, mlp_act, qk_norm,
+tie_embeddings, logit_softcap) against plain references: the formulas, a direct complex
+rotation for RoPE, a hand-written forward pass with sliding-window attention for the rolling
+KV cache, and full recomputation for generation. Tiny models, CPU, float32."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, sample_next
+
+# float32 through two implementations of the same arithmetic agrees to ~1e-6
+ATOL = 1e-5
+
+KNOBS = {
+    "rope": dict(pos_emb="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "relu2": dict(mlp_act="relu2"),
+    "qk_norm": dict(qk_norm=True),
+    "untied": dict(tie_embeddings=False),
+    "softcap": dict(logit_softcap=0.05),  # init logits are ~0.1: a small cap really bends them
+    "all": dict(pos_emb="rope", norm="rmsnorm", mlp_act="relu2", qk_norm=True, tie_embeddings=False,
+                logit_softcap=0.05),
+}
+
+
+def tiny(**kw):
+    cfg = dict(block_size=16, vocab_size=53, n_layer=2, n_head=2, n_embd=24, dropout=0.0, bias=True)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():  # non-trivial gains and biases, so a skipped norm or bias cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+# ------------------------------------------------------------------ plain references
+
+def rms_ref(x, eps=1e-6):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def norm_ref(x, module, cfg):
+    if cfg.norm == "rmsnorm":
+        return rms_ref(x)
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    y = (x - mu) / torch.sqrt(var + 1e-5) * module.weight
+    return y if module.bias is None else y + module.bias
+
+
+def rope_ref(x, positions, base=10000.0):
+    """Rotate x (..., T, hs) as complex numbers x[j] + i x[j + hs/2] times e^(i pos theta_j),
+    theta_j = base^(-2j/hs), in float64."""
+    hs = x.size(-1)
+    theta = base ** (-torch.arange(0, hs // 2, dtype=torch.float64) * 2 / hs)
+    angle = positions.double()[:, None] * theta  # (T, hs/2)
+    z = torch.complex(x[..., :hs // 2].double(), x[..., hs // 2:].double()) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+
+
+def linear_ref(x, layer):
+    y = x @ layer.weight.t()
+    return y if layer.bias is None else y + layer.bias
+
+
+def forward_ref(model, idx, window=None):
+    """Logits (B, T, V) and attention probabilities of model on idx, written out by hand.
+    window: each query sees at most this many keys (itself included); RoPE positions are
+    0..T-1 however long T is: the rolling KV cache's semantics."""
+    cfg = model.config
+    B, T = idx.shape
+    nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
+    x = model.transformer.wte.weight[idx]
+    if cfg.pos_emb == "learned":
+        x = x + model.transformer.wpe.weight[:T]
+    pos = torch.arange(T)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
+    atts = []
+    for block in model.transformer.h:
+        h = norm_ref(x, block.ln_1, cfg)
+        q, k, v = linear_ref(h, block.attn.c_attn).split(cfg.n_embd, dim=2)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cfg.qk_norm:
+            q, k = rms_ref(q), rms_ref(k)
+        if cfg.pos_emb == "rope":
+            q, k = rope_ref(q, pos, cfg.rope_base), rope_ref(k, pos, cfg.rope_base)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        atts.append(att)
+        y = (att @ v).transpose(1, 2).reshape(B, T, cfg.n_embd)
+        x = x + linear_ref(y, block.attn.c_proj)
+        h = linear_ref(norm_ref(x, block.ln_2, cfg), block.mlp.c_fc)
+        if cfg.mlp_act == "relu2":
+            h = torch.clamp(h, min=0) ** 2
+        else:  # GPT-2's tanh GELU, written out
+            h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+        x = x + linear_ref(h, block.mlp.c_proj)
+    logits = norm_ref(x, model.transformer.ln_f, cfg) @ model.lm_head.weight.t()
+    if cfg.logit_softcap:
+        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+    return logits, atts
+
+
+def generate_ref(next_logits, idx, n, generator, **kw):
+    """Sampling loop over a logits function of the whole sequence so far."""
+    for _ in range(n):
+        with torch.no_grad():
+            logits = next_logits(idx)
+        nxt = sample_next(logits, generator=generator, **kw)
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+    return idx
+
+
+def recompute_window(model):
+    """Full recomputation on the last block_size tokens (what learned positions do)."""
+    return lambda idx: model(idx[:, -model.config.block_size:])[0][:, -1]
+
+
+def sliding_window(model):
+    """A full forward of the whole sequence with sliding-window attention (the rolling cache)."""
+    return lambda idx: forward_ref(model, idx, window=model.config.block_size)[0][:, -1]
+
+
+# ------------------------------------------------------------------ each knob vs its formula
+
+def test_rmsnorm_is_the_formula_and_has_no_parameters():
+    x = torch.randn(3, 5, 24) * 4 + 1
+    torch.testing.assert_close(RMSNorm()(x), rms_ref(x), atol=ATOL, rtol=0)
+    model = tiny(norm="rmsnorm")
+    assert not [n for n, _ in model.named_parameters() if ".ln_" in n or "ln_f" in n]
+    assert model.param_breakdown()["norms"] == 0
+    assert type(model.transformer.h[1].ln_2).__name__ == "RMSNorm"
+
+
+def test_relu2_is_the_formula():
+    mlp = tiny(mlp_act="relu2").transformer.h[0].mlp
+    x = torch.randn(50)
+    torch.testing.assert_close(mlp.act(x), torch.where(x > 0, x * x, torch.zeros_like(x)), atol=0, rtol=0)
+
+
+def test_rope_is_a_complex_rotation_and_relative():
+    model = tiny(pos_emb="rope", n_embd=32, n_head=2)  # head size 16
+    assert "transformer.wpe.weight" not in model.state_dict()
+    assert not any("cos" in k or "sin" in k for k in model.state_dict())  # cached, not weights
+    x = torch.randn(2, 2, 40, 16)
+    pos = torch.arange(5, 45)  # past block_size 16: the rolling cache's positions
+    torch.testing.assert_close(apply_rotary(x, model.rotary(5, 40)), rope_ref(x, pos), atol=ATOL, rtol=0)
+    # the cached table and the on-demand one are the same numbers
+    inside, beyond = model.rotary(3, 10), model.rotary.table(3, 10)
+    assert torch.equal(inside[0], beyond[0]) and torch.equal(inside[1], beyond[1])
+    # scores depend on the offset only: q at m, k at n equals q at m+s, k at n+s
+    q, k = torch.randn(16), torch.randn(16)
+    rot = lambda t, p: apply_rotary(t.view(1, 1, 1, 16), model.rotary(p, 1)).flatten()
+    assert abs(rot(q, 9) @ rot(k, 4) - rot(q, 109) @ rot(k, 104)) < 1e-4
+    assert abs(rot(q, 9) @ rot(k, 4) - rot(q, 9) @ rot(k, 5)) > 1e-3  # and the offset matters
+
+
+def test_softcap_is_the_formula():
+    capped, plain = tiny(logit_softcap=0.05), tiny()
+    idx = torch.randint(0, 53, (2, 16))
+    with torch.no_grad():
+        a, b = capped(idx, idx)[0], plain(idx, idx)[0]
+    torch.testing.assert_close(a, 0.05 * torch.tanh(b / 0.05), atol=ATOL, rtol=0)
+    assert a.abs().max() < 0.05 and b.abs().max() > 0.07  # the cap bends these logits
+
+
+def test_untied_head_has_its_own_weights():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    n_tied = tied.get_num_params(non_embedding=False)
+    assert untied.get_num_params(non_embedding=False) == n_tied + 53 * 24
+    assert untied.get_num_params() == n_tied - 16 * 24  # less wpe; the head counted, wte not
+    assert untied.param_breakdown()["embeddings"] == 2 * 53 * 24 + 16 * 24
+    untied.lm_head.weight.data.zero_()  # the head alone moves the logits
+    with torch.no_grad():
+        assert untied(torch.zeros(1, 3, dtype=torch.long))[0].abs().max() == 0
+    assert len(untied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"]) == \
+        len(tied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"]) + 1
+
+
+@pytest.mark.parametrize("knob", list(KNOBS) + ["gpt2"])
+def test_forward_matches_the_hand_written_reference(knob):
+    """Every knob alone and all together (qk_norm included) against forward_ref."""
+    model = tiny(**KNOBS.get(knob, {}))
+    idx = torch.randint(0, 53, (2, 16))
+    with torch.no_grad():
+        logits, loss = model(idx, idx)
+        ref, _ = forward_ref(model, idx)
+        last = model(idx)[0]
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(last, ref[:, -1:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(loss, F.cross_entropy(ref.view(-1, 53), idx.view(-1)), atol=ATOL, rtol=0)
+
+
+def test_default_config_is_gpt2():
+    assert all(getattr(GPTConfig(), k) == v for k, v in dict(
+        pos_emb="learned", norm="layernorm", mlp_act="gelu", qk_norm=False, tie_embeddings=True,
+        logit_softcap=0.0).items())
+    with torch.device("meta"):  # shapes only
+        model = GPT(GPTConfig(vocab_size=50257, block_size=1024, bias=True))
+    assert model.get_num_params(non_embedding=False) == 124_439_808
+    assert model.rotary is None and "wpe" in model.transformer
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("pos_emb", "alibi", "'learned', 'rope'"), ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
+    ("mlp_act", "swiglu", "'gelu', 'relu2'"), ("qk_norm", 1, "True or False"),
+    ("tie_embeddings", "yes", "True or False"), ("logit_softcap", -1.0, ">= 0"), ("rope_base", 0.5, "> 1")])
+def test_bad_knob_values_name_the_field(field, value, allowed):
+    with pytest.raises(ValueError, match=f"GPTConfig.{field} must .*{allowed}"):
+        GPT(GPTConfig(n_layer=1, n_embd=8, n_head=2, block_size=4, vocab_size=5, **{field: value}))
+    with pytest.raises(ValueError, match="pos_emb='rope' needs an even head size"):
+        GPT(GPTConfig(n_layer=1, n_embd=9, n_head=3, block_size=4, vocab_size=5, pos_emb="rope"))
+
+
+# ------------------------------------------------------------------ every path sees the knobs
+
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_causality(knob):
+    model = tiny(**KNOBS[knob])
+    idx = torch.randint(0, 53, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 7) % 53
+    with torch.no_grad():
+        a, b = model(idx, idx)[0], model(changed, changed)[0]
+    torch.testing.assert_close(a[:, :9], b[:, :9], atol=0, rtol=0)
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-3
+
+
+def test_explicit_cpu_attention_matches_sdpa_with_every_knob():
+    """The explicit (dropout) CPU path, chunked, sees the knobs as the fused kernel does."""
+    model = tiny(dropout=0.1, block_size=256, **KNOBS["all"]).train()
+    idx = torch.randint(0, 53, (2, 203))
+    for m in model.modules():
+        if type(m).__name__ == "Dropout":
+            m.p = 0.0  # nothing dropped, but attn.dropout > 0 still takes the explicit path
+    explicit, _ = model(idx, idx)
+    for block in model.transformer.h:
+        block.attn.dropout = 0.0
+    fused, _ = model(idx, idx)
+    torch.testing.assert_close(explicit, fused, atol=ATOL, rtol=0)
+
+
+def test_attention_maps_with_rope_and_qk_norm():
+    model = tiny(pos_emb="rope", qk_norm=True)
+    idx = torch.randint(0, 53, (2, 11))
+    maps = model.attention_maps(idx)
+    _, ref = forward_ref(model, idx)
+    assert len(maps) == 2 and maps[0].shape == (2, 2, 11, 11)
+    for att, r in zip(maps, ref):
+        torch.testing.assert_close(att, r, atol=ATOL, rtol=0)
+
+
+def test_crop_block_size_with_rope():
+    model = tiny(block_size=16, **KNOBS["all"])
+    idx = torch.randint(0, 53, (1, 8))
+    with torch.no_grad():
+        before = model(idx, idx)[0]
+        model.crop_block_size(8)
+        torch.testing.assert_close(model(idx, idx)[0], before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="length 9: block_size is 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("knob", [k for k in KNOBS if k != "all"])
+def test_save_pretrained_refuses_modern_knobs(knob, tmp_path):
+    (name, value), = KNOBS[knob].items()
+    with pytest.raises(ValueError, match=f"GPT-2 has no {name}={value!r}"):
+        tiny(**KNOBS[knob]).save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()  # nothing half-written
+
+
+def test_checkpoint_with_knobs_round_trips_through_load_model(tmp_path):
+    model = tiny(**KNOBS["all"])
+    args = dict(n_layer=2, n_head=2, n_embd=24, block_size=16, vocab_size=53, bias=True, dropout=0.0,
+                **KNOBS["all"])
+    torch.save({"format": common.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_args": args,
+                "iter_num": 7, "best_val_loss": 1.0, "config": {}}, tmp_path / "ckpt.pt")
+    loaded, info = common.load_model("resume", str(tmp_path))
+    assert all(getattr(loaded.config, k) == v for k, v in KNOBS["all"].items())
+    idx = torch.randint(0, 53, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx, idx)[0], model(idx, idx)[0], atol=0, rtol=0)
+    # an old checkpoint (no knob keys) is GPT-2
+    plain = tiny()
+    old = {k: v for k, v in args.items() if k not in KNOBS["all"]}
+    torch.save({"format": common.CHECKPOINT_FORMAT, "model": plain.state_dict(), "model_args": old,
+                "iter_num": 7, "best_val_loss": 1.0, "config": {}}, tmp_path / "ckpt.pt")
+    loaded, _ = common.load_model("resume", str(tmp_path))
+    assert loaded.config.pos_emb == "learned" and loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+# ------------------------------------------------------------------ generation
+
+MODES = dict(greedy=dict(temperature=0.0), sampled=dict(temperature=1.0), top_k=dict(temperature=0.8, top_k=5))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_kv_cache_matches_recomputation_within_block(knob, mode):
+    model = tiny(**KNOBS[knob])
+    idx = torch.randint(0, 53, (2, 5))
+    ours = model.generate(idx, 11, generator=torch.Generator().manual_seed(7), **MODES[mode])
+    ref = generate_ref(recompute_window(model), idx, 11, torch.Generator().manual_seed(7), **MODES[mode])
+    assert torch.equal(ours, ref), (ours, ref)
+
+
+@pytest.mark.parametrize("knob", ["rmsnorm", "relu2", "qk_norm", "untied", "softcap"])
+def test_learned_positions_past_block_still_recompute(knob):
+    model = tiny(**KNOBS[knob])
+    idx = torch.randint(0, 53, (2, 4))
+    ours = model.generate(idx, 30, generator=torch.Generator().manual_seed(7))
+    ref = generate_ref(recompute_window(model), idx, 30, torch.Generator().manual_seed(7))
+    assert torch.equal(ours, ref), (ours, ref)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("prompt_len", [3, 21], ids=["short-prompt", "long-prompt"])
+def test_rolling_cache_one_layer_equals_window_recomputation(prompt_len, mode):
+    """One layer: the rolled cache is exactly recomputation on the last block_size tokens."""
+    model = tiny(n_layer=1, **KNOBS["all"])
+    idx = torch.randint(0, 53, (2, prompt_len))
+    ours = model.generate(idx, 40, generator=torch.Generator().manual_seed(5), **MODES[mode])
+    ref = generate_ref(recompute_window(model), idx, 40, torch.Generator().manual_seed(5), **MODES[mode])
+    assert torch.equal(ours, ref), (ours, ref)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("knob,prompt_len", [("rope", 3), ("all", 21)], ids=["rope", "all-long-prompt"])
+def test_rolling_cache_equals_sliding_window_forward(knob, prompt_len, mode):
+    """Several layers: the rolled cache is exactly a full forward with sliding-window attention
+    (and not recomputation on the last block_size tokens, which differs: checked too)."""
+    model = tiny(n_layer=3, **KNOBS[knob])
+    idx = torch.randint(0, 53, (2, prompt_len))
+    ours = model.generate(idx, 24, generator=torch.Generator().manual_seed(5), **MODES[mode])
+    ref = generate_ref(sliding_window(model), idx, 24, torch.Generator().manual_seed(5), **MODES[mode])
+    assert torch.equal(ours, ref), (ours, ref)
+    # the logits themselves, step by step through the rolling cache
+    seq = ours[:1]
+    cache = KVCache(3, 16, rolling=True)
+    with torch.no_grad():
+        full = forward_ref(model, seq, window=16)[0]
+        h = model._hidden(seq[:, :16], cache)
+        steps = [model.softcap(model.lm_head(model._hidden(seq[:, t:t + 1], cache)))[:, -1] for t in range(16, seq.size(1))]
+        torch.testing.assert_close(model.softcap(model.lm_head(h)), full[:, :16], atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 16:], atol=ATOL, rtol=0)
+
+
+def test_sliding_window_is_not_window_recomputation():
+    """With several layers the two semantics differ (deeper layers of old tokens saw older
+    context): the rolled cache follows the sliding window. Larger weights than at init, so
+    that context matters."""
+    model = tiny(n_layer=3, pos_emb="rope")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() == 2 else 1.0)
+    seq = torch.randint(0, 53, (1, 30))
+    cache = KVCache(3, 16, rolling=True)
+    with torch.no_grad():
+        model._hidden(seq[:, :16], cache)
+        for t in range(16, 30):
+            h = model._hidden(seq[:, t:t + 1], cache)
+        rolled = model.lm_head(h)[:, -1]
+        full = forward_ref(model, seq, window=16)[0][:, -1]
+        window = model(seq[:, -16:])[0][:, -1]
+    torch.testing.assert_close(rolled, full, atol=1e-4, rtol=1e-4)
+    assert (window - full).abs().max() > 3e-4  # ~1e-3 here, 10x the rolled cache's error
+
+
+def test_rolling_cache_refuses_chunks_and_learned_positions_overflow():
+    model = tiny(pos_emb="rope")
+    cache = KVCache(2, 16, rolling=True)
+    with torch.no_grad():
+        model._hidden(torch.zeros(1, 16, dtype=torch.long), cache)
+        model._hidden(torch.zeros(1, 1, dtype=torch.long), cache)  # rolls
+        with pytest.raises(ValueError, match="block_size is 16"):  # only single steps roll
+            model._hidden(torch.zeros(1, 2, dtype=torch.long), cache)
+    plain = KVCache(2, 16)
+    with torch.no_grad():
+        tiny()._hidden(torch.zeros(1, 16, dtype=torch.long), plain)
+        with pytest.raises(ValueError, match="block_size is 16"):
+            tiny()._hidden(torch.zeros(1, 1, dtype=torch.long), plain)
