@@ -164,3 +164,15 @@ def test_muon_ddp_matches_single_process(tmp_path, data):
     a, b = read_log(tmp_path / 'single'), read_log(tmp_path / 'ddp')
     assert [row[:3] for row in a] == [row[:3] for row in b]
     assert [row[3] for row in a] == pytest.approx([row[3] for row in b], rel=1e-5, abs=0)
+
+
+def test_speedrun_config_decreases_loss(tmp_path, data):
+    """config/speedrun_shakespeare_char_cpu.py (Muon and the modern knobs) trains: a few steps on tiny data."""
+    out = tmp_path / 'out'
+    proc = run_train(REPO / 'config' / 'speedrun_shakespeare_char_cpu.py', f'--data_dir={data}', f'--out_dir={out}',
+                     '--max_iters=20', '--eval_interval=20', '--eval_iters=4', '--batch_size=8', '--block_size=16',
+                     '--warmup_iters=2', '--lr_decay_iters=20')
+    assert proc.returncode == 0, proc.stderr
+    assert 'Muon on' in proc.stdout and "'pos_emb': 'rope'" in proc.stdout
+    evals = [loss for it, kind, split, loss in read_log(out, 'eval') if split == 'val']
+    assert evals[-1] < evals[0] - 0.5, evals
