@@ -7,10 +7,12 @@ $ python bench.py config/bench_gpt2.py --mode=generate --hf_compare=True  # + tr
 $ python bench.py config/bench_baby.py --nanogpt_dir=/path/to/nanoGPT   # the same runs on nanoGPT's model
 $ python bench.py --n_layer=2 --n_embd=64 --mode=train --json_out=bench.jsonl --profile=True
 
-Every result is one JSON line on stdout (lines starting with '{'), also appended to json_out
-when set. With nanogpt_dir or hf_compare a table (ours, theirs, ratio) follows. The weights,
-batches and seeds are the same for every implementation. Config files and --key=value flags are
-checked like train.py's.
+Every result is printed once: a readable line on a terminal, or one JSON line on stdout (lines
+starting with '{') when stdout is a pipe or file (a readable copy goes to stderr); json_out, when
+set, gets the JSON line too. Each phase shows a progress line when it takes more than a few seconds. With nanogpt_dir or hf_compare a table (ours, theirs, ratio) follows. The weights,
+batches and seeds are the same for every implementation (with a modern knob such as
+--pos_emb=rope, nanoGPT runs a GPT-2 of the same shape with its own weights). Config files and
+--key=value flags are checked like train.py's.
 """
 
 import importlib.util
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 import common
-from model import GPT, GPTConfig
+from model import GPT, GPT2_KNOBS, GPTConfig, check_knobs
 
 # -----------------------------------------------------------------------------
 # defaults; config files (config/bench_*.py) and --key=value flags change them
@@ -38,6 +40,12 @@ block_size = 256  # context length; training batches are this long
 vocab_size = 65  # vocabulary of the benchmarked model
 bias = False  # biases in Linear and LayerNorm layers
 dropout = 0.0  # dropout during the training step (the recipe's value makes the step realistic)
+pos_emb = 'learned'  # our model's modern knobs (as in train.py); nanoGPT and HF stay GPT-2
+norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
+mlp_act = 'gelu'  # 'gelu' or 'relu2'
+qk_norm = False  # RMS-normalise queries and keys per head
+tie_embeddings = True  # the output head shares the token embedding
+logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off
 # what to run
 mode = 'all'  # 'train', 'generate' or 'all'
 dataset = ''  # batches from data/<dataset>/train.bin when it exists; otherwise synthetic random tokens
@@ -112,11 +120,14 @@ def build_models(cfg, vocab, dev, impls):
     args = dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
                 vocab_size=vocab, bias=cfg['bias'], dropout=cfg['dropout'])
     torch.manual_seed(cfg['seed'])
-    ours = GPT(GPTConfig(**args))
+    ours = GPT(GPTConfig(**args, **{k: cfg[k] for k in GPT2_KNOBS}))
     models = {'ours': ours}
     if 'nanogpt' in impls:
         nano = load_nanogpt(cfg['nanogpt_dir'])
         theirs = nano.GPT(nano.GPTConfig(**args))
+        if any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
+            models['nanogpt'] = theirs  # a GPT-2 of the same shape, its own random weights
+            return to_device(models, dev)
         # without flash attention nanoGPT keeps a causal-mask buffer; that is not a weight
         missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
         if unexpected or any(not k.endswith('.attn.bias') for k in missing):
@@ -127,6 +138,10 @@ def build_models(cfg, vocab, dev, impls):
         with tempfile.TemporaryDirectory() as tmp:
             ours.save_pretrained(tmp)
             models['hf'] = transformers.GPT2LMHeadModel.from_pretrained(tmp)
+    return to_device(models, dev)
+
+
+def to_device(models, dev):
     for m in models.values():
         m.to(dev.device)
     return models
@@ -168,7 +183,7 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
     step_model = torch.compile(model) if cfg['compile'] else model
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)
 
-    def step(i):
+    def step(i, bar=None):
         x, y = get_batch(i)
         with dev.autocast():
             _, loss = step_model(x, y)
@@ -176,10 +191,15 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if bar is not None:
+            bar.update()  # the line is drawn at most every 0.5 s, so it does not slow the timing
 
     torch.manual_seed(cfg['seed'])  # the same dropout masks for every implementation
+    bar = common.Progress(f"train {IMPL_NAMES[name]}", total=cfg['burn_in'] + cfg['repeats'] * cfg['num_iters'],
+                          unit='steps')
     for i in range(cfg['burn_in']):
         step(i)
+        bar.update()
     if dev.device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev.device)
     profiler = None
@@ -192,8 +212,9 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
     per_repeat = []
     for r in range(cfg['repeats']):
         first = cfg['burn_in'] + r * cfg['num_iters']
-        seconds, _ = timed(dev, lambda: [step(first + i) for i in range(cfg['num_iters'])])
+        seconds, _ = timed(dev, lambda: [step(first + i, bar) for i in range(cfg['num_iters'])])
         per_repeat.append(seconds / cfg['num_iters'])
+    bar.close()
     if profiler is not None:
         profiler.__exit__(None, None, None)
         trace = cfg['trace_file'] if name == 'ours' else cfg['trace_file'].replace('.json', f'_{name}.json')
@@ -214,7 +235,8 @@ def estimate_mfu(cfg, tokens_per_sec, device_name, dev):
     implementation); None where the device's peak is unknown, CPUs included."""
     with torch.device('meta'):  # shapes only, no memory
         shape = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']))
+                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
+                              **{k: cfg[k] for k in GPT2_KNOBS}))
     return shape.estimate_mfu(tokens_per_sec, device_name, dev.ptdtype)
 
 
@@ -253,6 +275,7 @@ def bench_generate(name, model, cfg, dev, batch):
 
     run(min(n, 4))  # burn in
     prefill, decode, total = [], [], []
+    bar = common.Progress(f"generate {IMPL_NAMES[name]} B={batch}", total=cfg['repeats'], unit='repeats')
     for _ in range(cfg['repeats']):
         if name == 'ours':
             # our generate_stream yields each token: time to the first one is the prefill,
@@ -275,6 +298,8 @@ def bench_generate(name, model, cfg, dev, batch):
             prefill.append(timed(dev, lambda: run(1))[0])
             total.append(timed(dev, lambda: run(n))[0])
             decode.append(max(total[-1] - prefill[-1], 0.0) / max(n - 1, 1))
+        bar.update()
+    bar.close()
     t_prefill, t_decode, t_total = statistics.median(prefill), statistics.median(decode), statistics.median(total)
     mem, mem_kind = peak_memory(dev)
     return dict(bench='generate', impl=name, batch_size=batch, prompt_len=cfg['prompt_len'], max_new_tokens=n,
@@ -313,7 +338,8 @@ def emit(result, cfg, dev):
     """Print one JSON line (and append it to json_out)."""
     result = dict(result, device=dev.device, dtype=dev.dtype, compile=cfg['compile'],
                   model=dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias']),
+                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
+                             **{k: cfg[k] for k in GPT2_KNOBS}),
                   torch=torch.__version__, time=time.strftime('%Y-%m-%dT%H:%M:%S'))
     line = json.dumps(result)
     if result['bench'] == 'train':
@@ -323,8 +349,11 @@ def emit(result, cfg, dev):
     else:
         summary = (f"generate {result['impl']} B={result['batch_size']}: prefill {result['prefill_ms']:.1f} ms, "
                    f"decode {result['decode_ms_per_token']:.2f} ms/token, {result['tokens_per_sec']:,.1f} tokens/s")
-    print(summary, file=sys.stderr)
-    print(line, flush=True)
+    if sys.stdout.isatty():  # a person reads this: the readable line only
+        print(summary, flush=True)
+    else:  # a pipe or file gets the JSON; the person watching stderr the readable line
+        print(summary, file=sys.stderr, flush=True)
+        print(line, flush=True)
     if cfg['json_out']:
         with open(cfg['json_out'], 'a') as f:
             f.write(line + '\n')
@@ -343,6 +372,13 @@ def main(argv):
             common.die(f"{key} must be >= 1, got {cfg[key]}")
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
         common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
+    try:
+        check_knobs(GPTConfig(**{k: cfg[k] for k in GPT2_KNOBS}))
+    except ValueError as e:
+        common.die(str(e).replace('GPTConfig.', ''))
+    if cfg['hf_compare'] and any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
+        common.die("hf_compare needs GPT-2's architecture: leave pos_emb, norm, mlp_act, qk_norm, "
+                   "tie_embeddings and logit_softcap at their defaults")
     dev = common.setup_device(cfg['device'], cfg['dtype'])
     torch.manual_seed(cfg['seed'])
     if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):

@@ -5,6 +5,9 @@ Small pieces shared by train.py, sample.py and bench.py:
 - setup_device: device and dtype chosen in one place, with the reason printed once
 - ddp_ranks / ddp_setup / ddp_teardown: joining and leaving the torchrun process group
 - atomic_write / save_checkpoint / load_checkpoint / model_state_dict: files and checkpoints
+- print_help / config_summary: --help from the knobs' trailing comments, and the knobs a run changed
+- find_run_dir: the run folder to use when --out_dir is not given
+- Progress: a progress line (a bar on a terminal) for work that takes more than a few seconds
 
 User mistakes raise ConfigError. It is a SystemExit, so a script that does not catch it
 prints its one-line message to stderr and exits with status 1, without a traceback.
@@ -12,9 +15,13 @@ prints its one-line message to stderr and exits with status 1, without a traceba
 
 import ast
 import difflib
+import io
 import os
 import sys
 import tempfile
+import textwrap
+import time
+import tokenize
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +48,21 @@ def die(message):
 # -----------------------------------------------------------------------------
 # config: config files, then --key=value flags
 
-def load_config(defaults, argv):
+def load_config(defaults, argv, usage=None):
     """Return {key: value} for the keys that config files and flags in argv override.
 
     argv items are config files (plain Python assignments, applied in order) or --key=value
     flags (applied after all files, in order; the later one wins). Every key must be in
     defaults. A value must have the type of its default: an int may stand for a float, bools
     are only True/False, and a string may be written without quotes. A default of None accepts
-    any value; the script checks what it means.
+    any value; the script checks what it means. --help or -h prints the usage line (usage, or
+    one made from the script's name) and every knob with its default and comment, then exits 0.
     """
+    if '--help' in argv or '-h' in argv:
+        # the caller's source file holds the defaults and their trailing comments
+        caller = sys._getframe(1).f_globals
+        print_help(defaults, caller.get('__file__'), usage, caller.get('__doc__'))
+        sys.exit(0)
     current = dict(defaults)
     overrides = {}
     files = [a for a in argv if not a.startswith('--')]
@@ -67,6 +80,96 @@ def load_config(defaults, argv):
         value = _check_value(defaults, key, value, f"(flag {flag})")
         current[key] = overrides[key] = value
     return overrides
+
+
+def knob_comments(path):
+    """[(name, comment, line)] for each line of a source file that assigns a name and ends in a
+    comment: `name = value  # comment` at module level, or `name=value,  # comment` in a dict(...).
+    Read with tokenize, so a '#' inside a string is not mistaken for a comment."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            tokens = list(tokenize.generate_tokens(f.readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return []
+    found, line_tokens = [], []
+    for tok in tokens:
+        if tok.type in (tokenize.NL, tokenize.NEWLINE):
+            line_tokens = []
+        elif tok.type == tokenize.COMMENT:
+            code = [t for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+            if len(code) >= 2 and code[0].type == tokenize.NAME and code[1].string == '=':
+                found.append((code[0].string, tok.string.lstrip('#').strip(), tok.start[0]))
+        else:
+            line_tokens.append(tok)
+    return found
+
+
+def _comments_for(keys, path):
+    """{key: comment} for keys; a name commented on several lines (evaluate.py's data_dir in two
+    sub-commands) takes the line nearest to its neighbours in keys, which sit in the same block."""
+    lines = {}
+    for name, comment, line in knob_comments(path) if path else []:
+        lines.setdefault(name, []).append((line, comment))
+    chosen = {k: lines[k][0] for k in keys if len(lines.get(k, [])) == 1}
+    for i, key in enumerate(keys):
+        if len(lines.get(key, [])) > 1:
+            # the next key's line, else the previous key's: a block's knobs sit together
+            near = [k for k in keys[i + 1:i + 2] + keys[max(0, i - 1):i] if k in chosen][:1]
+            anchor = chosen[near[0]][0] if near else 0
+            chosen[key] = min(lines[key], key=lambda lc: abs(lc[0] - anchor))
+    return {k: comment for k, (_, comment) in chosen.items()}
+
+
+def print_help(defaults, path=None, usage=None, doc=None):
+    """Usage line, the first line of doc, then one line per knob: --key=default and its comment
+    from the source file."""
+    script = os.path.basename(path) if path else os.path.basename(sys.argv[0])
+    usage = usage or f"python {script} [config/file.py ...] [--key=value ...]"
+    comments = _comments_for(list(defaults), path)
+    width = max((len(f"--{k}={v!r}") for k, v in defaults.items()), default=0)
+    summary = next((line.strip() for line in (doc or '').splitlines() if line.strip()), '')
+    lines = [f"usage: {usage}"] + ([summary] if summary else []) + ["",
+             "knobs (--key=default, then what it does; config files set them the same way):"]
+    for key, value in defaults.items():
+        lines.append(f"  {f'--{key}={value!r}':<{width}}  {comments.get(key, '')}".rstrip())
+    print_stdout('\n'.join(lines))
+
+
+def print_stdout(text):
+    """print(text) that ends quietly when the reader goes away (`python x.py --help | head`)."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader closed the pipe: point stdout at devnull so the exit flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+
+
+def source_defaults(path):
+    """{name: value} of the module-level `name = literal` assignments of a script (its defaults)."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass  # not a literal: not a knob
+    return out
+
+
+def config_summary(config, defaults, saved_at=None, width=100):
+    """The knobs whose value differs from the default, as readable wrapped lines."""
+    changed = [f"{k}={v!r}" for k, v in config.items() if k not in defaults or defaults[k] != v]
+    where = f"; every knob is in {saved_at}" if saved_at else ""
+    head = f"config ({len(changed)} knobs differ from the defaults{where}):"
+    if not changed:
+        return head + " none"
+    return head + "\n" + textwrap.fill(', '.join(changed), width=width, initial_indent='  ',
+                                       subsequent_indent='  ', break_long_words=False, break_on_hyphens=False)
 
 
 def _read_config_file(path, current):
@@ -168,12 +271,14 @@ def _cuda_has_native_bf16():
         return torch.cuda.is_bf16_supported()
 
 
-def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True):
+def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, default_reason=None):
     """Pick the device and the compute dtype; print the choice and the reason once per process.
 
     device 'auto': cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu.
     dtype 'auto': bfloat16 on a CUDA GPU that supports it, float16 with a GradScaler on an
     older CUDA GPU, float32 on CPU and MPS. An explicit dtype is honoured (bfloat16 on CPU works).
+    default_reason: how to explain a fixed device/dtype that the user did not ask for (a script's
+    own default), instead of "asked for".
     """
     if device == 'auto':
         if torch.cuda.is_available():
@@ -184,7 +289,7 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True):
         else:
             device, device_reason = 'cpu', "auto: no CUDA or MPS"
     else:
-        device_reason = "asked for"
+        device_reason = default_reason or "asked for"
     device_type = device.split(':')[0]
     if device_type not in ('cpu', 'cuda', 'mps'):
         raise ConfigError(f"device {device!r} not understood; use auto, cpu, cuda, cuda:N or mps")
@@ -203,7 +308,7 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True):
         else:
             dtype, dtype_reason = 'float32', f"auto: full precision on {device_type}"
     elif dtype in PTDTYPES:
-        dtype_reason = "asked for"
+        dtype_reason = default_reason or "asked for"
     else:
         raise ConfigError(f"dtype {dtype!r} not understood; use auto, float32, bfloat16 or float16")
 
@@ -418,3 +523,92 @@ def load_tokenizer_for(info, data_dir=None):
         raise ConfigError(f"the tokenizer ({tokenizer.name}, {tokenizer.vocab_size} ids) does not fit the "
                           f"model's vocab_size {info['vocab_size']}: wrong data_dir for this checkpoint?")
     return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# which run folder, and progress of long work
+
+def find_run_dir(out_dir, given, what="use"):
+    """The run folder to read: out_dir when it was given (flag or config file) or holds ckpt.pt;
+    else the folder in the working directory whose ckpt.pt is newest, with a notice on stderr
+    naming it; else a one-line error saying what to do."""
+    if given or (Path(out_dir) / 'ckpt.pt').is_file():
+        return out_dir
+    runs = sorted((p for p in Path('.').iterdir() if p.is_dir() and (p / 'ckpt.pt').is_file()),
+                  key=lambda p: (p / 'ckpt.pt').stat().st_mtime)
+    if not runs:
+        raise ConfigError(f"no trained model to {what}: {out_dir}/ckpt.pt does not exist and no folder here has a "
+                          f"ckpt.pt. Train one (python train.py config/train_shakespeare_char_cpu.py), pass "
+                          f"--out_dir=RUN_FOLDER, or use --init_from=gpt2")
+    chosen = runs[-1].name
+    stamp = time.strftime('%Y-%m-%d %H:%M', time.localtime((runs[-1] / 'ckpt.pt').stat().st_mtime))
+    print(f"notice: no {out_dir}/ckpt.pt; using the most recently trained run, {chosen}/ (saved {stamp}); "
+          f"pass --out_dir to choose another", file=sys.stderr, flush=True)
+    return chosen
+
+
+class Progress:
+    """Progress of a long loop on stderr, silent for work that ends within `after` seconds.
+
+    On a terminal, a bar redrawn in place; otherwise (a log file, CI) a plain line every `every`
+    seconds. close() (or leaving a `with` block) prints a last line if anything was shown; with
+    keep=False it erases the bar instead (the caller prints its own result line).
+
+        with common.Progress('perplexity', total=len(batches), unit='windows') as bar:
+            for b in batches:
+                ...
+                bar.update(len(b))
+    """
+
+    def __init__(self, label, total=None, unit='', after=3.0, every=10.0, stream=None, keep=True):
+        self.label, self.total, self.unit, self.keep = label, total, unit, keep
+        self.after, self.every = after, every
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+        self.done, self.start, self.shown_at = 0, time.monotonic(), None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _text(self, now):
+        elapsed = now - self.start
+        unit = f" {self.unit}" if self.unit else ""
+        if self.total:
+            frac = min(self.done / self.total, 1.0)
+            left = f", ~{_duration(elapsed / frac - elapsed)} left" if 0 < frac < 1 else ""
+            count = f"{self.done:,}/{self.total:,}{unit} ({100 * frac:.0f}%)"
+            bar = f"[{'#' * int(20 * frac):<20}] " if self.tty else ""
+            return f"{self.label}: {bar}{count}, {_duration(elapsed)}{left}"
+        return f"{self.label}: {self.done:,}{unit}, {_duration(elapsed)}"
+
+    def update(self, n=1):
+        self.done += n
+        now = time.monotonic()
+        if now - self.start < self.after:
+            return
+        wait = 0.5 if self.tty else self.every
+        if self.shown_at is not None and now - self.shown_at < wait:
+            return
+        self.shown_at = now
+        self.stream.write(('\r' + self._text(now) + '\033[K') if self.tty else self._text(now) + '\n')
+        self.stream.flush()
+
+    def close(self):
+        if self.shown_at is None:
+            return  # quick work stays silent
+        text = self._text(time.monotonic())
+        if not self.keep:
+            self.stream.write('\r\033[K' if self.tty else '')
+        else:
+            self.stream.write(('\r' + text + '\033[K\n') if self.tty else text + '\n')
+        self.stream.flush()
+        self.shown_at = None
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

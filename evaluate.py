@@ -1,19 +1,26 @@
 """
-Numbers about a trained model: perplexity over a whole split, and counting accuracy.
+Numbers about a trained model: perplexity over a whole split, counting accuracy, HellaSwag.
 
 Perplexity of a checkpoint (out_dir/ckpt.pt) or of a Hugging Face GPT-2 (name or local folder)
 on any prepared split, every token scored exactly once:
-$ python evaluate.py perplexity --out_dir=out-shakespeare --dataset=shakespeare --split=val
+$ python evaluate.py perplexity --out_dir=out-shakespeare-char-cpu      # its own dataset's val split
 $ python evaluate.py perplexity --init_from=gpt2 --dataset=wikitext2 --split=test --stride=512
 
 Counting accuracy of a model trained on `python prepare.py counting` (greedy decoding from
 start values held out of training):
 $ python evaluate.py counting --out_dir=out-counting
 
-Knobs are --key=value flags (or config files), checked like train.py's; `python evaluate.py
-perplexity --help` lists them with their defaults.
+HellaSwag accuracy (10,042 validation examples, downloaded once into data/hellaswag/) of a GPT-2
+BPE model; GPT-2 124M gets acc_norm ~0.29:
+$ python evaluate.py hellaswag --init_from=gpt2
+$ python evaluate.py hellaswag --out_dir=out-gpt2 --limit=1000
+
+Without --out_dir, the newest run folder here (one holding ckpt.pt) is used. Knobs are
+--key=value flags (or config files), checked like train.py's; `python evaluate.py perplexity
+--help` lists them with their defaults.
 """
 
+import json
 import math
 import os
 import sys
@@ -21,6 +28,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import common
 import prepare
@@ -74,6 +82,7 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
     was_training = model.training
     model.eval()
     total_nll, total_count = 0.0, 0
+    bar = common.Progress('perplexity', total=len(plan), unit='windows')
     for i in range(0, len(plan), batch_size):
         chunk = plan[i:i + batch_size]
         x = torch.stack([data[b:b + n] for b, n, _ in chunk])  # (B, T); all windows share T
@@ -86,6 +95,8 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
         count = int((y != -1).sum())  # every window scores at least one target (window_plan)
         total_nll += loss.item() * count
         total_count += count
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     assert total_count == len(tokens) - 1, f"scored {total_count} tokens, expected {len(tokens) - 1}"
     loss = total_nll / total_count
@@ -120,6 +131,142 @@ def counting_accuracy(model, starts, separator, prompt_len=3, max_new_tokens=5):
 
 
 # -----------------------------------------------------------------------------
+# hellaswag: which of 4 endings does the model find most likely?
+
+# the original release (Zellers et al. 2019); 10,042 validation examples
+HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
+
+
+def hellaswag_path(input_path=''):
+    """--input=FILE as given, else data/hellaswag/hellaswag_val.jsonl, downloaded once."""
+    if input_path:
+        if not os.path.isfile(input_path):
+            common.die(f"--input={input_path} is not a file; pass a HellaSwag .jsonl file or leave --input "
+                       f"empty to download {HELLASWAG_URL}")
+        return input_path
+    dest = prepare.DATA_DIR / 'hellaswag' / 'hellaswag_val.jsonl'
+    try:
+        prepare.download(HELLASWAG_URL, dest)
+    except prepare.PrepareError as e:
+        common.die(str(e))
+    return str(dest)
+
+
+def read_hellaswag(path, limit=0):
+    """[(context, [4 endings], label)] from a HellaSwag .jsonl file (fields ctx, endings, label)."""
+    examples = []
+    with open(path, encoding='utf-8') as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                ctx, endings, label = ex['ctx'], list(ex['endings']), int(ex['label'])
+            except (ValueError, KeyError, TypeError) as e:
+                common.die(f"{path} line {line_no} is not a HellaSwag example with ctx, endings and label "
+                           f"({type(e).__name__}: {str(e)[:60]})")
+            if len(endings) != 4 or not 0 <= label < 4:
+                common.die(f"{path} line {line_no}: expected 4 endings and a label 0..3")
+            examples.append((ctx, endings, label))
+            if limit and len(examples) >= limit:
+                break
+    if not examples:
+        common.die(f"{path} holds no examples")
+    return examples
+
+
+def gpt2_tokenizer_or_die(info, data_dir=None):
+    """The model's tokenizer, which must be GPT-2 BPE: HellaSwag is text scored as GPT-2 tokens."""
+    tokenizer = common.load_tokenizer_for(info, data_dir)
+    if tokenizer.name != 'gpt2':
+        common.die(f"HellaSwag needs a GPT-2 BPE model; this one uses the {tokenizer.name} tokenizer "
+                   f"(train on a GPT-2 dataset such as fineweb_edu, openwebtext or shakespeare)")
+    return tokenizer
+
+
+@torch.no_grad()
+def hellaswag_counts(model, examples, encode, batch_size=16, autocast=None, label=None):
+    """(examples, correct by summed loss, correct by mean loss) over examples.
+
+    Each ending is scored by the model's cross-entropy on the tokens of " " + ending after
+    the context tokens; the prediction is the ending with the lowest sum (acc) or the lowest
+    mean per token (acc_norm, which does not favour short endings). batch_size examples
+    (4 rows each) go through the model at once, right-padded.
+    """
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    was_training = model.training
+    model.eval()
+    n = correct = correct_norm = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        rows = []  # (tokens, number of ending tokens at the end)
+        for ctx, endings, _ in chunk:
+            ctx_ids = encode(ctx)
+            for ending in endings:
+                end_ids = encode(' ' + ending)
+                rows.append(((ctx_ids + end_ids)[-(block + 1):], len(end_ids)))  # keep the end within the block
+        T = max(len(seq) for seq, _ in rows) - 1
+        x = torch.zeros((len(rows), T), dtype=torch.long)  # (4B, T); padding is never a target
+        y = torch.full((len(rows), T), -1, dtype=torch.long)  # (4B, T); -1: not scored
+        for r, (seq, n_end) in enumerate(rows):
+            x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+            n_end = min(n_end, len(seq) - 1)
+            y[r, len(seq) - 1 - n_end:len(seq) - 1] = torch.tensor(seq[-n_end:])
+        x, y = x.to(device), y.to(device)
+        with autocast() if autocast else nullcontext():
+            logits, _ = model(x, y)  # (4B, T, V)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                                 reduction='none').view(y.shape)  # (4B, T)
+        total = losses.sum(1).view(-1, 4)  # (B, 4)
+        mean = total / (y != -1).sum(1).view(-1, 4)  # (B, 4)
+        labels = torch.tensor([ex[2] for ex in chunk], device=device)
+        correct += int((total.argmin(1) == labels).sum())
+        correct_norm += int((mean.argmin(1) == labels).sum())
+        n += len(chunk)
+        if label:
+            prepare.progress(label, n, len(examples), final=n == len(examples))
+    model.train(was_training)
+    return n, correct, correct_norm
+
+
+class HellaSwagDuringTraining:
+    """train.py's hellaswag_interval: each rank scores every world_size-th example, the counts
+    are summed over ranks. Rank 0 downloads the file (when not given) before the others read it."""
+
+    def __init__(self, meta, input_path, vocab_size, rank=0, world_size=1):
+        tokenizer = prepare.get_tokenizer(meta)
+        if tokenizer.name != 'gpt2' or vocab_size < tokenizer.vocab_size:
+            common.die(f"hellaswag_interval needs GPT-2 BPE data; this dataset uses the {tokenizer.name} "
+                       f"tokenizer: set hellaswag_interval=0")
+        path = hellaswag_path(input_path) if rank == 0 or input_path else None
+        if world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()  # rank 0 has the file now
+        self.examples = read_hellaswag(path or hellaswag_path(input_path))[rank::world_size]
+        self.encode, self.world_size = tokenizer.encode, world_size
+
+    def __call__(self, model, dev):
+        n, c, cn = hellaswag_counts(model, self.examples, self.encode, autocast=dev.autocast)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            counts = torch.tensor([n, c, cn], dtype=torch.float64, device=dev.device)
+            dist.all_reduce(counts)
+            n, c, cn = (int(v) for v in counts.tolist())
+        return dict(examples=n, acc=c / n, acc_norm=cn / n)
+
+
+def run_hellaswag(cfg):
+    examples = read_hellaswag(hellaswag_path(cfg['input']), cfg['limit'])  # a bad file fails before the model loads
+    model, info, dev = load_model(cfg)
+    tokenizer = gpt2_tokenizer_or_die(info, cfg['data_dir'] or None)
+    n, c, cn = hellaswag_counts(model, examples, tokenizer.encode, cfg['batch_size'], dev.autocast,
+                                label='hellaswag')
+    print(f"hellaswag: {n} examples, acc {c / n:.4f}, acc_norm {cn / n:.4f}")
+    return dict(examples=n, acc=c / n, acc_norm=cn / n)
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 MODEL_KNOBS = dict(
@@ -131,9 +278,9 @@ MODEL_KNOBS = dict(
 DEFAULTS = {
     'perplexity': dict(
         MODEL_KNOBS,
-        dataset='wikitext2',  # reads data/<dataset>/<split>.bin
+        dataset='',  # reads data/<dataset>/<split>.bin; '' = the checkpoint's dataset (wikitext2 for GPT-2)
         data_dir='',  # a folder with <split>.bin instead of data/<dataset>
-        split='test',  # train, val or test
+        split='',  # train, val or test; '' = test where the dataset has one, else val
         stride=0,  # tokens between window starts; 0 means block_size // 2
         block_size=0,  # window length; 0 means the model's block_size (a smaller one crops the model)
         batch_size=8,  # windows per forward pass
@@ -145,25 +292,41 @@ DEFAULTS = {
         prompt_len=3,  # numbers in each prompt
         max_new_tokens=5,  # numbers generated and checked per prompt
     ),
+    'hellaswag': dict(
+        MODEL_KNOBS,
+        input='',  # a HellaSwag .jsonl file; '' downloads hellaswag_val.jsonl into data/hellaswag/
+        limit=0,  # score only the first N examples; 0 means all (10,042)
+        batch_size=16,  # examples per forward pass (4 rows each)
+        data_dir='',  # the run's tokenizer metadata folder; '' means the run's own (or GPT-2 BPE)
+    ),
 }
 
 
 def load_model(cfg):
     """(model, info, device setup) for init_from/out_dir: see common.load_model."""
     dev = common.setup_device(cfg['device'], cfg['dtype'])
+    if cfg['init_from'] == 'resume':
+        cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
     model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
     print(f"model: {info['source']}")
     return model, info, dev
 
 
 def run_perplexity(cfg):
-    folder = cfg['data_dir'] or os.path.join(prepare.DATA_DIR, cfg['dataset'])
-    path = os.path.join(folder, f"{cfg['split']}.bin")
+    model, info, dev = load_model(cfg)
+    dataset = cfg['dataset'] or info.get('dataset') or 'wikitext2'  # a checkpoint's own data; GPT-2: wikitext2
+    if cfg['data_dir']:
+        folder = cfg['data_dir']
+    elif not cfg['dataset'] and info.get('data_dir'):
+        folder = info['data_dir']  # where the checkpoint's dataset was found
+    else:
+        folder = os.path.join(prepare.DATA_DIR, dataset)
+    split = cfg['split'] or ('test' if os.path.isfile(os.path.join(folder, 'test.bin')) else 'val')
+    path = os.path.join(folder, f"{split}.bin")
     if not os.path.isfile(path):
-        common.die(f"no {path}: prepare it with `python prepare.py {cfg['dataset']}` "
-                   f"(or point --data_dir at a folder with {cfg['split']}.bin)")
+        common.die(f"no {path}: prepare it with `python prepare.py {dataset}` "
+                   f"(or point --data_dir at a folder with {split}.bin)")
     tokens = np.memmap(path, dtype=np.uint16, mode='r')
-    model, _, dev = load_model(cfg)
     if cfg['block_size']:
         if cfg['block_size'] > model.config.block_size:
             common.die(f"block_size={cfg['block_size']} is longer than the model's {model.config.block_size}")
@@ -202,20 +365,22 @@ def run_counting(cfg):
     return accuracy
 
 
-COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting}
+COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting, 'hellaswag': run_hellaswag}
 
 
 def main(argv):
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
+        common.print_stdout(f"usage: python evaluate.py {{{','.join(COMMANDS)}}} [--key=value ...]\n{__doc__.strip()}")
+        if argv and argv[0] in ('-h', '--help'):
+            for command, defaults in DEFAULTS.items():
+                common.print_stdout('')
+                common.print_help(defaults, __file__, f"python evaluate.py {command} [--key=value ...]")
+            return 0
+        return 2
     command, rest = argv[0], argv[1:]
     defaults = DEFAULTS[command]
-    if '--help' in rest or '-h' in rest:
-        for key, value in defaults.items():
-            print(f"--{key}={value!r}")
-        return 0
-    cfg = dict(defaults, **common.load_config(defaults, rest))
+    overrides = common.load_config(defaults, rest, usage=f"python evaluate.py {command} [--key=value ...]")
+    cfg = dict(defaults, **overrides, _out_dir_given='out_dir' in overrides)
     COMMANDS[command](cfg)
     return 0
 

@@ -13,6 +13,10 @@ mlp.c_fc, c_proj) so pretrained weights map key for key. References:
     out = model.generate(idx, max_new_tokens=100)  # KV-cached sampling
     model = GPT.from_pretrained("gpt2")            # Hugging Face weights (local cache or folder)
 
+GPTConfig's defaults are GPT-2 exactly; modern changes are opt-in fields (pos_emb='rope',
+norm='rmsnorm', mlp_act='relu2', qk_norm, tie_embeddings=False, logit_softcap; see
+docs/modern_model.md), each choosing its module or function once, in the constructor.
+
 This file reads no files except weight files, parses no arguments and keeps no global state.
 """
 
@@ -832,6 +836,17 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
+def _first_sentence(error, limit=200):
+    """The error's text on one line, cut at its first sentence and at a word boundary, never mid-word."""
+    text = ' '.join(str(error).split())
+    end = text.find('. ')
+    if 0 < end < limit:
+        return text[:end + 1]
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(' ', 1)[0] + ' ...'
+
+
 def _find_pretrained_folder(name_or_path):
     """A folder holding config.json and weights for a model name or path, or a clear error."""
     if os.path.isdir(name_or_path):
@@ -855,8 +870,8 @@ def _find_pretrained_folder(name_or_path):
             except Exception as e:
                 raise FileNotFoundError(
                     f"GPT-2 weights {repo_id!r} are not in the local Hugging Face cache and could not be "
-                    f"downloaded ({type(e).__name__}: {' '.join(str(e).split())[:160]}). Download them once where there is network "
-                    f"(`huggingface-cli download {repo_id} config.json model.safetensors`) or pass a local folder."
+                    f"downloaded ({type(e).__name__}: {_first_sentence(e)}). Download them once where there is "
+                    f"network (`hf download {repo_id} config.json model.safetensors`) or pass a local folder."
                 ) from None
         return folder
     # without huggingface_hub, look in the cache layout it would have written

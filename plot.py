@@ -2,13 +2,14 @@
 Pictures of training runs and models (PNG files; needs matplotlib: pip install matplotlib).
 
 Loss curves from one run's out_dir/log.jsonl, or several runs overlaid (legend = folder names):
-$ python plot.py loss out-shakespeare-char                       # writes out-shakespeare-char/loss.png
+$ python plot.py loss out-shakespeare-char-cpu         # writes out-shakespeare-char-cpu/loss.png
+$ python plot.py loss                                  # the newest run folder here (one with ckpt.pt)
 $ python plot.py loss out-a out-b --out=compare.png
 $ python plot.py loss out-a out-b --x=time --out=compare.png       # right panel: seconds, not tokens
 
 Attention of every layer and head (rows = layers, columns = heads) for a prompt, from a
 checkpoint (out_dir/ckpt.pt) or a Hugging Face GPT-2 (name or local folder):
-$ python plot.py attention --out_dir=out-shakespeare-char --start="ROMEO: But soft"
+$ python plot.py attention --out_dir=out-shakespeare-char-cpu --start="ROMEO: But soft"
 $ python plot.py attention --init_from=gpt2 --start="The cat sat on the mat" --out=gpt2-attention.png
 
 In code (train.py draws out_dir/loss.png at each evaluation when matplotlib is installed):
@@ -35,7 +36,7 @@ def have_matplotlib():
     return True
 
 
-def _new_figure(width_px, height_px):
+def _new_figure(width_px, height_px, layout=None):
     """A matplotlib Figure of the given pixel size, detached from pyplot.
 
     Figure objects without pyplot keep no global state, so a training loop can draw one at
@@ -47,7 +48,8 @@ def _new_figure(width_px, height_px):
         raise common.ConfigError("pictures need matplotlib: pip install matplotlib") from None
     matplotlib.use('Agg')  # no display needed; harmless if a backend is already set
     from matplotlib.figure import Figure
-    return Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    width_px, height_px = round(width_px), round(height_px)  # whole pixels: the PNG is exactly this size
+    return Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout=layout)
 
 
 def _save(fig, path):
@@ -88,7 +90,7 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
     tokens (x='tokens') or wall-clock seconds since the run's training loop started (x='time').
 
     Lines per run (one colour each): val loss at evaluations (solid, dots), train loss at
-    evaluations (dashed), and the logged per-step training loss (thin, faint).
+    evaluations (dashed), and the logged per-step training loss (thinner, lighter, underneath).
     """
     if x not in X_AXES:
         raise common.ConfigError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
@@ -100,11 +102,11 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
     for i, (records, name) in enumerate(zip(logs, names)):
         color = f'C{i % 10}'
         series = [  # (label, style, records)
-            (f'{name} train (step)', dict(lw=0.8, alpha=0.35),
+            (f'{name} train (every logged step)', dict(lw=1.3, alpha=0.55, zorder=1),
              [r for r in records if r.get('kind') == 'train']),
-            (f'{name} train (eval)', dict(ls='--', lw=1.5),
+            (f'{name} train (eval)', dict(ls='--', lw=1.6, zorder=2),
              [r for r in records if r.get('kind') == 'eval' and r.get('split') == 'train']),
-            (f'{name} val', dict(lw=2, marker='o', ms=3),
+            (f'{name} val', dict(lw=2.2, marker='o', ms=4, zorder=3),
              [r for r in records if r.get('kind') == 'eval' and r.get('split') == 'val']),
         ]
         for label, style, rows in series:
@@ -114,6 +116,15 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
             ax_iter.plot([r['iter'] for r in rows], [r['loss'] for r in rows], color=color, label=label, **style)
             rows = [r for r in rows if x in r]  # logs of older versions have no 'time'
             ax_right.plot([r[x] for r in rows], [r['loss'] for r in rows], color=color, label=label, **style)
+    hellaswag = [[r for r in records if r.get('kind') == 'hellaswag'] for records in logs]
+    if any(hellaswag):  # train.py's hellaswag_interval: accuracy on its own scale, right axis
+        ax_acc = ax_iter.twinx()
+        for i, (rows, name) in enumerate(zip(hellaswag, names)):
+            if rows:
+                ax_acc.plot([r['iter'] for r in rows], [r['acc_norm'] for r in rows], color=f'C{i % 10}',
+                            ls=':', marker='s', ms=3, label=f'{name} HellaSwag acc_norm')
+        ax_acc.set_ylabel('HellaSwag acc_norm')
+        ax_acc.legend(fontsize=8, loc='upper right')
     from matplotlib.ticker import EngFormatter
     ax_iter.set_xlabel('iteration')
     ax_right.set_xlabel(X_AXES[x])
@@ -137,7 +148,10 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
 
 
 def token_label(piece):
-    """A decoded token as a one-line axis label: newlines and tabs escaped, '$' not math."""
+    """A decoded token as a one-line axis label: newlines and tabs escaped, '$' not math, and a
+    token of spaces only shown as '␣' so it does not look like a missing label."""
+    if piece and piece.strip(' ') == '':
+        return '\u2423' * len(piece)
     return (piece.replace('\\', '\\\\').replace('\n', '\\n').replace('\r', '\\r')
             .replace('\t', '\\t').replace('$', r'\$'))
 
@@ -146,7 +160,10 @@ def plot_attention(model, ids, labels, path, title=None):
     """PNG grid of the attention probabilities of every layer (rows) and head (columns).
 
     ids: the prompt's token ids; labels: one axis label per token. Each panel shows query
-    positions down and key positions across, on one colour scale 0..1 for all panels.
+    positions down and key positions across, on one colour scale 0..1 for all panels; the scale
+    is a square root (PowerNorm 0.5) so that the many small weights of a long prompt stay visible.
+    Panels grow with the prompt so a few dozen token labels stay readable (8 pt at ~0.14 inch
+    per token); the layout is constrained, so the grid, labels and colour bar fill the canvas.
     Returns the Figure (its first n_layer * n_head axes are the panels, row by row).
     """
     import torch
@@ -154,28 +171,34 @@ def plot_attention(model, ids, labels, path, title=None):
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     maps = model.attention_maps(idx)  # n_layer tensors (1, nh, T, T)
     n_layer, n_head, T = len(maps), maps[0].size(1), len(ids)
-    # panels grow with the prompt so labels stay readable: about 0.12 inch per token
-    panel = max(1.6, 0.12 * T + 0.4)
-    margin = 0.8 + 0.06 * max(len(s) for s in labels)  # room for the token labels
-    fig = _new_figure(DPI * (n_head * panel + margin + 0.8), DPI * (n_layer * panel + margin + 0.6))
+    # one token per ~0.14 inch keeps 8 pt labels apart; a big grid (GPT-2's 12 x 12) gets
+    # smaller cells and labels so the picture stays under ~40 inches (4000 px) a side
+    cell = min(0.14, 40 / (max(n_layer, n_head) * (T + 6)))
+    label_size = max(4.0, min(8.0, cell * 72 * 0.85))  # points: 85% of a cell's height
+    panel = cell * T + 0.35  # + room for the panel title
+    margin = 0.25 + 0.085 * label_size / 8 * max(len(token_label(s)) for s in labels)  # tick labels
+    fig = _new_figure(DPI * (n_head * panel + margin + 1.3), DPI * (n_layer * panel + margin + 0.7),
+                      layout='constrained')
     axes = fig.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True)
-    label_size = 7 if T <= 24 else 5
+    from matplotlib.colors import PowerNorm
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+    text = [token_label(s) for s in labels]
     for layer in range(n_layer):
         probs = maps[layer][0].float().cpu().numpy()  # (nh, T, T)
         for head in range(n_head):
             ax = axes[layer][head]
-            image = ax.imshow(probs[head], cmap='viridis', vmin=0.0, vmax=1.0, interpolation='nearest')
-            ax.set_title(f'layer {layer} head {head}', fontsize=8)
+            image = ax.imshow(probs[head], cmap='viridis', norm=norm, interpolation='nearest')
+            ax.set_title(f'layer {layer} head {head}', fontsize=9)
             ax.set_xticks(range(T))
             ax.set_yticks(range(T))
-            ax.tick_params(length=0)
+            ax.tick_params(length=0, pad=1)
             if layer == n_layer - 1:
-                ax.set_xticklabels([token_label(s) for s in labels], rotation=90, fontsize=label_size)
+                ax.set_xticklabels(text, rotation=90, fontsize=label_size, family='monospace')
             if head == 0:
-                ax.set_yticklabels([token_label(s) for s in labels], fontsize=label_size)
-                ax.set_ylabel('query', fontsize=8)
-        axes[n_layer - 1][0].set_xlabel('key', fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.6, label='attention probability')
+                ax.set_yticklabels(text, fontsize=label_size, family='monospace')
+                ax.set_ylabel('query', fontsize=9)
+        axes[n_layer - 1][0].set_xlabel('key', fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.5, aspect=30, label='attention probability (square-root scale)')
     fig.suptitle(title or 'attention')
     _save(fig, path)
     return fig
@@ -200,18 +223,23 @@ LOSS_DEFAULTS = dict(
 
 
 def run_loss(argv):
-    out_dirs = [a for a in argv if not a.startswith('--')]
-    cfg = dict(LOSS_DEFAULTS, **common.load_config(LOSS_DEFAULTS, [a for a in argv if a.startswith('--')]))
-    if not out_dirs:
-        common.die("name at least one run folder: python plot.py loss OUT_DIR [OUT_DIR ...]")
+    out_dirs = [a for a in argv if not a.startswith('-')]
+    cfg = dict(LOSS_DEFAULTS, **common.load_config(LOSS_DEFAULTS, [a for a in argv if a.startswith('-')],
+                                                     usage=USAGES['loss'][1]))
+    if not out_dirs:  # the newest run folder here
+        out_dirs = [common.find_run_dir('out', False, what='plot')]
     path = cfg['out'] or (os.path.join(out_dirs[0], 'loss.png') if len(out_dirs) == 1 else 'loss.png')
     plot_loss(out_dirs, path, x=cfg['x'])
     print(f"wrote {path}")
 
 
 def run_attention(argv):
-    cfg = dict(ATTENTION_DEFAULTS, **common.load_config(ATTENTION_DEFAULTS, argv))
-    dev = common.setup_device(cfg['device'], 'float32')
+    overrides = common.load_config(ATTENTION_DEFAULTS, argv, usage=USAGES['attention'][1])
+    cfg = dict(ATTENTION_DEFAULTS, **overrides)
+    dev = common.setup_device(cfg['device'], 'float32',
+                              default_reason=None if 'device' in overrides else "plot.py's default")
+    if cfg['init_from'] == 'resume':
+        cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='plot')
     model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
     tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
     start = cfg['start']
@@ -234,12 +262,19 @@ def run_attention(argv):
 
 
 COMMANDS = {'loss': run_loss, 'attention': run_attention}
+USAGES = {'loss': (LOSS_DEFAULTS, "python plot.py loss [OUT_DIR ...] [--out=FILE.png]"),
+          'attention': (ATTENTION_DEFAULTS, "python plot.py attention [--key=value ...]")}
 
 
 def main(argv):
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
+        common.print_stdout(f"usage: python plot.py {{{','.join(COMMANDS)}}} ...\n{__doc__.strip()}")
+        if argv and argv[0] in ('-h', '--help'):
+            for command, (defaults, usage) in USAGES.items():
+                common.print_stdout('')
+                common.print_help(defaults, __file__, usage)
+            return 0
+        return 2
     COMMANDS[argv[0]](argv[1:])
     return 0
 

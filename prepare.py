@@ -8,11 +8,15 @@ as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for e
     python prepare.py the_verdict                       # 20k-character story, GPT-2 BPE
     python prepare.py wikitext2 --input=../shared/data/wikitext-2   # folder with train/valid/test.txt
     python prepare.py counting --seed=1337              # synthetic "x x+1 x+2 ..." sequences
-    python prepare.py openwebtext                       # needs `pip install datasets` and network
+    python prepare.py fineweb_edu --max_tokens=100_000_000   # FineWeb-Edu sample-10BT prefix (parquet, network)
+    python prepare.py fineweb_edu                       # all ~10B tokens (~20 GB of .bin, ~27 GB of parquet)
+    python prepare.py openwebtext                       # OpenWebText from the Hub's parquet files
+    python prepare.py fineweb_edu --input=shards/       # local .parquet files with a `text` column, offline
+    python prepare.py fineweb10B_gpt2 --shards=8        # FineWeb already in GPT-2 tokens: no tokenizing
     python prepare.py text --input=notes/ --tokenizer=char --name=mydata
 
 Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
-PATH instead of data/; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
+PATH instead of data/; --force prepares again a dataset that is already prepared; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
 
 In code (what train.py, sample.py and evaluation use):
     import prepare
@@ -30,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote
 
 import numpy as np
 import requests
@@ -193,21 +198,32 @@ def load_tokenizer(dataset_dir):
 # ----------------------------------------------------------------------------- files
 
 _last_draw = [0.0]
+_drawn = [False]  # a line of the current job was shown (in a log, its last line is then shown too)
 
 
-def progress(label, done, total=None, final=False):
-    """Own one-line progress bar on stderr (no tqdm dependency)."""
+def progress(label, done, total=None, final=False, count=None):
+    """Own one-line progress on stderr (no tqdm dependency): a bar redrawn in place on a
+    terminal, a plain line every 10 s otherwise (logs, CI). done/total set the bar; count is
+    the text shown for the amount (default 'done/total'), e.g. tokens written so far."""
     now = time.monotonic()
-    if not final and now - _last_draw[0] < 0.2:  # redrawing per 64 KiB block would flood logs
+    tty = sys.stderr.isatty()
+    if not final and now - _last_draw[0] < (0.2 if tty else 10.0):  # per-block redraws would flood logs
         return
+    if final and not tty and not _drawn[0]:
+        return  # quick work in a log: the summary that follows says it all
+    _drawn[0] = not final
     _last_draw[0] = now
+    count = count or (f"{done:,}/{total:,}" if total else f"{done:,}")
     if total:
         frac = min(done / total, 1.0)
-        bar = "#" * int(30 * frac)
-        text = f"\r{label} [{bar:<30}] {100 * frac:5.1f}% {done:,}/{total:,}"
+        bar = f"[{'#' * int(30 * frac):<30}] " if tty else ""
+        text = f"{label} {bar}{100 * frac:5.1f}% {count}"
     else:
-        text = f"\r{label} {done:,}"
-    sys.stderr.write(text + ("\n" if final else ""))
+        text = f"{label} {count}"
+    if tty:
+        sys.stderr.write("\r" + text + ("\n" if final else ""))
+    else:
+        sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
@@ -243,10 +259,10 @@ def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
                         f.write(block)
                         h.update(block)
                         done += len(block)
-                        progress(f"downloading {dest.name}", done, total)
+                        progress(f"downloading {dest.name}", done, total, count=f"{done:,} bytes" + (f" of {total:,}" if total else ""))
                     f.flush()
                     os.fsync(f.fileno())
-                progress(f"downloading {dest.name}", done, total, final=True)
+                progress(f"downloading {dest.name}", done, total, final=True, count=f"{done:,} bytes")
             digest = h.hexdigest()
             # a mismatch is retried too: proxies and captive portals return wrong bytes with 200
             if sha256 is not None and digest != sha256:
@@ -359,12 +375,17 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
     Documents are cut into safe pieces and encoded a batch (~batch_chars characters) at a time
     with tokenizer.encode_batch, so memory stays bounded and all cores work whatever the size.
     """
-    # in-memory text (a list) shows progress in characters, a corpus in documents
+    # the bar follows the input (characters of in-memory text, documents of a corpus); the count
+    # shown is tokens, the unit of the summary printed at the end
     by_chars = isinstance(docs, list)
     total = sum(map(len, docs)) if by_chars else (len(docs) if hasattr(docs, "__len__") else None)
     stats = stats if stats is not None else {}
     stats.setdefault("tokens", 0)
     stats.setdefault("seconds", 0.0)
+    first_token = stats["tokens"]  # stats may already count earlier splits
+
+    def written():
+        return f"{stats['tokens'] - first_token:,} tokens"
     pieces, chars, done = [], 0, 0  # None in pieces marks a document end (eot goes there)
 
     def flush():
@@ -386,13 +407,13 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
             if chars >= batch_chars:  # flush mid-document too: one huge file stays bounded
                 yield flush()
                 chars = 0
-                progress(label, done, total)
+                progress(label, done, total, count=written())
         if eot is not None:
             pieces.append(None)
         done += 0 if by_chars else 1
     if pieces:
         yield flush()
-    progress(label, done, total, final=True)
+    progress(label, done, total, final=True, count=written())
 
 
 # ----------------------------------------------------------------------------- sources
@@ -412,6 +433,10 @@ class Raw:
     sha256: dict = field(default_factory=dict)  # file name -> sha256
     eot: bool = False  # append the tokenizer's end-of-text id after each document
     extra: dict = field(default_factory=dict)  # more keys for meta.json
+    # large corpora: an iterable of parquet row groups (parquet_tasks) in corpus order, split
+    # into train/val by write_corpus instead of `splits` (which then stays empty)
+    corpus: object = None
+    tokenized: bool = False  # splits hold iterables of token id arrays, not documents
 
 
 def fetch_file(raw_file, out_dir, input_path=None):
@@ -483,6 +508,9 @@ def read_wikitext2(opts, out_dir):
                extra={"missing_splits": [m[0] for m in missing]})
 
 
+COUNTING_KNOBS = ("seed", "numbers", "min_len", "max_len", "num_train", "num_val", "val_starts")  # in meta.json
+
+
 def read_counting(opts, out_dir):
     """Sequences 'x x+1 ... x+k', one per line; val uses start values never used in train.
 
@@ -513,35 +541,362 @@ def read_counting(opts, out_dir):
     splits = {"train": lines(opts["num_train"], train_starts), "val": lines(opts["num_val"], held_out)}
     return Raw(splits, source=f"generated (seed={opts['seed']})",
                extra={"val_starts": held_out, "separator": numbers,
-                      "counting": {k: opts[k] for k in ("seed", "numbers", "min_len", "max_len")}})
+                      "counting": {k: opts[k] for k in COUNTING_KNOBS}})
 
 
-def read_openwebtext(opts, out_dir):
+# ----------------------------------------------------------------------------- parquet corpora
+
+@dataclass
+class Shard:
+    """One data file of a corpus (parquet or token shard): where it comes from, what it must be."""
+    name: str  # file name under data/NAME/parquet/ (or shards/)
+    url: str
+    size: int | None = None  # bytes, from the Hub's file listing
+    sha256: str | None = None  # the Hub gives it for files stored with Git LFS
+
+
+@dataclass
+class HubFiles:
+    """A dataset's data files (names ending in `suffix`) on the Hugging Face Hub. `where` lists
+    (revision, folder) candidates tried in order; the first that holds such files is used."""
+    repo: str
+    where: list
+    suffix: str = ".parquet"
+
+    @property
+    def page(self):
+        return f"https://huggingface.co/datasets/{self.repo}"
+
+
+def hub_endpoint():
+    # HF_ENDPOINT is the Hub's own variable for mirrors; the tests point it at a local server
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_shards(hub, timeout=30):
+    """The data files of `hub`, sorted by path, from the Hub's file-listing API."""
+    endpoint = hub_endpoint()
+    for revision, folder in hub.where:
+        rev = quote(revision, safe="")  # refs/convert/parquet -> refs%2Fconvert%2Fparquet
+        url = f"{endpoint}/api/datasets/{hub.repo}/tree/{rev}/{folder}".rstrip("/") + "?recursive=true"
+        shards = []
+        while url:  # the listing is paged; the next page is in the Link header
+            try:
+                r = requests.get(url, timeout=timeout)
+                if r.status_code == 404:  # no such branch or folder: try the next candidate
+                    break
+                r.raise_for_status()
+                entries = r.json()
+            except (requests.RequestException, ValueError) as e:
+                raise PrepareError(f"cannot list the {hub.suffix} files at {url} ({type(e).__name__}: "
+                                   f"{str(e)[:80]}). No network? Download the {hub.suffix} files of "
+                                   f"{hub.page} elsewhere and pass --input=FOLDER") from None
+            for entry in entries:
+                path = entry.get("path", "")
+                if entry.get("type") == "file" and path.endswith(hub.suffix):
+                    shards.append(Shard(path.replace("/", "_"), f"{endpoint}/datasets/{hub.repo}/resolve/{rev}/{path}",
+                                        entry.get("size"), (entry.get("lfs") or {}).get("oid")))
+            url = r.links.get("next", {}).get("url")
+        if shards:
+            if any("partial" in s.url for s in shards):  # the Hub converts only ~5 GB of big datasets
+                print(f"warning: {hub.repo} has only a partial parquet conversion; the corpus is "
+                      f"smaller than the original", file=sys.stderr)
+            return sorted(shards, key=lambda s: s.url)
+    raise PrepareError(f"no {hub.suffix} files found for {hub.repo} at {', '.join(r + ':' + (f or '/') for r, f in hub.where)}; "
+                       f"download them elsewhere and pass --input=FOLDER")
+
+
+DOWNLOAD_BLOCK = 1 << 20  # bytes per write; a cut connection loses at most the block in flight
+
+
+def download_resumable(shard, dest, retries=5, timeout=60, backoff=2.0):
+    """Fetch shard.url into dest via dest.part, resuming with an HTTP Range request after an
+    interruption (also across runs); checked by size and sha256 where known. Returns dest."""
+    dest = Path(dest)
+    if dest.exists() and (shard.size is None or dest.stat().st_size == shard.size):
+        return dest  # verified when it was downloaded; re-hashing 27 GB on every run costs minutes
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")  # kept on failure: the next try asks for the rest only
+    problem = None
+    for attempt in range(1, retries + 1):
+        have = tmp.stat().st_size if tmp.exists() else 0
+        if shard.size is not None and have > shard.size:  # not this file's prefix
+            tmp.unlink()
+            have = 0
+        try:
+            if shard.size is None or have < shard.size:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                with requests.get(shard.url, stream=True, timeout=timeout, headers=headers) as r:
+                    r.raise_for_status()
+                    if have and r.status_code != 206:  # the server ignored Range: start over
+                        have = 0
+                    done = have
+                    with open(tmp, "ab" if have else "wb") as f:
+                        for block in r.iter_content(chunk_size=DOWNLOAD_BLOCK):
+                            f.write(block)
+                            done += len(block)
+                            progress(f"downloading {dest.name} (bytes)", done, shard.size)
+                        f.flush()
+                        os.fsync(f.fileno())
+                progress(f"downloading {dest.name} (bytes)", done, shard.size, final=True)
+            got = tmp.stat().st_size
+            if shard.size is not None and got != shard.size:
+                problem = f"got {got:,} bytes of {shard.size:,}"
+            elif shard.sha256 and sha256_of(tmp) != shard.sha256:
+                tmp.unlink()  # wrong bytes, not a short read: resuming would keep them
+                problem = "sha256 mismatch"
+            else:
+                os.replace(tmp, dest)
+                return dest
+        except requests.RequestException as e:  # offline, timeout, cut connection, HTTP 4xx/5xx
+            problem = f"{type(e).__name__}: {str(e)[:120]}"
+        if attempt < retries:
+            print(f"\ndownload of {shard.url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
+            time.sleep(backoff * attempt)
+    raise PrepareError(f"could not download {shard.url} ({problem}); a re-run resumes from {tmp}, "
+                       f"or pass --input=FOLDER with the .parquet files")
+
+
+def _pyarrow():
     try:
-        from datasets import load_dataset  # optional: only this dataset needs it
+        import pyarrow.parquet as pq  # optional: only the parquet corpora need it
     except ImportError:
-        raise PrepareError("openwebtext needs Hugging Face datasets: pip install datasets") from None
-    # ~8M documents, ~54 GB in the Hugging Face cache; num_proc parallelises its download/unpack
-    ds = load_dataset(opts["hf_name"], split="train", num_proc=opts["num_proc"])
-    # nanoGPT's split: 0.05% of documents for val, fixed seed
-    parts = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-    docs = {name: _Column(parts[key], "text") for name, key in (("train", "train"), ("val", "test"))}
-    # eot after each document tells the model where one web page ends and the next begins
-    return Raw(docs, source=f"huggingface.co/datasets/{opts['hf_name']}", eot=True)
+        raise PrepareError("reading parquet files needs pyarrow: pip install pyarrow") from None
+    return pq
 
 
-class _Column:
-    """A lazily-read text column with a length, so progress shows a total."""
+PARQUET_BATCH_ROWS = 1024  # documents encoded at once inside a task: ~5 MB of FineWeb-Edu text
 
-    def __init__(self, table, key):
-        self.table, self.key = table, key
 
-    def __len__(self):
-        return len(self.table)
+def _parquet_error(path, e):
+    # pyarrow raises ArrowInvalid (a ValueError) or OSError for a file that is not parquet
+    return PrepareError(f"cannot read {path} as parquet ({type(e).__name__}: {str(e)[:120]})")
 
-    def __iter__(self):
-        for row in self.table:
-            yield row[self.key]
+
+def parquet_tasks(path):
+    """One task (path, row group) per row group of a parquet file with a `text` column."""
+    pq = _pyarrow()
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        groups = pf.metadata.num_row_groups
+    except (OSError, ValueError) as e:
+        raise _parquet_error(path, e) from None
+    if "text" not in names:
+        raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(names)})")
+    return [(str(path), g) for g in range(groups)]
+
+
+def encode_row_group(task):
+    """encode_gpt2_documents over one row group of the `text` column, read PARQUET_BATCH_ROWS
+    documents at a time. Runs in a tokenizer process: reading and decompressing parquet is
+    parallel too, and the main process only writes arrays."""
+    path, group = task
+    pq = _pyarrow()
+    parts = []
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group],
+                                                        columns=["text"]):
+            parts.append(encode_gpt2_documents([t or "" for t in batch.column(0).to_pylist()]))
+    except (OSError, ValueError) as e:
+        raise _parquet_error(path, e) from None
+    if not parts:
+        return np.empty(0, TOKEN_DTYPE), np.empty(0, np.int64), 0.0
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            sum(p[2] for p in parts))
+
+
+def parquet_source(hub):
+    """Source for a corpus of parquet files: --input=FOLDER (or one file), else the Hub's shards,
+    downloaded one at a time into data/NAME/parquet/ just before they are tokenized, so a
+    --max_tokens prefix downloads only the shards it needs."""
+    def read(opts, out_dir):
+        _pyarrow()  # the install hint before any download
+        if min(opts["shards"], opts["max_tokens"], opts["num_proc"]) < 0 or opts["val_every"] < 2:
+            raise UsageError("--shards, --max_tokens and --num_proc must be >= 0 (0: all) and --val_every >= 2")
+        if opts["input"]:
+            path = Path(opts["input"])
+            if not path.exists():
+                raise PrepareError(f"input {path} does not exist; check --input")
+            files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+            if not files:
+                raise PrepareError(f"no .parquet files under {path}; point --input at a folder of them")
+            shards = [Shard(f.name, str(f.resolve())) for f in files]
+            source = str(path.resolve())
+        else:
+            shards = hub_shards(hub)
+            source = hub.page
+        if opts["shards"]:
+            shards = shards[:opts["shards"]]
+        used, digests = [], {}  # filled while the corpus is read; they end up in meta.json
+
+        def tasks():
+            for shard in shards:
+                local = Path(shard.url) if opts["input"] else download_resumable(shard, out_dir / "parquet" / shard.name)
+                used.append(shard.name)
+                if shard.sha256:
+                    digests[shard.name] = shard.sha256
+                yield from parquet_tasks(local)
+
+        return Raw({}, source=source, eot=True, corpus=tasks(),
+                   sha256=digests,
+                   extra={"shards": used, "max_tokens": opts["max_tokens"],
+                          "val_rule": f"document k (0-based, corpus order) is val when k % {opts['val_every']} == 0"})
+    return read
+
+
+_worker_enc = []  # the GPT-2 encoding, loaded once per process
+
+
+def encode_gpt2_documents(docs):
+    """(ids, lengths, seconds): every document's GPT-2 ids (encode_ordinary) followed by eot, as
+    one uint16 array; tokens per document, eot included; seconds spent encoding. Runs in the
+    worker processes of write_corpus (or in-process with num_proc=1)."""
+    if not _worker_enc:
+        _worker_enc.append(gpt2_tokenizer(num_threads=1))
+    encode_batch = _worker_enc[0].encode_batch
+    t0 = time.perf_counter()
+    encoded = encode_batch(docs)
+    seconds = time.perf_counter() - t0
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=TOKEN_DTYPE)
+    for ids, end in zip(encoded, ends):
+        flat[end - 1 - len(ids):end - 1] = ids
+    flat[ends - 1] = GPT2_EOT
+    return flat, lengths, seconds
+
+
+def _encoded_tasks(tasks, num_proc):
+    """encode_row_group of each task, in order, on num_proc processes. At most 2 tasks per
+    process are in flight, so memory stays bounded however large the corpus."""
+    if num_proc <= 1:
+        for task in tasks:
+            yield encode_row_group(task)
+        return
+    import multiprocessing
+    from collections import deque
+    # spawn: workers start clean (no copy of the parent's threads, sockets or locks)
+    with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(encode_row_group, (task,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_corpus(out_dir, tasks, num_proc=1, max_tokens=0, val_every=2000, label="tokenizing", stats=None):
+    """Tokenize parquet row groups (tasks from parquet_tasks; GPT-2 BPE) on num_proc processes into out_dir/.train.bin.tmp and
+    .val.bin.tmp at once, eot after each document; returns {split: (temp path, token count)} for
+    prepare() to rename.
+
+    Whole documents go to val (every val_every-th, the first included): a val document is
+    never cut, and the split does not depend on row groups, batch sizes or process counts. With max_tokens
+    the corpus stops at the first document boundary where train + val reach max_tokens.
+    Memory holds 2 row groups per process; on any failure the temp files are removed.
+    """
+    stats = stats if stats is not None else {}
+    stats.setdefault("tokens", 0)
+    stats.setdefault("seconds", 0.0)
+    tmps = {s: out_dir / f".{s}.bin.tmp" for s in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    files = {}
+    k = total = 0  # documents and tokens so far
+    t_start = time.perf_counter()
+    try:
+        files = {s: open(p, "wb") for s, p in tmps.items()}
+        for flat, lengths, seconds in _encoded_tasks(tasks, num_proc):
+            stats["seconds"] += seconds
+            if max_tokens and total + flat.size >= max_tokens:  # keep documents up to the one reaching it
+                last = int(np.searchsorted(total + np.cumsum(lengths), max_tokens))
+                lengths = lengths[:last + 1]
+                flat = flat[:int(lengths.sum())]
+            is_val = np.arange(k, k + len(lengths)) % val_every == 0
+            in_val = np.repeat(is_val, lengths)  # (tokens,)
+            for split, part in (("val", flat[in_val]), ("train", flat[~in_val])):
+                files[split].write(part.tobytes())
+                counts[split] += part.size
+            k += len(lengths)
+            total += flat.size
+            stats["tokens"] = total
+            progress(f"{label} (tokens)", total, max_tokens or None)
+            if max_tokens and total >= max_tokens:
+                break
+        progress(f"{label} (tokens)", total, max_tokens or None, final=True)
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        if counts["train"] == 0:
+            raise PrepareError(f"only {k} document(s) read; the train split would be empty "
+                               f"(every {val_every}th document goes to val)")
+    except BaseException:
+        for s, p in tmps.items():
+            if s in files:
+                files[s].close()
+            p.unlink(missing_ok=True)
+        raise
+    stats["documents"] = k
+    stats["wall"] = time.perf_counter() - t_start  # reading, downloading, tokenizing and writing
+    return {s: (tmps[s], counts[s]) for s in ("train", "val")}
+
+
+# ----------------------------------------------------------------------------- pre-tokenized shards
+
+LLMC_MAGIC = 20240520  # llm.c / modded-nanogpt token shards: 256 int32 header (magic, version 1, count), uint16 ids
+
+
+def read_llmc_shard(path):
+    """The uint16 tokens of an llm.c-format shard, memory-mapped, after checking its header."""
+    path = Path(path)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header.size < 256 or header[0] != LLMC_MAGIC or header[1] != 1:
+        raise PrepareError(f"{path} is not an llm.c token shard (a 256-int32 header starting "
+                           f"{LLMC_MAGIC}, 1); re-download it")
+    count = int(header[2])
+    if path.stat().st_size != 256 * 4 + 2 * count:
+        raise PrepareError(f"{path} should hold {count:,} tokens after its header but has "
+                           f"{path.stat().st_size - 1024:,} bytes; it is truncated, re-download it")
+    return np.memmap(path, dtype="<u2", mode="r", offset=256 * 4, shape=(count,))
+
+
+def llmc_source(hub):
+    """Source for pre-tokenized GPT-2 shards (fineweb_val_*.bin, fineweb_train_*.bin): copied into
+    val.bin and train.bin, no tokenization. --shards=K keeps the first K train shards."""
+    def read(opts, out_dir):
+        if opts["shards"] < 0:
+            raise UsageError("--shards must be >= 0 (0: all)")
+        if opts["input"]:
+            folder = Path(opts["input"])
+            if not folder.is_dir():
+                raise PrepareError(f"--input={folder} is not a folder of fineweb_val_*.bin and fineweb_train_*.bin")
+            shards = [Shard(f.name, str(f.resolve())) for f in sorted(folder.glob("*.bin"))]
+        else:
+            shards = hub_shards(hub)
+        val = [s for s in shards if "_val_" in s.name]
+        train = [s for s in shards if "_train_" in s.name]
+        if not val or not train:
+            raise PrepareError(f"need fineweb_val_*.bin and fineweb_train_*.bin shards, found "
+                               f"{', '.join(s.name for s in shards) or 'none'} in {opts['input'] or hub.page}")
+        train = train[:opts["shards"] or None]
+        used, digests = [], {}
+
+        def arrays(group):
+            for shard in group:
+                path = Path(shard.url) if opts["input"] else download_resumable(shard, out_dir / "shards" / shard.name)
+                used.append(shard.name)
+                if shard.sha256:
+                    digests[shard.name] = shard.sha256
+                tokens = read_llmc_shard(path)
+                for i in range(0, len(tokens), 1 << 24):  # 32 MB at a time: memory stays flat
+                    yield tokens[i:i + (1 << 24)]
+
+        source = str(Path(opts["input"]).resolve()) if opts["input"] else hub.page
+        return Raw({"val": arrays(val), "train": arrays(train)}, source=source, sha256=digests, tokenized=True,
+                   extra={"shards": used})
+    return read
 
 
 def read_text_source(opts, out_dir):
@@ -572,6 +927,14 @@ class Dataset:
     options: dict  # this dataset's --key=value knobs and their defaults
 
 
+FINEWEB_EDU = HubFiles("HuggingFaceFW/fineweb-edu", [("main", "sample/10BT")])
+# the dataset repo holds a loading script and tarballs; its parquet files are the Hub's conversion
+OPENWEBTEXT = HubFiles("Skylion007/openwebtext", [("main", ""), ("refs/convert/parquet", "")])
+# val_every=2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
+# num_proc=0: a tokenizer process per core
+# modded-nanogpt's FineWeb 10B (not -Edu) in GPT-2 tokens: 1 val + 103 train shards of ~100M tokens
+FINEWEB10B_GPT2 = HubFiles("kjj0/fineweb10B-gpt2", [("main", "")], suffix=".bin")
+PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_proc": 0}
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
 # num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
 DATASETS = {
@@ -589,9 +952,15 @@ DATASETS = {
                         "generated from --seed", "counting", read_counting,
                         {"seed": 1337, "numbers": 100, "min_len": 4, "max_len": 16,
                          "num_train": 20000, "num_val": 1000, "val_starts": 8}),
-    "openwebtext": Dataset("OpenWebText (GPT-2 reproduction corpus), GPT-2 BPE, eot after each document",
-                           "https://huggingface.co/datasets/Skylion007/openwebtext", "gpt2", read_openwebtext,
-                           {"hf_name": "Skylion007/openwebtext", "num_proc": 8, "num_threads": 0}),
+    "fineweb_edu": Dataset("FineWeb-Edu sample-10BT (~10B tokens, GPT-2 124M reproductions), GPT-2 BPE, "
+                           "eot after each document", FINEWEB_EDU.page + " (sample/10BT)", "gpt2",
+                           parquet_source(FINEWEB_EDU), dict(PARQUET_OPTIONS)),
+    "openwebtext": Dataset("OpenWebText (nanoGPT's GPT-2 corpus, ~9B tokens) from the Hub's parquet files, "
+                           "GPT-2 BPE, eot after each document", OPENWEBTEXT.page, "gpt2",
+                           parquet_source(OPENWEBTEXT), dict(PARQUET_OPTIONS)),
+    "fineweb10B_gpt2": Dataset("FineWeb 10B already in GPT-2 tokens (modded-nanogpt's llm.c shards), copied, "
+                               "not tokenized; val is its first shard (~100M tokens)", FINEWEB10B_GPT2.page, "gpt2",
+                               llmc_source(FINEWEB10B_GPT2), {"input": None, "shards": 0}),
     "text": Dataset("any local .txt file or folder of them, 90/10 split (--input, --tokenizer, --name)",
                     "--input=PATH", "choose", read_text_source,
                     {"input": None, "tokenizer": "gpt2", "name": None, "num_threads": 0}),
@@ -617,7 +986,13 @@ def resolve_options(name, overrides):
             try:
                 value = int(value)
             except ValueError:
-                raise UsageError(f"--{key} must be an integer, got {value!r}") from None
+                try:  # 1e8 or 100e6 for --max_tokens
+                    number = float(value)
+                    if not number.is_integer():
+                        raise ValueError
+                    value = int(number)
+                except ValueError:
+                    raise UsageError(f"--{key} must be an integer, got {value!r}") from None
         opts[key] = value
     if name == "text" and opts["tokenizer"] not in ("char", "gpt2"):
         raise UsageError(f"--tokenizer must be char or gpt2, got {opts['tokenizer']!r}")
@@ -658,8 +1033,12 @@ def prepare(dataset, **overrides):
     stats, written = {}, {}  # written: split -> (temp path, token count)
     eot = GPT2_EOT if raw.eot else None
     try:
+        if raw.corpus is not None:
+            written = write_corpus(out_dir, raw.corpus, opts["num_proc"] or os.cpu_count() or 1,
+                                   opts["max_tokens"], opts["val_every"], label=folder, stats=stats)
         for split, docs in raw.splits.items():
-            arrays = encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}", stats=stats)
+            arrays = docs if raw.tokenized else encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}",
+                                                                 stats=stats)
             written[split] = write_tokens(out_dir / f"{split}.bin", arrays, tokenizer.vocab_size)
     except BaseException:
         for tmp, _ in written.values():
@@ -672,17 +1051,65 @@ def prepare(dataset, **overrides):
         os.replace(tmp, out_dir / f"{split}.bin")
     meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits={s: int(n) for s, (_, n) in written.items()},
                 source=raw.source, source_sha256=raw.sha256, **raw.extra)
+    # the knobs that shape the tokens, so `prepare.py NAME` can tell whether it is already done
+    meta["options"] = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
     write_json(out_dir / "meta.json", meta)
 
     for split, count in meta["splits"].items():
         print(f"{folder}/{split}.bin: {count:,} tokens")
-    if kind == "gpt2" and stats["seconds"] > 0:
+    if stats.get("wall"):  # a parquet corpus: tokenizer processes, the whole pipeline timed
+        print(f"{stats['documents']:,} documents, {stats['tokens']:,} tokens in {stats['wall']:.1f} s = "
+              f"{stats['tokens'] / stats['wall']:,.0f} tokens/s end to end (read, tokenize, write) with "
+              f"{opts['num_proc'] or os.cpu_count()} tokenizer processes; "
+              f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s per process while encoding")
+    elif kind == "gpt2" and stats.get("seconds", 0) > 0:
         # encode time only (not reading or writing), the number to compare across machines
         rate = stats["tokens"] / stats["seconds"]
         threads = opts.get("num_threads") or os.cpu_count()
         print(f"GPT-2 tokenization: {stats['tokens']:,} tokens in {stats['seconds']:.2f} s = "
               f"{rate:,.0f} tokens/s (tiktoken encode_ordinary_batch, {threads} threads)")
     return meta
+
+
+# where the data is read from or written to and how many cores work on it, not what it holds
+NOT_CONTENT_OPTIONS = ("data_dir", "input", "num_threads", "num_proc")
+
+
+def already_prepared(name, overrides):
+    """Why data/NAME is already prepared as asked (a sentence), or None when it must be made.
+
+    Prepared means: meta.json names this dataset, every split it lists is on disk with its token
+    count, the dataset's own knobs (counting's seed, numbers, ...; text's tokenizer) are the same,
+    and an --input file, if given, has the sha256 recorded. Where the text came from otherwise
+    does not matter: a folder prepared from --input counts as prepared without it.
+    """
+    opts = resolve_options(name, overrides)
+    folder = Path(opts["data_dir"] or DATA_DIR) / (opts.get("name") or name)
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("dataset") != name or not isinstance(meta.get("splits"), dict) or not meta["splits"]:
+        return None
+    for split, count in meta["splits"].items():
+        path = folder / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != count * np.dtype(TOKEN_DTYPE).itemsize:
+            return None
+    if name == "text" and meta.get("tokenizer") != opts["tokenizer"]:
+        return None
+    if name == "counting" and meta.get("counting") != {k: opts[k] for k in COUNTING_KNOBS}:
+        return None
+    wanted = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
+    if "options" in meta:
+        if meta["options"] != json.loads(json.dumps(wanted)):  # as meta.json stores them
+            return None
+    elif any(k not in NOT_CONTENT_OPTIONS for k in overrides):
+        return None  # prepared before knobs were recorded: asked for something, so make it again
+    if opts.get("input") and Path(opts["input"]).is_file():
+        if sha256_of(opts["input"]) not in (meta.get("source_sha256") or {}).values():
+            return None
+    counts = ", ".join(f"{split} {count:,}" for split, count in meta["splits"].items())
+    return f"{folder} is already prepared ({counts} tokens, from {meta.get('source', '?')})"
 
 
 def list_datasets(data_dir=None):
@@ -709,6 +1136,8 @@ def parse_args(argv):
     for arg in argv:
         if arg in ("--list", "--help", "-h"):
             overrides.setdefault("__action", arg)
+        elif arg == "--force":
+            overrides["__force"] = True
         elif arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
@@ -730,16 +1159,24 @@ def main(argv=None):
         if action == "--list":
             print(list_datasets(overrides.get("data_dir")))
             return 0
+        force = overrides.pop("__force", False)
         if action and name:  # `NAME --help`: that dataset's knobs and their defaults
             opts = resolve_options(name, {})
-            print(f"{name}: {DATASETS[name].description}\noptions: " +
-                  " ".join(f"--{k}={v}" for k, v in opts.items()))
+            print(f"usage: python prepare.py {name} [--key=value ...] [--force]\n"
+                  f"{DATASETS[name].description}\noptions: " + " ".join(f"--{k}={v}" for k, v in opts.items()))
             return 0
         if action:
-            print(__doc__.strip())
+            knobs = "\n".join(f"  {n:<17} " + " ".join(f"--{k}={v}" for k, v in {**COMMON_OPTIONS, **d.options}.items())
+                              for n, d in DATASETS.items())
+            print(f"usage: python prepare.py NAME [--key=value ...] [--force] | --list\n{__doc__.strip()}\n\n"
+                  f"knobs of each dataset (--key=default):\n{knobs}")
             return 0
         if name is None:
             raise UsageError("name a dataset; python prepare.py --list shows them, --help the usage")
+        done = None if force else already_prepared(name, overrides)
+        if done:
+            print(f"{done}; nothing to do (--force prepares it again)")
+            return 0
         prepare(name, **overrides)
         return 0
     except PrepareError as e:
@@ -750,5 +1187,17 @@ def main(argv=None):
         return 130
 
 
+def _main_quiet_on_closed_pipe():
+    """main(), ending quietly when stdout's reader goes away (`python prepare.py --help | head`)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # point stdout at devnull so the interpreter's exit flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_quiet_on_closed_pipe())

@@ -1,8 +1,8 @@
 """
 Sample text from a trained model (out_dir/ckpt.pt) or from pretrained GPT-2.
 
-$ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:"
-$ python sample.py --out_dir=out-shakespeare-char --num_samples=5 --max_new_tokens=200 --temperature=0.9
+$ python sample.py --start="ROMEO:"                      # the newest run folder here (one with ckpt.pt)
+$ python sample.py --out_dir=out-shakespeare-char-cpu --num_samples=5 --max_new_tokens=200 --temperature=0.9
 $ python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --top_p=0.9   # GPT-2 weights from the HF cache
 $ python sample.py --init_from=path/to/hf_folder --temperature=0              # greedy
 $ python sample.py config/my_sampling.py --seed=7                             # a config file, then flags
@@ -129,7 +129,8 @@ class StreamPrinter:
 
 def main(argv):
     cfg = dict(DEFAULTS)
-    cfg.update(common.load_config(DEFAULTS, argv))
+    overrides = common.load_config(DEFAULTS, argv)
+    cfg.update(overrides)
     if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 0:
         common.die(f"need num_samples >= 1 and max_new_tokens >= 0, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
     if cfg['temperature'] < 0:
@@ -139,6 +140,8 @@ def main(argv):
 
     with redirect_stdout(sys.stderr):  # status lines from the shared helpers go to stderr
         dev = common.setup_device(cfg['device'], cfg['dtype'])
+        if cfg['init_from'] == 'resume':  # no --out_dir and no out/ckpt.pt: the newest run folder here
+            cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='sample from')
         model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
         tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
     notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
@@ -182,3 +185,6 @@ if __name__ == '__main__':
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `python sample.py | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

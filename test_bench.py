@@ -74,3 +74,17 @@ def test_nanogpt_comparison_runs():
     assert {x['impl'] for x in results} == {'ours', 'nanogpt'}
     assert 'ours/nanoGPT' in r.stdout
     assert all(x['tokens_per_sec'] > 0 for x in results)
+
+
+def test_modern_knobs_run_and_bad_ones_are_refused():
+    # RoPE past block_size (the rolling cache), next to nanoGPT's GPT-2 of the same shape
+    args = ['--mode=generate', '--max_new_tokens=40', '--gen_batch_sizes=[1]', '--pos_emb=rope', '--qk_norm=True']
+    if os.environ.get('NANOGPT_DIR'):
+        args.append(f"--nanogpt_dir={os.environ['NANOGPT_DIR']}")
+    results, _ = run_bench(*args)
+    assert results[0]['impl'] == 'ours' and results[0]['model']['pos_emb'] == 'rope'
+    for argv, message in [(['--pos_emb=alibi'], "error: pos_emb must be one of 'learned', 'rope'"),
+                          (['--norm=rmsnorm', '--hf_compare=True'], 'hf_compare needs GPT-2')]:
+        r = subprocess.run([sys.executable, str(ROOT / 'bench.py'), *TINY, *argv], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+        assert r.returncode != 0 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr

@@ -183,7 +183,7 @@ def test_loss_plot_against_time(tmp_path, mpimg):
     fig = plot.plot_loss([tmp_path / 'run'], path, x='time')
     right = fig.axes[1]
     assert right.get_xlabel() == 'seconds since training started'
-    steps = [line for line in right.get_lines() if line.get_label() == 'run train (step)'][0]
+    steps = [line for line in right.get_lines() if line.get_label() == 'run train (every logged step)'][0]
     assert list(steps.get_xdata()) == [0.5, 1.0, 1.5, 2.0, 2.5]
     with pytest.raises(SystemExit, match="x must be one of tokens, time, got 'wall'"):
         plot.main(['loss', str(tmp_path / 'run'), '--x=wall'])
@@ -250,3 +250,94 @@ def test_attention_cli_runs_on_a_checkpoint(tmp_path, mpimg):
     _, out_dir, _ = save_tiny_run(tmp_path)
     assert plot.main(['attention', f'--out_dir={out_dir}', '--start=1 2 3 4']) == 0
     assert mpimg.imread(out_dir / 'attention.png').ndim == 3
+
+
+# -----------------------------------------------------------------------------
+# hellaswag, against an independent computation through transformers.GPT2LMHeadModel
+
+HELLASWAG_LIKE = [  # (context, endings): endings of different lengths, so sum and mean disagree
+    ("A man is standing on a ladder. He", ["paints the wall.", "falls off the ladder and lands in a pile of leaves.",
+                                           "sings.", "climbs up to the roof while holding a bucket of paint."]),
+    ("The chef slices onions on a board. She", ["cries.", "puts them in a pan with butter and garlic.",
+                                                "throws the knife across the room at the wall.", "smiles"]),
+    ("Two kids play catch in the park. The ball", ["rolls away.", "hits a dog.",
+                                                   "flies over the fence into the neighbour's garden.", "stops."]),
+    ("A woman ties her running shoes. Then she", ["runs.", "starts jogging down the road toward the lake.",
+                                                  "sits.", "eats a sandwich"]),
+    ("Water boils in a pot on the stove. Someone", ["adds pasta.", "turns it off.", "walks away",
+                                                    "pours the water into a teapot with green leaves."]),
+]
+
+
+def hf_tiny_gpt2(folder):
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    # a large initializer_range spreads the logits, so no two endings score nearly alike
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     initializer_range=0.3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_ending_scores(model, enc, ctx, endings):
+    """(summed, mean) cross-entropy of each ending's tokens given the context, one ending at a time."""
+    ctx_ids = enc.encode_ordinary(ctx)
+    sums, means = [], []
+    for ending in endings:
+        end_ids = enc.encode_ordinary(' ' + ending)
+        ids = torch.tensor([ctx_ids + end_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)  # (T-1, V)
+        nll = -logp[torch.arange(len(ctx_ids) - 1, ids.size(1) - 1), ids[0, len(ctx_ids):]]
+        sums.append(nll.sum().item())
+        means.append(nll.mean().item())
+    return sums, means
+
+
+@pytest.mark.slow  # ~12 s on the busy 2-core machine, mostly importing transformers
+def test_hellaswag_matches_transformers_gpt2(tmp_path, capsys):
+    """Labels are set to transformers' lowest-sum ending, so acc must be exactly 1; acc_norm must
+    equal the share of examples where transformers' lowest-mean ending is that same one."""
+    tiktoken = pytest.importorskip('tiktoken')
+    try:
+        enc = tiktoken.get_encoding('gpt2')
+    except Exception as e:
+        pytest.skip(f"no GPT-2 BPE files offline ({type(e).__name__})")
+    hf = hf_tiny_gpt2(tmp_path / 'hf')
+    lines, agree = [], 0
+    for ctx, endings in HELLASWAG_LIKE:
+        sums, means = hf_ending_scores(hf, enc, ctx, endings)
+        label = int(np.argmin(sums))
+        assert sorted(sums)[1] - sorted(sums)[0] > 1e-3 and sorted(means)[1] - sorted(means)[0] > 1e-4  # no near-ties
+        agree += int(np.argmin(means)) == label
+        lines.append(json.dumps({'ctx': ctx, 'endings': endings, 'label': label, 'activity_label': 'x'}))
+    assert 0 < agree < len(lines)  # the two scores really differ on this file
+    path = tmp_path / 'hellaswag_tiny.jsonl'
+    path.write_text('\n'.join(lines) + '\n')
+
+    ours = GPT.from_pretrained(str(tmp_path / 'hf')).eval()
+    for batch_size in (1, 2, 16):  # padding to the longest row must not change any score
+        assert evaluate.hellaswag_counts(ours, evaluate.read_hellaswag(path), enc.encode_ordinary,
+                                         batch_size) == (len(lines), len(lines), agree)
+    assert evaluate.main(['hellaswag', f'--init_from={tmp_path / "hf"}', f'--input={path}', '--device=cpu',
+                          '--batch_size=3']) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"hellaswag: {len(lines)} examples, acc 1.0000, acc_norm {agree / len(lines):.4f}"
+    assert evaluate.main(['hellaswag', f'--init_from={tmp_path / "hf"}', f'--input={path}', '--device=cpu',
+                          '--limit=2']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("hellaswag: 2 examples, acc 1.0000")
+
+
+def test_hellaswag_refuses_a_char_model_and_bad_files(tmp_path, capsys):
+    _, out_dir, _ = save_tiny_run(tmp_path)  # counting tokenizer: not GPT-2 BPE
+    good = tmp_path / 'h.jsonl'
+    good.write_text(json.dumps({'ctx': 'a', 'endings': ['b', 'c', 'd', 'e'], 'label': 0}) + '\n')
+    with pytest.raises(common.ConfigError, match='needs a GPT-2 BPE model; this one uses the counting tokenizer'):
+        evaluate.main(['hellaswag', f'--out_dir={out_dir}', f'--input={good}', '--device=cpu'])
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text('{"ctx": "a", "endings": ["b"], "label": 0}\n')
+    with pytest.raises(common.ConfigError, match='line 1: expected 4 endings'):
+        evaluate.read_hellaswag(bad)
+    with pytest.raises(common.ConfigError, match='is not a file'):
+        evaluate.hellaswag_path(str(tmp_path / 'missing.jsonl'))

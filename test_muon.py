@@ -123,7 +123,7 @@ def test_train_muon_loss_decreases_and_bad_knobs(tmp_path, data):
     proc = run_train(*MUON, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=30', '--eval_interval=30',
                      '--eval_iters=8')
     assert proc.returncode == 0, proc.stderr
-    assert 'Muon on 4 block matrices' in proc.stdout
+    assert 'Muon on 8 block matrices' in proc.stdout
     evals = [loss for it, kind, split, loss in read_log(out, 'eval') if split == 'val']
     assert evals[-1] < evals[0] - 1.0, evals
     assert_one_line_error(run_train(*TINY, f'--data_dir={data}', '--optimizer=sgd'), "optimizer must be", "'sgd'")
@@ -174,5 +174,7 @@ def test_speedrun_config_decreases_loss(tmp_path, data):
                      '--warmup_iters=2', '--lr_decay_iters=20')
     assert proc.returncode == 0, proc.stderr
     assert 'Muon on' in proc.stdout and "'pos_emb': 'rope'" in proc.stdout
-    evals = [loss for it, kind, split, loss in read_log(out, 'eval') if split == 'val']
-    assert evals[-1] < evals[0] - 0.5, evals
+    evals = [(it, loss) for it, kind, split, loss in read_log(out, 'eval') if split == 'val']
+    assert [it for it, _ in evals] == [20]  # eval_at_start=False: one evaluation, at the end
+    train = [loss for it, kind, split, loss in read_log(out, 'train')]
+    assert evals[-1][1] < train[0] - 0.5, (train[0], evals)

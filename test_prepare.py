@@ -369,11 +369,265 @@ def test_openwebtext_streaming_writer_on_small_documents(tmp_path):
     assert pieces == docs
 
 
-def test_openwebtext_without_datasets_says_how_to_install(tmp_path):
-    try:
-        import datasets  # noqa: F401
-        pytest.skip("datasets is installed; the install hint cannot be shown")
-    except ImportError:
-        pass
-    with pytest.raises(prepare.PrepareError, match="pip install datasets"):
-        prepare.prepare("openwebtext", data_dir=tmp_path)
+# ----------------------------------------------------------------------------- parquet corpora
+
+def parquet_corpus(folder, shards):
+    """Write shards (lists of documents) as NNN_00000.parquet files with a `text` column."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, docs in enumerate(shards):
+        # small row groups: several tasks per file for the tokenizer processes
+        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}),
+                       folder / f"{i:03d}_00000.parquet", row_group_size=7)
+    return sorted(folder.glob("*.parquet"))
+
+
+def corpus_docs(n_shards=2, per_shard=40):
+    long_doc = "A long page, longer than one piece for the threaded encoder. " * 2000
+    docs = [f"Document {k}: it's <|endoftext|> plain text here, caf\u00e9 {k * 37}.\n\nMore\tlines." for k in
+            range(n_shards * per_shard)]
+    docs[5], docs[6] = long_doc, ""
+    return [docs[i * per_shard:(i + 1) * per_shard] for i in range(n_shards)]
+
+
+def split_by_eot(ids):
+    out, start = [], 0
+    for i, t in enumerate(ids):
+        if t == prepare.GPT2_EOT:
+            out.append(ids[start:i])
+            start = i + 1
+    assert start == len(ids)  # the last document ends with eot too
+    return out
+
+
+def test_parquet_corpus_from_input_folder_is_exact(tmp_path, monkeypatch):
+    """Every document is encode_ordinary(doc) + [eot], in corpus order; val holds exactly the
+    documents k % val_every == 0, whole; --shards and --max_tokens take prefixes."""
+    gpt2()
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    shards = corpus_docs()
+    parquet_corpus(tmp_path / "src", shards)
+    docs = [d for shard in shards for d in shard]
+    # two tokenizer processes, row groups of 7 documents: results must be put back in order
+    meta = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "d", val_every=10, num_proc=2)
+    out = tmp_path / "d" / "fineweb_edu"
+    train, val = (read_bin(out / f"{s}.bin").tolist() for s in ("train", "val"))
+    assert split_by_eot(val) == [enc.encode_ordinary(d) for k, d in enumerate(docs) if k % 10 == 0]
+    assert split_by_eot(train) == [enc.encode_ordinary(d) for k, d in enumerate(docs) if k % 10 != 0]
+    assert meta["splits"] == {"train": len(train), "val": len(val)}
+    assert meta["shards"] == ["000_00000.parquet", "001_00000.parquet"] and "k % 10 == 0" in meta["val_rule"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+    monkeypatch.setattr(prepare, "PARQUET_BATCH_ROWS", 3)  # in-process below: row groups read in pieces
+    # --shards=1: the first file only; --max_tokens: stops at the first document boundary past N
+    one = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "s1", val_every=10, shards=1,
+                          num_proc=1)
+    assert one["shards"] == ["000_00000.parquet"]
+    first = [len(enc.encode_ordinary(d)) + 1 for d in shards[0]]
+    assert sum(one["splits"].values()) == sum(first)
+    lengths = [len(enc.encode_ordinary(d)) + 1 for d in docs]
+    limit = sum(lengths[:50]) - 3  # inside document 49
+    cut = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "m", val_every=10,
+                          max_tokens=str(limit), num_proc=1)
+    assert sum(cut["splits"].values()) == sum(lengths[:50])
+    ids = read_bin(tmp_path / "m" / "fineweb_edu" / "train.bin").tolist()
+    assert split_by_eot(ids) == [enc.encode_ordinary(d) for k, d in enumerate(docs[:50]) if k % 10 != 0]
+
+
+def test_parquet_interrupted_tokenization_leaves_nothing_usable(tmp_path, monkeypatch):
+    gpt2()
+    parquet_corpus(tmp_path / "src", corpus_docs())
+    real = prepare.parquet_tasks
+
+    def dies_after_first_row_group(path):
+        yield real(path)[0]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "parquet_tasks", dies_after_first_row_group)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare("openwebtext", input=tmp_path / "src", data_dir=tmp_path / "d", num_proc=1)
+    assert list((tmp_path / "d" / "openwebtext").iterdir()) == []  # no .bin, no temp file, no meta.json
+
+
+def test_parquet_errors_are_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.parquet").write_bytes(b"not parquet at all")
+    r = run_cli("fineweb_edu", f"--input={bad}", f"--data_dir={tmp_path / 'out'}")
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot read") and "Traceback" not in r.stderr
+    assert list((tmp_path / "out").rglob("*.bin*")) == []
+    r = run_cli("openwebtext", f"--input={tmp_path / 'none'}", f"--data_dir={tmp_path / 'out'}")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    # offline without --input: one line with the address tried and the --input alternative
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # discard port: connection refused
+    r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "fineweb_edu", f"--data_dir={tmp_path / 'off'}"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: cannot list the .parquet files at "
+                               "http://127.0.0.1:9/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT")
+    assert "--input=FOLDER" in r.stderr
+    assert not (tmp_path / "off").exists()
+    # pyarrow missing: the install hint, before anything is downloaded
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(prepare.PrepareError, match="pip install pyarrow"):
+        prepare.prepare("fineweb_edu", data_dir=tmp_path / "out")
+
+
+class HubServer:
+    """A local stand-in for the Hub on 127.0.0.1: the file-listing API (two pages) and file
+    downloads honouring HTTP Range. The first request for each file is cut off halfway."""
+
+    def __init__(self, folder, repo, prefix):
+        import http.server
+        import json
+        import threading
+        self.requests = []
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".parquet", ".bin"))
+        listing = [{"type": "file", "path": f"{prefix}/{f.name}".lstrip("/"), "size": f.stat().st_size,
+                    "lfs": {"oid": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}}
+                   for f in files]
+        cut_done = set()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send_body(self, code, body, headers=()):
+                self.send_response(code)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                api = f"/api/datasets/{repo}/tree/main/{prefix}".rstrip("/") + "?recursive=true"
+                if self.path == api:  # page 1 of 2, the next page named in a Link header
+                    link = f'<http://127.0.0.1:{server.port}{api}&cursor=2>; rel="next"'
+                    return self.send_body(200, json.dumps(listing[:1]).encode(), [("Link", link)])
+                if self.path == api + "&cursor=2":
+                    return self.send_body(200, json.dumps(listing[1:]).encode())
+                name = self.path.rsplit("/", 1)[-1]
+                if not self.path.startswith(f"/datasets/{repo}/resolve/main/{prefix}".rstrip("/") + "/") or not (folder / name).is_file():
+                    return self.send_body(404, b"not found")
+                data = (folder / name).read_bytes()
+                rng = self.headers.get("Range")
+                start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+                code = 206 if rng else 200
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data) - start))
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if name not in cut_done:  # promise everything, send half, hang up
+                    cut_done.add(name)
+                    self.wfile.write(data[start:len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(data[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_parquet_download_resumes_with_range_and_matches_local_input(tmp_path, monkeypatch):
+    """Listing (paged), download cut halfway, resumed with a Range request, sha256-checked;
+    the result is byte-identical to preparing the same files with --input."""
+    gpt2()
+    files = parquet_corpus(tmp_path / "src", corpus_docs())
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    monkeypatch.setattr(prepare, "DOWNLOAD_BLOCK", 1024)  # small files still arrive in several blocks
+    with HubServer(tmp_path / "src", "HuggingFaceFW/fineweb-edu", "sample/10BT") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
+        meta = prepare.prepare("fineweb_edu", data_dir=tmp_path / "d", val_every=10, num_proc=1)
+    ranges = [(p.rsplit("/", 1)[-1], r) for p, r in hub.requests if "/resolve/" in p]
+    half = files[0].stat().st_size // 2
+    assert ranges[0] == ("000_00000.parquet", None) and ranges[1][0] == "000_00000.parquet"
+    resumed_at = int(ranges[1][1].removeprefix("bytes=").removesuffix("-"))  # the blocks written before the cut
+    assert half - 1024 < resumed_at <= half
+    out = tmp_path / "d" / "fineweb_edu"
+    for f in files:  # downloaded copies are complete and kept for the next run; no .part left
+        assert (out / "parquet" / f"sample_10BT_{f.name}").read_bytes() == f.read_bytes()
+    assert not list(out.rglob("*.part"))
+    assert meta["source_sha256"] == {f"sample_10BT_{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()
+                                     for f in files}
+    local = tmp_path / "local"
+    prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=local, val_every=10, num_proc=1)
+    for split in ("train.bin", "val.bin"):
+        assert (out / split).read_bytes() == (local / "fineweb_edu" / split).read_bytes()
+    # a re-run finds the shards on disk: it lists them again but downloads nothing
+    with HubServer(tmp_path / "src", "HuggingFaceFW/fineweb-edu", "sample/10BT") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
+        prepare.prepare("fineweb_edu", data_dir=tmp_path / "d", val_every=10, num_proc=1)
+    assert not [p for p, _ in hub.requests if "/resolve/" in p]
+
+
+def test_download_resumable_resumes_a_part_file_and_rejects_wrong_bytes(tmp_path, monkeypatch):
+    files = parquet_corpus(tmp_path / "src", corpus_docs(n_shards=1))
+    data = files[0].read_bytes()
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    with HubServer(tmp_path / "src", "o/r", "p") as hub:
+        url = f"http://127.0.0.1:{hub.port}/datasets/o/r/resolve/main/p/{files[0].name}"
+        # a .part left by an earlier, killed run: the first request asks only for the rest
+        (tmp_path / "y.parquet.part").write_bytes(data[:1000])
+        shard = prepare.Shard("y.parquet", url, len(data), hashlib.sha256(data).hexdigest())
+        assert prepare.download_resumable(shard, tmp_path / "y.parquet").read_bytes() == data
+        assert hub.requests[0][1] == "bytes=1000-" and not (tmp_path / "y.parquet.part").exists()
+        # the right size but the wrong sha256: refused, nothing kept
+        shard = prepare.Shard("x.parquet", url, len(data), "0" * 64)
+        with pytest.raises(prepare.PrepareError, match="sha256 mismatch"):
+            prepare.download_resumable(shard, tmp_path / "x.parquet", retries=2)
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.part").exists()
+
+def llmc_shard(path, tokens, magic=20240520):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, 1, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def test_pretokenized_fineweb_shards_are_copied_exactly(tmp_path, monkeypatch):
+    """modded-nanogpt's llm.c shards (header 20240520, 1, count; uint16 ids): val from the val
+    shard, train from the first --shards train shards, downloaded from a local Hub or --input."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    parts = {name: rng.integers(0, 50257, size=n) for name, n in
+             (("fineweb_val_000000.bin", 300), ("fineweb_train_000001.bin", 500), ("fineweb_train_000002.bin", 400))}
+    for name, tokens in parts.items():
+        llmc_shard(src / name, tokens)
+    meta = prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "a", shards=1)
+    out = tmp_path / "a" / "fineweb10B_gpt2"
+    assert read_bin(out / "val.bin").tolist() == parts["fineweb_val_000000.bin"].tolist()
+    assert read_bin(out / "train.bin").tolist() == parts["fineweb_train_000001.bin"].tolist()
+    assert meta["splits"] == {"val": 300, "train": 500} and meta["tokenizer"] == "gpt2"
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    with HubServer(src, "kjj0/fineweb10B-gpt2", "") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
+        prepare.prepare("fineweb10B_gpt2", data_dir=tmp_path / "b")
+    train = read_bin(tmp_path / "b" / "fineweb10B_gpt2" / "train.bin").tolist()
+    assert train == parts["fineweb_train_000001.bin"].tolist() + parts["fineweb_train_000002.bin"].tolist()
+    # a shard with another magic number or fewer tokens than its header says is refused
+    llmc_shard(src / "fineweb_train_000001.bin", [1, 2, 3], magic=20240801)
+    with pytest.raises(prepare.PrepareError, match="not an llm.c token shard"):
+        prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "c")
+    llmc_shard(src / "fineweb_train_000001.bin", [1, 2, 3])
+    (src / "fineweb_train_000001.bin").write_bytes((src / "fineweb_train_000001.bin").read_bytes()[:-2])
+    with pytest.raises(prepare.PrepareError, match="truncated"):
+        prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "c")
+    assert not list((tmp_path / "c").rglob("*.bin"))

@@ -395,3 +395,34 @@ def test_multi_node_rendezvous_on_localhost(tmp_path, data):
         assert 'ChildFailedError' not in stderr, stderr  # no train.py process failed
     assert len(read_log(tmp_path / 'out', 'train')) == 4
     assert common.load_checkpoint(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 4
+
+
+@pytest.mark.slow  # ~20 s: two training runs and an evaluate.py run
+def test_hellaswag_interval_logs_acc_norm_of_the_model_being_trained(tmp_path):
+    """A GPT-2-vocabulary run with hellaswag_interval=2: acc_norm in log.jsonl at iterations 0, 2
+    and 4, and the last one equals `evaluate.py hellaswag` on the checkpoint saved at iteration 4."""
+    folder = make_dataset(tmp_path / 'gpt2data', vocab_size=50257)
+    (folder / 'meta.json').write_text(json.dumps({'vocab_size': 50257, 'tokenizer': 'gpt2'}))
+    examples = [{'ctx': f'Example {k}: a person opens the door and', 'label': k % 4,
+                 'endings': ['walks in.', 'closes it again slowly.', 'waves', f'sees {k} cats on the mat.']}
+                for k in range(3)]
+    hs_file = tmp_path / 'hs.jsonl'
+    hs_file.write_text(''.join(json.dumps(e) + '\n' for e in examples))
+    out = tmp_path / 'out'
+    proc = run_train(*TINY, f'--data_dir={folder}', f'--out_dir={out}', '--max_iters=4', '--eval_interval=2',
+                     '--hellaswag_interval=2', f'--hellaswag_input={hs_file}')
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    hs = [r for r in rows if r['kind'] == 'hellaswag']
+    assert [r['iter'] for r in hs] == [0, 2, 4] and all(r['examples'] == 3 for r in hs)
+    assert 'step 4: hellaswag acc_norm' in proc.stdout and (out / 'loss.png').is_file()
+    check = subprocess.run([sys.executable, 'evaluate.py', 'hellaswag', f'--out_dir={out}', f'--input={hs_file}',
+                            '--device=cpu'], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip().splitlines()[-1] == (f"hellaswag: 3 examples, acc {hs[-1]['acc']:.4f}, "
+                                                     f"acc_norm {hs[-1]['acc_norm']:.4f}")
+    # a run on data with another tokenizer refuses at the start, in one line
+    small = make_dataset(tmp_path / 'small')
+    assert_one_line_error(run_train(*TINY, f'--data_dir={small}', f'--out_dir={tmp_path / "o2"}', '--max_iters=2',
+                                    '--hellaswag_interval=2', f'--hellaswag_input={hs_file}'),
+                          'hellaswag_interval needs GPT-2 BPE data')

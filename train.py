@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plot  # loss curves; matplotlib is imported only when drawing
-from model import GPT, GPTConfig
+from model import GPT, GPT2_KNOBS, GPTConfig, check_knobs
 from prepare import PrepareError, read_meta
 
 # -----------------------------------------------------------------------------
@@ -46,8 +46,11 @@ eval_interval = 2000  # evaluate (and maybe checkpoint) every this many iteratio
 log_interval = 1  # print and log the training loss every this many iterations
 eval_iters = 200  # batches per split for each evaluation
 eval_only = False  # evaluate once at the start, then exit
+eval_at_start = True  # evaluate before the first step too; False saves one evaluation (a speedrun's ~4%)
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local Hugging Face folder
+hellaswag_interval = 0  # HellaSwag acc_norm every this many iterations, logged and plotted (GPT-2 BPE data); 0: off
+hellaswag_input = ''  # a HellaSwag .jsonl file; '' downloads hellaswag_val.jsonl into data/hellaswag/
 # wandb logging
 wandb_log = False  # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = 'owt'  # wandb project name
@@ -64,6 +67,12 @@ n_head = 12  # attention heads per block
 n_embd = 768  # embedding width
 dropout = 0.0  # 0 for pretraining; try 0.1+ for finetuning
 bias = False  # biases in Linear and LayerNorm layers
+pos_emb = 'learned'  # positions: 'learned' (GPT-2) or 'rope' (rotary; see docs/modern_model.md)
+norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
+mlp_act = 'gelu'  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
+qk_norm = False  # RMS-normalise queries and keys per head
+tie_embeddings = True  # the output head shares the token embedding (GPT-2)
+logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off (nanochat uses 15)
 # optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps to train for
@@ -98,6 +107,8 @@ if compile not in (None, True, False):
     common.die(f"compile must be True, False or None (auto), got {compile!r}")
 if seed < 0:
     common.die(f"seed must be >= 0, got {seed}")
+if hellaswag_interval < 0:
+    common.die(f"hellaswag_interval must be >= 0 (0: off), got {hellaswag_interval}")
 for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
     if globals()[key] < 1:
         common.die(f"{key} must be at least 1, got {globals()[key]}")
@@ -113,6 +124,11 @@ if optimizer == 'muon':
         common.die(f"muon_weight_decay must be >= 0, got {muon_weight_decay}")
     if not 1 <= muon_ns_steps <= 20:
         common.die(f"muon_ns_steps must be between 1 and 20, got {muon_ns_steps} (5 is usual)")
+try:  # the model's knobs, before anything is written
+    check_knobs(GPTConfig(n_head=n_head, n_embd=n_embd, pos_emb=pos_emb, norm=norm, mlp_act=mlp_act,
+                          qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
+except ValueError as e:
+    common.die(str(e).replace('GPTConfig.', ''))
 
 # -----------------------------------------------------------------------------
 # device, dtype and DDP setup
@@ -134,7 +150,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     use_compile = (dev.device_type == 'cuda') if compile is None else compile
     if master_process:
-        print("config: " + json.dumps(config))
+        print(common.config_summary(config, common.source_defaults(__file__), os.path.join(out_dir, 'config.json')))
         print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, 'config.json'), 'w') as f:
@@ -196,7 +212,10 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     best_val_loss = float('inf')  # lowest val loss seen by an evaluation
     checkpoint = None
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      bias=bias, vocab_size=None, dropout=dropout)
+                      bias=bias, vocab_size=None, dropout=dropout, pos_emb=pos_emb, norm=norm,
+                      mlp_act=mlp_act, qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap)
+    # the architecture; a checkpoint or pretrained model decides it (old checkpoints: GPT-2's knobs)
+    arch_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size') + tuple(GPT2_KNOBS)
     torch.manual_seed(seed)  # the same initial weights on every rank
     if init_from == 'scratch':
         if meta_vocab_size is None:
@@ -204,12 +223,15 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
             meta_vocab_size = 50304
         model_args['vocab_size'] = meta_vocab_size
-        model = GPT(GPTConfig(**model_args))
+        try:
+            model = GPT(GPTConfig(**model_args))
+        except ValueError as e:  # a shape the model refuses, e.g. n_embd not divisible by n_head
+            common.die(str(e).replace('GPTConfig.', ''))
     elif init_from == 'resume':
         checkpoint = common.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=dev.device)
         # the shape comes from the checkpoint; dropout may change between runs
-        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
-            model_args[k] = checkpoint['model_args'][k]
+        for k in arch_keys:
+            model_args[k] = checkpoint['model_args'].get(k, GPT2_KNOBS.get(k))
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(common.model_state_dict(checkpoint))
         iter_num = checkpoint['iter_num']
@@ -223,7 +245,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             model = GPT.from_pretrained(init_from, dict(dropout=dropout))
         except FileNotFoundError as e:  # weights neither cached nor downloadable, or not a model folder
             common.die(str(e))
-        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+        for k in arch_keys:
             model_args[k] = getattr(model.config, k)
     else:
         common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
@@ -236,6 +258,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     elif block_size > model.config.block_size:
         common.die(f"block_size={block_size} is longer than the model's {model.config.block_size} positions")
     model.to(dev.device)
+    if hellaswag_interval:
+        import evaluate  # each rank scores its share of the examples; the counts are summed
+        hellaswag = evaluate.HellaSwagDuringTraining(meta, hellaswag_input, model_args['vocab_size'], rank, world_size)
     if master_process:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
         print(model.param_table())
@@ -290,6 +315,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce."""
         model.eval()
         losses = {}
+        # silent unless it takes more than a few seconds (the first evaluation of a big model)
+        bar = common.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
+                              stream=None if master_process else io.StringIO(), keep=False)
         for split in ('train', 'val'):
             total = torch.zeros((), device=dev.device)
             for k in range(rank, eval_iters, world_size):
@@ -297,9 +325,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 with dev.autocast():
                     _, loss = fast_model(x, y)
                 total += loss.float()
+                bar.update()
             if ddp:
                 dist.all_reduce(total)
             losses[split] = total.item() / eval_iters
+        bar.close()
         model.train()
         return losses
 
@@ -365,7 +395,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's groups: muon_lr / learning_rate
 
         # evaluate, and checkpoint when val improved (or always_save_checkpoint)
-        if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        if (iter_num % eval_interval == 0 and (iter_num > 0 or eval_at_start)) or iter_num == max_iters or eval_only:
             t_eval = time.time()
             losses = estimate_loss()
             if master_process:
@@ -385,6 +415,17 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
                 save_training_state('val loss improved' if improved else 'always_save_checkpoint')
             t_log += time.time() - t_eval  # keep evals and saves out of ms/iter
+        if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num == max_iters or eval_only):
+            t_eval = time.time()
+            hs = hellaswag(model, dev)  # the uncompiled model: example lengths vary, no recompiles
+            if master_process:
+                print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
+                log_jsonl(iter=iter_num, kind='hellaswag', tokens=iter_num * tokens_per_iter, **hs)
+                if plot.have_matplotlib():
+                    plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
+                if wandb_log:
+                    wandb.log({'iter': iter_num, 'hellaswag/acc_norm': hs['acc_norm']})
+            t_log += time.time() - t_eval
         if eval_only or iter_num >= max_iters:
             break
 
@@ -447,6 +488,20 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                 save_training_state(f"stopped by {stop_signal}")
                 print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
             break
+
+    if master_process and not eval_only:  # what happened, and what to do next
+        wall = time.time() - run_start
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
+              f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
+        if os.path.isfile(ckpt_path):
+            print(f"checkpoint: {ckpt_path} (log: {log_path}, loss curve: {out_dir}/loss.png)")
+            start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
+            print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n"
+                  f"      python plot.py loss {out_dir}")
+        else:
+            print(f"no checkpoint was written (no evaluation after iteration {start_iter}); "
+                  f"lower --eval_interval to save one")
 
     if ddp:
         # finish together: rank 0's torchrun agent may host the rendezvous store, and a node

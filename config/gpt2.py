@@ -2,7 +2,7 @@
 # python prepare.py openwebtext
 # torchrun --standalone --nproc_per_node=8 train.py config/gpt2.py
 
-wandb_log = True  # follow the run on Weights & Biases
+wandb_log = False  # True follows the run on Weights & Biases (pip install wandb)
 wandb_project = 'owt'  # wandb project name
 wandb_run_name = 'gpt2-124M'  # wandb run name
 

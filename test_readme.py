@@ -1,0 +1,171 @@
+"""The README's commands work exactly as written, where they can run on a CPU in seconds.
+
+The scripts and configs are copied into a temporary folder and every `python ...` command of
+the README's sh blocks runs there in README order (commands joined by && are split), so runs,
+data and pictures land under tmp_path, never in the checkout. Commands that cannot run here
+(installs, GPUs, downloads, the test suite itself) are skipped by the rules in SKIP; long ones
+run as written plus flags that make them short (SHORTEN), which the scripts apply last.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py']
+
+# (substring, why it is not run here)
+SKIP = [
+    ('venv', 'sets up a virtual environment'),
+    ('activate', 'sets up a virtual environment'),
+    ('pip install', 'installs packages'),
+    ('-m pytest', 'the test suite itself'),
+    ('torchrun', 'several processes, GPUs'),
+    ('--init_from=gpt2', 'needs the GPT-2 weights (network or Hugging Face cache)'),
+    ('config/train_shakespeare_char.py', 'a GPU-sized model'),
+    ('config/bench_gpt2.py', 'GPT-2 124M'),
+    ('--dataset=wikitext2', 'needs WikiText-2'),
+    ('config/gpt2', 'a GPU-sized model'),
+    ('fineweb', 'downloads a corpus'),
+    ('openwebtext', 'downloads a corpus'),
+    ('hellaswag', 'downloads HellaSwag'),
+]
+# (substring, flags appended so the command takes seconds; later flags win)
+SHORTEN = [
+    ('train.py', '--max_iters=8 --eval_interval=4 --eval_iters=1 --log_interval=4 --batch_size=8'),
+    ('sample.py', '--max_new_tokens=20'),
+    ('evaluate.py perplexity', '--batch_size=1024'),
+    ('bench.py', '--n_layer=1 --n_embd=32 --n_head=2 --block_size=32 --burn_in=0 --num_iters=1 --repeats=1'),
+]
+
+
+def readme_commands():
+    """Every command of the README's ```sh blocks, in order, split at &&, comments removed."""
+    text = (ROOT / 'README.md').read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            for part in line.split(' && '):
+                words = shlex.split(part, comments=True, posix=False)
+                if words:
+                    commands.append(' '.join(words))
+    return commands
+
+
+def plan():
+    """[(command as run, None)] or [(command, reason skipped)], each README command once."""
+    out, seen = [], set()
+    for command in readme_commands():
+        if command in seen:
+            continue
+        seen.add(command)
+        reason = next((why for key, why in SKIP if key in command), None)
+        if reason is None and not command.startswith('python '):
+            reason = 'not a python command'
+        extra = next((flags for key, flags in SHORTEN if key in command), '')
+        out.append((f"{command} {extra}".strip(), reason))
+    return out
+
+
+def copy_repo(tmp_path):
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    for path in ROOT.glob('*.py'):
+        if not path.name.startswith('test_'):
+            shutil.copy(path, repo / path.name)
+    shutil.copytree(ROOT / 'config', repo / 'config')
+    return repo
+
+
+def run(command, cwd):
+    words = shlex.split(command)
+    assert words[0] == 'python'
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, *words[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_the_readme_lists_the_commands_a_new_user_needs():
+    commands = readme_commands()
+    assert commands[0].startswith('python3 -m venv')  # the quick start: one line from nothing to samples
+    assert 'python prepare.py shakespeare_char' in commands
+    assert 'python train.py config/train_shakespeare_char_cpu.py' in commands
+    assert 'python sample.py --start="ROMEO:"' in commands  # no --out_dir: the newest run folder
+    assert 'python -m pytest' in commands
+    for script in SCRIPTS:
+        assert any(c.startswith(f'python {script}') for c in commands), f"no example of {script}"
+    # every run folder a README command reads is one that a README command creates: a train.py
+    # command's --out_dir, or the out_dir of a config file it names
+    made = set()
+    for command in commands:
+        if command.startswith(('python train.py', 'torchrun')):
+            made.update(re.findall(r"--out_dir=(\S+)", command))
+            for config in re.findall(r"(config/\w+\.py)", command):
+                made.update(re.findall(r"^out_dir = '(.+?)'", (ROOT / config).read_text(), re.M))
+    assert 'out-shakespeare-char-cpu' in made
+    for command in commands:
+        for folder in re.findall(r"--out_dir=(\S+)", command) + re.findall(r"plot.py loss (\S+)", command):
+            assert folder in made, f"{command!r} reads {folder}, which no README command creates"
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_every_script_answers_help(script):
+    r = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'usage' in r.stdout.lower() and 'Traceback' not in r.stderr
+    if script in ('train.py', 'sample.py', 'bench.py'):
+        # every knob with its default and its comment from the source
+        assert "--out_dir='out'" in r.stdout or '--n_layer=6' in r.stdout, r.stdout[:500]
+        knob_lines = [line for line in r.stdout.splitlines() if line.startswith('  --')]
+        assert len(knob_lines) >= 12 and all(len(line.split(None, 1)) == 2 for line in knob_lines), knob_lines
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    for script in ('prepare.py', 'train.py'):
+        r = subprocess.run(f"{shlex.quote(sys.executable)} {script} --help | head -2", shell=True, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert 'Traceback' not in r.stderr and 'BrokenPipe' not in r.stderr, r.stderr
+        assert len(r.stdout.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path):
+    repo = copy_repo(tmp_path)
+    data = repo / 'data' / 'shakespeare_char'
+    if (ROOT / 'data' / 'shakespeare_char' / 'meta.json').is_file():
+        shutil.copytree(ROOT / 'data' / 'shakespeare_char', data)
+    elif SHAKESPEARE.is_file():
+        r = run(f"python prepare.py shakespeare_char --input={SHAKESPEARE}", repo)
+        assert r.returncode == 0, r.stderr
+    else:
+        pytest.skip("no prepared shakespeare_char and no offline copy of its text")
+    (repo / 'notes').mkdir()  # the README's own-text example reads notes/
+    (repo / 'notes' / 'a.txt').write_text("To be, or not to be, that is the question.\n" * 50)
+
+    ran = []
+    for command, skipped in plan():
+        if skipped:
+            continue
+        r = run(command, repo)
+        assert r.returncode == 0, f"{command}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
+        assert 'Traceback' not in r.stderr, f"{command}\n{r.stderr[-1500:]}"
+        ran.append((command, r))
+    outputs = {c.split(' --')[0]: r for c, r in ran}
+    # prepare.py NAME on prepared data: says so, downloads nothing
+    assert 'already prepared' in outputs['python prepare.py shakespeare_char'].stdout
+    # the training run ends with a summary naming the next commands
+    train = next(r for c, r in ran if c.startswith('python train.py config/train_shakespeare_char_cpu.py'))
+    assert 'best val loss' in train.stdout and 'python sample.py --out_dir=out-shakespeare-char-cpu' in train.stdout
+    # the bare sample command found the quick start's run and said so
+    sample = next(r for c, r in ran if c.startswith('python sample.py --start="ROMEO:"'))
+    assert 'out-shakespeare-char-cpu' in sample.stderr and sample.stdout.startswith('ROMEO:')
+    assert (repo / 'out-shakespeare-char-cpu' / 'loss.png').is_file()
+    assert (repo / 'out-shakespeare-char-cpu' / 'attention.png').is_file()
+    assert len(ran) >= 10, [c for c, _ in ran]

@@ -1,0 +1,123 @@
+"""The first hour of a new user (issue 12): help text, the run folder chosen without --out_dir,
+progress lines, the changed-knobs line, prepare's already-prepared answer, evaluate's default
+dataset and the GPT-2 weights message. Everything writes under tmp_path."""
+
+import dataclasses
+import io
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import evaluate
+import model as model_module
+import prepare
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_help_comments_come_from_the_source_next_to_each_default():
+    comments = dict((name, comment) for name, comment, _ in common.knob_comments(os.path.join(ROOT, 'train.py')))
+    assert comments['out_dir'] == 'checkpoint, config.json and log.jsonl go here'
+    assert comments['dropout'].startswith('0 for pretraining')
+    # evaluate.py comments data_dir twice; each sub-command gets its own block's comment
+    path = os.path.join(ROOT, 'evaluate.py')
+    perplexity = common._comments_for(list(evaluate.DEFAULTS['perplexity']), path)
+    counting = common._comments_for(list(evaluate.DEFAULTS['counting']), path)
+    assert '<split>.bin' in perplexity['data_dir'] and 'counting' in counting['data_dir']
+    assert set(perplexity) == set(evaluate.DEFAULTS['perplexity'])  # every knob has its comment
+
+
+def test_help_lists_every_knob_and_exits_0(capsys):
+    defaults = dict(evaluate.DEFAULTS['counting'])
+    with pytest.raises(SystemExit) as e:
+        common.load_config(defaults, ['--starts=1', '-h'], usage='python evaluate.py counting [--key=value ...]')
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith('usage: python evaluate.py counting')
+    for key, value in defaults.items():
+        assert f"--{key}={value!r}" in out
+
+
+def test_config_summary_shows_only_changed_knobs():
+    defaults = {'a': 1, 'b': 'x', 'c': True}
+    text = common.config_summary({'a': 1, 'b': 'y', 'c': False}, defaults, 'out/config.json')
+    assert "b='y'" in text and 'c=False' in text and 'a=1' not in text and 'out/config.json' in text
+    assert 'none' in common.config_summary(defaults, defaults)
+
+
+def test_find_run_dir_takes_the_newest_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.ConfigError) as e:
+        common.find_run_dir('out', False, what='sample from')
+    assert 'python train.py' in e.value.message and '--out_dir' in e.value.message
+    for i, name in enumerate(['out-old', 'out-new']):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'ckpt.pt').write_bytes(b'x')
+        os.utime(tmp_path / name / 'ckpt.pt', (1e9 + i, 1e9 + i))
+    (tmp_path / 'not-a-run').mkdir()
+    assert common.find_run_dir('out', False) == 'out-new'
+    assert 'out-new' in capsys.readouterr().err  # the notice names it
+    assert common.find_run_dir('out-old', True) == 'out-old'  # asked for: used as is
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'ckpt.pt').write_bytes(b'x')
+    assert common.find_run_dir('out', False) == 'out'  # the default folder when it holds a run
+
+
+def test_progress_is_silent_for_quick_work_and_prints_lines_when_not_a_terminal(monkeypatch):
+    quick = io.StringIO()
+    with common.Progress('quick', total=10, stream=quick) as bar:
+        for _ in range(10):
+            bar.update()
+    assert quick.getvalue() == ''
+    slow = io.StringIO()
+    clock = [0.0]
+    monkeypatch.setattr(time, 'monotonic', lambda: clock[0])
+    with common.Progress('perplexity', total=100, unit='windows', after=3, every=10, stream=slow) as bar:
+        for _ in range(100):
+            clock[0] += 0.5  # 50 s in all
+            bar.update()
+    lines = slow.getvalue().splitlines()
+    assert '\r' not in slow.getvalue()  # a log file gets plain lines, no bar
+    assert 4 <= len(lines) <= 7, lines  # one every 10 s, plus the last
+    assert lines[-1] == 'perplexity: 100/100 windows (100%), 50s'
+
+
+def test_prepare_says_already_prepared_and_force_redoes_it(tmp_path, capsys):
+    args = ['counting', f'--data_dir={tmp_path}', '--num_train=200', '--num_val=50']
+    assert prepare.main(args) == 0
+    assert 'val.bin' in capsys.readouterr().out
+    assert prepare.main(args) == 0
+    out = capsys.readouterr().out
+    assert 'already prepared' in out and '--force' in out and 'val.bin' not in out
+    assert prepare.main(args + ['--seed=2']) == 0  # different knobs: prepared anew
+    assert 'val.bin' in capsys.readouterr().out
+    assert prepare.main(args + ['--seed=2', '--force']) == 0
+    assert 'val.bin' in capsys.readouterr().out
+
+
+def test_perplexity_defaults_to_the_checkpoints_own_dataset(tmp_path, capsys):
+    prepare.prepare('counting', data_dir=tmp_path, num_train=200, num_val=50)
+    data_dir = tmp_path / 'counting'
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=101))
+    out_dir = tmp_path / 'run'
+    common.save_checkpoint({'format': common.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+                            'model_args': dataclasses.asdict(model.config), 'iter_num': 0, 'best_val_loss': 9.9,
+                            'config': {'dataset': 'counting', 'data_dir': str(data_dir)}}, out_dir / 'ckpt.pt')
+    assert evaluate.main(['perplexity', f'--out_dir={out_dir}', '--device=cpu']) == 0
+    out = capsys.readouterr().out
+    tokens = np.fromfile(data_dir / 'val.bin', dtype=np.uint16)  # counting has no test split: val
+    assert f"{len(tokens) - 1:,} tokens scored" in out and 'val.bin' in out
+
+
+def test_gpt2_weights_message_keeps_whole_words():
+    long = ValueError("Cannot reach https://huggingface.co " + "because the network is unreachable " * 20)
+    text = model_module._first_sentence(long)
+    assert len(text) <= 210 and text.endswith(' ...') and text[:-4] == text[:-4].rstrip()
+    assert ' '.join(str(long).split()).startswith(text[:-4])  # cut at a space, not inside a word
+    assert model_module._first_sentence(OSError("Offline. Set HF_HUB_OFFLINE=0 to allow it.")) == "Offline."
