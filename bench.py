@@ -154,7 +154,7 @@ def make_batches(cfg, dev):
     here = os.path.dirname(os.path.abspath(__file__))
     folder = cfg['data_dir'] or (os.path.join(here, 'data', cfg['dataset']) if cfg['dataset'] else '')
     path = os.path.join(folder, 'train.bin') if folder else ''
-    data = np.memmap(path, dtype=np.uint16, mode='r') if path and os.path.isfile(path) else None
+    data = common.open_tokens(path) if path and os.path.isfile(path) else None
     if data is not None and len(data) <= T + 1:
         common.die(f"{path} has {len(data)} tokens, too few for block_size={T}")
     if data is not None and int(data[:1_000_000].max()) >= cfg['vocab_size']:
@@ -355,8 +355,23 @@ def emit(result, cfg, dev):
         print(summary, file=sys.stderr, flush=True)
         print(line, flush=True)
     if cfg['json_out']:
-        with open(cfg['json_out'], 'a') as f:
-            f.write(line + '\n')
+        try:
+            with open(cfg['json_out'], 'a') as f:
+                f.write(line + '\n')
+        except OSError as e:
+            common.die(common.os_error_message(e, cfg['json_out']))
+
+
+def check_writable(path, key):
+    """Fail now, not after minutes of measuring, if path cannot be written (without creating it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        common.die(f"{key}={path} is a folder; name a file")
+    if not os.path.isdir(folder):
+        common.die(f"cannot write {key}={path}: folder {folder} does not exist")
+    target = path if os.path.exists(path) else folder
+    if not os.access(target, os.W_OK):
+        common.die(f"cannot write {key}={path}: permission denied or read-only")
 
 
 def main(argv):
@@ -367,9 +382,26 @@ def main(argv):
     if not (isinstance(cfg['gen_batch_sizes'], list) and cfg['gen_batch_sizes']
             and all(isinstance(b, int) and b > 0 for b in cfg['gen_batch_sizes'])):
         common.die(f"gen_batch_sizes must be a list of positive ints like [1, 8], got {cfg['gen_batch_sizes']!r}")
-    for key in ('batch_size', 'num_iters', 'repeats', 'prompt_len', 'max_new_tokens'):
+    for key in ('batch_size', 'num_iters', 'repeats', 'prompt_len', 'max_new_tokens', 'n_layer', 'n_head',
+                'n_embd', 'block_size', 'vocab_size'):
         if cfg[key] < 1:
             common.die(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ('burn_in', 'gen_vocab_size', 'seed'):
+        if cfg[key] < 0:
+            common.die(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg['n_embd'] % cfg['n_head']:
+        common.die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
+    if not 0 <= cfg['dropout'] < 1:
+        common.die(f"dropout must be in [0, 1), got {cfg['dropout']}")
+    if not (cfg['temperature'] >= 0 and cfg['temperature'] < float('inf')):
+        common.die(f"temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
+    if cfg['top_k'] < 0:
+        common.die(f"top_k must be >= 0 (0 = no limit), got {cfg['top_k']}")
+    if cfg['compile'] not in (True, False):
+        common.die(f"compile must be True or False, got {cfg['compile']!r}")
+    for key in ('json_out', 'trace_file'):
+        if cfg[key] and (key == 'json_out' or cfg['profile']):
+            check_writable(cfg[key], key)
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
         common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
     try:

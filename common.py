@@ -5,6 +5,8 @@ Small pieces shared by train.py, sample.py and bench.py:
 - setup_device: device and dtype chosen in one place, with the reason printed once
 - ddp_ranks / ddp_setup / ddp_teardown: joining and leaving the torchrun process group
 - atomic_write / save_checkpoint / load_checkpoint / model_state_dict: files and checkpoints
+- RunLock: one training run per out_dir
+- os_error_message: an OSError as one line naming the path and the reason
 - print_help / config_summary: --help from the knobs' trailing comments, and the knobs a run changed
 - find_run_dir: the run folder to use when --out_dir is not given
 - Progress: a progress line (a bar on a terminal) for work that takes more than a few seconds
@@ -15,14 +17,17 @@ prints its one-line message to stderr and exits with status 1, without a traceba
 
 import ast
 import difflib
+import errno
 import io
 import os
+import socket
 import sys
 import tempfile
 import textwrap
 import time
 import tokenize
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +56,9 @@ def die(message):
 def load_config(defaults, argv, usage=None):
     """Return {key: value} for the keys that config files and flags in argv override.
 
-    argv items are config files (plain Python assignments, applied in order) or --key=value
+    argv items are config files or --key=value flags. A config file is EXECUTED as Python (as in
+    nanoGPT): it can run any code with your permissions, so only use config files you trust,
+    exactly as you would a script. Files are applied in order; --key=value
     flags (applied after all files, in order; the later one wins). Every key must be in
     defaults. A value must have the type of its default: an int may stand for a float, bools
     are only True/False, and a string may be written without quotes. A default of None accepts
@@ -80,6 +87,13 @@ def load_config(defaults, argv, usage=None):
         value = _check_value(defaults, key, value, f"(flag {flag})")
         current[key] = overrides[key] = value
     return overrides
+
+
+def unknown_command(name, commands, script):
+    """One line for an unknown subcommand, naming the nearest one."""
+    nearest = difflib.get_close_matches(name, list(commands), n=1, cutoff=0.0)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    return f"unknown command {name!r}{hint} (commands: {', '.join(commands)}; python {script} --help)"
 
 
 def knob_comments(path):
@@ -344,6 +358,51 @@ def ddp_setup(backend, device_type):
     return backend
 
 
+@contextmanager
+def errors_once_under_torchrun():
+    """Under torchrun every rank runs the same checks on the same input, so a ConfigError here is
+    every rank's: rank 0 prints it, the others exit with status 1 without repeating it."""
+    try:
+        yield
+    except ConfigError:
+        if os.environ.get('RANK', '0') != '0':
+            raise SystemExit(1) from None
+        raise
+
+
+def all_ranks_ok(ok, ddp, device):
+    """True when ok holds on every rank (one all-reduce under DDP): a check that only rank 0 makes
+    (the run lock, its files) then stops all ranks together instead of leaving them in a collective."""
+    if not ddp:
+        return ok
+    import torch.distributed as dist
+    flag = torch.tensor(float(ok), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def die_on_this_rank(message, rank=0):
+    """die() for a problem only this process sees (its own batch, its own file): printed even on a
+    rank other than 0, with the rank named."""
+    error = ConfigError(message if rank == 0 else f"rank {rank}: {message}")
+    error.this_rank_only = True
+    raise error
+
+
+def stop_with_parent():
+    """Linux: SIGTERM this process when its parent (the torchrun agent) dies, even by kill -9, so
+    that workers save and exit instead of living on as orphans holding memory and GPUs."""
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(__import__('signal').SIGTERM))
+    except (OSError, AttributeError):
+        pass  # no prctl: torchrun still stops its workers when it exits normally
+
+
 def ddp_teardown():
     """Leave the process group if this process joined one (safe to call more than once)."""
     import torch.distributed as dist
@@ -361,9 +420,18 @@ def atomic_write(path, write):
     The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
     renamed over path (os.replace is atomic on POSIX and Windows); then the folder entry is
     flushed too, so the rename survives a power cut. Temporary files of a writer that was
-    killed mid-write ('.NAME.*.tmp') are removed first.
+    killed mid-write ('.NAME.*.tmp') are removed first (one run per folder: see RunLock).
+    An OSError (disk full, read-only folder) becomes a one-line ConfigError naming path; the
+    temporary file is removed and the old file is left as it was.
     """
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except OSError as e:  # disk full, read-only folder, no permission: one line, old file intact
+        raise ConfigError(os_error_message(e, path)) from None
+
+
+def _atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f'.{path.name}.*.tmp'):
         stale.unlink(missing_ok=True)
@@ -400,16 +468,198 @@ def load_checkpoint(path, map_location='cpu'):
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}: train first, or point --out_dir at the run's folder")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # torch's warnings would repeat the one line below
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
-                          f"plain PyTorch checkpoint ({first_line})") from None
+        raise ConfigError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a plain "
+                          f"PyTorch checkpoint ({_torch_load_reason(e)}); nothing in it was run") from None
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ConfigError(f"{path} is not a training checkpoint: expected keys 'model' and "
                           f"'model_args', found {found}")
     return ckpt
+
+
+def _torch_load_reason(error):
+    """The gist of a torch.load failure, without torch's advice to retry with weights_only=False:
+    that would run the file's pickled code, which is exactly what a refused checkpoint must not do."""
+    text = ' '.join(str(error).split())
+    if 'Unsupported global' in text or 'weights_only' in text.lower() or 'WeightsUnpickler' in text:
+        import re
+        found = re.search(r'GLOBAL ([\w.]+)', text) or re.search(r'global:? ([\w.]+)', text)
+        return f"it asks to load {found.group(1)}, refused" if found else "it holds objects other than tensors, refused"
+    return text[:200] or type(error).__name__
+
+
+def os_error_message(error, path=None):
+    """One line for an OSError: the path and the reason, e.g. 'cannot write out/ckpt.pt: No space left on device'."""
+    path = path or error.filename
+    reason = error.strerror or str(error)
+    hint = {errno.ENOSPC: "; free some space or use another --out_dir",
+            errno.EACCES: "; check the folder's permissions",
+            errno.EROFS: "; the filesystem is read-only, choose a writable folder",
+            errno.EDQUOT: "; free some space"}.get(error.errno, '')
+    return f"cannot write {path}: {reason}{hint}"
+
+
+# -----------------------------------------------------------------------------
+# one training run per out_dir
+
+class RunLock:
+    """out_dir/run.lock holds 'PID HOST' of the run that writes out_dir; a second run stops at once.
+
+    The file is created with O_EXCL (atomic). A lock whose process is gone (a run killed with
+    kill -9) is taken over with a notice. A lock from another host cannot be checked from here:
+    the message says to delete the file if that run is over. release() removes the file only if
+    it is still ours; call it on every exit path (train.py's finally; atexit as a backstop).
+    """
+
+    NAME = 'run.lock'
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / self.NAME
+        self.held = False
+        self.made_dir = False
+
+    def acquire(self, notice=print):
+        mine = f"{os.getpid()} {socket.gethostname()}\n"
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            die(f"out_dir {self.path.parent} is a file, not a folder; choose another --out_dir")
+        for _ in range(3):  # a takeover can race with another takeover: retry a few times
+            try:
+                if not self.path.parent.is_dir():
+                    self.path.parent.mkdir(parents=True)
+                    self.made_dir = True  # removed again if the run ends before writing anything
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid, host = self._owner()
+                if pid is None:
+                    notice(f"notice: {self.path} is empty or unreadable (a run killed while starting); taking it over")
+                elif host != socket.gethostname():
+                    die(f"{self.path.parent} is in use by PID {pid} on host {host}; wait for that run, or "
+                        f"delete {self.path} if it is no longer running")
+                elif _pid_alive(pid):
+                    die(f"{self.path.parent} is in use by another run (PID {pid}); wait for it to finish, "
+                        f"stop it, or use another --out_dir")
+                else:
+                    notice(f"notice: taking over {self.path} left by PID {pid}, which is no longer running")
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                die(os_error_message(e, self.path))
+            try:
+                with os.fdopen(fd, 'w') as f:
+                    f.write(mine)
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                die(os_error_message(e, self.path))
+            self.held = True
+            import atexit
+            atexit.register(self.release)
+            return self
+        die(f"could not take {self.path}: another run keeps taking it; check which runs use {self.path.parent}")
+
+    def _owner(self):
+        try:
+            pid, host = self.path.read_text().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None, None
+
+    def release(self):
+        if self.held and self._owner() == (os.getpid(), socket.gethostname()):
+            self.path.unlink(missing_ok=True)
+            if self.made_dir:
+                try:
+                    self.path.parent.rmdir()  # only if empty: a run that failed at startup leaves no folder
+                except OSError:
+                    pass
+        self.held = False
+
+
+def open_tokens(path):
+    """np.memmap of a uint16 token file, after checking that it is one: an odd byte size or an
+    empty file is a one-line error instead of numpy's ValueError."""
+    import numpy as np
+    try:
+        n_bytes = os.path.getsize(path)
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    if n_bytes % 2 or n_bytes == 0:
+        die(f"{path} has {'an odd size' if n_bytes else 'no tokens'} ({n_bytes:,} bytes) but should hold "
+            f"uint16 tokens: it is truncated or not a token file; prepare the dataset again")
+    return np.memmap(path, dtype=np.uint16, mode='r')
+
+
+def check_token_ids(path, vocab_size, chunk=1 << 24):
+    """Stop with one line naming path and the largest id if a uint16 token file holds an id >=
+    vocab_size. Reads the file in chunks of 16M tokens (about 0.05 s each), so memory stays flat."""
+    import numpy as np
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    for start in range(0, len(data), chunk):
+        largest = int(data[start:start + chunk].max())
+        if largest >= vocab_size:
+            largest = max(largest, *(int(data[i:i + chunk].max()) for i in range(start, len(data), chunk)))
+            die(f"{path} holds token id {largest} but vocab_size is {vocab_size} (meta.json): the file is "
+                f"corrupt or from another tokenizer; prepare the dataset again")
+
+
+def crop_optimizer_state(optimizer):
+    """After a resume that cropped a parameter (the position embedding, to a shorter block_size),
+    crop its optimizer state tensors (AdamW's moments, momentum buffers) the same way, so that
+    the state matches its parameter and the next checkpoint is consistent."""
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if (torch.is_tensor(value) and value.dim() == p.dim() and value.dim() > 0
+                        and value.shape[1:] == p.shape[1:] and value.shape[0] > p.shape[0]):
+                    state[key] = value[:p.shape[0]].clone()  # (block_size, n_embd) rows kept
+
+
+def read_log_lines(path, before_iter, notice=print):
+    """The lines of a run's log.jsonl with iter < before_iter, for a resumed run that redoes the rest.
+    A partial last line (a run killed while writing it) or a garbled line is dropped with a notice."""
+    import json
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    kept, bad = [], []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            keep = int(record['iter']) < before_iter
+        except (ValueError, KeyError, TypeError):
+            bad.append(i + 1)
+            continue
+        if keep:
+            kept.append(line if line.endswith('\n') else line + '\n')
+    if bad == [len(lines)]:
+        notice(f"notice: dropped the partial last line of {path} (a run stopped while writing it)")
+    elif bad:
+        notice(f"notice: dropped {len(bad)} unreadable line(s) of {path} (line {', '.join(map(str, bad[:5]))})")
+    return kept
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return True
 
 
 def model_state_dict(ckpt):

@@ -326,7 +326,7 @@ def run_perplexity(cfg):
     if not os.path.isfile(path):
         common.die(f"no {path}: prepare it with `python prepare.py {dataset}` "
                    f"(or point --data_dir at a folder with {split}.bin)")
-    tokens = np.memmap(path, dtype=np.uint16, mode='r')
+    tokens = common.open_tokens(path)
     if cfg['block_size']:
         if cfg['block_size'] > model.config.block_size:
             common.die(f"block_size={cfg['block_size']} is longer than the model's {model.config.block_size}")
@@ -350,7 +350,7 @@ def run_counting(cfg):
     meta = prepare.read_meta(folder)
     separator = meta.get('separator', model.config.vocab_size - 1)
     if cfg['starts']:
-        starts = [int(s) for s in str(cfg['starts']).split(',')]
+        starts = parse_starts(cfg['starts'])
     else:
         starts = meta.get('val_starts', [1, 10])
     # a prompt and its continuation must stay below the separator (the largest number + 1)
@@ -368,19 +368,56 @@ def run_counting(cfg):
 COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting, 'hellaswag': run_hellaswag}
 
 
+def check_config(command, cfg):
+    """Every knob checked before a model or a file is touched."""
+    for key in ('batch_size', 'prompt_len', 'max_new_tokens'):
+        if key in cfg and cfg[key] < 1:
+            common.die(f"{key} must be at least 1, got {cfg[key]}")
+    for key in ('stride', 'block_size'):
+        if key in cfg and cfg[key] < 0:
+            common.die(f"{key} must be >= 0 (0 = the default), got {cfg[key]}")
+    if command == 'perplexity':
+        if cfg['split'] not in ('', 'train', 'val', 'test'):
+            common.die(f"split must be train, val or test ('' = test, else val), got {cfg['split']!r}")
+        if cfg['stride'] and cfg['block_size'] and cfg['stride'] > cfg['block_size']:
+            common.die(f"stride={cfg['stride']} must be at most block_size={cfg['block_size']}")
+    if command == 'counting' and cfg['starts']:
+        cfg['starts'] = parse_starts(cfg['starts'])
+
+
+def parse_starts(text):
+    """'1,10' -> [1, 10]; anything else is a one-line error."""
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, list):  # already parsed by check_config
+        return text
+    if isinstance(text, tuple):
+        text = ','.join(map(str, text))
+    try:
+        starts = [int(s) for s in str(text).split(',')]
+    except ValueError:
+        common.die(f"starts must be comma-separated whole numbers like --starts=1,10, got {text!r}")
+    if any(s < 0 for s in starts):
+        common.die(f"starts must be >= 0, got {text!r}")
+    return starts
+
+
 def main(argv):
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ('-h', '--help'):
         common.print_stdout(f"usage: python evaluate.py {{{','.join(COMMANDS)}}} [--key=value ...]\n{__doc__.strip()}")
-        if argv and argv[0] in ('-h', '--help'):
+        if argv:
             for command, defaults in DEFAULTS.items():
                 common.print_stdout('')
                 common.print_help(defaults, __file__, f"python evaluate.py {command} [--key=value ...]")
             return 0
         return 2
+    if argv[0] not in COMMANDS:
+        common.die(common.unknown_command(argv[0], COMMANDS, 'evaluate.py'))
     command, rest = argv[0], argv[1:]
     defaults = DEFAULTS[command]
     overrides = common.load_config(defaults, rest, usage=f"python evaluate.py {command} [--key=value ...]")
     cfg = dict(defaults, **overrides, _out_dir_given='out_dir' in overrides)
+    check_config(command, cfg)
     COMMANDS[command](cfg)
     return 0
 

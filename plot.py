@@ -61,24 +61,43 @@ def _save(fig, path):
 # loss curves
 
 
-def read_log(out_dir):
+def read_log(out_dir, notice=None):
     """The records of out_dir/log.jsonl (train.py appends one JSON object per line).
 
-    A last line that does not parse is skipped: train.py may be writing it right now.
+    A last line that does not parse is skipped silently: train.py may be writing it right now.
+    Other lines that are not a record (garbled, not JSON, no iter/loss) are skipped too, with one
+    notice on stderr naming them, so a damaged log still gives a picture of what is readable.
     """
     path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.isfile(path):
         raise common.ConfigError(f"no {path}: is {out_dir} a training run's out_dir?")
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    records = []
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        raise common.ConfigError(f"cannot read {path}: {e.strerror}") from None
+    records, bad = [], []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            number = (int, float)
+            ok = isinstance(record, dict) and isinstance(record.get('iter'), number)
+            if ok and record.get('kind', 'train') in ('train', 'eval'):  # loss curves need a loss and tokens
+                ok = isinstance(record.get('loss'), number) and isinstance(record.get('tokens', 0), number)
         except ValueError:
-            if i != len(lines) - 1:
-                raise common.ConfigError(f"{path} line {i + 1} is not JSON: {line[:80]!r}") from None
+            ok = False
+        if ok:
+            records.append(record)
+        elif i != len(lines) - 1 or line.endswith('\n'):  # an unfinished last line is being written
+            bad.append(i + 1)
+    if bad:
+        (notice or _stderr)(f"notice: skipped {len(bad)} unreadable line(s) of {path} "
+                            f"(line {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
     return records
+
+
+def _stderr(message):
+    print(message, file=sys.stderr)
 
 
 # the right panel's x axis: log.jsonl key -> axis label
@@ -226,16 +245,38 @@ def run_loss(argv):
     out_dirs = [a for a in argv if not a.startswith('-')]
     cfg = dict(LOSS_DEFAULTS, **common.load_config(LOSS_DEFAULTS, [a for a in argv if a.startswith('-')],
                                                      usage=USAGES['loss'][1]))
+    if cfg['out']:
+        check_out(cfg['out'])
     if not out_dirs:  # the newest run folder here
         out_dirs = [common.find_run_dir('out', False, what='plot')]
+    for d in out_dirs:
+        if not os.path.isfile(os.path.join(d, 'log.jsonl')):
+            common.die(f"no {os.path.join(d, 'log.jsonl')}: is {d} a training run's out_dir?")
     path = cfg['out'] or (os.path.join(out_dirs[0], 'loss.png') if len(out_dirs) == 1 else 'loss.png')
     plot_loss(out_dirs, path, x=cfg['x'])
     print(f"wrote {path}")
 
 
+def check_out(path):
+    """An --out PNG must be a .png in a folder that exists (checked before any model is loaded)."""
+    if not path.lower().endswith('.png'):
+        common.die(f"out={path!r} must name a .png file")
+    folder = os.path.dirname(path) or '.'
+    if not os.path.isdir(folder):
+        common.die(f"cannot write {path}: folder {folder} does not exist")
+
+
 def run_attention(argv):
     overrides = common.load_config(ATTENTION_DEFAULTS, argv, usage=USAGES['attention'][1])
     cfg = dict(ATTENTION_DEFAULTS, **overrides)
+    if cfg['max_tokens'] < 1:
+        common.die(f"max_tokens must be at least 1, got {cfg['max_tokens']}")
+    if cfg['start'].startswith('FILE:') and not os.path.isfile(cfg['start'][5:]):
+        common.die(f"cannot read the prompt file {cfg['start'][5:]}: no such file")
+    if cfg['out']:
+        check_out(cfg['out'])
+    if cfg['data_dir'] and not os.path.isdir(cfg['data_dir']):
+        common.die(f"data_dir {cfg['data_dir']} is not a folder")
     dev = common.setup_device(cfg['device'], 'float32',
                               default_reason=None if 'device' in overrides else "plot.py's default")
     if cfg['init_from'] == 'resume':
@@ -244,9 +285,15 @@ def run_attention(argv):
     tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
     start = cfg['start']
     if start.startswith('FILE:'):
-        with open(start[5:], encoding='utf-8') as f:
-            start = f.read()
-    ids = tokenizer.encode(start)
+        try:
+            with open(start[5:], encoding='utf-8') as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            common.die(f"cannot read the prompt file {start[5:]}: {e.strerror if isinstance(e, OSError) else e}")
+    try:
+        ids = tokenizer.encode(start)
+    except Exception as e:  # prepare.PrepareError: a character outside a char vocabulary, ...
+        common.die(f"cannot encode the prompt with the model's tokenizer ({tokenizer.name}): {e}")
     if not ids:
         common.die("the prompt encodes to no tokens; give one with --start=...")
     if len(ids) > cfg['max_tokens']:
@@ -267,14 +314,16 @@ USAGES = {'loss': (LOSS_DEFAULTS, "python plot.py loss [OUT_DIR ...] [--out=FILE
 
 
 def main(argv):
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ('-h', '--help'):
         common.print_stdout(f"usage: python plot.py {{{','.join(COMMANDS)}}} ...\n{__doc__.strip()}")
-        if argv and argv[0] in ('-h', '--help'):
+        if argv:
             for command, (defaults, usage) in USAGES.items():
                 common.print_stdout('')
                 common.print_help(defaults, __file__, usage)
             return 0
         return 2
+    if argv[0] not in COMMANDS:
+        common.die(common.unknown_command(argv[0], COMMANDS, 'plot.py'))
     COMMANDS[argv[0]](argv[1:])
     return 0
 

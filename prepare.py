@@ -332,6 +332,9 @@ def write_tokens(path, arrays, vocab_size):
                 count += ids.size
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, or a crash could expose zeros
+    except OSError as e:  # disk full, read-only folder: one line naming the file
+        tmp.unlink(missing_ok=True)
+        raise PrepareError(f"cannot write {path}: {e.strerror or e} (nothing half-written was kept)") from None
     except BaseException:  # KeyboardInterrupt too: nothing half-written survives
         tmp.unlink(missing_ok=True)
         raise
@@ -341,12 +344,19 @@ def write_tokens(path, arrays, vocab_size):
 def write_json(path, obj):
     """Atomic like the .bin files; meta.json is written last, so its presence means complete."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise PrepareError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -993,6 +1003,11 @@ def resolve_options(name, overrides):
                     value = int(number)
                 except ValueError:
                     raise UsageError(f"--{key} must be an integer, got {value!r}") from None
+        # counts must be positive (num_train=-1 would write an empty split); knobs whose default is 0
+        # (0: all, or every core) and seeds may be 0
+        lowest = 0 if default == 0 or key == "seed" else 1
+        if isinstance(default, int) and not isinstance(default, bool) and value < lowest:
+            raise UsageError(f"--{key} must be at least {lowest}, got {value}")
         opts[key] = value
     if name == "text" and opts["tokenizer"] not in ("char", "gpt2"):
         raise UsageError(f"--tokenizer must be char or gpt2, got {opts['tokenizer']!r}")
@@ -1008,7 +1023,10 @@ def prepare(dataset, **overrides):
     folder = opts.get("name") or dataset
     out_dir = Path(opts["data_dir"] or DATA_DIR) / folder
     raw = spec.read(opts, out_dir)  # a bad input fails here, before any folder is made
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create {out_dir}: {e.strerror or e}") from None
 
     # one mechanism for all: the source gives documents per split, the tokenizer turns them
     # into ids, the writer streams them to disk; only the source differs between datasets
@@ -1182,6 +1200,10 @@ def main(argv=None):
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, read-only data_dir: the temporary files are already removed
+        where = e.filename or "the data folder"
+        print(f"error: cannot write {where}: {e.strerror or e} (nothing half-written was kept)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted; no partial .bin was kept", file=sys.stderr)
         return 130

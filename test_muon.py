@@ -128,7 +128,7 @@ def test_train_muon_loss_decreases_and_bad_knobs(tmp_path, data):
     assert evals[-1] < evals[0] - 1.0, evals
     assert_one_line_error(run_train(*TINY, f'--data_dir={data}', '--optimizer=sgd'), "optimizer must be", "'sgd'")
     assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--muon_momentum=1.5'), 'muon_momentum', '1.5')
-    assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--muon_lr=-1'), 'muon_lr > 0')
+    assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--muon_lr=-1'), 'muon_lr must be > 0')
     assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--muon_ns_steps=0'), 'muon_ns_steps')
     assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--muon_momentum=fast'), "'muon_momentum'",
                           'expected float')

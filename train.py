@@ -101,34 +101,65 @@ seed = 1337  # seeds model init, batch sampling and dropout
 # config overrides: config files, then --key=value flags (common.load_config checks every key)
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
-globals().update(common.load_config({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+with common.errors_once_under_torchrun():  # every rank fails the same way here: rank 0 says so once
+    overrides = common.load_config({k: globals()[k] for k in config_keys}, sys.argv[1:])
+    globals().update(overrides)
+    if compile is not None and not isinstance(compile, bool):
+        common.die(f"compile must be True, False or None (auto), got {compile!r}")
+    if seed < 0:
+        common.die(f"seed must be >= 0, got {seed}")
+    if hellaswag_interval < 0:
+        common.die(f"hellaswag_interval must be >= 0 (0: off), got {hellaswag_interval}")
+    for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
+        if globals()[key] < 1:
+            common.die(f"{key} must be at least 1, got {globals()[key]}")
+    # every knob is checked here, before anything is built or written (values that torch or the
+    # model would only reject later, with a traceback, or accept and then do nothing)
+    for key, low in [('n_layer', 1), ('n_head', 1), ('n_embd', 1), ('max_iters', 0), ('warmup_iters', 0),
+                     ('lr_decay_iters', 0)]:
+        if globals()[key] < low:
+            common.die(f"{key} must be at least {low}, got {globals()[key]}")
+    for key in ('learning_rate', 'min_lr', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'dropout'):
+        if not math.isfinite(globals()[key]):
+            common.die(f"{key} must be a finite number, got {globals()[key]}")
+    if learning_rate <= 0:
+        common.die(f"learning_rate must be > 0, got {learning_rate}")
+    for key in ('min_lr', 'weight_decay', 'grad_clip'):
+        if globals()[key] < 0:
+            common.die(f"{key} must be >= 0, got {globals()[key]}")
+    for key in ('beta1', 'beta2', 'dropout'):  # AdamW's betas and dropout's probability live in [0, 1)
+        if not 0 <= globals()[key] < 1:
+            common.die(f"{key} must be in [0, 1), got {globals()[key]}")
+    if optimizer not in ('adamw', 'muon'):
+        common.die(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+    if optimizer == 'muon':
+        if not (muon_lr > 0 and math.isfinite(muon_lr)):
+            common.die(f"muon_lr must be > 0, got {muon_lr} (0.02..0.05 is usual)")
+        if not 0.0 <= muon_momentum < 1.0:
+            common.die(f"muon_momentum must be in [0, 1), got {muon_momentum} (0.95 is usual)")
+        if not (muon_weight_decay >= 0 and math.isfinite(muon_weight_decay)):
+            common.die(f"muon_weight_decay must be >= 0, got {muon_weight_decay}")
+        if not 1 <= muon_ns_steps <= 20:
+            common.die(f"muon_ns_steps must be between 1 and 20, got {muon_ns_steps} (5 is usual)")
+    try:  # the model's knobs (n_embd divisible by n_head, pos_emb, norm, ...), before anything is written
+        check_knobs(GPTConfig(n_head=n_head, n_embd=n_embd, pos_emb=pos_emb, norm=norm, mlp_act=mlp_act,
+                              qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
+    except ValueError as e:
+        common.die(str(e).replace('GPTConfig.', ''))
+    if backend not in ('auto', 'nccl', 'gloo'):
+        common.die(f"backend must be auto, nccl or gloo, got {backend!r}")
+    if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from)):
+        common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
+                   f"gpt2-large, gpt2-xl or the path of a local Hugging Face model folder")
+    if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+        common.die(f"--init_from=resume but there is no {os.path.join(out_dir, 'ckpt.pt')}; "
+                   f"train first, or point --out_dir at the run's folder")
+    if wandb_log:  # optional: checked now, not after the model is built (under torchrun, ranks would hang)
+        try:
+            import wandb
+        except ImportError:
+            common.die("wandb_log=True needs wandb: pip install wandb (or set --wandb_log=False)")
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
-if compile not in (None, True, False):
-    common.die(f"compile must be True, False or None (auto), got {compile!r}")
-if seed < 0:
-    common.die(f"seed must be >= 0, got {seed}")
-if hellaswag_interval < 0:
-    common.die(f"hellaswag_interval must be >= 0 (0: off), got {hellaswag_interval}")
-for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
-    if globals()[key] < 1:
-        common.die(f"{key} must be at least 1, got {globals()[key]}")
-if optimizer not in ('adamw', 'muon'):
-    common.die(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-if optimizer == 'muon':
-    if not (muon_lr > 0 and learning_rate > 0):
-        common.die(f"optimizer='muon' needs muon_lr > 0 and learning_rate > 0 (AdamW's, for embeddings and "
-                   f"gains), got muon_lr={muon_lr}, learning_rate={learning_rate}")
-    if not 0.0 <= muon_momentum < 1.0:
-        common.die(f"muon_momentum must be in [0, 1), got {muon_momentum} (0.95 is usual)")
-    if muon_weight_decay < 0:
-        common.die(f"muon_weight_decay must be >= 0, got {muon_weight_decay}")
-    if not 1 <= muon_ns_steps <= 20:
-        common.die(f"muon_ns_steps must be between 1 and 20, got {muon_ns_steps} (5 is usual)")
-try:  # the model's knobs, before anything is written
-    check_knobs(GPTConfig(n_head=n_head, n_embd=n_embd, pos_emb=pos_emb, norm=norm, mlp_act=mlp_act,
-                          qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
-except ValueError as e:
-    common.die(str(e).replace('GPTConfig.', ''))
 
 # -----------------------------------------------------------------------------
 # device, dtype and DDP setup
@@ -141,7 +172,19 @@ if dev.device_type == 'cuda' and ':' in dev.device:
     torch.cuda.set_device(dev.device)  # so that nccl and new tensors use this process's GPU
 if ddp:
     common.ddp_setup(backend, dev.device_type)
+    common.stop_with_parent()  # torchrun killed: SIGTERM us (we save and exit) instead of orphaning us
+run_lock = common.RunLock(out_dir)
 try:  # from here on, leave the process group on any exit so other ranks do not hang
+
+    # one run per out_dir: a second run would interleave log lines and delete the first's temporary files
+    lock_error = None
+    if master_process:
+        try:
+            run_lock.acquire()
+        except common.ConfigError as e:
+            lock_error = e
+    if not common.all_ranks_ok(lock_error is None, ddp, dev.device):
+        raise lock_error or SystemExit(1)
 
     if gradient_accumulation_steps % world_size != 0:
         common.die(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global count and must "
@@ -152,9 +195,6 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     if master_process:
         print(common.config_summary(config, common.source_defaults(__file__), os.path.join(out_dir, 'config.json')))
         print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-            json.dump(config, f, indent=2)
 
     # -------------------------------------------------------------------------
     # data: uint16 token files read through np.memmap
@@ -166,7 +206,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         if not os.path.isfile(path):
             common.die(f"no {path}: prepare the dataset first with `python prepare.py {dataset}` "
                        f"(or point --data_dir at a folder with train.bin and val.bin)")
-        split_sizes[split] = os.path.getsize(path) // 2  # uint16 tokens
+        n_bytes = os.path.getsize(path)
+        if n_bytes % 2:
+            common.die(f"{path} has an odd size ({n_bytes:,} bytes) but holds uint16 tokens: it is truncated "
+                       f"or not a token file; prepare the dataset again")
+        split_sizes[split] = n_bytes // 2  # uint16 tokens
         if split_sizes[split] < block_size + 1:
             common.die(f"{path} has {split_sizes[split]} tokens but block_size={block_size} needs at least "
                        f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
@@ -175,12 +219,25 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     except PrepareError as e:
         common.die(str(e))
     meta_vocab_size = meta.get('vocab_size')
+    if meta_vocab_size is not None and (not isinstance(meta_vocab_size, int) or not 0 < meta_vocab_size <= 2**16):
+        common.die(f"{dataset_dir}: vocab_size {meta_vocab_size!r} in the metadata is not a uint16 vocabulary size; "
+                   f"prepare the dataset again")
+    if meta_vocab_size is not None:
+        # token ids must be < vocab_size: files up to 256 MiB are scanned now (well under a second);
+        # bigger ones are checked batch by batch in get_batch, before the model sees a token
+        for split, path in split_paths.items():
+            if split_sizes[split] <= 2**27:
+                common.check_token_ids(path, meta_vocab_size)
 
     def get_batch(split, offsets):
         """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
         # A fresh memmap per batch keeps the process's memory flat on huge files.
         data = np.memmap(split_paths[split], dtype=np.uint16, mode='r')
         tokens = data[offsets[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+        if meta_vocab_size is not None and tokens.max() >= meta_vocab_size:
+            common.die_on_this_rank(f"{split_paths[split]} holds token id {int(tokens.max())} >= the vocab_size "
+                                    f"{meta_vocab_size} of {dataset_dir}/meta.json: the file is corrupt or from "
+                                    f"another tokenizer; prepare the dataset again", rank)
         x = torch.from_numpy(np.ascontiguousarray(tokens[:, :-1], dtype=np.int64))
         y = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:], dtype=np.int64))
         if dev.device_type == 'cuda':
@@ -216,6 +273,31 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                       mlp_act=mlp_act, qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap)
     # the architecture; a checkpoint or pretrained model decides it (old checkpoints: GPT-2's knobs)
     arch_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size') + tuple(GPT2_KNOBS)
+
+    def check_resume(ckpt):
+        """The data must fit the checkpoint's vocabulary; model flags the checkpoint overrides are named,
+        and config (config.json, the next checkpoint) records the model that is really trained."""
+        ckpt_vocab = ckpt['model_args']['vocab_size']
+        ckpt_config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+        trained_on = ckpt_config.get('data_dir') or ckpt_config.get('dataset') or 'its dataset'
+        # GPT-2 BPE data (50257 ids) may train a model padded to 50304 (nanoGPT's OpenWebText runs)
+        padded = meta.get('tokenizer') == 'gpt2' and meta_vocab_size <= ckpt_vocab if meta_vocab_size else False
+        if meta_vocab_size is not None and meta_vocab_size != ckpt_vocab and not padded:
+            common.die(f"{dataset_dir} has vocab_size {meta_vocab_size} but {out_dir}/ckpt.pt was trained on "
+                       f"vocab_size {ckpt_vocab} ({trained_on}): resuming would train on another tokenizer's ids; "
+                       f"resume with that dataset, or start a new --out_dir")
+        if block_size > model_args['block_size']:
+            common.die(f"block_size={block_size} is longer than the checkpoint's {model_args['block_size']} "
+                       f"positions; resume with --block_size={model_args['block_size']} or less")
+        shape_keys = [k for k in arch_keys if k not in ('block_size', 'vocab_size')]
+        ignored = [f"{k}={overrides[k]!r} (checkpoint: {model_args[k]!r})"
+                   for k in shape_keys if k in overrides and overrides[k] != model_args[k]]
+        if ignored and master_process:
+            print(f"notice: resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
+        for k in shape_keys:
+            if k in config:
+                config[k] = globals()[k] = model_args[k]
+
     torch.manual_seed(seed)  # the same initial weights on every rank
     if init_from == 'scratch':
         if meta_vocab_size is None:
@@ -232,6 +314,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         # the shape comes from the checkpoint; dropout may change between runs
         for k in arch_keys:
             model_args[k] = checkpoint['model_args'].get(k, GPT2_KNOBS.get(k))
+        check_resume(checkpoint)
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(common.model_state_dict(checkpoint))
         iter_num = checkpoint['iter_num']
@@ -253,6 +336,8 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     if meta_vocab_size is not None and meta_vocab_size > model_args['vocab_size']:
         common.die(f"the dataset has vocab_size {meta_vocab_size} but the model only {model_args['vocab_size']}")
     if block_size < model.config.block_size:
+        if master_process:
+            print(f"notice: cropping the model's {model.config.block_size} positions to block_size={block_size}")
         model.crop_block_size(block_size)  # e.g. GPT-2's 1024 positions down to a shorter context
         model_args['block_size'] = block_size
     elif block_size > model.config.block_size:
@@ -279,6 +364,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             common.die(f"{out_dir}/ckpt.pt was trained with optimizer={saved_optimizer!r}; resume with "
                        f"--optimizer={saved_optimizer}")
         optimizer.load_state_dict(checkpoint['optimizer'])
+        common.crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
         if checkpoint.get('scaler'):
             scaler.load_state_dict(checkpoint['scaler'])
         rng_state = checkpoint.get('rng')
@@ -310,9 +396,19 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)  # 0 .. 1
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
+    def stop_requested():
+        """True once Ctrl-C/SIGTERM arrived; under DDP all ranks agree (one tiny all-reduce), so that
+        every rank leaves the evaluation at the same batch and nobody waits in a collective."""
+        if not ddp:
+            return stop_signal is not None
+        flag = torch.tensor(float(stop_signal is not None), device=dev.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     @torch.no_grad()
     def estimate_loss():
-        """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce."""
+        """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce.
+        None when a stop was requested meanwhile (a long evaluation must not delay Ctrl-C/SIGTERM)."""
         model.eval()
         losses = {}
         # silent unless it takes more than a few seconds (the first evaluation of a big model)
@@ -320,7 +416,13 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                               stream=None if master_process else io.StringIO(), keep=False)
         for split in ('train', 'val'):
             total = torch.zeros((), device=dev.device)
-            for k in range(rank, eval_iters, world_size):
+            for j in range(-(-eval_iters // world_size)):  # every rank checks as often, even with no batch left
+                if stop_requested():
+                    model.train()
+                    return None
+                k = rank + j * world_size
+                if k >= eval_iters:
+                    continue
                 x, y = get_batch(split, eval_offsets[split][k])
                 with dev.autocast():
                     _, loss = fast_model(x, y)
@@ -332,6 +434,11 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         bar.close()
         model.train()
         return losses
+
+    def last_good_state():
+        """'; out/ckpt.pt keeps the last good state' when there is one (not on a fresh run's first steps)."""
+        path = os.path.join(out_dir, 'ckpt.pt')
+        return f"; {path} keeps the last good state" if os.path.isfile(path) else "; no checkpoint was saved yet"
 
     def save_training_state(reason):
         """Rank 0 writes out_dir/ckpt.pt with everything an exact resume needs."""
@@ -355,23 +462,32 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         print(f"saved checkpoint to {out_dir}/ckpt.pt at iteration {iter_num} ({reason})")
 
     # log.jsonl: one JSON object per line, for plots. A resumed run drops the lines it will redo.
+    # The run really starts here: only now are config.json and log.jsonl (re)written, so a run that
+    # fails before (missing data, a refused resume) leaves the run's files as they were.
     log_path = os.path.join(out_dir, 'log.jsonl')
+    startup_error = None
     if master_process:
-        kept = []
-        if init_from == 'resume' and os.path.isfile(log_path):
-            kept = [line for line in open(log_path) if line.strip() and json.loads(line)['iter'] < iter_num]
-        with open(log_path, 'w') as f:
-            f.writelines(kept)
+        try:
+            kept = common.read_log_lines(log_path, iter_num) if init_from == 'resume' else []
+            common.atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
+            common.atomic_write(os.path.join(out_dir, 'config.json'),
+                                lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
+        except common.ConfigError as e:
+            startup_error = e
+    if not common.all_ranks_ok(startup_error is None, ddp, dev.device):
+        raise startup_error or SystemExit(1)
     run_start = time.time()
 
     def log_jsonl(**record):
         record['time'] = round(time.time() - run_start, 3)  # seconds since this process started training
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            common.die_on_this_rank(common.os_error_message(e, log_path), rank)
 
     if wandb_log and master_process:
-        import wandb  # optional: only needed when asked for
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)  # imported when checked above
 
     # Ctrl-C / SIGTERM: remember it, finish the current step, save, exit 0. A second signal kills.
     stop_signal = None
@@ -389,6 +505,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
     t_log, last_log_iter = time.time(), iter_num
     loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
+    stopped_in_eval = False
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
@@ -398,6 +515,9 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         if (iter_num % eval_interval == 0 and (iter_num > 0 or eval_at_start)) or iter_num == max_iters or eval_only:
             t_eval = time.time()
             losses = estimate_loss()
+            if losses is None:  # Ctrl-C/SIGTERM during the evaluation: stop now, saving below
+                stopped_in_eval = True
+                break
             if master_process:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 for split in ('train', 'val'):
@@ -409,7 +529,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
             if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
                 common.die(f"evaluation loss is not finite at iteration {iter_num} (train {losses['train']}, "
-                           f"val {losses['val']}); {out_dir}/ckpt.pt keeps the last good state")
+                           f"val {losses['val']}){last_good_state()}")
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
             if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
@@ -461,8 +581,8 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             dt = (now - t_log) / (iter_num - last_log_iter)  # seconds per iteration since the last log line
             t_log, last_log_iter = now, iter_num
             if not math.isfinite(lossf):
-                common.die(f"training loss is not finite ({lossf}) at iteration {iter_num - 1}; "
-                           f"{out_dir}/ckpt.pt keeps the last good state (try a lower learning_rate or grad_clip)")
+                common.die(f"training loss is not finite ({lossf}) at iteration {iter_num - 1}{last_good_state()} "
+                           f"(try a lower learning_rate or grad_clip)")
             if master_process:
                 tokens_per_sec = tokens_per_iter / dt
                 mfu = model.estimate_mfu(tokens_per_sec / world_size, device_name, dev.ptdtype)
@@ -482,12 +602,23 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             stop_signal = stop_signal or ('SIGTERM' if stop_flag.item() else None)
         if stop_signal is not None and (log_now or not ddp):
             if not math.isfinite(loss.item()):  # this step may not have been checked by a log line
-                common.die(f"training loss is not finite at iteration {iter_num - 1}; not saving over the last "
-                           f"good state in {out_dir}/ckpt.pt")
+                common.die(f"training loss is not finite at iteration {iter_num - 1}; not saving it"
+                           f"{last_good_state()}")
             if master_process:
                 save_training_state(f"stopped by {stop_signal}")
                 print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
             break
+
+    if stopped_in_eval:  # the model and optimizer hold the last finished step: save that
+        stop_signal = stop_signal or 'SIGTERM'  # under DDP another rank may have received it
+        if master_process:
+            if iter_num > start_iter:
+                save_training_state(f"stopped by {stop_signal}")
+            if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+                print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; "
+                      f"continue with --init_from=resume --out_dir={out_dir}")
+            else:
+                print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; nothing to save yet")
 
     if master_process and not eval_only:  # what happened, and what to do next
         wall = time.time() - run_start
@@ -510,6 +641,15 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
 
 # -----------------------------------------------------------------------------
 # teardown
+except common.ConfigError as error:
+    if master_process or getattr(error, 'this_rank_only', False):
+        raise
+    raise SystemExit(1) from None  # every rank hit it; rank 0 prints it once
+except KeyboardInterrupt:  # Ctrl-C before training started (later it is a graceful stop): nothing to save
+    if master_process:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 finally:
+    run_lock.release()
     if ddp:
         common.ddp_teardown()
