@@ -698,7 +698,7 @@ class GPT(nn.Module):
             # bfloat16 matmuls are native on GPUs; CPUs without AMX emulate them (much slower than float32)
             ns_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
             print(f"optimizer: Muon on {len(hidden)} block matrices ({sum(p.numel() for p in hidden):,} "
-                  f"parameters), Newton-Schulz in {str(ns_dtype).removeprefix('torch.')}")
+                  f"parameters), Newton-Schulz in {str(ns_dtype).replace('torch.', '')}")
             return MuonAdamW(groups, ns_dtype=ns_dtype)
         if optimizer != "adamw":
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
