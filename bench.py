@@ -15,6 +15,7 @@ batches and seeds are the same for every implementation (with a modern knob such
 --key=value flags are checked like train.py's.
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 import common
-from model import GPT, GPT2_KNOBS, GPTConfig, check_knobs
+from model import GPT, GPT2_KNOBS, GPTConfig, apply_lora, check_knobs
 
 # -----------------------------------------------------------------------------
 # defaults; config files (config/bench_*.py) and --key=value flags change them
@@ -64,6 +65,8 @@ top_k = 200  # top-k sampling; 0 = none
 # comparisons
 nanogpt_dir = ''  # a nanoGPT checkout: also measure its model.py (same weights, batches and seeds)
 hf_compare = False  # also measure transformers.GPT2LMHeadModel.generate (use_cache=True) for generation
+lora_rank = 0  # train: LoRA adapters of rank r on c_attn, c_proj, c_fc, mlp.c_proj of a frozen model; 0 = full training
+quantize = 'none'  # 'int8': also measure generation with int8 weights (model.quantize_int8), side by side
 # output
 json_out = ''  # append every JSON result line to this file
 profile = False  # record the timed training steps with torch.profiler
@@ -76,7 +79,7 @@ seed = 1337  # weights, batches and sampling
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str, list))}
-IMPL_NAMES = {'ours': 'ours', 'nanogpt': 'nanoGPT', 'hf': 'HF cached'}
+IMPL_NAMES = {'ours': 'ours', 'int8': 'ours int8', 'nanogpt': 'nanoGPT', 'hf': 'HF cached'}
 
 
 def sync(dev):
@@ -179,6 +182,8 @@ def make_batches(cfg, dev):
 def bench_train(name, model, cfg, dev, get_batch, data_desc):
     """Median time of a training step: forward + backward + AdamW step, one micro-batch."""
     model.train()
+    if cfg['lora_rank'] > 0:
+        apply_lora(model, cfg['lora_rank'], 2.0 * cfg['lora_rank'], 0.0)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), dev.device_type)
     step_model = torch.compile(model) if cfg['compile'] else model
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)
@@ -225,8 +230,14 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
     mem, mem_kind = peak_memory(dev)
     device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
     mfu = estimate_mfu(cfg, tokens_per_sec, device_name, dev)
+    # what the training state holds: every parameter; a gradient per trainable one; AdamW's moments
+    params = list(model.parameters())
+    state_bytes = dict(param_bytes=sum(p.numel() * p.element_size() for p in params),
+                       grad_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+                       optimizer_bytes=sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                                           for t in s.values() if torch.is_tensor(t)))
     return dict(bench='train', impl=name, ms_per_iter=1000 * dt, tokens_per_sec=tokens_per_sec,
-                mfu=mfu, peak_memory_mib=mem, memory=mem_kind, batch_size=cfg['batch_size'],
+                mfu=mfu, peak_memory_mib=mem, memory=mem_kind, lora_rank=cfg['lora_rank'], **state_bytes, batch_size=cfg['batch_size'],
                 block_size=cfg['block_size'], data=data_desc, repeats=cfg['repeats'], num_iters=cfg['num_iters'])
 
 
@@ -243,7 +254,7 @@ def estimate_mfu(cfg, tokens_per_sec, device_name, dev):
 def generate_fn(name, model, cfg):
     """generate(idx, n, generator) -> (B, T+n) for each implementation, with the same sampling."""
     top_k = cfg['top_k'] or None
-    if name == 'ours':
+    if name in ('ours', 'int8'):
         return lambda idx, n, g: model.generate(idx, n, temperature=cfg['temperature'], top_k=top_k, generator=g)
     if name == 'nanogpt':  # samples from the global RNG; seeded before each call
         return lambda idx, n, g: model.generate(idx, n, temperature=cfg['temperature'], top_k=top_k)
@@ -277,7 +288,7 @@ def bench_generate(name, model, cfg, dev, batch):
     prefill, decode, total = [], [], []
     bar = common.Progress(f"generate {IMPL_NAMES[name]} B={batch}", total=cfg['repeats'], unit='repeats')
     for _ in range(cfg['repeats']):
-        if name == 'ours':
+        if name in ('ours', 'int8'):
             # our generate_stream yields each token: time to the first one is the prefill,
             # the steps between tokens are the decode
             g = torch.Generator(device=dev.device).manual_seed(cfg['seed'])
@@ -305,7 +316,7 @@ def bench_generate(name, model, cfg, dev, batch):
     return dict(bench='generate', impl=name, batch_size=batch, prompt_len=cfg['prompt_len'], max_new_tokens=n,
                 prefill_ms=1000 * t_prefill, decode_ms_per_token=1000 * float(t_decode),
                 tokens_per_sec=batch * n / t_total, total_s=t_total, peak_memory_mib=mem, memory=mem_kind,
-                repeats=cfg['repeats'], timing='per-token stream' if name == 'ours' else 'two generate calls')
+                repeats=cfg['repeats'], timing='per-token stream' if name in ('ours', 'int8') else 'two generate calls')
 
 
 def comparison_table(results):
@@ -319,9 +330,9 @@ def comparison_table(results):
         else:
             key = f"generate B={r['batch_size']} {r['max_new_tokens']} new  tokens/s"
         rows.setdefault(key, {})[r['impl']] = r['tokens_per_sec']
-    others = [i for i in impls if i != 'ours']
+    others = [i for i in impls if i not in ('ours', 'int8')]
     header = [f"{'measurement':<40}"] + [f"{IMPL_NAMES[i]:>12}" for i in impls] + \
-             [f"{'ours/' + IMPL_NAMES[i]:>18}" for i in others]
+             [f"{'ours/' + IMPL_NAMES[i]:>18}" for i in others] + (["    int8/ours"] if 'int8' in impls else [])
     lines = [''.join(header)]
     for key, values in rows.items():
         if len(values) < 2:
@@ -330,6 +341,9 @@ def comparison_table(results):
         for i in others:
             ratio = values['ours'] / values[i] if 'ours' in values and values.get(i) else None
             cells.append(f"{ratio:>17.2f}x" if ratio is not None else f"{'-':>18}")
+        if 'int8' in impls:  # the speedup of int8 weights over our float model
+            ratio = values['int8'] / values['ours'] if values.get('int8') and values.get('ours') else None
+            cells.append(f"{ratio:>12.2f}x" if ratio is not None else f"{'-':>13}")
         lines.append(''.join(cells))
     return '\n'.join(lines)
 
@@ -345,7 +359,9 @@ def emit(result, cfg, dev):
     if result['bench'] == 'train':
         mfu = 'n/a (device peak unknown)' if result['mfu'] is None else f"{100 * result['mfu']:.1f}%"
         summary = (f"train {result['impl']}: {result['ms_per_iter']:.1f} ms/iter, {result['tokens_per_sec']:,.0f} "
-                   f"tokens/s, MFU {mfu}, peak memory {result['peak_memory_mib']:,.0f} MiB ({result['memory']})")
+                   f"tokens/s, MFU {mfu}, peak memory {result['peak_memory_mib']:,.0f} MiB ({result['memory']}); "
+                   f"parameters {result['param_bytes'] / 2**20:,.1f} MiB, gradients {result['grad_bytes'] / 2**20:,.1f} MiB, "
+                   f"optimizer state {result['optimizer_bytes'] / 2**20:,.1f} MiB")
     else:
         summary = (f"generate {result['impl']} B={result['batch_size']}: prefill {result['prefill_ms']:.1f} ms, "
                    f"decode {result['decode_ms_per_token']:.2f} ms/token, {result['tokens_per_sec']:,.1f} tokens/s")
@@ -411,6 +427,10 @@ def main(argv):
     if cfg['hf_compare'] and any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
         common.die("hf_compare needs GPT-2's architecture: leave pos_emb, norm, mlp_act, qk_norm, "
                    "tie_embeddings and logit_softcap at their defaults")
+    if cfg['lora_rank'] < 0 or (cfg['lora_rank'] and cfg['nanogpt_dir']):
+        common.die(f"lora_rank must be >= 0 and cannot be combined with nanogpt_dir, got {cfg['lora_rank']}")
+    if cfg['quantize'] not in ('none', 'int8'):
+        common.die(f"quantize must be 'none' or 'int8', got {cfg['quantize']!r}")
     dev = common.setup_device(cfg['device'], cfg['dtype'])
     torch.manual_seed(cfg['seed'])
     if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):
@@ -428,6 +448,10 @@ def main(argv):
     if cfg['mode'] in ('generate', 'all'):
         gen_impls = impls + (['hf'] if cfg['hf_compare'] else [])
         models = build_models(cfg, cfg['gen_vocab_size'] or cfg['vocab_size'], dev, gen_impls)
+        if cfg['quantize'] != 'none':  # the same weights, quantized: measured right after ours
+            ours = models.pop('ours')
+            models = dict(ours=ours, int8=copy.deepcopy(ours), **models)
+            common.quantize_model(models['int8'], cfg['quantize'])
         for batch in cfg['gen_batch_sizes']:
             for name, model in models.items():
                 results.append(bench_generate(name, model, cfg, dev, batch))

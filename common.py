@@ -707,11 +707,14 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
         # nanoGPT without flash attention saves its causal-mask buffer as '<block>.attn.bias'
         own = model.state_dict()
         state = {k: v for k, v in state.items() if k in own or not k.endswith('.attn.bias')}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"{path}: weights do not fit model_args {args}: "
-                              f"{' '.join(str(e).split())[:300]}") from None
+        if ckpt.get('lora'):  # a LoRA run stores only its adapters: its base plus them, merged
+            model = load_lora_model(ckpt, path, dropout)
+        else:
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ConfigError(f"{path}: weights do not fit model_args {args}: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
         config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
         dataset = config.get('dataset')
         info = dict(source=f"checkpoint {path} (iteration {ckpt.get('iter_num', '?')})",
@@ -731,6 +734,63 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
     model.to(device)
     model.eval()
     return model, info
+
+
+def load_base_model(base, dropout=None):
+    """The model a LoRA run adapts, on the CPU: a train.py checkpoint file (a run's ckpt.pt),
+    'gpt2'..'gpt2-xl', or a local Hugging Face folder."""
+    if os.path.isfile(base):
+        if Path(base).name != 'ckpt.pt':
+            raise ConfigError(f"base {base} must be a run's ckpt.pt (or gpt2* or a Hugging Face folder)")
+        return load_model('resume', str(Path(base).parent), 'cpu', dropout)[0]
+    return load_model(base, '', 'cpu', dropout)[0]
+
+
+def load_lora_model(ckpt, path, dropout=None, merge=True, lora_dropout=None):
+    """The model of a LoRA checkpoint: its base (ckpt['lora']['base']) cropped to the run's
+    block_size, with the saved adapters; merged into plain Linear layers unless merge=False
+    (train.py resumes the adapters themselves). lora_dropout None keeps the run's value."""
+    from model import apply_lora, merge_lora
+    lora = ckpt['lora']
+    try:
+        model = load_base_model(lora['base'], dropout)
+    except ConfigError as e:
+        raise ConfigError(f"{path} adapts the base {lora['base']!r}, which cannot be loaded: {e.message}") from None
+    block_size = ckpt['model_args']['block_size']
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    apply_lora(model, lora['rank'], lora['alpha'], lora['dropout'] if lora_dropout is None else lora_dropout,
+               lora['targets'])
+    try:
+        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    except RuntimeError as e:  # shapes: the base changed since the run
+        raise ConfigError(f"{path}: adapters do not fit the base {lora['base']!r}: {' '.join(str(e).split())[:300]}") from None
+    missing = [k for k in missing if k.endswith(('.lora_A', '.lora_B'))]
+    if missing or unexpected:
+        raise ConfigError(f"{path}: adapters do not match lora_targets {lora['targets']!r}: "
+                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return merge_lora(model) if merge else model
+
+
+def weight_bytes(model):
+    """Bytes held by the model's parameters and buffers, shared tensors counted once."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def quantize_model(model, quantize):
+    """quantize 'none' or 'int8' (model.quantize_int8: int8 weights, float activations), in
+    place; prints which matmul path runs and the weights' memory before and after."""
+    from model import quantize_int8
+    if quantize not in ('none', 'int8'):
+        raise ConfigError(f"quantize must be 'none' or 'int8', got {quantize!r}")
+    if quantize == 'int8':
+        before = weight_bytes(model)
+        description = quantize_int8(model)
+        print(f"{description}; weights {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} MiB")
+    return model
 
 
 def _find_data_dir(data_dir, dataset):

@@ -274,6 +274,7 @@ MODEL_KNOBS = dict(
     init_from='resume',  # 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local Hugging Face folder
     device='auto',  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype='auto',  # 'auto', 'float32', 'bfloat16' or 'float16'
+    quantize='none',  # 'none' or 'int8' (int8 weights, float activations)
 )
 DEFAULTS = {
     'perplexity': dict(
@@ -309,6 +310,7 @@ def load_model(cfg):
         cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
     model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
     print(f"model: {info['source']}")
+    common.quantize_model(model, cfg['quantize'])
     return model, info, dev
 
 

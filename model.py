@@ -199,8 +199,8 @@ def linear(layer, x, cache=None):
     share: 1.2-2x faster per layer on 2 cores (measurements in README)."""
     P = cache.split if cache is not None else 1
     rows = x.numel() // x.size(-1)
-    if P == 1 or rows > 16 or layer.out_features < P:
-        return layer(x)  # prefill and training: a matrix-matrix product, already parallel
+    if P == 1 or rows > 16 or not isinstance(layer, nn.Linear) or layer.out_features < P:
+        return layer(x)  # prefill, training, LoRA and int8 layers (whose kernel is already parallel)
     out, inp = layer.weight.shape
     main = out - out % P  # GPT-2's 50257 outputs: 50256 in blocks, 1 row on its own
     blocks = layer.weight[:main].view(P, main // P, inp)  # (P, out/P, in)
@@ -210,6 +210,211 @@ def linear(layer, x, cache=None):
         y = torch.cat([y, layer.weight[main:] @ xt[0]], dim=0)
     y = y.t().reshape(*x.shape[:-1], out)  # (..., out)
     return y if layer.bias is None else y + layer.bias
+
+
+# ---------------------------------------------------------------- LoRA adapters
+# Low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685): a frozen weight W
+# plus a trainable update (alpha / r) * B @ A, with A (r, in) and B (out, r). B starts at
+# zero, so an adapted model computes exactly what its base does until training moves B.
+
+# lora_targets names -> module paths inside each Block. The attention output projection and
+# the MLP output projection are both called c_proj: "c_proj" (or "attn.c_proj") means the
+# attention one, "mlp.c_proj" the MLP one.
+LORA_TARGETS = {"c_attn": "attn.c_attn", "attn.c_attn": "attn.c_attn", "c_proj": "attn.c_proj",
+                "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_fc": "mlp.c_fc",
+                "mlp.c_proj": "mlp.c_proj"}
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T, with W and b frozen.
+
+    It keeps the wrapped Linear's weight and bias under the same names, so a state dict has
+    the base keys unchanged plus `lora_A` and `lora_B`. Not an nn.Linear: linear() runs it
+    as layer(x) (sample.py and evaluate.py merge the adapters before inference anyway)."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter objects: the base keeps its storage
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        # A like nn.Linear's default init (the LoRA reference code, loralib, does the same), B = 0
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
+        self.lora_dropout = Dropout(dropout)
+
+    def forward(self, x):
+        low = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out) through rank r
+        return F.linear(x, self.weight, self.bias) + self.scaling * low
+
+    def merged_weight(self):
+        """W + (alpha / r) B A: the plain weight that computes the same function."""
+        return self.weight + self.scaling * (self.lora_B @ self.lora_A).to(self.weight.dtype)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def parse_lora_targets(targets):
+    """'c_attn,mlp.c_proj' -> sorted unique Block-relative module paths; ValueError if unknown."""
+    names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"lora_targets {targets!r}: unknown {unknown or 'empty'}; use a comma-separated "
+                         f"subset of c_attn, c_proj (attention output), c_fc, mlp.c_proj")
+    return sorted({LORA_TARGETS[t] for t in names})
+
+
+def apply_lora(model, rank, alpha, dropout=0.0, targets="c_attn,c_proj,c_fc,mlp.c_proj"):
+    """Freeze every parameter of model (a GPT) and wrap the target Linear layers of every block
+    in LoRALinear; only the adapters' A and B train. Returns the wrapped module names."""
+    paths = parse_lora_targets(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for i, block in enumerate(model.transformer.h):
+        for path in paths:
+            parent_name, child = path.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, child)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"transformer.h.{i}.{path} is {type(layer).__name__}, not a Linear: already adapted?")
+            setattr(parent, child, LoRALinear(layer, rank, alpha, dropout))
+            wrapped.append(f"transformer.h.{i}.{path}")
+    return wrapped
+
+
+def lora_state_dict(model):
+    """Only the adapter tensors (what a LoRA checkpoint stores besides the name of its base)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def merge_lora(model):
+    """Replace every LoRALinear in model by an nn.Linear with the merged weight W + (alpha/r) B A
+    (same outputs, no adapter cost at inference). In place; returns model."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    merged.weight.copy_(child.merged_weight())
+                    if child.bias is not None:
+                        merged.bias.copy_(child.bias)
+                setattr(module, child_name, merged)
+    return model
+
+
+def merged_state_dict(model):
+    """model.state_dict() with each LoRA adapter folded into its weight and the lora_ keys dropped."""
+    sd = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            sd[f"{name}.weight"] = module.merged_weight().detach()
+            del sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]
+    return sd
+
+
+# ---------------------------------------------------------------- int8 weight-only inference
+# Decoding reads every weight once per token, so it is bound by memory bandwidth: int8 weights
+# (1 byte instead of 4) cut the bytes 4x. Weights are quantized per output channel
+# (symmetric, scale = max|w_row| / 127); activations stay in floating point.
+
+def quantize_per_channel(w):
+    """(q int8 (out, in), scale float32 (out,)) with w ~= q * scale[:, None], |error| <= scale / 2."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,); the floor keeps all-zero rows finite
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def int8_kernel_available(device_type):
+    """True where torch has a fused int8-weight x float-activation matmul for the device
+    (aten._weight_int8pack_mm: CPU in torch 2.x; MPS in recent releases)."""
+    return device_type in ("cpu", "mps") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights and per-output-channel scales; activations in floating point.
+
+    kernel=True: torch.ops.aten._weight_int8pack_mm(x (M, in), q (out, in) int8, scales (out,))
+    in bfloat16. Its float32 variant is 3-20x slower than bfloat16 on our CPU (measured in
+    docs/lora_int8.md), so activations go in as bfloat16 and the result comes back in x's
+    dtype. kernel=False: dequantize the weight to x's dtype on every call and F.linear."""
+
+    def __init__(self, layer, kernel):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        q, scale = quantize_per_channel(layer.weight)
+        self.register_buffer("weight_int8", q.to(layer.weight.device))
+        self.register_buffer("scale", scale.to(layer.weight.device))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.kernel = kernel
+        if kernel:
+            self.register_buffer("scale_bf16", scale.to(layer.weight.device, torch.bfloat16))
+        self._matmul = self._kernel_matmul if kernel else self._dequant_matmul  # chosen once
+
+    def dequantized_weight(self, dtype=torch.float32):
+        return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)  # (out, in)
+
+    def _kernel_matmul(self, x2):
+        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale_bf16)
+
+    def _dequant_matmul(self, x2):
+        return F.linear(x2, self.dequantized_weight(x2.dtype))
+
+    def forward(self, x):
+        y = self._matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # (rows, out)
+        y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding read from an int8 table: rows q[idx] * scale[idx]. Shares the lm_head's
+    int8 weight when the two are tied (GPT-2), as the float model shares one matrix."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = [head]  # a list: not a submodule, so its buffers are not listed twice
+
+    def forward(self, idx):
+        head = self.head[0]
+        return head.weight_int8[idx].float() * head.scale[idx][..., None]  # (..., C)
+
+
+def quantize_int8(model, kernel=None):
+    """Replace every nn.Linear of model (blocks and lm_head) by Int8Linear, and a tied token
+    embedding by Int8Embedding over the same int8 table. In place, for inference. kernel None:
+    the fused int8 kernel where int8_kernel_available for the model's device. Returns a one-line
+    description of the path that runs."""
+    device_type = next(model.parameters()).device.type
+    if kernel is None:
+        kernel = int8_kernel_available(device_type)
+    tied = model.transformer.wte.weight is model.lm_head.weight
+    n = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear(child, kernel))
+                n += 1
+    if tied:
+        model.transformer.wte = Int8Embedding(model.lm_head)
+    if kernel:
+        path = "torch.ops.aten._weight_int8pack_mm (int8 weights x bfloat16 activations)"
+    else:
+        why = "asked for" if int8_kernel_available(device_type) else f"no int8 kernel for {device_type} in this torch"
+        path = f"dequantize-on-the-fly ({why})"
+    return f"int8 weight-only: {n} Linear layers{' + tied embedding' if tied else ''}, matmul via {path}"
 
 
 class CausalSelfAttention(nn.Module):
@@ -779,7 +984,7 @@ class GPT(nn.Module):
             "bos_token_id": min(50256, cfg.vocab_size - 1), "eos_token_id": min(50256, cfg.vocab_size - 1),
         }
         out = {}
-        for k, v in self.state_dict().items():
+        for k, v in merged_state_dict(self).items():  # LoRA adapters folded into the weights
             if k == "lm_head.weight":
                 continue  # tied to transformer.wte.weight; transformers re-ties it on load
             out[k] = (v.t() if k.endswith(_CONV1D) else v).detach().to("cpu", torch.float32).contiguous()

@@ -37,6 +37,7 @@ stream = True  # with num_samples=1, print tokens as they are generated (False: 
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False  # torch.compile each transformer block (worth it only for long generations on a GPU)
+quantize = 'none'  # 'none' or 'int8' (int8 weights, float activations: ~2x faster CPU decoding)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
@@ -135,6 +136,8 @@ def main(argv):
         common.die(f"need num_samples >= 1 and max_new_tokens >= 0, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
     if cfg['temperature'] < 0:
         common.die(f"temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
+    if cfg['quantize'] not in ('none', 'int8'):
+        common.die(f"quantize must be 'none' or 'int8', got {cfg['quantize']!r}")
     if cfg['top_k'] < 0 or not 0.0 < cfg['top_p'] <= 1.0:
         common.die(f"need top_k >= 0 (0 = no limit) and 0 < top_p <= 1, got {cfg['top_k']} and {cfg['top_p']}")
 
@@ -146,6 +149,8 @@ def main(argv):
         tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
     notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
            f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} ids)")
+    with redirect_stdout(sys.stderr):
+        common.quantize_model(model, cfg['quantize'])  # after the count above: int8 weights are buffers
     if cfg['compile']:
         for block in model.transformer.h:
             block.compile()

@@ -35,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plot  # loss curves; matplotlib is imported only when drawing
-from model import GPT, GPT2_KNOBS, GPTConfig, check_knobs
+from model import (GPT, GPT2_KNOBS, PRETRAINED, GPTConfig, apply_lora, check_knobs, lora_state_dict,
+                   parse_lora_targets)
 from prepare import PrepareError, read_meta
 
 # -----------------------------------------------------------------------------
@@ -48,7 +49,7 @@ eval_iters = 200  # batches per split for each evaluation
 eval_only = False  # evaluate once at the start, then exit
 eval_at_start = True  # evaluate before the first step too; False saves one evaluation (a speedrun's ~4%)
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local Hugging Face folder
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a local Hugging Face folder, or another run's ckpt.pt
 hellaswag_interval = 0  # HellaSwag acc_norm every this many iterations, logged and plotted (GPT-2 BPE data); 0: off
 hellaswag_input = ''  # a HellaSwag .jsonl file; '' downloads hellaswag_val.jsonl into data/hellaswag/
 # wandb logging
@@ -73,6 +74,11 @@ mlp_act = 'gelu'  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(
 qk_norm = False  # RMS-normalise queries and keys per head
 tie_embeddings = True  # the output head shares the token embedding (GPT-2)
 logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off (nanochat uses 15)
+# LoRA: train low-rank adapters on a frozen pretrained model (needs init_from gpt2*, a folder or a ckpt.pt)
+lora_rank = 0  # adapter rank r; 0 = off (full training)
+lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc,mlp.c_proj'  # c_attn, c_proj (attention output), c_fc, mlp.c_proj (MLP output)
 # optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps to train for
@@ -148,9 +154,23 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
         common.die(str(e).replace('GPTConfig.', ''))
     if backend not in ('auto', 'nccl', 'gloo'):
         common.die(f"backend must be auto, nccl or gloo, got {backend!r}")
-    if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from)):
+    run_ckpt = os.path.basename(init_from) == 'ckpt.pt' and os.path.isfile(init_from)  # another run's weights
+    if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from) or run_ckpt):
         common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
-                   f"gpt2-large, gpt2-xl or the path of a local Hugging Face model folder")
+                   f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
+    if lora_rank < 0 or lora_alpha <= 0 or not 0 <= lora_dropout < 1:
+        common.die(f"need lora_rank >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1, "
+                   f"got {lora_rank}, {lora_alpha} and {lora_dropout}")
+    if lora_rank > 0:
+        try:
+            parse_lora_targets(lora_targets)
+        except ValueError as e:
+            common.die(str(e))
+        if init_from == 'scratch':
+            common.die("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
+                       "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
+        if optimizer == 'muon':  # Muon orthogonalizes whole weight matrices; low-rank factors were not tested
+            common.die("lora_rank > 0 trains its adapters with AdamW: use --optimizer=adamw (or --lora_rank=0)")
     if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
         common.die(f"--init_from=resume but there is no {os.path.join(out_dir, 'ckpt.pt')}; "
                    f"train first, or point --out_dir at the run's folder")
@@ -315,8 +335,12 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         for k in arch_keys:
             model_args[k] = checkpoint['model_args'].get(k, GPT2_KNOBS.get(k))
         check_resume(checkpoint)
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(common.model_state_dict(checkpoint))
+        if checkpoint.get('lora'):  # adapters only: the frozen base is rebuilt from where the run started
+            model = common.load_lora_model(checkpoint, os.path.join(out_dir, 'ckpt.pt'), dropout, merge=False,
+                                           lora_dropout=lora_dropout)
+        else:
+            model = GPT(GPTConfig(**model_args))
+            model.load_state_dict(common.model_state_dict(checkpoint))
         iter_num = checkpoint['iter_num']
         best_val_loss = float(checkpoint['best_val_loss'])
         if master_process:
@@ -330,9 +354,16 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             common.die(str(e))
         for k in arch_keys:
             model_args[k] = getattr(model.config, k)
+    elif os.path.basename(init_from) == 'ckpt.pt':  # start from another run's weights (a fresh run)
+        if master_process:
+            print(f"initializing from the weights of {init_from}")
+        model = common.load_base_model(init_from, dropout)
+        model.train()
+        for k in arch_keys:
+            model_args[k] = getattr(model.config, k)
     else:
         common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
-                   f"gpt2-large, gpt2-xl or the path of a local Hugging Face model folder")
+                   f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
     if meta_vocab_size is not None and meta_vocab_size > model_args['vocab_size']:
         common.die(f"the dataset has vocab_size {meta_vocab_size} but the model only {model_args['vocab_size']}")
     if block_size < model.config.block_size:
@@ -342,6 +373,22 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         model_args['block_size'] = block_size
     elif block_size > model.config.block_size:
         common.die(f"block_size={block_size} is longer than the model's {model.config.block_size} positions")
+    # LoRA: freeze the model, wrap the target layers in adapters (a resumed LoRA run has them already)
+    lora = checkpoint.get('lora') if checkpoint is not None else None  # what ckpt.pt records
+    if lora is not None and lora_rank not in (0, lora['rank']):
+        common.die(f"lora_rank={lora_rank} but {out_dir}/ckpt.pt has rank {lora['rank']}: resume with its settings")
+    if lora is None and lora_rank > 0:
+        if init_from == 'resume':
+            common.die(f"lora_rank > 0 but {out_dir}/ckpt.pt is a full-training run: resume it with --lora_rank=0, "
+                       f"or adapt it in a new out_dir with --init_from={out_dir}/ckpt.pt")
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        base = init_from if init_from in PRETRAINED else os.path.abspath(init_from)
+        lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, base=base)
+    if lora is not None and master_process:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA rank {lora['rank']} on {lora['targets']} of {lora['base']}: {n_train:,} trainable parameters, "
+              f"the other {sum(p.numel() for p in model.parameters()) - n_train:,} frozen")
+    model.train()  # loaded bases come in eval mode; dropout must run from the first step
     model.to(dev.device)
     if hellaswag_interval:
         import evaluate  # each rank scores its share of the examples; the counts are summed
@@ -445,7 +492,8 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         np_state = np.random.get_state()
         common.save_checkpoint({
             'format': common.CHECKPOINT_FORMAT,
-            'model': model.state_dict(),
+            'model': lora_state_dict(model) if lora else model.state_dict(),  # LoRA: adapters only
+            'lora': lora,  # None, or rank, alpha, dropout, targets and the base they adapt
             'optimizer': optimizer.state_dict(),
             'model_args': model_args,
             'iter_num': iter_num,

@@ -1,0 +1,119 @@
+"""
+Tests for int8 weight-only inference (model.py's quantize_int8, Int8Linear, Int8Embedding) and the
+quantize knob of sample.py / evaluate.py. Tiny random models on CPU.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from model import (GPT, GPTConfig, Int8Linear, KVCache, int8_kernel_available, quantize_int8,
+                   quantize_per_channel)
+from test_train import ENV, REPO
+
+KERNEL = int8_kernel_available('cpu')
+
+
+def random_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256, bias=True)
+    return GPT(GPTConfig(**{**args, **kw})).eval()
+
+
+def test_round_trip_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(96, 80) * torch.logspace(-3, 1, 96)[:, None]  # rows of very different scales
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and scale.shape == (96,)
+    assert q.abs().max() <= 127 and (q.abs().amax(dim=1)[torch.arange(96) != 5] == 127).all()  # full range per row
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 * (1 + 1e-6)).all()  # round to nearest: half a quantization step
+    assert torch.equal(q[5], torch.zeros(80, dtype=torch.int8))
+    # relative to each row's largest weight: at most 1/254
+    assert (err.amax(dim=1) / w.abs().amax(dim=1).clamp(min=1e-12)).max() <= 1 / 254 + 1e-6
+
+
+@pytest.mark.skipif(not KERNEL, reason="this torch has no _weight_int8pack_mm for CPU")
+@pytest.mark.parametrize('rows', [1, 7, 64])
+def test_kernel_matches_the_dequantized_reference(rows):
+    """_weight_int8pack_mm vs x @ dequantized W^T: the kernel rounds x and its output to bfloat16,
+    so they agree to bfloat16 precision (2^-8 relative), here 1e-2 of the output's scale."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 72)
+    x = torch.randn(rows, 128)
+    fast, ref = Int8Linear(layer, kernel=True), Int8Linear(layer, kernel=False)
+    assert torch.equal(fast.weight_int8, ref.weight_int8)
+    y, y_ref = fast(x), ref(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 72)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-2 * y_ref.abs().max().item())
+    # the reference itself is the float layer up to the weight rounding
+    torch.testing.assert_close(y_ref, layer(x), rtol=0, atol=2e-2 * y_ref.abs().max().item())
+
+
+@pytest.mark.parametrize('kernel', [True, False] if KERNEL else [False])
+def test_quantized_logits_close_to_float(kernel):
+    """Logits of the int8 model within 5% of the float logits' spread (max error), and the
+    loss within 1%."""
+    model = random_gpt()
+    q = copy.deepcopy(model)
+    notice = quantize_int8(q, kernel=kernel)
+    assert ('_weight_int8pack_mm' in notice) == kernel
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())  # every Linear converted
+    idx = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        (ref, ref_loss), (out, loss) = model(idx, idx), q(idx, idx)
+    assert (out - ref).abs().max() <= 0.05 * ref.std()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-2)
+    # int8 matrices: about a quarter of the float bytes (position embeddings, biases and norms stay float32)
+    assert common.weight_bytes(q) < 0.35 * common.weight_bytes(model)
+
+
+@pytest.mark.parametrize('kernel', [True, False] if KERNEL else [False])
+def test_quantized_kv_cache_equals_recomputation(kernel):
+    """Decoding one token at a time through the KV cache (and linear()'s CPU split path)
+    gives the logits of a full forward over the same prefix."""
+    q = random_gpt()
+    quantize_int8(q, kernel=kernel)
+    idx = torch.randint(0, 256, (2, 20))
+    tol = 2e-2 if kernel else 1e-4  # bfloat16 activations round differently for 1 row and for 20
+    with torch.inference_mode():
+        cache = KVCache(q.config.n_layer, q.config.block_size, split=2)
+        h = q._hidden(idx[:, :8], cache)
+        for t in range(8, 20):
+            h = q._hidden(idx[:, t:t + 1], cache)
+            cached = q.lm_head(h[:, -1])
+            full = q(idx[:, :t + 1])[0][:, -1]
+            torch.testing.assert_close(cached, full, rtol=0, atol=tol * full.abs().max().item())
+        # and greedy generation matches step-by-step recomputation
+        out = q.generate(idx[:1, :4], 10, temperature=0)
+        seq = idx[:1, :4]
+        for _ in range(10):
+            logits = q(seq)[0][:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    if not kernel:
+        assert torch.equal(out, seq)
+    else:  # a token may differ only where two logits are within the rounding tolerance
+        assert (out == seq).float().mean() >= 0.9
+
+
+def test_sample_py_int8_notice_and_output(tmp_path):
+    """sample.py --quantize=int8 on a local folder: it says which matmul path runs and samples."""
+    folder = tmp_path / 'hf'
+    GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
+    env = {**ENV, 'TIKTOKEN_CACHE_DIR': os.environ.get('TIKTOKEN_CACHE_DIR', '/work/shared/tiktoken_cache')}
+    proc = subprocess.run([sys.executable, 'sample.py', f'--init_from={folder}', '--quantize=int8', '--device=cpu',
+                           '--max_new_tokens=5', '--start=Hello'], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'int8 weight-only' in proc.stderr and 'MiB' in proc.stderr
+    assert proc.stdout.startswith('Hello')
+    bad = subprocess.run([sys.executable, 'sample.py', f'--init_from={folder}', '--quantize=int4', '--device=cpu'],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode != 0 and 'Traceback' not in bad.stderr
+    assert "error: quantize must be 'none' or 'int8'" in bad.stderr
