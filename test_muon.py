@@ -132,6 +132,8 @@ def test_train_muon_loss_decreases_and_bad_knobs(tmp_path, data):
     assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--muon_ns_steps=0'), 'muon_ns_steps')
     assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--muon_momentum=fast'), "'muon_momentum'",
                           'expected float')
+    assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--lora_rank=4', '--init_from=gpt2'),
+                          'lora_rank > 0', '--optimizer=adamw')
     # a checkpoint trained with Muon does not resume with AdamW's state layout
     proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=31', '--init_from=resume')
     assert_one_line_error(proc, "optimizer='muon'", '--optimizer=muon')
