@@ -71,21 +71,27 @@ class Rotary(nn.Module):
     layout (GPT-NeoX, Llama, nanochat): channel j of a head pairs with channel j + hs/2 and
     the pair turns by angle pos * base^(-2j/hs). Tables for positions [0, block_size) are
     cached; later positions (the rolling KV cache) are computed on demand by the same formula,
-    in float64 then rounded to float32, so both give identical values."""
+    in float64 then rounded to float32, so both give identical values.
+
+    The tables are full head width, (cos, cos) and (-sin, sin), so that apply_rotary is one
+    multiply-add with x and x's halves swapped: 4 ops per call instead of 10 (decoding one
+    token runs ~12 of these per step, each op a few microseconds of dispatch)."""
 
     def __init__(self, head_size, block_size, base):
         super().__init__()
         self.inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
         cos, sin = self.table(0, block_size)
-        self.register_buffer("cos", cos, persistent=False)  # (block_size, hs/2), not a weight
+        self.register_buffer("cos", cos, persistent=False)  # (block_size, 1, hs), not a weight
         self.register_buffer("sin", sin, persistent=False)
 
     def table(self, start, T):
         angle = torch.arange(start, start + T, dtype=torch.float64)[:, None] * self.inv_freq  # (T, hs/2)
-        return angle.cos().float(), angle.sin().float()
+        cos, sin = angle.cos().float(), angle.sin().float()
+        # (T, 1, hs): broadcasts over the heads of x (B, T, nh, hs)
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
     def forward(self, start, T):
-        """(cos, sin), each (T, hs/2), for positions [start, start + T)."""
+        """(cos, sin), each (T, 1, hs), for positions [start, start + T)."""
         if start + T <= self.cos.size(0):
             return self.cos[start:start + T], self.sin[start:start + T]
         cos, sin = self.table(start, T)
@@ -93,12 +99,13 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x, rope):
-    """Rotate x (B, nh, T, hs) by the angles rope = (cos, sin), each (T, hs/2): the pair
+    """Rotate x (B, T, nh, hs) by the angles of rope = Rotary(...)(start, T): the pair
     (x1, x2) = (x[..., j], x[..., j + hs/2]) becomes (x1 cos - x2 sin, x1 sin + x2 cos),
-    i.e. (x1 + i x2) * e^(i angle)."""
+    i.e. (x1 + i x2) * e^(i angle). Written as x * (cos, cos) + (x2, x1) * (-sin, sin):
+    the same products and sums, so the same float results."""
     cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)  # each (B, nh, T, hs/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
+    swapped = x.roll(x.size(-1) // 2, dims=-1)  # (x2, x1)
+    return x * cos + swapped * sin  # (B, T, nh, hs)
 
 
 def gelu_tanh(x):
@@ -154,7 +161,7 @@ class KVCache:
 
     Allocated lazily on the first write so the cache takes the dtype the attention
     produces (bfloat16 under autocast, float32 otherwise). split > 1 makes linear()
-    compute few-row products as that many parallel blocks (CPU decoding).
+    compute few-row products as that many parallel blocks (see linear(); off by default).
 
     rolling (RoPE models only): once full, a single new position overwrites the oldest
     slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
@@ -191,12 +198,15 @@ class KVCache:
 
 
 def linear(layer, x, cache=None):
-    """layer(x); when decoding on CPU, as cache.split parallel matrix-vector products.
+    """layer(x); with cache.split = P > 1 (an option of KVCache), few-row products (decoding)
+    as P parallel blocks of the weight: W (out, in) viewed as (P, out/P, in), no copy, one
+    bmm whose batch entries run on separate threads.
 
-    Decoding multiplies a few rows by each weight matrix: bound by memory bandwidth, and
-    MKL runs it on one core, which streams ~12-20 GB/s here while two reach ~23. Viewing
-    W (out, in) as (split, out/split, in) blocks (no copy) lets bmm give each thread its
-    share: 1.2-2x faster per layer on 2 cores (measurements in README)."""
+    The blocks are multiplied as x @ block^T, the layout of layer(x) itself: the older
+    block @ x^T layout cost ~2x the CPU time of layer(x) per block on torch 2.13 / MKL 2024.
+    generate_stream leaves the split off (P = 1): on this torch MKL already spreads a
+    one-row layer(x) over the threads, and measured as fast or faster than the blocks for
+    both the baby GPT's and GPT-2's matrices (docs/modern_model.md, "Measured")."""
     P = cache.split if cache is not None else 1
     rows = x.numel() // x.size(-1)
     if P == 1 or rows > 16 or not isinstance(layer, nn.Linear) or layer.out_features < P:
@@ -204,11 +214,12 @@ def linear(layer, x, cache=None):
     out, inp = layer.weight.shape
     main = out - out % P  # GPT-2's 50257 outputs: 50256 in blocks, 1 row on its own
     blocks = layer.weight[:main].view(P, main // P, inp)  # (P, out/P, in)
-    xt = x.reshape(rows, inp).t().expand(P, inp, rows)  # (P, in, rows)
-    y = torch.bmm(blocks, xt).view(main, rows)  # (out, rows)
+    xs = x.reshape(1, rows, inp).expand(P, rows, inp)  # (P, rows, in), no copy
+    y = torch.bmm(xs, blocks.transpose(1, 2))  # (P, rows, out/P)
+    y = y.transpose(0, 1).reshape(rows, main)  # (rows, out)
     if main < out:
-        y = torch.cat([y, layer.weight[main:] @ xt[0]], dim=0)
-    y = y.t().reshape(*x.shape[:-1], out)  # (..., out)
+        y = torch.cat([y, x.reshape(rows, inp) @ layer.weight[main:].t()], dim=1)
+    y = y.reshape(*x.shape[:-1], out)  # (..., out)
     return y if layer.bias is None else y + layer.bias
 
 
@@ -441,12 +452,13 @@ class CausalSelfAttention(nn.Module):
         """rope: (cos, sin) of x's positions for RoPE models, None for learned positions."""
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
-        q, k, v = linear(self.c_attn, x, cache).split(self.n_embd, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        q = self.rotate(self.qk_norm(q), rope)
-        k = self.rotate(self.qk_norm(k), rope)
+        nh = self.n_head
+        qkv = linear(self.c_attn, x, cache).view(B, T, 3 * nh, hs)  # (B, T, 3 nh, hs): q, k, v heads
+        # norm and rotate queries and keys in one call each (same per-head arithmetic, half the ops)
+        qk = self.rotate(self.qk_norm(qkv[:, :, :2 * nh]), rope)  # (B, T, 2 nh, hs)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hs)
+        v = qkv[:, :, 2 * nh:].transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
         if last_only:
@@ -769,10 +781,8 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # generation never uses dropout
         try:
-            # see linear(): on CPU, decoding splits each weight into a block per thread
-            split = torch.get_num_threads() if idx.device.type == "cpu" else 1
             rolling = self.rotary is not None  # see the docstring
-            cache = KVCache(self.config.n_layer, block_size, split, rolling)
+            cache = KVCache(self.config.n_layer, block_size, rolling=rolling)  # split off: see linear()
             if rolling:
                 hidden = self._hidden(seq[:, :min(T, block_size)], cache, last_only=True)[:, -1, :]  # (B, C)
                 for t in range(block_size, T):  # the rest of a long prompt through the rolling cache

@@ -150,9 +150,10 @@ def test_rope_is_a_complex_rotation_and_relative():
     model = tiny(pos_emb="rope", n_embd=32, n_head=2)  # head size 16
     assert "transformer.wpe.weight" not in model.state_dict()
     assert not any("cos" in k or "sin" in k for k in model.state_dict())  # cached, not weights
-    x = torch.randn(2, 2, 40, 16)
+    x = torch.randn(2, 40, 2, 16)  # (B, T, nh, hs), as the attention rotates them
     pos = torch.arange(5, 45)  # past block_size 16: the rolling cache's positions
-    torch.testing.assert_close(apply_rotary(x, model.rotary(5, 40)), rope_ref(x, pos), atol=ATOL, rtol=0)
+    expected = rope_ref(x.transpose(1, 2), pos).transpose(1, 2)  # rope_ref wants (..., T, hs)
+    torch.testing.assert_close(apply_rotary(x, model.rotary(5, 40)), expected, atol=ATOL, rtol=0)
     # the cached table and the on-demand one are the same numbers
     inside, beyond = model.rotary(3, 10), model.rotary.table(3, 10)
     assert torch.equal(inside[0], beyond[0]) and torch.equal(inside[1], beyond[1])
