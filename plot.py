@@ -5,6 +5,7 @@ Loss curves from one run's out_dir/log.jsonl, or several runs overlaid (legend =
 $ python plot.py loss out-shakespeare-char-cpu         # writes out-shakespeare-char-cpu/loss.png
 $ python plot.py loss                                  # the newest run folder here (one with ckpt.pt)
 $ python plot.py loss out-a out-b --out=compare.png
+$ python plot.py loss out-a out-b --x=time --out=compare.png       # right panel: seconds, not tokens
 
 Attention of every layer and head (rows = layers, columns = heads) for a prompt, from a
 checkpoint (out_dir/ckpt.pt) or a Hugging Face GPT-2 (name or local folder):
@@ -99,16 +100,23 @@ def _stderr(message):
     print(message, file=sys.stderr)
 
 
-def plot_loss(out_dirs, path, width_px=1200, height_px=600):
-    """PNG of train and val loss of each run: against iterations (left) and tokens (right).
+# the right panel's x axis: log.jsonl key -> axis label
+X_AXES = {'tokens': 'tokens seen', 'time': 'seconds since training started'}
+
+
+def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
+    """PNG of train and val loss of each run: against iterations (left) and, on the right,
+    tokens (x='tokens') or wall-clock seconds since the run's training loop started (x='time').
 
     Lines per run (one colour each): val loss at evaluations (solid, dots), train loss at
     evaluations (dashed), and the logged per-step training loss (thinner, lighter, underneath).
     """
+    if x not in X_AXES:
+        raise common.ConfigError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     logs = [read_log(d) for d in out_dirs]  # a missing log fails before any drawing
     names = [os.path.basename(os.path.normpath(d)) for d in out_dirs]
     fig = _new_figure(width_px, height_px)
-    ax_iter, ax_tok = fig.subplots(1, 2)
+    ax_iter, ax_right = fig.subplots(1, 2)
     any_points = False
     for i, (records, name) in enumerate(zip(logs, names)):
         color = f'C{i % 10}'
@@ -124,9 +132,9 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600):
             if not rows:
                 continue
             any_points = True
-            losses = [r['loss'] for r in rows]
-            ax_iter.plot([r['iter'] for r in rows], losses, color=color, label=label, **style)
-            ax_tok.plot([r['tokens'] for r in rows], losses, color=color, label=label, **style)
+            ax_iter.plot([r['iter'] for r in rows], [r['loss'] for r in rows], color=color, label=label, **style)
+            rows = [r for r in rows if x in r]  # logs of older versions have no 'time'
+            ax_right.plot([r[x] for r in rows], [r['loss'] for r in rows], color=color, label=label, **style)
     hellaswag = [[r for r in records if r.get('kind') == 'hellaswag'] for records in logs]
     if any(hellaswag):  # train.py's hellaswag_interval: accuracy on its own scale, right axis
         ax_acc = ax_iter.twinx()
@@ -138,9 +146,10 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600):
         ax_acc.legend(fontsize=8, loc='upper right')
     from matplotlib.ticker import EngFormatter
     ax_iter.set_xlabel('iteration')
-    ax_tok.set_xlabel('tokens seen')
-    ax_tok.xaxis.set_major_formatter(EngFormatter(sep=''))  # 300k, 1.2M, ...
-    for ax in (ax_iter, ax_tok):
+    ax_right.set_xlabel(X_AXES[x])
+    if x == 'tokens':
+        ax_right.xaxis.set_major_formatter(EngFormatter(sep=''))  # 300k, 1.2M, ...
+    for ax in (ax_iter, ax_right):
         ax.set_ylabel('loss (nats per token)')
         ax.grid(True, alpha=0.4)
     if any_points:
@@ -228,6 +237,7 @@ ATTENTION_DEFAULTS = dict(
 )
 LOSS_DEFAULTS = dict(
     out='',  # the PNG to write; '' means <out_dir>/loss.png for one run, loss.png for several
+    x='tokens',  # the right panel's x axis: 'tokens' seen or 'time' (seconds since training started)
 )
 
 
@@ -248,7 +258,7 @@ def run_loss(argv):
         common.die(f"no loss records in {', '.join(os.path.join(d, 'log.jsonl') for d in out_dirs)} yet: "
                    f"plot once the run has logged a step (log_interval)")
     path = cfg['out'] or (os.path.join(out_dirs[0], 'loss.png') if len(out_dirs) == 1 else 'loss.png')
-    plot_loss(out_dirs, path)
+    plot_loss(out_dirs, path, x=cfg['x'])
     print(f"wrote {path}")
 
 

@@ -148,7 +148,7 @@ def write_log(out_dir, iters=5):
     with open(out_dir / 'log.jsonl', 'w') as f:
         for it in range(iters):
             f.write(json.dumps(dict(iter=it, kind='train', split='train', loss=3.0 / (it + 1),
-                                    lr=1e-3, tokens=(it + 1) * 512)) + '\n')
+                                    lr=1e-3, tokens=(it + 1) * 512, time=0.5 * (it + 1))) + '\n')
             if it % 2 == 0:
                 for split, bonus in (('train', 0.0), ('val', 0.1)):
                     f.write(json.dumps(dict(iter=it, kind='eval', split=split, loss=3.0 / (it + 1) + bonus,
@@ -172,6 +172,21 @@ def test_loss_plot_cli_writes_into_the_run_folder(tmp_path, mpimg):
     write_log(tmp_path / 'run')
     assert plot.main(['loss', str(tmp_path / 'run')]) == 0
     assert mpimg.imread(tmp_path / 'run' / 'loss.png').shape[:2] == (600, 1200)
+
+
+def test_loss_plot_against_time(tmp_path, mpimg):
+    """--x=time: the right panel's x values are log.jsonl's seconds (eval lines without 'time' are left out)."""
+    write_log(tmp_path / 'run')
+    path = tmp_path / 'loss.png'
+    assert plot.main(['loss', str(tmp_path / 'run'), '--x=time', f'--out={path}']) == 0
+    assert mpimg.imread(path).shape[:2] == (600, 1200)
+    fig = plot.plot_loss([tmp_path / 'run'], path, x='time')
+    right = fig.axes[1]
+    assert right.get_xlabel() == 'seconds since training started'
+    steps = [line for line in right.get_lines() if line.get_label() == 'run train (every logged step)'][0]
+    assert list(steps.get_xdata()) == [0.5, 1.0, 1.5, 2.0, 2.5]
+    with pytest.raises(SystemExit, match="x must be one of tokens, time, got 'wall'"):
+        plot.main(['loss', str(tmp_path / 'run'), '--x=wall'])
 
 
 def test_loss_plot_names_a_missing_log(tmp_path):

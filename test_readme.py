@@ -36,7 +36,10 @@ SKIP = [
     ('fineweb', 'downloads a corpus'),
     ('openwebtext', 'downloads a corpus'),
     ('hellaswag', 'downloads HellaSwag'),
+    ('prepare.py shakespeare$', 'downloads Tiny Shakespeare for GPT-2 BPE (only the char version is copied here)'),
+    ('out-shakespeare-lora', 'reads the LoRA run, which starts from GPT-2 weights'),
 ]
+# a key ending in '$' matches the end of a command only
 # (substring, flags appended so the command takes seconds; later flags win)
 SHORTEN = [
     ('train.py', '--max_iters=8 --eval_interval=4 --eval_iters=1 --log_interval=4 --batch_size=8'),
@@ -66,7 +69,8 @@ def plan():
         if command in seen:
             continue
         seen.add(command)
-        reason = next((why for key, why in SKIP if key in command), None)
+        reason = next((why for key, why in SKIP
+                       if (command.endswith(key[:-1]) if key.endswith('$') else key in command)), None)
         if reason is None and not command.startswith('python '):
             reason = 'not a python command'
         extra = next((flags for key, flags in SHORTEN if key in command), '')

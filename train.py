@@ -47,6 +47,7 @@ eval_interval = 2000  # evaluate (and maybe checkpoint) every this many iteratio
 log_interval = 1  # print and log the training loss every this many iterations
 eval_iters = 200  # batches per split for each evaluation
 eval_only = False  # evaluate once at the start, then exit
+eval_at_start = True  # evaluate before the first step too; False saves one evaluation (a speedrun's ~4%)
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a local Hugging Face folder, or another run's ckpt.pt
 hellaswag_interval = 0  # HellaSwag acc_norm every this many iterations, logged and plotted (GPT-2 BPE data); 0: off
@@ -78,13 +79,18 @@ lora_rank = 0  # adapter rank r; 0 = off (full training)
 lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = 'c_attn,c_proj,c_fc,mlp.c_proj'  # c_attn, c_proj (attention output), c_fc, mlp.c_proj (MLP output)
-# adamw optimizer
+# optimizer
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # optimizer steps to train for
 weight_decay = 1e-1  # AdamW weight decay on matrices (not on biases and norms)
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
 grad_clip = 1.0  # clip the global gradient norm to this; 0.0 disables
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon on the blocks' matrices, AdamW (above) on the rest
+muon_lr = 0.02  # Muon's peak learning rate; the schedule below scales it like learning_rate
+muon_momentum = 0.95  # Muon's Nesterov momentum
+muon_weight_decay = 0.0  # Muon's decoupled weight decay on the blocks' matrices
+muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True  # False keeps learning_rate constant
 warmup_iters = 2000  # warmup steps
@@ -130,6 +136,17 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
     for key in ('beta1', 'beta2', 'dropout'):  # AdamW's betas and dropout's probability live in [0, 1)
         if not 0 <= globals()[key] < 1:
             common.die(f"{key} must be in [0, 1), got {globals()[key]}")
+    if optimizer not in ('adamw', 'muon'):
+        common.die(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+    if optimizer == 'muon':
+        if not (muon_lr > 0 and math.isfinite(muon_lr)):
+            common.die(f"muon_lr must be > 0, got {muon_lr} (0.02..0.05 is usual)")
+        if not 0.0 <= muon_momentum < 1.0:
+            common.die(f"muon_momentum must be in [0, 1), got {muon_momentum} (0.95 is usual)")
+        if not (muon_weight_decay >= 0 and math.isfinite(muon_weight_decay)):
+            common.die(f"muon_weight_decay must be >= 0, got {muon_weight_decay}")
+        if not 1 <= muon_ns_steps <= 20:
+            common.die(f"muon_ns_steps must be between 1 and 20, got {muon_ns_steps} (5 is usual)")
     try:  # the model's knobs (n_embd divisible by n_head, pos_emb, norm, ...), before anything is written
         check_knobs(GPTConfig(n_head=n_head, n_embd=n_embd, pos_emb=pos_emb, norm=norm, mlp_act=mlp_act,
                               qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
@@ -152,6 +169,8 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
         if init_from == 'scratch':
             common.die("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
                        "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
+        if optimizer == 'muon':  # Muon orthogonalizes whole weight matrices; low-rank factors were not tested
+            common.die("lora_rank > 0 trains its adapters with AdamW: use --optimizer=adamw (or --lora_rank=0)")
     if not out_dir.strip():  # '' would scatter ckpt.pt, config.json and log.jsonl into the working directory
         common.die("out_dir is empty; name the run's folder, e.g. --out_dir=out-mine")
     if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
@@ -403,8 +422,15 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     # optimizer
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)  # no-op unless float16
     with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):  # it prints a summary
-        optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type)
+        # from here on `optimizer` is the optimizer object; config['optimizer'] keeps the knob
+        optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type,
+                                               config['optimizer'], muon_lr, muon_momentum, muon_weight_decay,
+                                               muon_ns_steps)
     if checkpoint is not None:
+        saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')
+        if saved_optimizer != config['optimizer']:
+            common.die(f"{out_dir}/ckpt.pt was trained with optimizer={saved_optimizer!r}; resume with "
+                       f"--optimizer={saved_optimizer}")
         try:
             optimizer.load_state_dict(checkpoint['optimizer'])
         except (ValueError, KeyError, TypeError) as e:  # another model's or a damaged optimizer state
@@ -556,10 +582,10 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's groups: muon_lr / learning_rate
 
         # evaluate, and checkpoint when val improved (or always_save_checkpoint)
-        if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        if (iter_num % eval_interval == 0 and (iter_num > 0 or eval_at_start)) or iter_num == max_iters or eval_only:
             t_eval = time.time()
             losses = estimate_loss()
             if losses is None:  # Ctrl-C/SIGTERM during the evaluation: stop now, saving below
