@@ -540,7 +540,12 @@ def read_counting(opts, out_dir):
     starts = list(range(numbers - lo + 1))  # a sequence of min_len must fit below `numbers`
     forced = [s for s in (1, 10) if s in starts]
     others = [s for s in starts if s not in forced]
-    held_out = sorted(forced + rng.sample(others, min(opts["val_starts"], len(others) - 1)))
+    if opts["val_starts"] > len(others) - 1:  # at least one start value must stay for train
+        raise UsageError(f"--val_starts={opts['val_starts']} is too many for --numbers={numbers} with "
+                         f"--min_len={lo} ({len(starts)} start values, 1 and 10 already held out): use "
+                         + (f"--val_starts={len(others) - 1} or less, or " if len(others) > 1 else "")
+                         + "a larger --numbers")
+    held_out = sorted(forced + rng.sample(others, opts["val_starts"]))
     train_starts = [s for s in starts if s not in held_out]
 
     def lines(count, pool):

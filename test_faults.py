@@ -143,6 +143,7 @@ def run_copy(trained, tmp_path):
     ('--learning_rat=1', ["did you mean 'learning_rate'"]),
     ('--out_dir=', ['out_dir is empty']),
     ('--batch_size=big', ["'batch_size'", 'expected int']),
+    ('--hellaswag_input=h.jsonl', ['hellaswag_input', 'hellaswag_interval is 0', '--hellaswag_interval']),
 ])
 def test_train_knob_is_refused_before_anything_is_written(tmp_path, data, flag, fragments):
     out = tmp_path / 'out'
@@ -196,6 +197,7 @@ def captured(fn, *args):
     (['--numbers=x'], ['--numbers', 'integer']),
     (['--min_len=9', '--max_len=4'], ['--min_len', '--max_len']),
     (['--num_trian=5'], ['did you mean --num_train']),
+    (['--numbers=20', '--val_starts=50'], ['--val_starts=50', '--numbers=20', 'or less']),
 ])
 def test_prepare_counting_bad_options(tmp_path, argv, fragments):
     code, stderr = captured(prepare.main, ['counting', f'--data_dir={tmp_path}', *argv])

@@ -116,6 +116,9 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
         common.die(f"seed must be >= 0, got {seed}")
     if hellaswag_interval < 0:
         common.die(f"hellaswag_interval must be >= 0 (0: off), got {hellaswag_interval}")
+    if hellaswag_input and not hellaswag_interval:
+        common.die(f"hellaswag_input={hellaswag_input!r} is set but hellaswag_interval is 0 (off): "
+                   f"set --hellaswag_interval (e.g. 250) or drop --hellaswag_input")
     for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
         if globals()[key] < 1:
             common.die(f"{key} must be at least 1, got {globals()[key]}")
