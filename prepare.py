@@ -1035,9 +1035,24 @@ def resolve_options(name, overrides):
 def prepare(dataset, **overrides):
     """Prepare `dataset` into <data_dir>/<dataset or --name>/; returns the metadata written."""
     opts = resolve_options(dataset, overrides)
-    spec = DATASETS[dataset]
     folder = opts.get("name") or dataset
     out_dir = Path(opts["data_dir"] or DATA_DIR) / folder
+    # folders this run makes, deepest first: a failed or stopped run (Ctrl-C, SIGTERM) removes
+    # them again while still empty; a folder that was there before is never removed
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        return _prepare(dataset, opts, folder, out_dir)
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()  # only an empty folder; one holding a download or any other file stays
+            except OSError:
+                break
+        raise
+
+
+def _prepare(dataset, opts, folder, out_dir):
+    spec = DATASETS[dataset]
     raw = spec.read(opts, out_dir)  # a bad input fails here, before any folder is made
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -755,11 +755,15 @@ def test_prepare_parquet_text_column_of_numbers(tmp_path):
     assert not list((tmp_path / 'data').rglob('*.bin*'))
 
 
-def test_prepare_sigterm_leaves_no_temporary_file(tmp_path):
-    """SIGTERM (kill, a job scheduler) cleans up like Ctrl-C: no .train.bin.tmp is left."""
+@pytest.mark.parametrize('existing', [False, True])
+def test_prepare_sigterm_leaves_no_temporary_file(tmp_path, existing):
+    """SIGTERM (kill, a job scheduler) cleans up like Ctrl-C: no .train.bin.tmp is left, and the
+    folders prepare made are removed again; a folder that was there before stays."""
     (tmp_path / 'in').mkdir()
     (tmp_path / 'in' / 'a.txt').write_text('the quick brown fox jumps over the lazy dog\n' * 400_000)  # 18 MB
     data_dir = tmp_path / 'data'
+    if existing:
+        (data_dir / 'text').mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, str(REPO / 'prepare.py'), 'text', f'--input={tmp_path / "in"}',
                              f'--data_dir={data_dir}', '--num_threads=1'],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -772,6 +776,10 @@ def test_prepare_sigterm_leaves_no_temporary_file(tmp_path):
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode != 0 and 'Traceback' not in stderr, stderr
     assert not list(data_dir.rglob('*.tmp')) and not list(data_dir.rglob('*.bin')), files_under(data_dir)
+    if existing:
+        assert (data_dir / 'text').is_dir()
+    else:
+        assert not data_dir.exists(), files_under(data_dir)
 
 
 def test_train_refuses_meta_json_that_is_not_an_object(tmp_path, data):

@@ -269,7 +269,8 @@ def test_interrupted_prepare_leaves_no_bin(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
     out = tmp_path / "shakespeare_char"
-    assert sorted(p.name for p in out.iterdir()) == []  # no .bin, no temp file, no meta.json
+    assert not out.exists() and tmp_path.is_dir()  # no .bin, no temp file, no meta.json, and the
+    # folder this run made is gone again; tmp_path, there before, stays
     # a complete earlier preparation survives a later interrupted one untouched
     monkeypatch.setattr(prepare, "encode_documents", real)
     prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
@@ -448,7 +449,7 @@ def test_parquet_interrupted_tokenization_leaves_nothing_usable(tmp_path, monkey
     monkeypatch.setattr(prepare, "parquet_tasks", dies_after_first_row_group)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("openwebtext", input=tmp_path / "src", data_dir=tmp_path / "d", num_proc=1)
-    assert list((tmp_path / "d" / "openwebtext").iterdir()) == []  # no .bin, no temp file, no meta.json
+    assert not (tmp_path / "d").exists()  # no .bin, no temp file, no meta.json: the folders it made are gone
 
 
 def test_parquet_errors_are_one_line(tmp_path, monkeypatch):
