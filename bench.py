@@ -415,6 +415,10 @@ def main(argv):
         common.die(f"top_k must be >= 0 (0 = no limit), got {cfg['top_k']}")
     if cfg['compile'] not in (True, False):
         common.die(f"compile must be True or False, got {cfg['compile']!r}")
+    # an explicit data_dir is a request for real data; only --dataset may fall back to synthetic tokens
+    if cfg['data_dir'] and not os.path.isfile(os.path.join(cfg['data_dir'], 'train.bin')):
+        common.die(f"data_dir={cfg['data_dir']} has no train.bin: name a folder that `python prepare.py NAME` "
+                   f"filled (e.g. data/NAME), or leave out --data_dir for synthetic random tokens")
     for key in ('json_out', 'trace_file'):
         if cfg[key] and (key == 'json_out' or cfg['profile']):
             check_writable(cfg[key], key)

@@ -234,6 +234,7 @@ def test_prepare_counting_bad_options(tmp_path, argv, fragments):
     ('bench', ['--gen_batch_sizes=[0]'], ['gen_batch_sizes']),
     ('bench', ['--mode=fast'], ['mode', "'fast'"]),
     ('bench', ['--json_out=/no/such/dir/b.jsonl'], ['json_out=/no/such/dir/b.jsonl']),
+    ('bench', ['--data_dir=/no/such/data'], ['data_dir=/no/such/data', 'no train.bin', '--data_dir']),
 ])
 def test_script_flags_checked_up_front(script, argv, fragments):
     module = {'evaluate': evaluate, 'plot': plot, 'bench': bench}[script]
