@@ -359,6 +359,9 @@ def run_counting(cfg):
         meta = prepare.read_meta(folder)
     except prepare.PrepareError as e:
         common.die(str(e))
+    if not meta and not cfg['starts']:  # the held-out starts are in meta.json; guessing could score train starts
+        common.die(f"no counting metadata (meta.json) in {folder}: point --data_dir at the folder "
+                   f"`python prepare.py counting` made, or name the starts, e.g. --starts=1,10")
     if meta.get('tokenizer', 'counting') != 'counting':  # numbers are token ids only in counting data
         common.die(f"counting accuracy needs a model trained on `python prepare.py counting`; {folder} holds "
                    f"{meta['tokenizer']} data (or point --data_dir at the counting data's folder)")

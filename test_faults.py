@@ -268,6 +268,14 @@ def test_plot_attention_prompt_outside_char_vocabulary(tmp_path):
     assert code == 0 and (out / 'attention.png').is_file()  # the same command with a fitting prompt works
 
 
+def test_evaluate_counting_without_metadata_is_refused(tmp_path):
+    out = char_checkpoint(tmp_path)
+    (tmp_path / 'empty').mkdir()
+    code, stderr = captured(evaluate.main, ['counting', f'--out_dir={out}', f'--data_dir={tmp_path / "empty"}',
+                                            '--device=cpu'])
+    assert_error_line(code, stderr, 'no counting metadata', str(tmp_path / 'empty'), '--starts=1,10')
+
+
 def test_plot_loss_skips_garbled_lines_with_one_notice(tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
