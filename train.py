@@ -247,19 +247,22 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
     if meta_vocab_size is not None and (not isinstance(meta_vocab_size, int) or not 0 < meta_vocab_size <= 2**16):
         common.die(f"{dataset_dir}: vocab_size {meta_vocab_size!r} in the metadata is not a uint16 vocabulary size; "
                    f"prepare the dataset again")
+    # token ids must be < vocab_size: files up to 256 MiB are scanned now (well under a second);
+    # bigger ones are checked batch by batch in get_batch, before the model sees a token
+    check_per_batch = set()  # the splits get_batch checks
     if meta_vocab_size is not None:
-        # token ids must be < vocab_size: files up to 256 MiB are scanned now (well under a second);
-        # bigger ones are checked batch by batch in get_batch, before the model sees a token
         for split, path in split_paths.items():
             if split_sizes[split] <= 2**27:
                 common.check_token_ids(path, meta_vocab_size)
+            else:
+                check_per_batch.add(split)
 
     def get_batch(split, offsets):
         """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
         # A fresh memmap per batch keeps the process's memory flat on huge files.
         data = np.memmap(split_paths[split], dtype=np.uint16, mode='r')
         tokens = data[offsets[:, None] + np.arange(block_size + 1)]  # (B, T+1)
-        if meta_vocab_size is not None and tokens.max() >= meta_vocab_size:
+        if split in check_per_batch and tokens.max() >= meta_vocab_size:
             common.die_on_this_rank(f"{split_paths[split]} holds token id {int(tokens.max())} >= the vocab_size "
                                     f"{meta_vocab_size} of {dataset_dir}/meta.json: the file is corrupt or from "
                                     f"another tokenizer; prepare the dataset again", rank)
@@ -357,7 +360,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
             model_args[k] = ckpt_args.get(k, GPT2_KNOBS.get(k))
         check_resume(checkpoint)
         if checkpoint.get('lora'):  # adapters only: the frozen base is rebuilt from where the run started
-            model = common.load_lora_model(checkpoint, os.path.join(out_dir, 'ckpt.pt'), dropout, merge=False,
+            model = common.load_lora_model(checkpoint, ckpt_path, dropout, merge=False,
                                            lora_dropout=lora_dropout)
         else:
             try:
@@ -382,7 +385,6 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         if master_process:
             print(f"initializing from the weights of {init_from}")
         model = common.load_base_model(init_from, dropout)
-        model.train()
         for k in arch_keys:
             model_args[k] = getattr(model.config, k)
     else:
