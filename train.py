@@ -91,12 +91,10 @@ muon_lr = 0.02  # Muon's peak learning rate; the schedule below scales it like l
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_weight_decay = 0.0  # Muon's decoupled weight decay on the blocks' matrices
 muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
-# learning rate schedule: linear warmup, then a decay to min_lr at lr_decay_iters
+# learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True  # False keeps learning_rate constant
-lr_schedule = 'cosine'  # 'cosine' (decays from warmup on) or 'wsd' (warmup, stable, then linear warmdown)
-warmdown_frac = 0.4  # 'wsd' only: the linear warmdown takes this fraction of lr_decay_iters
 warmup_iters = 2000  # warmup steps
-lr_decay_iters = 600000  # step where the decay reaches min_lr; ~max_iters per Chinchilla
+lr_decay_iters = 600000  # step where the cosine reaches min_lr; ~max_iters per Chinchilla
 min_lr = 6e-5  # floor of the schedule; ~learning_rate/10 per Chinchilla
 # DDP
 backend = 'auto'  # 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'
@@ -141,10 +139,6 @@ with common.errors_once_under_torchrun():  # every rank fails the same way here:
     for key in ('beta1', 'beta2', 'dropout'):  # AdamW's betas and dropout's probability live in [0, 1)
         if not 0 <= globals()[key] < 1:
             common.die(f"{key} must be in [0, 1), got {globals()[key]}")
-    if lr_schedule not in ('cosine', 'wsd'):
-        common.die(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
-    if not 0 < warmdown_frac <= 1:  # also catches nan
-        common.die(f"warmdown_frac must be in (0, 1], got {warmdown_frac} (0.3..0.5 is usual)")
     if optimizer not in ('adamw', 'muon'):
         common.die(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
     if optimizer == 'muon':
@@ -469,19 +463,13 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         train_model = fast_model
 
     def get_lr(it):
-        """Linear warmup to learning_rate, then a decay to min_lr at lr_decay_iters: a cosine from the
-        warmup's end, or ('wsd') learning_rate held until the last warmdown_frac of lr_decay_iters and
-        a straight line down from there (warmup-stable-decay, as in modded-nanogpt's speedrun)."""
+        """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
         if not decay_lr:
             return learning_rate
         if it < warmup_iters:
             return learning_rate * (it + 1) / (warmup_iters + 1)
         if it > lr_decay_iters:
             return min_lr
-        if lr_schedule == 'wsd':
-            decay_start = max(warmup_iters, lr_decay_iters - round(warmdown_frac * lr_decay_iters))
-            progress = max(0, it - decay_start) / max(1, lr_decay_iters - decay_start)  # 0 .. 1
-            return learning_rate + progress * (min_lr - learning_rate)
         progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)  # 0 .. 1
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
