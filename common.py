@@ -50,6 +50,22 @@ def die(message):
     raise ConfigError(message)
 
 
+MIN_TORCH = (2, 3)  # torch.amp.GradScaler(device), torch.compiler; requirements.txt says the same
+
+
+def torch_too_old(version):
+    """The one-line complaint for a torch older than MIN_TORCH (e.g. '2.1.2+cu121'), else None."""
+    major_minor = tuple(int(part) for part in version.split('+')[0].split('.')[:2])
+    if major_minor < MIN_TORCH:
+        return (f"torch {version} is too old: this project needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+                f"(pip install -U torch, or see requirements.txt)")
+    return None
+
+
+if torch_too_old(torch.__version__):  # every script imports common first: say it once, clearly
+    die(torch_too_old(torch.__version__))
+
+
 # -----------------------------------------------------------------------------
 # config: config files, then --key=value flags
 

@@ -920,9 +920,9 @@ class GPT(nn.Module):
         # fused AdamW exists for CUDA (torch 2.0+) and CPU (torch 2.4+); MPS in recent releases
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         extra = dict(fused=True) if fused else dict()
-        try:
-            optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-        except RuntimeError:  # an older torch without the fused kernel for this device
+        try:  # copies: AdamW writes its defaults (fused=True) into the group dicts it is given
+            optimizer = torch.optim.AdamW([dict(g) for g in groups], lr=learning_rate, betas=betas, **extra)
+        except RuntimeError:  # an older torch without the fused kernel for this device (CPU before 2.4)
             fused = False
             optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
         print(f"optimizer: AdamW, fused kernel: {fused}")
