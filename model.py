@@ -321,7 +321,7 @@ def quantize_per_channel(w):
 def int8_kernel_available(device_type):
     """True where torch has a fused int8-weight x float-activation matmul for the device
     (aten._weight_int8pack_mm: CPU in torch 2.x; MPS in recent releases)."""
-    return device_type in ("cpu", "mps") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    return device_type in ("cpu", "mps") and hasattr(torch, "_weight_int8pack_mm")
 
 
 class Int8Linear(nn.Module):
@@ -350,8 +350,10 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)  # (out, in)
 
     def _kernel_forward(self, x):
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                               self.weight_int8, self.scale_bf16)  # (rows, out) bfloat16
+        # torch._weight_int8pack_mm is torch.ops.aten._weight_int8pack_mm without the Python
+        # dispatch wrapper (~1 us less per call, 49 calls per GPT-2 token)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                      self.weight_int8, self.scale_bf16)  # (rows, out) bfloat16
         y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
         # the promotion to float32 is the bias add's own (as y.float() + bias, bit for bit)
         return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)
