@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, MuonAdamW, NS_COEFFICIENTS, orthogonalize
-from test_train import ENV, REPO, TINY, assert_one_line_error, data, read_log, run_train, torchrun  # noqa: F401
+from test_train import ENV, REPO, TINY, assert_one_line_error, assert_same_losses, data, read_log, run_train, torchrun  # noqa: F401
 
 
 def ns_on_singular_values(s, steps):
@@ -148,9 +148,7 @@ def test_muon_exact_resume(tmp_path, data):
     assert run_train(*args, f'--out_dir={resumed}', '--max_iters=4').returncode == 0
     proc = run_train(*args, f'--out_dir={resumed}', '--max_iters=8', '--init_from=resume')
     assert proc.returncode == 0, proc.stderr
-    a, b = read_log(straight), read_log(resumed)
-    assert [row[:3] for row in a] == [row[:3] for row in b]
-    assert [row[3] for row in a] == pytest.approx([row[3] for row in b], rel=1e-6, abs=0)
+    assert_same_losses(straight, resumed, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -163,9 +161,7 @@ def test_muon_ddp_matches_single_process(tmp_path, data):
     assert single.returncode == 0, single.stderr
     ddp = torchrun('--standalone', '--nproc_per_node=2', *args, f'--out_dir={tmp_path / "ddp"}')
     assert ddp.returncode == 0, ddp.stderr
-    a, b = read_log(tmp_path / 'single'), read_log(tmp_path / 'ddp')
-    assert [row[:3] for row in a] == [row[:3] for row in b]
-    assert [row[3] for row in a] == pytest.approx([row[3] for row in b], rel=1e-5, abs=0)
+    assert_same_losses(tmp_path / 'single', tmp_path / 'ddp', rel=1e-5)
 
 
 def test_speedrun_config_decreases_loss(tmp_path, data):

@@ -7,6 +7,7 @@
 #
 #   bash docs/measure_ablation.sh                  # all rows, ~12 min on 2 cores
 #   PYTHON=.venv/bin/python ROWS="0 1" bash docs/measure_ablation.sh   # some rows
+#   ROWS="1 2" STEPS="700 600" bash docs/measure_ablation.sh  # stop rows 1, 2 at those steps
 #   EXTRA="--max_iters=40 --lr_decay_iters=40 --eval_interval=20" bash docs/measure_ablation.sh  # a smoke test
 set -euo pipefail
 PYTHON=${PYTHON:-python}
@@ -24,6 +25,9 @@ NAMES=("GPT-2 architecture, AdamW (the recipe)" "+ Muon (muon_lr 0.05)" "+ RoPE"
 KNOBS=("" "--optimizer=muon --muon_lr=0.05" "--pos_emb=rope" "--qk_norm=True" "--mlp_act=relu2"
        "--norm=rmsnorm" "--tie_embeddings=False" "--logit_softcap=15")
 ROWS=${ROWS:-"0 1 2 3 4 5 6 7"}
+# STEPS (optional, one per row in ROWS): stop each row there. The learning-rate schedule still ends at
+# step 2,000, so a row stopped at its step to 1.88 times exactly that part of the full run, cheaply.
+read -r -a STOP <<< "${STEPS:-}"
 
 echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $("$PYTHON" -c 'import torch; print("torch", torch.__version__)'), load $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '| %-40s | %-13s | %-16s | %-9s | %-9s |\n' row "steps to 1.88" "time to 1.88 (s)" "final val" "wall (s)"
@@ -33,8 +37,10 @@ for i in "${!NAMES[@]}"; do
   flags="$flags ${KNOBS[$i]}"
   case " $ROWS " in *" $i "*) ;; *) continue ;; esac
   out="$TMP/row$i"
+  stop=""
+  if [ ${#STOP[@]} -gt 0 ]; then stop="--max_iters=${STOP[0]}"; STOP=("${STOP[@]:1}"); fi
   # shellcheck disable=SC2086
-  (cd "$HERE" && /usr/bin/time -f '%e' -o "$out.time" "$PYTHON" train.py $RECIPE $flags ${EXTRA:-} --out_dir="$out" \
+  (cd "$HERE" && /usr/bin/time -f '%e' -o "$out.time" "$PYTHON" train.py $RECIPE $flags $stop ${EXTRA:-} --out_dir="$out" \
      > "$out.log" 2>&1) || { echo "error: row $i failed, see its log:" >&2; tail -5 "$out.log" >&2; exit 1; }
   "$PYTHON" - "$out/log.jsonl" "${NAMES[$i]}" "$(cat "$out.time")" <<'PY'
 import json, sys
