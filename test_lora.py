@@ -98,7 +98,7 @@ def test_merge_gives_the_same_logits():
 
 
 def test_lora_cached_generation_equals_recomputation():
-    """linear() runs LoRALinear as layer(x); KV-cached greedy decoding equals full recomputation."""
+    """KV-cached greedy decoding of a LoRA model equals full recomputation."""
     model = tiny_gpt(vocab_size=64, block_size=32)
     apply_lora(model, 4, 16.0, 0.0, ALL)
     randomize_adapters(model)
