@@ -264,12 +264,10 @@ def generate_fn(name, model, cfg):
                                             pad_token_id=0, attention_mask=torch.ones_like(idx))
 
 
-@torch.no_grad()
-def bench_generate(name, model, cfg, dev, batch):
-    """Prefill time (prompt forward + first token), per-token decode time, tokens/s."""
+def generate_runner(name, model, cfg, dev, batch):
+    """After a burn-in, a function that times one generation: (prefill, decode per token, total) seconds.
+    Prefill = prompt forward + first token."""
     model.eval()
-    if dev.device_type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(dev.device)
     vocab = cfg['gen_vocab_size'] or cfg['vocab_size']
     rng = np.random.default_rng([cfg['seed'], 1, batch])
     idx = torch.from_numpy(rng.integers(0, vocab, size=(batch, cfg['prompt_len']))).to(dev.device)
@@ -284,10 +282,8 @@ def bench_generate(name, model, cfg, dev, batch):
         if out.shape != (batch, cfg['prompt_len'] + new_tokens):
             raise RuntimeError(f"{name} generated shape {tuple(out.shape)}, expected {(batch, cfg['prompt_len'] + new_tokens)}")
 
-    run(min(n, 4))  # burn in
-    prefill, decode, total = [], [], []
-    bar = common.Progress(f"generate {IMPL_NAMES[name]} B={batch}", total=cfg['repeats'], unit='repeats')
-    for _ in range(cfg['repeats']):
+    @torch.no_grad()
+    def measure():
         if name in ('ours', 'int8'):
             # our generate_stream yields each token: time to the first one is the prefill,
             # the steps between tokens are the decode
@@ -300,23 +296,48 @@ def bench_generate(name, model, cfg, dev, batch):
                                                generator=g):
                     sync(dev)
                     stamps.append(time.perf_counter())
-            prefill.append(stamps[0] - t0)
-            decode.append((stamps[-1] - stamps[0]) / (n - 1) if n > 1 else 0.0)  # mean, as for the others
-            total.append(stamps[-1] - t0)
-        else:
-            # generate returns only at the end: prefill = a run for one new token, decode =
-            # the rest of a full run, per token
-            prefill.append(timed(dev, lambda: run(1))[0])
-            total.append(timed(dev, lambda: run(n))[0])
-            decode.append(max(total[-1] - prefill[-1], 0.0) / max(n - 1, 1))
+            decode = (stamps[-1] - stamps[0]) / (n - 1) if n > 1 else 0.0  # mean, as for the others
+            return stamps[0] - t0, decode, stamps[-1] - t0
+        # generate returns only at the end: prefill = a run for one new token, decode =
+        # the rest of a full run, per token
+        prefill = timed(dev, lambda: run(1))[0]
+        total = timed(dev, lambda: run(n))[0]
+        return prefill, max(total - prefill, 0.0) / max(n - 1, 1), total
+
+    with torch.no_grad():
+        run(min(n, 4))  # burn in
+    return measure
+
+
+def bench_generate(models, cfg, dev, batch):
+    """Prefill time, per-token decode time and tokens/s of each model in models ({impl: model}),
+    one result each. The repeats run in rounds (each implementation once per round), so load
+    that comes and goes on a shared machine hits all of them alike and their ratios stay fair;
+    decode_ms_all holds every round's decode time."""
+    measures = {name: generate_runner(name, model, cfg, dev, batch) for name, model in models.items()}
+    times = {name: [] for name in models}
+    peaks = {name: 0.0 for name in models}
+    bar = common.Progress(f"generate {', '.join(IMPL_NAMES[n] for n in models)} B={batch}", total=cfg['repeats'],
+                          unit='rounds')
+    for _ in range(cfg['repeats']):
+        for name, measure in measures.items():
+            if dev.device_type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(dev.device)
+            times[name].append(measure())
+            peaks[name] = max(peaks[name], peak_memory(dev)[0])
         bar.update()
     bar.close()
-    t_prefill, t_decode, t_total = statistics.median(prefill), statistics.median(decode), statistics.median(total)
-    mem, mem_kind = peak_memory(dev)
-    return dict(bench='generate', impl=name, batch_size=batch, prompt_len=cfg['prompt_len'], max_new_tokens=n,
-                prefill_ms=1000 * t_prefill, decode_ms_per_token=1000 * float(t_decode),
-                tokens_per_sec=batch * n / t_total, total_s=t_total, peak_memory_mib=mem, memory=mem_kind,
-                repeats=cfg['repeats'], timing='per-token stream' if name in ('ours', 'int8') else 'two generate calls')
+    results = []
+    n = cfg['max_new_tokens']
+    for name in models:
+        prefill, decode, total = (statistics.median(t[i] for t in times[name]) for i in range(3))
+        results.append(dict(bench='generate', impl=name, batch_size=batch, prompt_len=cfg['prompt_len'],
+                            max_new_tokens=n, prefill_ms=1000 * prefill, decode_ms_per_token=1000 * float(decode),
+                            decode_ms_all=[round(1000 * t[1], 3) for t in times[name]],
+                            tokens_per_sec=batch * n / total, total_s=total, peak_memory_mib=peaks[name],
+                            memory=peak_memory(dev)[1], repeats=cfg['repeats'],
+                            timing='per-token stream' if name in ('ours', 'int8') else 'two generate calls'))
+    return results
 
 
 def comparison_table(results):
@@ -345,6 +366,13 @@ def comparison_table(results):
             ratio = values['int8'] / values['ours'] if values.get('int8') and values.get('ours') else None
             cells.append(f"{ratio:>12.2f}x" if ratio is not None else f"{'-':>13}")
         lines.append(''.join(cells))
+    for r in results:  # int8 and ours ran in the same rounds: each round's decode speed ratio, for the spread
+        ours = next((o for o in results if o['impl'] == 'ours' and o['bench'] == 'generate'
+                     and o['batch_size'] == r['batch_size']), None)
+        if r['impl'] == 'int8' and ours and r.get('decode_ms_all') and ours.get('decode_ms_all'):
+            ratios = sorted(a / b for a, b in zip(ours['decode_ms_all'], r['decode_ms_all']) if b > 0)
+            lines.append(f"decode int8/ours B={r['batch_size']}, per round: {' '.join(f'{x:.2f}' for x in ratios)} "
+                         f"(median {statistics.median(ratios):.2f}x)")
     return '\n'.join(lines)
 
 
@@ -457,9 +485,9 @@ def main(argv):
             models = dict(ours=ours, int8=copy.deepcopy(ours), **models)
             common.quantize_model(models['int8'], cfg['quantize'])
         for batch in cfg['gen_batch_sizes']:
-            for name, model in models.items():
-                results.append(bench_generate(name, model, cfg, dev, batch))
-                emit(results[-1], cfg, dev)
+            for result in bench_generate(models, cfg, dev, batch):
+                results.append(result)
+                emit(result, cfg, dev)
     if len({r['impl'] for r in results}) > 1:
         print(comparison_table(results))
     return results

@@ -3,7 +3,7 @@ Small pieces shared by train.py, sample.py and bench.py:
 
 - load_config: `python X.py [config/a.py ...] [--key=value ...]` overrides, every key checked
 - setup_device: device and dtype chosen in one place, with the reason printed once
-- ddp_ranks / ddp_setup / ddp_teardown: joining and leaving the torchrun process group
+- ddp_ranks / ddp_setup / ddp_teardown / ddp_exit: joining and leaving the torchrun process group
 - atomic_write / save_checkpoint / load_checkpoint / model_state_dict: files and checkpoints
 - RunLock: one training run per out_dir
 - os_error_message: an OSError as one line naming the path and the reason
@@ -48,6 +48,22 @@ class ConfigError(SystemExit):
 def die(message):
     """Stop the script with a one-line error on stderr and exit status 1."""
     raise ConfigError(message)
+
+
+MIN_TORCH = (2, 3)  # torch.amp.GradScaler(device), torch.compiler; requirements.txt says the same
+
+
+def torch_too_old(version):
+    """The one-line complaint for a torch older than MIN_TORCH (e.g. '2.1.2+cu121'), else None."""
+    major_minor = tuple(int(part) for part in version.split('+')[0].split('.')[:2])
+    if major_minor < MIN_TORCH:
+        return (f"torch {version} is too old: this project needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+                f"(pip install -U torch, or see requirements.txt)")
+    return None
+
+
+if torch_too_old(torch.__version__):  # every script imports common first: say it once, clearly
+    die(torch_too_old(torch.__version__))
 
 
 # -----------------------------------------------------------------------------
@@ -408,6 +424,41 @@ def ddp_teardown():
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def ddp_exit():
+    """End a torchrun worker now, with the status the exception in flight (if any) would give, without
+    the interpreter's finalization. Call it last, from a `finally:`, once every file is closed.
+
+    Why: gloo's worker threads release a finished collective a moment after the caller's wait()
+    returns, and the last one holds tensors whose Python objects must be freed with the GIL held.
+    If that moment falls after the interpreter began to finalize (a loaded machine), Python ends
+    the thread with pthread_exit, which unwinds through a C++ destructor and aborts the process:
+    "terminate called without an active exception", SIGABRT, after a run that had finished
+    (seen in ~1 of 10 torchrun runs on a busy 2-core machine; the core dump shows the gloo thread
+    in ~AsyncBarrierWork -> decref_pyobject -> take_gil -> pthread_exit). destroy_process_group()
+    does not prevent it: DistributedDataParallel's reducer keeps the group and its threads alive.
+    multiprocessing ends its workers with os._exit for the same kind of reason."""
+    error = sys.exc_info()[1]
+    if error is None:
+        code = 0
+    elif isinstance(error, SystemExit):
+        code = error.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)  # what Python prints for SystemExit('error: ...')
+            code = 1
+    else:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 # -----------------------------------------------------------------------------

@@ -160,8 +160,7 @@ class KVCache:
     """Keys and values of every layer for positions [0, pos), preallocated up to max_len.
 
     Allocated lazily on the first write so the cache takes the dtype the attention
-    produces (bfloat16 under autocast, float32 otherwise). split > 1 makes linear()
-    compute few-row products as that many parallel blocks (see linear(); off by default).
+    produces (bfloat16 under autocast, float32 otherwise).
 
     rolling (RoPE models only): once full, a single new position overwrites the oldest
     slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
@@ -169,12 +168,11 @@ class KVCache:
     and RoPE already rotated each key by its own absolute position.
     """
 
-    def __init__(self, n_layer, max_len, split=1, rolling=False):
+    def __init__(self, n_layer, max_len, rolling=False):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.max_len = max_len
         self.pos = 0  # number of positions already fed (the next one's absolute position)
-        self.split = split
         self.rolling = rolling
 
     def update(self, layer, k, v):
@@ -197,32 +195,6 @@ class KVCache:
         return self.k[layer], self.v[layer]  # (B, nh, max_len, hs): the last max_len positions
 
 
-def linear(layer, x, cache=None):
-    """layer(x); with cache.split = P > 1 (an option of KVCache), few-row products (decoding)
-    as P parallel blocks of the weight: W (out, in) viewed as (P, out/P, in), no copy, one
-    bmm whose batch entries run on separate threads.
-
-    The blocks are multiplied as x @ block^T, the layout of layer(x) itself: the older
-    block @ x^T layout cost ~2x the CPU time of layer(x) per block on torch 2.13 / MKL 2024.
-    generate_stream leaves the split off (P = 1): on this torch MKL already spreads a
-    one-row layer(x) over the threads, and measured as fast or faster than the blocks for
-    both the baby GPT's and GPT-2's matrices (docs/modern_model.md, "Measured")."""
-    P = cache.split if cache is not None else 1
-    rows = x.numel() // x.size(-1)
-    if P == 1 or rows > 16 or not isinstance(layer, nn.Linear) or layer.out_features < P:
-        return layer(x)  # prefill, training, LoRA and int8 layers (whose kernel is already parallel)
-    out, inp = layer.weight.shape
-    main = out - out % P  # GPT-2's 50257 outputs: 50256 in blocks, 1 row on its own
-    blocks = layer.weight[:main].view(P, main // P, inp)  # (P, out/P, in)
-    xs = x.reshape(1, rows, inp).expand(P, rows, inp)  # (P, rows, in), no copy
-    y = torch.bmm(xs, blocks.transpose(1, 2))  # (P, rows, out/P)
-    y = y.transpose(0, 1).reshape(rows, main)  # (rows, out)
-    if main < out:
-        y = torch.cat([y, x.reshape(rows, inp) @ layer.weight[main:].t()], dim=1)
-    y = y.reshape(*x.shape[:-1], out)  # (..., out)
-    return y if layer.bias is None else y + layer.bias
-
-
 # ---------------------------------------------------------------- LoRA adapters
 # Low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685): a frozen weight W
 # plus a trainable update (alpha / r) * B @ A, with A (r, in) and B (out, r). B starts at
@@ -240,8 +212,8 @@ class LoRALinear(nn.Module):
     """y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T, with W and b frozen.
 
     It keeps the wrapped Linear's weight and bias under the same names, so a state dict has
-    the base keys unchanged plus `lora_A` and `lora_B`. Not an nn.Linear: linear() runs it
-    as layer(x) (sample.py and evaluate.py merge the adapters before inference anyway)."""
+    the base keys unchanged plus `lora_A` and `lora_B` (sample.py and evaluate.py merge the
+    adapters before inference)."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
@@ -349,7 +321,7 @@ def quantize_per_channel(w):
 def int8_kernel_available(device_type):
     """True where torch has a fused int8-weight x float-activation matmul for the device
     (aten._weight_int8pack_mm: CPU in torch 2.x; MPS in recent releases)."""
-    return device_type in ("cpu", "mps") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    return device_type in ("cpu", "mps") and hasattr(torch, "_weight_int8pack_mm")
 
 
 class Int8Linear(nn.Module):
@@ -357,8 +329,10 @@ class Int8Linear(nn.Module):
 
     kernel=True: torch.ops.aten._weight_int8pack_mm(x (M, in), q (out, in) int8, scales (out,))
     in bfloat16. Its float32 variant is 3-20x slower than bfloat16 on our CPU (measured in
-    docs/lora_int8.md), so activations go in as bfloat16 and the result comes back in x's
-    dtype. kernel=False: dequantize the weight to x's dtype on every call and F.linear."""
+    docs/lora_int8.md), so activations go in as bfloat16; the bfloat16 result comes back in
+    float32 through the bias add itself (float32 bias + bfloat16 -> float32: one op, not a
+    conversion and an add). kernel=False: dequantize the weight to x's dtype on every call
+    and F.linear."""
 
     def __init__(self, layer, kernel):
         super().__init__()
@@ -370,21 +344,26 @@ class Int8Linear(nn.Module):
         self.kernel = kernel
         if kernel:
             self.register_buffer("scale_bf16", scale.to(layer.weight.device, torch.bfloat16))
-        self._matmul = self._kernel_matmul if kernel else self._dequant_matmul  # chosen once
+        self._forward = self._kernel_forward if kernel else self._dequant_forward  # chosen once
 
     def dequantized_weight(self, dtype=torch.float32):
         return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)  # (out, in)
 
-    def _kernel_matmul(self, x2):
-        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale_bf16)
+    def _kernel_forward(self, x):
+        # torch._weight_int8pack_mm is torch.ops.aten._weight_int8pack_mm without the Python
+        # dispatch wrapper (~1 us less per call, 49 calls per GPT-2 token)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                      self.weight_int8, self.scale_bf16)  # (rows, out) bfloat16
+        y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
+        # the promotion to float32 is the bias add's own (as y.float() + bias, bit for bit)
+        return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)
 
-    def _dequant_matmul(self, x2):
-        return F.linear(x2, self.dequantized_weight(x2.dtype))
+    def _dequant_forward(self, x):
+        y = F.linear(x, self.dequantized_weight(x.dtype))  # (..., out)
+        return y if self.bias is None else y + self.bias
 
     def forward(self, x):
-        y = self._matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # (rows, out)
-        y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
-        return y if self.bias is None else y + self.bias
+        return self._forward(x)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
@@ -400,7 +379,8 @@ class Int8Embedding(nn.Module):
 
     def forward(self, idx):
         head = self.head[0]
-        return head.weight_int8[idx].float() * head.scale[idx][..., None]  # (..., C)
+        # int8 rows times float32 scales: the product promotes to float32 (no separate .float())
+        return torch.mul(head.weight_int8[idx], head.scale[idx][..., None])  # (..., C)
 
 
 def quantize_int8(model, kernel=None):
@@ -453,7 +433,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
         nh = self.n_head
-        qkv = linear(self.c_attn, x, cache).view(B, T, 3 * nh, hs)  # (B, T, 3 nh, hs): q, k, v heads
+        qkv = self.c_attn(x).view(B, T, 3 * nh, hs)  # (B, T, 3 nh, hs): q, k, v heads
         # norm and rotate queries and keys in one call each (same per-head arithmetic, half the ops)
         qk = self.rotate(self.qk_norm(qkv[:, :, :2 * nh]), rope)  # (B, T, 2 nh, hs)
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
@@ -486,7 +466,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, Tq, hs)
         y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C): heads side by side
-        return self.resid_dropout(linear(self.c_proj, y, cache))
+        return self.resid_dropout(self.c_proj(y))
 
     def explicit_attention(self, q, k, v):
         """softmax(q k^T / sqrt(hs) + causal mask) @ v with dropout on the probabilities, where
@@ -511,9 +491,9 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.dropout)
         self.act = gelu_tanh if config.mlp_act == "gelu" else relu_squared
 
-    def forward(self, x, cache=None):
-        h = self.act(linear(self.c_fc, x, cache))
-        return self.dropout(linear(self.c_proj, h, cache))
+    def forward(self, x):
+        h = self.act(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -529,7 +509,7 @@ class Block(nn.Module):
     def forward(self, x, rope=None, cache=None, last_only=False):
         a = self.attn(self.ln_1(x), rope, cache, last_only)  # (B, 1, C) when last_only
         x = (x[:, -1:] if last_only else x) + a
-        x = x + self.mlp(self.ln_2(x), cache)
+        x = x + self.mlp(self.ln_2(x))
         return x
 
 
@@ -782,7 +762,7 @@ class GPT(nn.Module):
         self.eval()  # generation never uses dropout
         try:
             rolling = self.rotary is not None  # see the docstring
-            cache = KVCache(self.config.n_layer, block_size, rolling=rolling)  # split off: see linear()
+            cache = KVCache(self.config.n_layer, block_size, rolling=rolling)
             if rolling:
                 hidden = self._hidden(seq[:, :min(T, block_size)], cache, last_only=True)[:, -1, :]  # (B, C)
                 for t in range(block_size, T):  # the rest of a long prompt through the rolling cache
@@ -791,7 +771,7 @@ class GPT(nn.Module):
                 start = max(0, T - block_size)
                 hidden = self._hidden(seq[:, start:T], cache, last_only=True)[:, -1, :]  # (B, C)
             for step in range(max_new_tokens):
-                logits = self.softcap(linear(self.lm_head, hidden, cache))  # (B, V)
+                logits = self.softcap(self.lm_head(hidden))  # (B, V)
                 if vocab_limit is not None:
                     logits = logits[:, :vocab_limit]
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -920,9 +900,9 @@ class GPT(nn.Module):
         # fused AdamW exists for CUDA (torch 2.0+) and CPU (torch 2.4+); MPS in recent releases
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         extra = dict(fused=True) if fused else dict()
-        try:
-            optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-        except RuntimeError:  # an older torch without the fused kernel for this device
+        try:  # copies: AdamW writes its defaults (fused=True) into the group dicts it is given
+            optimizer = torch.optim.AdamW([dict(g) for g in groups], lr=learning_rate, betas=betas, **extra)
+        except RuntimeError:  # an older torch without the fused kernel for this device (CPU before 2.4)
             fused = False
             optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
         print(f"optimizer: AdamW, fused kernel: {fused}")

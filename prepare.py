@@ -1154,6 +1154,8 @@ def already_prepared(name, overrides):
             return None
     elif any(k not in NOT_CONTENT_OPTIONS for k in overrides):
         return None  # prepared before knobs were recorded: asked for something, so make it again
+    if opts.get("input") and not Path(opts["input"]).exists():
+        return None  # a mistyped --input: preparing again reports it (and changes nothing)
     if opts.get("input") and Path(opts["input"]).is_file():
         if sha256_of(opts["input"]) not in (meta.get("source_sha256") or {}).values():
             return None

@@ -68,6 +68,19 @@ def test_comparison_table_lines_up_implementations_and_ratios():
     assert lines[2].split()[-5:] == ['30.0', '7.5', '15.0', '4.00x', '2.00x']
 
 
+def test_int8_generation_runs_in_rounds_beside_ours():
+    """--quantize=int8 measures ours and int8 in the same rounds (ours, int8, ours, int8, ...):
+    one decode time per round each, and the table lists every round's int8/ours ratio."""
+    results, r = run_bench('--mode=generate', '--quantize=int8', '--gen_batch_sizes=[1]', '--repeats=3')
+    assert [x['impl'] for x in results] == ['ours', 'int8']
+    for x in results:
+        assert len(x['decode_ms_all']) == 3 and all(t > 0 for t in x['decode_ms_all'])
+        assert x['decode_ms_per_token'] == pytest.approx(sorted(x['decode_ms_all'])[1], abs=1e-3)  # the median
+    line = next(line for line in r.stdout.splitlines() if line.startswith('decode int8/ours B=1, per round:'))
+    assert len(line.split(':')[1].split('(')[0].split()) == 3
+    assert 'int8 weight-only' in r.stdout + r.stderr
+
+
 @pytest.mark.skipif(not os.environ.get('NANOGPT_DIR'), reason='set NANOGPT_DIR to a nanoGPT checkout to test the comparison')
 def test_nanogpt_comparison_runs():
     results, r = run_bench('--mode=all', f"--nanogpt_dir={os.environ['NANOGPT_DIR']}")

@@ -874,3 +874,23 @@ def test_plot_loss_of_a_log_without_losses_is_one_line(tmp_path, log):
     code, stderr = captured(plot.main, ['loss', str(tmp_path / 'run')])
     assert_error_line(code, stderr, 'no loss records', 'log.jsonl')
     assert not (tmp_path / 'run' / 'loss.png').exists()  # no empty picture
+
+
+@pytest.mark.parametrize('body, code, stderr', [
+    ("print('done', end='')", 0, ''),  # unflushed output still arrives
+    ("common.die('bad flag; use --x=1')", 1, 'error: bad flag; use --x=1\n'),
+    ("raise SystemExit(3)", 3, ''),
+    ("raise RuntimeError('boom')", 1, 'RuntimeError: boom'),
+])
+def test_ddp_exit_keeps_the_status_and_message_python_would_give(body, code, stderr):
+    """common.ddp_exit() (a torchrun worker's last call, skipping finalization) exits with the status
+    and prints the one line (or traceback) of the exception in flight, and flushes buffered output."""
+    script = (f"import atexit, common\natexit.register(lambda: print('atexit ran'))\n"
+              f"try:\n    {body}\nfinally:\n    common.ddp_exit()\n")
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == ('done' if code == 0 else '')  # and atexit handlers (finalization) did not run
+    if stderr.startswith('error:') or not stderr:
+        assert proc.stderr == stderr
+    else:
+        assert proc.stderr.startswith('Traceback') and proc.stderr.rstrip().endswith(stderr)

@@ -394,23 +394,6 @@ def test_generate_stream_equals_generate_and_restores_mode():
     assert torch.is_grad_enabled()
 
 
-@pytest.mark.parametrize("out_features", [65, 96, 50257 % 1000 + 7])
-@pytest.mark.parametrize("split", [2, 3, 4])
-@pytest.mark.parametrize("bias", [True, False])
-def test_split_linear_matches_the_layer(out_features, split, bias):
-    """Decoding on CPU computes few-row products as parallel blocks of the weight (with a
-    remainder when out_features does not divide); it must equal the layer itself."""
-    from model import linear
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(48, out_features, bias=bias)
-    cache = KVCache(1, 8, split=split)
-    for shape in [(1, 48), (3, 48), (2, 1, 48), (16, 48)]:
-        x = torch.randn(*shape)
-        torch.testing.assert_close(linear(layer, x, cache), layer(x), atol=1e-5, rtol=1e-5)
-    x = torch.randn(2, 17, 48)  # many rows (prefill): the layer's own matmul
-    assert torch.equal(linear(layer, x, cache), layer(x))
-
-
 def test_padded_vocab_is_never_sampled():
     model = tiny(vocab_size=64)
     with torch.no_grad():  # make the padded ids the likeliest by far

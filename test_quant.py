@@ -56,6 +56,34 @@ def test_kernel_matches_the_dequantized_reference(rows):
     torch.testing.assert_close(y_ref, layer(x), rtol=0, atol=2e-2 * y_ref.abs().max().item())
 
 
+@pytest.mark.skipif(not KERNEL, reason="this torch has no _weight_int8pack_mm for CPU")
+@pytest.mark.parametrize('bias', [True, False])
+def test_kernel_path_is_the_kernel_plus_a_float32_bias(bias):
+    """The fast path returns the kernel's bfloat16 product in float32 through the bias add's own
+    type promotion: bit for bit kernel(x in bfloat16).float() + bias, for any leading shape."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 40, bias=bias)
+    fast = Int8Linear(layer, kernel=True)
+    x = torch.randn(2, 3, 96)
+    y = fast(x)
+    ref = torch.ops.aten._weight_int8pack_mm(x.reshape(6, 96).to(torch.bfloat16), fast.weight_int8,
+                                             fast.scale.to(torch.bfloat16)).float().view(2, 3, 40)
+    if bias:
+        ref = ref + layer.bias
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+
+
+def test_int8_embedding_reads_the_dequantized_rows():
+    """The tied token embedding of a quantized model is the lm_head's dequantized table, row by
+    row, exactly (int8 rows times float32 scales)."""
+    q = random_gpt()
+    quantize_int8(q)
+    idx = torch.randint(0, 256, (3, 5))
+    rows = q.transformer.wte(idx)
+    assert rows.dtype == torch.float32 and rows.shape == (3, 5, 64)
+    assert torch.equal(rows, q.lm_head.dequantized_weight()[idx])
+
+
 @pytest.mark.parametrize('kernel', [True, False] if KERNEL else [False])
 def test_quantized_logits_close_to_float(kernel):
     """Logits of the int8 model within 5% of the float logits' spread (max error), and the
@@ -76,14 +104,14 @@ def test_quantized_logits_close_to_float(kernel):
 
 @pytest.mark.parametrize('kernel', [True, False] if KERNEL else [False])
 def test_quantized_kv_cache_equals_recomputation(kernel):
-    """Decoding one token at a time through the KV cache (and linear()'s CPU split path)
-    gives the logits of a full forward over the same prefix."""
+    """Decoding one token at a time through the KV cache gives the logits of a full forward
+    over the same prefix."""
     q = random_gpt()
     quantize_int8(q, kernel=kernel)
     idx = torch.randint(0, 256, (2, 20))
     tol = 2e-2 if kernel else 1e-4  # bfloat16 activations round differently for 1 row and for 20
     with torch.inference_mode():
-        cache = KVCache(q.config.n_layer, q.config.block_size, split=2)
+        cache = KVCache(q.config.n_layer, q.config.block_size)
         h = q._hidden(idx[:, :8], cache)
         for t in range(8, 20):
             h = q._hidden(idx[:, t:t + 1], cache)

@@ -23,3 +23,13 @@ def test_runtime_requirements_are_the_four_packages():
             for line in (ROOT / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
     assert sorted(reqs) == ["numpy", "requests", "tiktoken", "torch"], reqs
+
+
+def test_torch_floor_is_stated_once_and_enforced():
+    """requirements.txt's torch floor is common.MIN_TORCH, and an older torch gets one clear line."""
+    import common
+    floor = re.search(r"^torch>=([0-9.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert tuple(int(x) for x in floor.split(".")) == common.MIN_TORCH
+    assert "too old" in common.torch_too_old("2.2.2+cu121") and "pip install -U torch" in common.torch_too_old("2.1.0")
+    assert common.torch_too_old("2.3.1") is None and common.torch_too_old("2.13.0+cpu") is None
+    assert common.torch_too_old("3.0.0a0+git1234") is None

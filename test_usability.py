@@ -100,6 +100,20 @@ def test_prepare_says_already_prepared_and_force_redoes_it(tmp_path, capsys):
     assert 'val.bin' in capsys.readouterr().out
 
 
+def test_prepared_dataset_with_a_mistyped_input_says_so_and_keeps_the_data(tmp_path, capsys):
+    """An --input that does not exist is an error even when the dataset is already prepared
+    (not 'nothing to do', which hides the typo); the prepared files stay as they were."""
+    text = tmp_path / 'input.txt'
+    text.write_text('To be, or not to be, that is the question.\n' * 300)
+    args = ['shakespeare_char', f'--data_dir={tmp_path}', f'--input={text}']
+    assert prepare.main(args) == 0
+    before = (tmp_path / 'shakespeare_char' / 'train.bin').read_bytes()
+    capsys.readouterr()
+    assert prepare.main(['shakespeare_char', f'--data_dir={tmp_path}', f'--input={tmp_path / "inptu.txt"}']) == 1
+    assert capsys.readouterr().err == f'error: --input={tmp_path / "inptu.txt"} is not a file\n'
+    assert (tmp_path / 'shakespeare_char' / 'train.bin').read_bytes() == before
+
+
 def test_perplexity_defaults_to_the_checkpoints_own_dataset(tmp_path, capsys):
     prepare.prepare('counting', data_dir=tmp_path, num_train=200, num_val=50)
     data_dir = tmp_path / 'counting'

@@ -730,4 +730,7 @@ except KeyboardInterrupt:  # Ctrl-C before training started (later it is a grace
 finally:
     run_lock.release()
     if ddp:
+        if wandb_log and master_process and 'wandb' in sys.modules:
+            sys.modules['wandb'].finish()  # its atexit hook does not run after ddp_exit()
         common.ddp_teardown()
+        common.ddp_exit()  # no interpreter finalization: it races gloo's threads (see its docstring)

@@ -31,7 +31,7 @@ run() {  # run NAME DIR ARGS...: time one training process, print its last val l
   echo "$name: val loss $val, wall $wall s, peak RSS $((rss / 1024)) MB"
 }
 
-echo "$(date -u '+%F %T UTC'), $(nproc) cores, $("$PYTHON" -c 'import torch; print("torch", torch.__version__)')"
+echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $("$PYTHON" -c 'import torch; print("torch", torch.__version__)')"
 for i in $(seq "$REPEATS"); do
   run "nanogpt-$i" "$NANOGPT_DIR" train.py config/train_shakespeare_char.py --device=cpu --compile=False \
       --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \
