@@ -1,8 +1,8 @@
 # The CPU quick start: a small character-level GPT on Shakespeare with the modern recipe (Muon,
 # RoPE, QK-norm; docs/speedrun.md). Val loss (fixed seed and batches; 2026-11-24, torch 2.13.0
 # CPU, 2 threads): 1.7349 at step 500, 1.5817 at 1000, 1.5345 at 1500 (one thread: 1.7443, 1.5872,
-# 1.5383). 0.8M parameters. Wall time on a quiet 2-core VM: 181.9 s, whole process, peak RSS
-# 519 MB (docs/speedrun.md). The GPT-2 recipe it replaced (AdamW, learned
+# 1.5383). 0.8M parameters. Wall time on a quiet 2-core VM: 175.3-181.9 s (two runs), whole process,
+# peak RSS 519 MB (docs/speedrun.md). The GPT-2 recipe it replaced (AdamW, learned
 # positions, block 64) ended at 1.72 in about 5 minutes.
 # python prepare.py shakespeare_char && python train.py config/train_shakespeare_char_cpu.py
 
