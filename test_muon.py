@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, MuonAdamW, NS_COEFFICIENTS, orthogonalize
-from test_train import ENV, REPO, TINY, assert_one_line_error, assert_same_losses, data, read_log, run_train, torchrun  # noqa: F401
+from test_train import (REPO, TINY, assert_exact_resume, assert_one_line_error, assert_same_losses,  # noqa: F401
+                        data, read_log, run_train, torchrun)
 
 
 def ns_on_singular_values(s, steps):
@@ -143,12 +144,7 @@ def test_train_muon_loss_decreases_and_bad_knobs(tmp_path, data):
 def test_muon_exact_resume(tmp_path, data):
     """8 iterations straight give the same losses as 4, stop, resume for 4 more (momentum and Adam state saved)."""
     args = [*MUON, f'--data_dir={data}', '--dropout=0.1', '--gradient_accumulation_steps=2', '--eval_interval=4']
-    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-    assert run_train(*args, f'--out_dir={straight}', '--max_iters=8').returncode == 0
-    assert run_train(*args, f'--out_dir={resumed}', '--max_iters=4').returncode == 0
-    proc = run_train(*args, f'--out_dir={resumed}', '--max_iters=8', '--init_from=resume')
-    assert proc.returncode == 0, proc.stderr
-    assert_same_losses(straight, resumed, rel=1e-6)
+    assert_exact_resume(args, tmp_path, iters=8)
 
 
 @pytest.mark.slow

@@ -69,6 +69,20 @@ def assert_same_losses(a_dir, b_dir, rel):
     assert [row[3] for row in a] == pytest.approx([row[3] for row in b], rel=rel, abs=0)
 
 
+def assert_exact_resume(args, tmp_path, iters):
+    """`iters` iterations straight give the losses of iters // 2, a stop and a resume to `iters`
+    (into tmp_path/'straight' and tmp_path/'resumed'). Returns the straight run's folder and the
+    resuming process."""
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    proc = run_train(*args, f'--out_dir={straight}', f'--max_iters={iters}')
+    assert proc.returncode == 0, proc.stderr
+    assert run_train(*args, f'--out_dir={resumed}', f'--max_iters={iters // 2}').returncode == 0
+    proc = run_train(*args, f'--out_dir={resumed}', f'--max_iters={iters}', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr
+    assert_same_losses(straight, resumed, rel=1e-6)
+    return straight, proc
+
+
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0, proc.stdout
     assert 'Traceback' not in proc.stderr, proc.stderr
@@ -255,14 +269,9 @@ def test_loss_decreases(tmp_path, data):
 def test_exact_resume(tmp_path, data):
     """2N iterations straight give the same losses as N, stop, resume for N more (dropout on)."""
     args = [*TINY, f'--data_dir={data}', '--dropout=0.1', '--gradient_accumulation_steps=2', '--eval_interval=4']
-    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-    assert run_train(*args, f'--out_dir={straight}', '--max_iters=8').returncode == 0
-    assert run_train(*args, f'--out_dir={resumed}', '--max_iters=4').returncode == 0
-    proc = run_train(*args, f'--out_dir={resumed}', '--max_iters=8', '--init_from=resume')
-    assert proc.returncode == 0, proc.stderr
+    _, proc = assert_exact_resume(args, tmp_path, iters=8)
     assert 'resuming from' in proc.stdout
-    assert_same_losses(straight, resumed, rel=1e-6)
-    assert len(read_log(resumed, 'train')) == 8
+    assert len(read_log(tmp_path / 'resumed', 'train')) == 8
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path, data):
