@@ -433,8 +433,6 @@ def main(argv):
     for key in ('burn_in', 'gen_vocab_size', 'seed'):
         if cfg[key] < 0:
             common.die(f"{key} must be >= 0, got {cfg[key]}")
-    if cfg['n_embd'] % cfg['n_head']:
-        common.die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
     if not 0 <= cfg['dropout'] < 1:
         common.die(f"dropout must be in [0, 1), got {cfg['dropout']}")
     if not (cfg['temperature'] >= 0 and cfg['temperature'] < float('inf')):

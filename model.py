@@ -412,8 +412,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head != 0:
-            raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
         # key, query, value projections for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -999,7 +997,10 @@ GPT2_KNOBS = dict(pos_emb="learned", norm="layernorm", mlp_act="gelu", qk_norm=F
 
 
 def check_knobs(config):
-    """ValueError naming the GPTConfig field and its allowed values for a bad modern knob."""
+    """ValueError naming the GPTConfig field and its allowed values for a bad knob: the heads'
+    split of n_embd and the modern knobs (train.py and bench.py check flags with it up front)."""
+    if config.n_embd % config.n_head:
+        raise ValueError(f"GPTConfig.n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"GPTConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(config, name)!r}")

@@ -227,7 +227,7 @@ def test_prepare_counting_bad_options(tmp_path, argv, fragments):
     ('bench', ['--top_k=-1'], ['top_k', '>= 0']),
     ('bench', ['--batch_size=0'], ['batch_size', '>= 1']),
     ('bench', ['--max_new_tokens=0'], ['max_new_tokens', '>= 1']),
-    ('bench', ['--n_head=5'], ['n_embd=384', 'n_head=5']),
+    ('bench', ['--n_head=5'], ['n_embd 384', 'divisible by n_head 5']),
     ('bench', ['--dropout=1'], ['dropout']),
     ('bench', ['--pos_emb=rope', '--n_embd=18', '--n_head=6'], ['even head size', '18']),
     ('bench', ['--burn_in=-1'], ['burn_in', '>= 0']),
