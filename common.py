@@ -633,17 +633,24 @@ class RunLock:
         self.held = False
 
 
-def open_tokens(path):
-    """np.memmap of a uint16 token file, after checking that it is one: an odd byte size or an
-    empty file is a one-line error instead of numpy's ValueError."""
-    import numpy as np
+def token_count(path, allow_empty=True):
+    """The number of uint16 tokens in a token file, after checking that it is one: an odd byte
+    size (or, with allow_empty=False, an empty file) is a one-line error."""
     try:
         n_bytes = os.path.getsize(path)
     except OSError as e:
         die(f"cannot read {path}: {e.strerror}")
-    if n_bytes % 2 or n_bytes == 0:
+    if n_bytes % 2 or (n_bytes == 0 and not allow_empty):
         die(f"{path} has {'an odd size' if n_bytes else 'no tokens'} ({n_bytes:,} bytes) but should hold "
             f"uint16 tokens: it is truncated or not a token file; prepare the dataset again")
+    return n_bytes // 2
+
+
+def open_tokens(path):
+    """np.memmap of a uint16 token file that holds tokens (token_count's checks) instead of
+    numpy's ValueError."""
+    import numpy as np
+    token_count(path, allow_empty=False)
     return np.memmap(path, dtype=np.uint16, mode='r')
 
 

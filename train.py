@@ -231,11 +231,7 @@ try:  # from here on, leave the process group on any exit so other ranks do not 
         if not os.path.isfile(path):
             common.die(f"no {path}: prepare the dataset first with `python prepare.py {dataset}` "
                        f"(or point --data_dir at a folder with train.bin and val.bin)")
-        n_bytes = os.path.getsize(path)
-        if n_bytes % 2:
-            common.die(f"{path} has an odd size ({n_bytes:,} bytes) but holds uint16 tokens: it is truncated "
-                       f"or not a token file; prepare the dataset again")
-        split_sizes[split] = n_bytes // 2  # uint16 tokens
+        split_sizes[split] = common.token_count(path)  # an empty split fails the block_size check below
         if split_sizes[split] < block_size + 1:
             common.die(f"{path} has {split_sizes[split]} tokens but block_size={block_size} needs at least "
                        f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
