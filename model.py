@@ -282,17 +282,28 @@ def lora_state_dict(model):
 def merge_lora(model):
     """Replace every LoRALinear in model by an nn.Linear with the merged weight W + (alpha/r) B A
     (same outputs, no adapter cost at inference). In place; returns model."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=child.weight.device, dtype=child.weight.dtype)
-                with torch.no_grad():
-                    merged.weight.copy_(child.merged_weight())
-                    if child.bias is not None:
-                        merged.bias.copy_(child.bias)
-                setattr(module, child_name, merged)
+    def merged(child):
+        layer = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                          device=child.weight.device, dtype=child.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(child.merged_weight())
+            if child.bias is not None:
+                layer.bias.copy_(child.bias)
+        return layer
+
+    replace_modules(model, LoRALinear, merged)
     return model
+
+
+def replace_modules(model, kind, make):
+    """Replace, in place, every submodule of type kind by make(submodule); returns how many."""
+    n = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, kind):
+                setattr(module, child_name, make(child))
+                n += 1
+    return n
 
 
 def merged_state_dict(model):
@@ -392,12 +403,7 @@ def quantize_int8(model, kernel=None):
     if kernel is None:
         kernel = int8_kernel_available(device_type)
     tied = model.transformer.wte.weight is model.lm_head.weight
-    n = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child, kernel))
-                n += 1
+    n = replace_modules(model, nn.Linear, lambda layer: Int8Linear(layer, kernel))
     if tied:
         model.transformer.wte = Int8Embedding(model.lm_head)
     if kernel:
