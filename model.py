@@ -591,20 +591,22 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
     ids = None  # candidate ids when the candidates are a subset, (B, k)
     if top_k is not None and top_k < logits.size(-1):
-        # the rest is done on the k candidates only: softmax, sort and the sampler's random
-        # draws over 50k entries cost more than the topk itself
+        # a temperature > 0 keeps the order: pick the k candidates, then scale, softmax, sort
+        # and draw over k entries only (each of those over 50k entries costs more than topk)
         logits, ids = torch.topk(logits, top_k)  # (B, k), sorted descending
-    probs = F.softmax(logits, dim=-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
     if top_p is not None:
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)  # (B, V)
         # drop a token when the tokens ranked above it already hold top_p of the mass;
         # the most likely token is always kept
         probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, 0.0)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    # one draw from probs: the index of the largest probs / Exp(1) noise (an exponential race,
+    # how torch.multinomial draws one sample, without its validity checks: a softmax needs none)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
