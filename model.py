@@ -24,8 +24,9 @@ import functools
 import inspect
 import json
 import math
+import mmap
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -394,6 +395,42 @@ class Int8Embedding(nn.Module):
         return torch.mul(head.weight_int8[idx], head.scale[idx][..., None])  # (..., C)
 
 
+def huge_page_buffer(nbytes):
+    """A uint8 CPU tensor of nbytes starting at a 2 MiB boundary, in memory that Linux is asked
+    to back with 2 MiB transparent huge pages (madvise MADV_HUGEPAGE); None where the OS has no
+    such request. Private anonymous memory: a shared mapping would need shmem huge pages."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    huge = 2 << 20
+    buf = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE)  # page-aligned, untouched
+    whole = torch.frombuffer(buf, dtype=torch.uint8)  # shares buf's memory and keeps buf alive
+    start = -whole.data_ptr() % huge
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes)  # before the first write, which faults the pages in
+    except OSError:  # a kernel built without transparent huge pages
+        return None
+    return whole[start:start + nbytes]
+
+
+def pack_int8_weights(model):
+    """Move the int8 weights of every Int8Linear into one huge-page buffer, in forward order.
+    Decoding reads all of them every token: GPT-2's 124 MB span 31k pages of 4 KiB but 62 of
+    2 MiB, and the int8 kernel, which prefetches little, then waits less on address
+    translation (our reading; measured: ~10% faster decoding, docs/lora_int8.md). Returns
+    False, changing nothing, where the OS has no huge pages to ask for."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    starts = [0]
+    for m in layers:  # each matrix at a 64-byte (cache line) boundary
+        starts.append(starts[-1] + -(-m.weight_int8.numel() // 64) * 64)
+    buffer = huge_page_buffer(starts[-1])
+    if buffer is None:
+        return False
+    for m, start in zip(layers, starts):
+        q = m.weight_int8
+        m.weight_int8 = buffer[start:start + q.numel()].view(torch.int8).view(q.shape).copy_(q)  # (out, in)
+    return True
+
+
 def quantize_int8(model, kernel=None):
     """Replace every nn.Linear of model (blocks and lm_head) by Int8Linear, and a tied token
     embedding by Int8Embedding over the same int8 table. In place, for inference. kernel None:
@@ -406,12 +443,14 @@ def quantize_int8(model, kernel=None):
     n = replace_modules(model, nn.Linear, lambda layer: Int8Linear(layer, kernel))
     if tied:
         model.transformer.wte = Int8Embedding(model.lm_head)
+    huge = device_type == "cpu" and pack_int8_weights(model)
     if kernel:
         path = "torch.ops.aten._weight_int8pack_mm (int8 weights x bfloat16 activations)"
     else:
         why = "asked for" if int8_kernel_available(device_type) else f"no int8 kernel for {device_type} in this torch"
         path = f"dequantize-on-the-fly ({why})"
-    return f"int8 weight-only: {n} Linear layers{' + tied embedding' if tied else ''}, matmul via {path}"
+    pages = ", weights in one buffer, 2 MiB pages requested" if huge else ""
+    return f"int8 weight-only: {n} Linear layers{' + tied embedding' if tied else ''}, matmul via {path}{pages}"
 
 
 class CausalSelfAttention(nn.Module):

@@ -4,6 +4,7 @@ quantize knob of sample.py / evaluate.py. Tiny random models on CPU.
 """
 
 import copy
+import mmap
 import os
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 import common
-from model import (GPT, GPTConfig, Int8Linear, KVCache, int8_kernel_available, quantize_int8,
-                   quantize_per_channel)
+from model import (GPT, GPTConfig, Int8Linear, KVCache, huge_page_buffer, int8_kernel_available,
+                   pack_int8_weights, quantize_int8, quantize_per_channel, replace_modules)
 from test_train import ENV, REPO
 
 KERNEL = int8_kernel_available('cpu')
@@ -128,6 +129,74 @@ def test_quantized_kv_cache_equals_recomputation(kernel):
         assert torch.equal(out, seq)
     else:  # a token may differ only where two logits are within the rounding tolerance
         assert (out == seq).float().mean() >= 0.9
+
+
+# Linux with transparent huge pages built in (madvise then marks the mapping)
+HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def vm_flags(address):
+    """The VmFlags of the mapping that holds address, from /proc/self/smaps (Linux)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not HUGE_PAGES, reason="this OS has no transparent huge pages to ask for")
+def test_huge_page_buffer_is_aligned_and_advised():
+    """The buffer starts at a 2 MiB boundary, is writable, and its mapping is marked for huge
+    pages ('hg' in smaps' VmFlags: madvise(MADV_HUGEPAGE) took effect)."""
+    buf = huge_page_buffer(5 << 20)
+    assert buf.dtype == torch.uint8 and buf.numel() == 5 << 20
+    assert buf.data_ptr() % (2 << 20) == 0
+    buf.fill_(7)
+    assert int(buf[-1]) == 7
+    assert "hg" in vm_flags(buf.data_ptr())
+
+
+@pytest.mark.skipif(not HUGE_PAGES, reason="this OS has no transparent huge pages to ask for")
+def test_packed_int8_weights_share_one_buffer_and_compute_the_same():
+    """quantize_int8 on CPU moves every int8 matrix into one buffer, in forward order, each at a
+    64-byte boundary, without changing a value: logits equal those of the unpacked model."""
+    model = random_gpt()
+    loose = copy.deepcopy(model)
+    replace_modules(loose, torch.nn.Linear, lambda layer: Int8Linear(layer, KERNEL))  # as quantize_int8, unpacked
+    packed = copy.deepcopy(loose)
+    assert pack_int8_weights(packed)
+    weights = [m.weight_int8 for m in packed.modules() if isinstance(m, Int8Linear)]
+    assert len(weights) == 4 * 2 + 1
+    base = weights[0].untyped_storage().data_ptr()
+    assert all(w.untyped_storage().data_ptr() == base for w in weights)  # one buffer
+    offsets = [w.data_ptr() - weights[0].data_ptr() for w in weights]
+    assert offsets == sorted(offsets) and all(o % 64 == 0 for o in offsets)
+    assert weights[0].data_ptr() % (2 << 20) == 0
+    for a, b in zip(weights, (m.weight_int8 for m in loose.modules() if isinstance(m, Int8Linear))):
+        assert a.is_contiguous() and torch.equal(a, b)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(packed(idx)[0], loose(idx)[0])
+    # quantize_int8 packs them itself and says so
+    q = copy.deepcopy(model)
+    assert "2 MiB pages requested" in quantize_int8(q)
+    assert q.lm_head.weight_int8.untyped_storage().data_ptr() == q.transformer.h[0].attn.c_attn.weight_int8.untyped_storage().data_ptr()
+
+
+def test_no_huge_pages_leaves_the_weights_where_they_are(monkeypatch):
+    """Where the OS has no huge-page request (no mmap.MADV_HUGEPAGE: macOS, Windows), quantize_int8
+    keeps one tensor per matrix and its notice does not claim huge pages."""
+    monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
+    q = random_gpt()
+    notice = quantize_int8(q)
+    assert "pages" not in notice
+    a, b = q.lm_head.weight_int8, q.transformer.h[0].attn.c_attn.weight_int8
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
 def test_sample_py_int8_notice_and_output(tmp_path):
