@@ -18,7 +18,6 @@ prints its one-line message to stderr and exits with status 1, without a traceba
 import ast
 import difflib
 import errno
-import io
 import os
 import socket
 import sys
