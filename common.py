@@ -789,6 +789,14 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
     else:
         raise ConfigError(f"init_from={init_from!r} not understood: use resume (out_dir/ckpt.pt), "
                           f"{', '.join(PRETRAINED)}, or the path of a local Hugging Face model folder")
+    # NaN or inf weights would sample garbage (or fail deep inside sampling): say so here. A sum
+    # is NaN or inf exactly when an element is (weights are far too small to overflow it), and
+    # takes 0.03 s for GPT-2 124M where isfinite(t).all() takes 0.5 s
+    broken = next((name for name, t in model.state_dict().items()
+                   if t.is_floating_point() and not torch.isfinite(t.sum())), None)
+    if broken is not None:
+        raise ConfigError(f"{info['source']}: {broken} holds NaN or inf values, so the model cannot "
+                          f"predict anything; these weights come from a run that diverged: use an earlier checkpoint")
     info['vocab_size'] = model.config.vocab_size
     model.to(device)
     model.eval()

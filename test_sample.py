@@ -168,6 +168,20 @@ def test_corrupt_and_foreign_checkpoints_error_clearly(tmp_path):
     assert r.returncode == 1 and 'Traceback' not in r.stderr and 'corrupt' in r.stderr
 
 
+def test_diverged_checkpoint_errors_instead_of_sampling_garbage(char_run):
+    """A checkpoint whose weights hold a NaN (a diverged run; train.py itself stops before saving
+    one, nanoGPT may not) is refused at load with the weight's name, before any sampling."""
+    out_dir, model = char_run
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[3, 5] = float('nan')
+    save_like_train(model, out_dir, 'chars', out_dir.parent / 'data' / 'chars')
+    with pytest.raises(common.ConfigError, match=r'transformer\.h\.1\.mlp\.c_fc\.weight holds NaN or inf'):
+        common.load_model('resume', out_dir)
+    r = run_script(f'--out_dir={out_dir}', '--max_new_tokens=5')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stdout == ''
+    assert r.stderr.strip().splitlines()[-1].startswith('error: ') and 'diverged' in r.stderr
+
+
 def test_nanogpt_checkpoint_with_meta_pkl_loads_and_samples(tmp_path, monkeypatch, capsys):
     # nanoGPT: keys of the compiled module ('_orig_mod.'), no 'format', its config globals,
     # and data/<dataset>/meta.pkl (stoi/itos) under the working directory
