@@ -402,12 +402,12 @@ def huge_page_buffer(nbytes):
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     huge = 2 << 20
-    buf = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE)  # page-aligned, untouched
-    whole = torch.frombuffer(buf, dtype=torch.uint8)  # shares buf's memory and keeps buf alive
-    start = -whole.data_ptr() % huge
     try:
+        buf = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE)  # page-aligned, untouched
+        whole = torch.frombuffer(buf, dtype=torch.uint8)  # shares buf's memory and keeps buf alive
+        start = -whole.data_ptr() % huge
         buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes)  # before the first write, which faults the pages in
-    except OSError:  # a kernel built without transparent huge pages
+    except OSError:  # no memory for the mapping, or a kernel built without transparent huge pages
         return None
     return whole[start:start + nbytes]
 
