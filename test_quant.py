@@ -188,10 +188,19 @@ def test_packed_int8_weights_share_one_buffer_and_compute_the_same():
     assert q.lm_head.weight_int8.untyped_storage().data_ptr() == q.transformer.h[0].attn.c_attn.weight_int8.untyped_storage().data_ptr()
 
 
-def test_no_huge_pages_leaves_the_weights_where_they_are(monkeypatch):
-    """Where the OS has no huge-page request (no mmap.MADV_HUGEPAGE: macOS, Windows), quantize_int8
-    keeps one tensor per matrix and its notice does not claim huge pages."""
-    monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
+def refuse_mapping(*args, **kwargs):
+    raise OSError(12, "Cannot allocate memory")
+
+
+@pytest.mark.parametrize("why", ["no MADV_HUGEPAGE", "mapping refused"])
+def test_no_huge_pages_leaves_the_weights_where_they_are(monkeypatch, why):
+    """Where the OS has no huge-page request (no mmap.MADV_HUGEPAGE: macOS, Windows) or refuses
+    the mapping, quantize_int8 keeps one tensor per matrix and its notice does not claim huge pages."""
+    if why == "no MADV_HUGEPAGE":
+        monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
+    else:
+        monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 14, raising=False)
+        monkeypatch.setattr(mmap, "mmap", refuse_mapping)
     q = random_gpt()
     notice = quantize_int8(q)
     assert "pages" not in notice
