@@ -431,10 +431,11 @@ def pack_int8_weights(model):
     return True
 
 
-def quantize_int8(model, kernel=None):
+def quantize_int8(model, kernel=None, pack=True):
     """Replace every nn.Linear of model (blocks and lm_head) by Int8Linear, and a tied token
     embedding by Int8Embedding over the same int8 table. In place, for inference. kernel None:
-    the fused int8 kernel where int8_kernel_available for the model's device. Returns a one-line
+    the fused int8 kernel where int8_kernel_available for the model's device. pack: on CPU, the
+    int8 weights then go into one huge-page buffer (pack_int8_weights). Returns a one-line
     description of the path that runs."""
     device_type = next(model.parameters()).device.type
     if kernel is None:
@@ -443,7 +444,7 @@ def quantize_int8(model, kernel=None):
     n = replace_modules(model, nn.Linear, lambda layer: Int8Linear(layer, kernel))
     if tied:
         model.transformer.wte = Int8Embedding(model.lm_head)
-    huge = device_type == "cpu" and pack_int8_weights(model)
+    huge = pack and device_type == "cpu" and pack_int8_weights(model)
     if kernel:
         path = "torch.ops.aten._weight_int8pack_mm (int8 weights x bfloat16 activations)"
     else:

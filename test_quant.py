@@ -14,7 +14,7 @@ import torch
 
 import common
 from model import (GPT, GPTConfig, Int8Linear, KVCache, huge_page_buffer, int8_kernel_available,
-                   pack_int8_weights, quantize_int8, quantize_per_channel, replace_modules)
+                   pack_int8_weights, quantize_int8, quantize_per_channel)
 from test_train import ENV, REPO
 
 KERNEL = int8_kernel_available('cpu')
@@ -167,7 +167,7 @@ def test_packed_int8_weights_share_one_buffer_and_compute_the_same():
     64-byte boundary, without changing a value: logits equal those of the unpacked model."""
     model = random_gpt()
     loose = copy.deepcopy(model)
-    replace_modules(loose, torch.nn.Linear, lambda layer: Int8Linear(layer, KERNEL))  # as quantize_int8, unpacked
+    assert "pages" not in quantize_int8(loose, pack=False)
     packed = copy.deepcopy(loose)
     assert pack_int8_weights(packed)
     weights = [m.weight_int8 for m in packed.modules() if isinstance(m, Int8Linear)]

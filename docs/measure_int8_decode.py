@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, Int8Embedding, Int8Linear, quantize_int8, replace_modules  # noqa: E402
+from model import GPT, GPTConfig, Int8Linear, quantize_int8  # noqa: E402
 
 rounds = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rounds=")), 5))
 new_tokens = 100
@@ -30,9 +30,8 @@ torch.manual_seed(0)
 float_model = GPT(GPTConfig(vocab_size=50257)).eval()  # GPT-2 124M shape
 packed = copy.deepcopy(float_model)
 notice = quantize_int8(packed)
-loose = copy.deepcopy(float_model)  # quantize_int8 without its packing step: one tensor per matrix
-replace_modules(loose, torch.nn.Linear, lambda layer: Int8Linear(layer, packed.lm_head.kernel))
-loose.transformer.wte = Int8Embedding(loose.lm_head)
+loose = copy.deepcopy(float_model)
+quantize_int8(loose, pack=False)  # one tensor per matrix
 models = {"float32": float_model, "int8": packed, "int8, 4 KiB pages": loose}
 print(notice)
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds of {new_tokens} tokens")
