@@ -28,12 +28,19 @@ import time
 import numpy as np
 import torch
 
-import common
-from model import GPT, GPT2_KNOBS, GPTConfig, apply_lora, check_knobs
+import cli
+import hardware
+import runs
+from lora import apply_lora
+from model import GPT, GPT2_FIELDS, GPTConfig
+from optim import configure_optimizers
+from prepare import PrepareError, open_tokens
+from quantize import QUANTIZE, quantize_model
 
 # -----------------------------------------------------------------------------
 # defaults; config files (config/bench_*.py) and --key=value flags change them
-# model
+# model: the baby GPT's shape here; every other GPTConfig field is a knob too (--pos_emb=rope,
+# ...), GPT-2's by default; nanoGPT and HF always run a GPT-2 of the same shape
 n_layer = 6  # transformer blocks
 n_head = 6  # attention heads per block
 n_embd = 384  # embedding width
@@ -41,12 +48,6 @@ block_size = 256  # context length; training batches are this long
 vocab_size = 65  # vocabulary of the benchmarked model
 bias = False  # biases in Linear and LayerNorm layers
 dropout = 0.0  # dropout during the training step (the recipe's value makes the step realistic)
-pos_emb = 'learned'  # our model's modern knobs (as in train.py); nanoGPT and HF stay GPT-2
-norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
-mlp_act = 'gelu'  # 'gelu' or 'relu2'
-qk_norm = False  # RMS-normalise queries and keys per head
-tie_embeddings = True  # the output head shares the token embedding
-logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off
 # what to run
 mode = 'all'  # 'train', 'generate' or 'all'
 dataset = ''  # batches from data/<dataset>/train.bin when it exists; otherwise synthetic random tokens
@@ -76,9 +77,14 @@ device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False  # torch.compile the model for the training step (generation runs eager)
 seed = 1337  # weights, batches and sampling
+globals().update(cli.model_knobs(globals()))  # the GPTConfig fields not set above
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str, list))}
+RULES = dict(batch_size='>= 1', num_iters='>= 1', repeats='>= 1', prompt_len='>= 1', max_new_tokens='>= 1',
+             burn_in='>= 0', gen_vocab_size='>= 0', seed='>= 0', temperature='>= 0', top_k='>= 0',
+             lora_rank='>= 0', mode=('train', 'generate', 'all'), compile=(True, False),
+             quantize=QUANTIZE)  # what each knob may be (cli.check_knobs); GPTConfig checks the model's
 IMPL_NAMES = {'ours': 'ours', 'int8': 'ours int8', 'nanogpt': 'nanoGPT', 'hf': 'HF cached'}
 
 
@@ -111,7 +117,7 @@ def load_nanogpt(folder):
     cannot shadow (or be shadowed by) our model.py."""
     path = os.path.join(folder, 'model.py')
     if not os.path.isfile(path):
-        common.die(f"nanogpt_dir={folder} has no model.py; point it at a nanoGPT checkout")
+        cli.die(f"nanogpt_dir={folder} has no model.py; point it at a nanoGPT checkout")
     spec = importlib.util.spec_from_file_location(f'nanogpt_model_{os.getpid()}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -120,21 +126,20 @@ def load_nanogpt(folder):
 
 def build_models(cfg, vocab, dev, impls):
     """{impl: model} with identical weights: ours is built from the seed, the others copy it."""
-    args = dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
-                vocab_size=vocab, bias=cfg['bias'], dropout=cfg['dropout'])
+    config = cli.model_config(cfg, vocab_size=vocab)
     torch.manual_seed(cfg['seed'])
-    ours = GPT(GPTConfig(**args, **{k: cfg[k] for k in GPT2_KNOBS}))
+    ours = GPT(config)
     models = {'ours': ours}
     if 'nanogpt' in impls:
         nano = load_nanogpt(cfg['nanogpt_dir'])
-        theirs = nano.GPT(nano.GPTConfig(**args))
-        if any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
+        theirs = nano.GPT(nano.GPTConfig(**{k: getattr(config, k) for k in GPT2_FIELDS}))
+        if config.modern():
             models['nanogpt'] = theirs  # a GPT-2 of the same shape, its own random weights
             return to_device(models, dev)
         # without flash attention nanoGPT keeps a causal-mask buffer; that is not a weight
         missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
         if unexpected or any(not k.endswith('.attn.bias') for k in missing):
-            common.die(f"nanoGPT's model does not take our weights: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            cli.die(f"nanoGPT's model does not take our weights: missing {missing[:4]}, unexpected {unexpected[:4]}")
         models['nanogpt'] = theirs
     if 'hf' in impls:
         import transformers
@@ -157,11 +162,14 @@ def make_batches(cfg, dev):
     here = os.path.dirname(os.path.abspath(__file__))
     folder = cfg['data_dir'] or (os.path.join(here, 'data', cfg['dataset']) if cfg['dataset'] else '')
     path = os.path.join(folder, 'train.bin') if folder else ''
-    data = common.open_tokens(path) if path and os.path.isfile(path) else None
+    try:
+        data = open_tokens(path) if path and os.path.isfile(path) else None
+    except PrepareError as e:
+        cli.die(str(e))
     if data is not None and len(data) <= T + 1:
-        common.die(f"{path} has {len(data)} tokens, too few for block_size={T}")
+        cli.die(f"{path} has {len(data)} tokens, too few for block_size={T}")
     if data is not None and int(data[:1_000_000].max()) >= cfg['vocab_size']:
-        common.die(f"{path} has token ids >= vocab_size={cfg['vocab_size']}; set --vocab_size to the dataset's")
+        cli.die(f"{path} has token ids >= vocab_size={cfg['vocab_size']}; set --vocab_size to the dataset's")
 
     def get_batch(i):
         rng = np.random.default_rng([cfg['seed'], i])
@@ -184,7 +192,7 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
     model.train()
     if cfg['lora_rank'] > 0:
         apply_lora(model, cfg['lora_rank'], 2.0 * cfg['lora_rank'], 0.0)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), dev.device_type)
+    optimizer = configure_optimizers(model, 0.1, 6e-4, (0.9, 0.95), dev.device_type)
     step_model = torch.compile(model) if cfg['compile'] else model
     scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)
 
@@ -200,7 +208,7 @@ def bench_train(name, model, cfg, dev, get_batch, data_desc):
             bar.update()  # the line is drawn at most every 0.5 s, so it does not slow the timing
 
     torch.manual_seed(cfg['seed'])  # the same dropout masks for every implementation
-    bar = common.Progress(f"train {IMPL_NAMES[name]}", total=cfg['burn_in'] + cfg['repeats'] * cfg['num_iters'],
+    bar = cli.Progress(f"train {IMPL_NAMES[name]}", total=cfg['burn_in'] + cfg['repeats'] * cfg['num_iters'],
                           unit='steps')
     for i in range(cfg['burn_in']):
         step(i)
@@ -245,10 +253,8 @@ def estimate_mfu(cfg, tokens_per_sec, device_name, dev):
     """MFU from our FLOP count for the configured shape (the same architecture in every
     implementation); None where the device's peak is unknown, CPUs included."""
     with torch.device('meta'):  # shapes only, no memory
-        shape = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                              block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
-                              **{k: cfg[k] for k in GPT2_KNOBS}))
-    return shape.estimate_mfu(tokens_per_sec, device_name, dev.ptdtype)
+        shape = GPT(cli.model_config(cfg))
+    return hardware.estimate_mfu(shape, tokens_per_sec, device_name, dev.ptdtype)
 
 
 def generate_fn(name, model, cfg):
@@ -317,7 +323,7 @@ def bench_generate(models, cfg, dev, batch):
     measures = {name: generate_runner(name, model, cfg, dev, batch) for name, model in models.items()}
     times = {name: [] for name in models}
     peaks = {name: 0.0 for name in models}
-    bar = common.Progress(f"generate {', '.join(IMPL_NAMES[n] for n in models)} B={batch}", total=cfg['repeats'],
+    bar = cli.Progress(f"generate {', '.join(IMPL_NAMES[n] for n in models)} B={batch}", total=cfg['repeats'],
                           unit='rounds')
     for _ in range(cfg['repeats']):
         for name, measure in measures.items():
@@ -379,9 +385,7 @@ def comparison_table(results):
 def emit(result, cfg, dev):
     """Print one JSON line (and append it to json_out)."""
     result = dict(result, device=dev.device, dtype=dev.dtype, compile=cfg['compile'],
-                  model=dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                             block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], bias=cfg['bias'],
-                             **{k: cfg[k] for k in GPT2_KNOBS}),
+                  model={f: cfg[f] for f in GPTConfig.__dataclass_fields__},
                   torch=torch.__version__, time=time.strftime('%Y-%m-%dT%H:%M:%S'))
     line = json.dumps(result)
     if result['bench'] == 'train':
@@ -403,68 +407,46 @@ def emit(result, cfg, dev):
             with open(cfg['json_out'], 'a') as f:
                 f.write(line + '\n')
         except OSError as e:
-            common.die(common.os_error_message(e, cfg['json_out']))
+            cli.die(runs.os_error_message(e, cfg['json_out']))
 
 
 def check_writable(path, key):
     """Fail now, not after minutes of measuring, if path cannot be written (without creating it)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        common.die(f"{key}={path} is a folder; name a file")
+        cli.die(f"{key}={path} is a folder; name a file")
     if not os.path.isdir(folder):
-        common.die(f"cannot write {key}={path}: folder {folder} does not exist")
+        cli.die(f"cannot write {key}={path}: folder {folder} does not exist")
     target = path if os.path.exists(path) else folder
     if not os.access(target, os.W_OK):
-        common.die(f"cannot write {key}={path}: permission denied or read-only")
+        cli.die(f"cannot write {key}={path}: permission denied or read-only")
 
 
 def main(argv):
     cfg = dict(DEFAULTS)
-    cfg.update(common.load_config(DEFAULTS, argv))
-    if cfg['mode'] not in ('train', 'generate', 'all'):
-        common.die(f"mode must be train, generate or all, got {cfg['mode']!r}")
+    cfg.update(cli.load_config(DEFAULTS, argv))
+    cli.check_knobs(cfg, RULES)
+    config = cli.model_config(cfg)  # n_embd divisible by n_head, pos_emb, norm, ...
     if not (isinstance(cfg['gen_batch_sizes'], list) and cfg['gen_batch_sizes']
             and all(isinstance(b, int) and b > 0 for b in cfg['gen_batch_sizes'])):
-        common.die(f"gen_batch_sizes must be a list of positive ints like [1, 8], got {cfg['gen_batch_sizes']!r}")
-    for key in ('batch_size', 'num_iters', 'repeats', 'prompt_len', 'max_new_tokens', 'n_layer', 'n_head',
-                'n_embd', 'block_size', 'vocab_size'):
-        if cfg[key] < 1:
-            common.die(f"{key} must be >= 1, got {cfg[key]}")
-    for key in ('burn_in', 'gen_vocab_size', 'seed'):
-        if cfg[key] < 0:
-            common.die(f"{key} must be >= 0, got {cfg[key]}")
-    if not 0 <= cfg['dropout'] < 1:
-        common.die(f"dropout must be in [0, 1), got {cfg['dropout']}")
-    if not (cfg['temperature'] >= 0 and cfg['temperature'] < float('inf')):
-        common.die(f"temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
-    if cfg['top_k'] < 0:
-        common.die(f"top_k must be >= 0 (0 = no limit), got {cfg['top_k']}")
-    if cfg['compile'] not in (True, False):
-        common.die(f"compile must be True or False, got {cfg['compile']!r}")
+        cli.die(f"gen_batch_sizes must be a list of positive ints like [1, 8], got {cfg['gen_batch_sizes']!r}")
     # an explicit data_dir is a request for real data; only --dataset may fall back to synthetic tokens
     if cfg['data_dir'] and not os.path.isfile(os.path.join(cfg['data_dir'], 'train.bin')):
-        common.die(f"data_dir={cfg['data_dir']} has no train.bin: name a folder that `python prepare.py NAME` "
+        cli.die(f"data_dir={cfg['data_dir']} has no train.bin: name a folder that `python prepare.py NAME` "
                    f"filled (e.g. data/NAME), or leave out --data_dir for synthetic random tokens")
     for key in ('json_out', 'trace_file'):
         if cfg[key] and (key == 'json_out' or cfg['profile']):
             check_writable(cfg[key], key)
     if cfg['prompt_len'] + cfg['max_new_tokens'] > cfg['block_size'] and cfg['hf_compare']:
-        common.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
-    try:
-        check_knobs(GPTConfig(n_embd=cfg['n_embd'], n_head=cfg['n_head'], **{k: cfg[k] for k in GPT2_KNOBS}))
-    except ValueError as e:
-        common.die(str(e).replace('GPTConfig.', ''))
-    if cfg['hf_compare'] and any(cfg[k] != v for k, v in GPT2_KNOBS.items()):
-        common.die("hf_compare needs GPT-2's architecture: leave pos_emb, norm, mlp_act, qk_norm, "
-                   "tie_embeddings and logit_softcap at their defaults")
-    if cfg['lora_rank'] < 0 or (cfg['lora_rank'] and cfg['nanogpt_dir']):
-        common.die(f"lora_rank must be >= 0 and cannot be combined with nanogpt_dir, got {cfg['lora_rank']}")
-    if cfg['quantize'] not in ('none', 'int8'):
-        common.die(f"quantize must be 'none' or 'int8', got {cfg['quantize']!r}")
-    dev = common.setup_device(cfg['device'], cfg['dtype'])
+        cli.die("hf_compare needs prompt_len + max_new_tokens <= block_size (transformers has no sliding window)")
+    if cfg['hf_compare'] and config.modern():
+        cli.die(f"hf_compare needs GPT-2's architecture: leave {', '.join(config.modern())} at the default")
+    if cfg['lora_rank'] and cfg['nanogpt_dir']:
+        cli.die(f"lora_rank cannot be combined with nanogpt_dir, got {cfg['lora_rank']}")
+    dev = hardware.setup_device(cfg['device'], cfg['dtype'])
     torch.manual_seed(cfg['seed'])
     if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):
-        common.die(f"nanogpt_dir={cfg['nanogpt_dir']} is not a folder")
+        cli.die(f"nanogpt_dir={cfg['nanogpt_dir']} is not a folder")
     impls = ['ours'] + (['nanogpt'] if cfg['nanogpt_dir'] else [])
     results = []
     if cfg['mode'] in ('train', 'all'):
@@ -481,7 +463,7 @@ def main(argv):
         if cfg['quantize'] != 'none':  # the same weights, quantized: measured right after ours
             ours = models.pop('ours')
             models = dict(ours=ours, int8=copy.deepcopy(ours), **models)
-            common.quantize_model(models['int8'], cfg['quantize'])
+            quantize_model(models['int8'], cfg['quantize'])
         for batch in cfg['gen_batch_sizes']:
             for result in bench_generate(models, cfg, dev, batch):
                 results.append(result)

@@ -30,8 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
+import cli
+import hardware
 import prepare
+import runs
+from quantize import QUANTIZE, quantize_model
 
 # -----------------------------------------------------------------------------
 # perplexity: sliding windows over one long token stream
@@ -82,7 +85,7 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
     was_training = model.training
     model.eval()
     total_nll, total_count = 0.0, 0
-    bar = common.Progress('perplexity', total=len(plan), unit='windows')
+    bar = cli.Progress('perplexity', total=len(plan), unit='windows')
     for i in range(0, len(plan), batch_size):
         chunk = plan[i:i + batch_size]
         x = torch.stack([data[b:b + n] for b, n, _ in chunk])  # (B, T); all windows share T
@@ -141,14 +144,14 @@ def hellaswag_path(input_path=''):
     """--input=FILE as given, else data/hellaswag/hellaswag_val.jsonl, downloaded once."""
     if input_path:
         if not os.path.isfile(input_path):
-            common.die(f"--input={input_path} is not a file; pass a HellaSwag .jsonl file or leave --input "
+            cli.die(f"--input={input_path} is not a file; pass a HellaSwag .jsonl file or leave --input "
                        f"empty to download {HELLASWAG_URL}")
         return input_path
     dest = prepare.DATA_DIR / 'hellaswag' / 'hellaswag_val.jsonl'
     try:
         prepare.download(HELLASWAG_URL, dest)
     except prepare.PrepareError as e:
-        common.die(str(e))
+        cli.die(str(e))
     return str(dest)
 
 
@@ -159,7 +162,7 @@ def read_hellaswag(path, limit=0):
         with open(path, 'rb') as f:
             lines = f.read().splitlines()
     except OSError as e:
-        common.die(f"cannot read --input={path}: {e.strerror or e}")
+        cli.die(f"cannot read --input={path}: {e.strerror or e}")
     for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -167,25 +170,25 @@ def read_hellaswag(path, limit=0):
             ex = json.loads(line.decode('utf-8'))
             ctx, endings, label = ex['ctx'], list(ex['endings']), int(ex['label'])
         except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
-            common.die(f"{path} line {line_no} is not a HellaSwag example with ctx, endings and label "
+            cli.die(f"{path} line {line_no} is not a HellaSwag example with ctx, endings and label "
                        f"({type(e).__name__}: {str(e)[:60]})")
         if len(endings) != 4 or not 0 <= label < 4:
-            common.die(f"{path} line {line_no}: expected 4 endings and a label 0..3")
+            cli.die(f"{path} line {line_no}: expected 4 endings and a label 0..3")
         if not all(isinstance(t, str) for t in [ctx, *endings]):
-            common.die(f"{path} line {line_no}: ctx and endings must be strings")
+            cli.die(f"{path} line {line_no}: ctx and endings must be strings")
         examples.append((ctx, endings, label))
         if limit and len(examples) >= limit:
             break
     if not examples:
-        common.die(f"{path} holds no examples")
+        cli.die(f"{path} holds no examples")
     return examples
 
 
 def gpt2_tokenizer_or_die(info, data_dir=None):
     """The model's tokenizer, which must be GPT-2 BPE: HellaSwag is text scored as GPT-2 tokens."""
-    tokenizer = common.load_tokenizer_for(info, data_dir)
+    tokenizer = runs.load_tokenizer_for(info, data_dir)
     if tokenizer.name != 'gpt2':
-        common.die(f"HellaSwag needs a GPT-2 BPE model; this one uses the {tokenizer.name} tokenizer "
+        cli.die(f"HellaSwag needs a GPT-2 BPE model; this one uses the {tokenizer.name} tokenizer "
                    f"(train on a GPT-2 dataset such as fineweb_edu, openwebtext or shakespeare)")
     return tokenizer
 
@@ -243,7 +246,7 @@ class HellaSwagDuringTraining:
     def __init__(self, meta, input_path, vocab_size, rank=0, world_size=1):
         tokenizer = prepare.get_tokenizer(meta)
         if tokenizer.name != 'gpt2' or vocab_size < tokenizer.vocab_size:
-            common.die(f"hellaswag_interval needs GPT-2 BPE data; this dataset uses the {tokenizer.name} "
+            cli.die(f"hellaswag_interval needs GPT-2 BPE data; this dataset uses the {tokenizer.name} "
                        f"tokenizer: set hellaswag_interval=0")
         path = hellaswag_path(input_path) if rank == 0 or input_path else None
         if world_size > 1:
@@ -310,13 +313,13 @@ DEFAULTS = {
 
 
 def load_model(cfg):
-    """(model, info, device setup) for init_from/out_dir: see common.load_model."""
-    dev = common.setup_device(cfg['device'], cfg['dtype'])
+    """(model, info, device setup) for init_from/out_dir: see runs.load_model."""
+    dev = hardware.setup_device(cfg['device'], cfg['dtype'])
     if cfg['init_from'] == 'resume':
-        cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
-    model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+        cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
+    model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
     print(f"model: {info['source']}")
-    common.quantize_model(model, cfg['quantize'])
+    quantize_model(model, cfg['quantize'])
     return model, info, dev
 
 
@@ -332,20 +335,23 @@ def run_perplexity(cfg):
     split = cfg['split'] or ('test' if os.path.isfile(os.path.join(folder, 'test.bin')) else 'val')
     path = os.path.join(folder, f"{split}.bin")
     if not os.path.isfile(path):
-        common.die(f"no {path}: prepare it with `python prepare.py {dataset}` "
+        cli.die(f"no {path}: prepare it with `python prepare.py {dataset}` "
                    f"(or point --data_dir at a folder with {split}.bin)")
-    tokens = common.open_tokens(path)
+    try:
+        tokens = prepare.open_tokens(path)
+    except prepare.PrepareError as e:
+        cli.die(str(e))
     if cfg['block_size']:
         if cfg['block_size'] > model.config.block_size:
-            common.die(f"block_size={cfg['block_size']} is longer than the model's {model.config.block_size}")
+            cli.die(f"block_size={cfg['block_size']} is longer than the model's {model.config.block_size}")
         model.crop_block_size(cfg['block_size'])
     if len(tokens) and int(tokens.max()) >= model.config.vocab_size:
-        common.die(f"{path} has token id {int(tokens.max())} but the model's vocab_size is "
+        cli.die(f"{path} has token id {int(tokens.max())} but the model's vocab_size is "
                    f"{model.config.vocab_size}: this model was not trained with this tokenizer")
     try:
         r = perplexity(model, tokens, cfg['stride'] or None, cfg['batch_size'], dev.autocast)
     except ValueError as e:
-        common.die(str(e))
+        cli.die(str(e))
     print(f"{os.path.relpath(path)}: {r['tokens']:,} tokens scored in {r['windows']} windows "
           f"(block_size {r['block_size']}, stride {r['stride']})")
     print(f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}")
@@ -358,12 +364,12 @@ def run_counting(cfg):
     try:
         meta = prepare.read_meta(folder)
     except prepare.PrepareError as e:
-        common.die(str(e))
+        cli.die(str(e))
     if not meta and not cfg['starts']:  # the held-out starts are in meta.json; guessing could score train starts
-        common.die(f"no counting metadata (meta.json) in {folder}: point --data_dir at the folder "
+        cli.die(f"no counting metadata (meta.json) in {folder}: point --data_dir at the folder "
                    f"`python prepare.py counting` made, or name the starts, e.g. --starts=1,10")
     if meta.get('tokenizer', 'counting') != 'counting':  # numbers are token ids only in counting data
-        common.die(f"counting accuracy needs a model trained on `python prepare.py counting`; {folder} holds "
+        cli.die(f"counting accuracy needs a model trained on `python prepare.py counting`; {folder} holds "
                    f"{meta['tokenizer']} data (or point --data_dir at the counting data's folder)")
     separator = meta.get('separator', model.config.vocab_size - 1)
     if cfg['starts']:
@@ -374,7 +380,7 @@ def run_counting(cfg):
     span = cfg['prompt_len'] + cfg['max_new_tokens']
     starts = [s for s in starts if 0 <= s and s + span <= separator]
     if not starts:
-        common.die(f"no start value leaves room for {span} numbers below {separator}; use --starts=1,10")
+        cli.die(f"no start value leaves room for {span} numbers below {separator}; use --starts=1,10")
     results, accuracy = counting_accuracy(model, starts, separator, cfg['prompt_len'], cfg['max_new_tokens'])
     for r in results:
         print(f"prompt {r['prompt']} -> {r['generated']} {r['correct']}/{len(r['generated'])} correct")
@@ -385,19 +391,17 @@ def run_counting(cfg):
 COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting, 'hellaswag': run_hellaswag}
 
 
+# what each knob may be (cli.check_knobs), for the knobs a command has
+RULES = dict(batch_size='>= 1', prompt_len='>= 1', max_new_tokens='>= 1', stride='>= 0', block_size='>= 0',
+             limit='>= 0', split=('', 'train', 'val', 'test'), quantize=QUANTIZE)
+
+
 def check_config(command, cfg):
     """Every knob checked before a model or a file is touched."""
-    for key in ('batch_size', 'prompt_len', 'max_new_tokens'):
-        if key in cfg and cfg[key] < 1:
-            common.die(f"{key} must be at least 1, got {cfg[key]}")
-    for key in ('stride', 'block_size', 'limit'):
-        if key in cfg and cfg[key] < 0:
-            common.die(f"{key} must be >= 0 (0 = the default), got {cfg[key]}")
+    cli.check_knobs(cfg, {k: rule for k, rule in RULES.items() if k in cfg})
     if command == 'perplexity':
-        if cfg['split'] not in ('', 'train', 'val', 'test'):
-            common.die(f"split must be train, val or test ('' = test, else val), got {cfg['split']!r}")
         if cfg['stride'] and cfg['block_size'] and cfg['stride'] > cfg['block_size']:
-            common.die(f"stride={cfg['stride']} must be at most block_size={cfg['block_size']}")
+            cli.die(f"stride={cfg['stride']} must be at most block_size={cfg['block_size']}")
     if command == 'counting' and cfg['starts']:
         cfg['starts'] = parse_starts(cfg['starts'])
 
@@ -413,26 +417,26 @@ def parse_starts(text):
     try:
         starts = [int(s) for s in str(text).split(',')]
     except ValueError:
-        common.die(f"starts must be comma-separated whole numbers like --starts=1,10, got {text!r}")
+        cli.die(f"starts must be comma-separated whole numbers like --starts=1,10, got {text!r}")
     if any(s < 0 for s in starts):
-        common.die(f"starts must be >= 0, got {text!r}")
+        cli.die(f"starts must be >= 0, got {text!r}")
     return starts
 
 
 def main(argv):
     if not argv or argv[0] in ('-h', '--help'):
-        common.print_stdout(f"usage: python evaluate.py {{{','.join(COMMANDS)}}} [--key=value ...]\n{__doc__.strip()}")
+        cli.print_stdout(f"usage: python evaluate.py {{{','.join(COMMANDS)}}} [--key=value ...]\n{__doc__.strip()}")
         if argv:
             for command, defaults in DEFAULTS.items():
-                common.print_stdout('')
-                common.print_help(defaults, __file__, f"python evaluate.py {command} [--key=value ...]")
+                cli.print_stdout('')
+                cli.print_help(defaults, __file__, f"python evaluate.py {command} [--key=value ...]")
             return 0
-        common.die(f"name a command: python evaluate.py {{{','.join(COMMANDS)}}} (usage above)")
+        cli.die(f"name a command: python evaluate.py {{{','.join(COMMANDS)}}} (usage above)")
     if argv[0] not in COMMANDS:
-        common.die(common.unknown_command(argv[0], COMMANDS, 'evaluate.py'))
+        cli.die(cli.unknown_command(argv[0], COMMANDS, 'evaluate.py'))
     command, rest = argv[0], argv[1:]
     defaults = DEFAULTS[command]
-    overrides = common.load_config(defaults, rest, usage=f"python evaluate.py {command} [--key=value ...]")
+    overrides = cli.load_config(defaults, rest, usage=f"python evaluate.py {command} [--key=value ...]")
     cfg = dict(defaults, **overrides, _out_dir_given='out_dir' in overrides)
     check_config(command, cfg)
     COMMANDS[command](cfg)

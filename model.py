@@ -1,6 +1,6 @@
 """
-The whole GPT-2 language model in one file, leaf first: LayerNorm -> attention -> MLP
--> Block -> GPTConfig -> GPT.
+The GPT-2 language model, and only the model, in one file, leaf first:
+norms and rotary -> attention -> MLP -> Block -> GPTConfig -> GPT.
 
 Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn,
 mlp.c_fc, c_proj) so pretrained weights map key for key. References:
@@ -13,20 +13,29 @@ mlp.c_fc, c_proj) so pretrained weights map key for key. References:
     out = model.generate(idx, max_new_tokens=100)  # KV-cached sampling
     model = GPT.from_pretrained("gpt2")            # Hugging Face weights (local cache or folder)
 
-GPTConfig's defaults are GPT-2 exactly; modern changes are opt-in fields (pos_emb='rope',
-norm='rmsnorm', mlp_act='relu2', qk_norm, tie_embeddings=False, logit_softcap; see
-docs/modern_model.md), each choosing its module or function once, in the constructor.
+GPTConfig's defaults are GPT-2 exactly. Each modern change is an opt-in field, chosen once in
+a constructor so that forward stays a straight line (measured in docs/modern_model.md):
+- pos_emb='rope' (GPT-2: 'learned'): rotary positions, no wpe (RoFormer, arXiv:2104.09864)
+- rope_base (10000.0, RoFormer's): RoPE's base; used with pos_emb='rope' only
+- norm='rmsnorm' (GPT-2: 'layernorm'): RMSNorm without gain (arXiv:1910.07467; nanochat)
+- mlp_act='relu2' (GPT-2: 'gelu'): relu(x)^2 (Primer, arXiv:2109.08668; modded-nanogpt)
+- qk_norm=True (GPT-2: False): RMS-normalised queries and keys (arXiv:2302.05442; nanochat)
+- tie_embeddings=False (GPT-2: True): a separate output head (nanochat, modded-nanogpt)
+- logit_softcap=c (GPT-2: 0, off): logits -> c tanh(logits / c) (Gemma 2; nanochat: 15)
 
-This file reads no files except weight files, parses no arguments and keeps no global state.
+A new knob is a GPTConfig field (its annotation gives the allowed values, its comment the
+meaning) plus the module code that uses it; the scripts derive flags, checks and checkpoint
+records from the field (docs/hacking.md). Optimizers, LoRA, int8 and file formats live in
+their own files, which import this one. This file reads no files except weight files,
+parses no arguments and keeps no global state.
 """
 
 import functools
-import inspect
 import json
 import math
-import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.nn as nn
@@ -47,9 +56,7 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Parameter-free RMSNorm, x / sqrt(mean(x^2) + eps) over the last dim, as nanochat and
-    modded-nanogpt use: no gain, no bias, no mean subtraction (Zhang & Sennrich 2019,
-    https://arxiv.org/abs/1910.07467, without its gain)."""
+    """Parameter-free RMSNorm: no gain, no bias, no mean subtraction (see rms_norm)."""
 
     def forward(self, x):
         return rms_norm(x)
@@ -68,11 +75,10 @@ def keep(x, *_):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (RoFormer, https://arxiv.org/abs/2104.09864), half-split
-    layout (GPT-NeoX, Llama, nanochat): channel j of a head pairs with channel j + hs/2 and
-    the pair turns by angle pos * base^(-2j/hs). Tables for positions [0, block_size) are
-    cached; later positions (the rolling KV cache) are computed on demand by the same formula,
-    in float64 then rounded to float32, so both give identical values.
+    """Rotary position embedding, half-split layout: channel j of a head pairs with channel
+    j + hs/2 and the pair turns by angle pos * base^(-2j/hs). Tables for positions
+    [0, block_size) are cached; later positions (the rolling KV cache) are computed on demand
+    by the same formula, in float64 then rounded to float32, so both give identical values.
 
     The tables are full head width, (cos, cos) and (-sin, sin), so that apply_rotary is one
     multiply-add with x and x's halves swapped: 4 ops per call instead of 10 (decoding one
@@ -115,7 +121,6 @@ def gelu_tanh(x):
 
 
 def relu_squared(x):
-    # relu(x)^2 (So et al., Primer, https://arxiv.org/abs/2109.08668; modded-nanogpt, nanochat)
     return F.relu(x).square()
 
 
@@ -127,331 +132,6 @@ def softcap(logits, cap):
 def make_norm(config):
     """The norm module of ln_1, ln_2 and ln_f for config.norm."""
     return LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
-
-
-class Dropout(nn.Module):
-    """Dropout: zero each element with probability p, scale the rest by 1/(1-p).
-
-    On CPU the random numbers come from a serial generator, and the baby GPT needs ~44M
-    mask elements per training step, so nn.Dropout's bernoulli_ (one 32-bit draw per
-    element, ~10 ns) was the largest cost after the matmuls. Here an element is kept iff
-    16 random bits >= a threshold: one 64-bit draw gives four elements, ~3x cheaper. The
-    keep probability is round((1-p) * 65536) / 65536, within 2^-17 of 1-p. Other devices
-    use F.dropout's fused kernels."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
-        bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-32768, 32767]
-        threshold = -32768 + round(self.p * 65536)
-        # in place on a float32 copy (exact for int16): 1.0 where kept, 0.0 where dropped, scaled
-        mask = bits.float().ge_(threshold).mul_(1.0 / (1.0 - self.p))
-        return x * mask.to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated up to max_len.
-
-    Allocated lazily on the first write so the cache takes the dtype the attention
-    produces (bfloat16 under autocast, float32 otherwise).
-
-    rolling (RoPE models only): once full, a single new position overwrites the oldest
-    slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
-    max_len keys. Their order in the buffer does not matter: one query sees all of them,
-    and RoPE already rotated each key by its own absolute position.
-    """
-
-    def __init__(self, n_layer, max_len, rolling=False):
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-        self.max_len = max_len
-        self.pos = 0  # number of positions already fed (the next one's absolute position)
-        self.rolling = rolling
-
-    def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return the keys/values to attend to."""
-        T = k.size(2)
-        end = self.pos + T
-        if self.k[layer] is None:
-            B, nh, _, hs = k.shape
-            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
-            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
-        if end <= self.max_len:
-            self.k[layer][:, :, self.pos:end] = k
-            self.v[layer][:, :, self.pos:end] = v
-            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs)
-        if not self.rolling or T != 1:
-            raise ValueError(f"KV cache overflow: {self.pos} + {T} > max_len {self.max_len}")
-        slot = self.pos % self.max_len  # the oldest position's slot
-        self.k[layer][:, :, slot:slot + 1] = k
-        self.v[layer][:, :, slot:slot + 1] = v
-        return self.k[layer], self.v[layer]  # (B, nh, max_len, hs): the last max_len positions
-
-
-# ---------------------------------------------------------------- LoRA adapters
-# Low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685): a frozen weight W
-# plus a trainable update (alpha / r) * B @ A, with A (r, in) and B (out, r). B starts at
-# zero, so an adapted model computes exactly what its base does until training moves B.
-
-# lora_targets names -> module paths inside each Block. The attention output projection and
-# the MLP output projection are both called c_proj: "c_proj" (or "attn.c_proj") means the
-# attention one, "mlp.c_proj" the MLP one.
-LORA_TARGETS = {"c_attn": "attn.c_attn", "attn.c_attn": "attn.c_attn", "c_proj": "attn.c_proj",
-                "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_fc": "mlp.c_fc",
-                "mlp.c_proj": "mlp.c_proj"}
-
-
-class LoRALinear(nn.Module):
-    """y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T, with W and b frozen.
-
-    It keeps the wrapped Linear's weight and bias under the same names, so a state dict has
-    the base keys unchanged plus `lora_A` and `lora_B` (sample.py and evaluate.py merge the
-    adapters before inference)."""
-
-    def __init__(self, base, rank, alpha, dropout=0.0):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameter objects: the base keeps its storage
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.rank, self.alpha = rank, alpha
-        self.scaling = alpha / rank
-        # A like nn.Linear's default init (the LoRA reference code, loralib, does the same), B = 0
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
-        self.lora_dropout = Dropout(dropout)
-
-    def forward(self, x):
-        low = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out) through rank r
-        return F.linear(x, self.weight, self.bias) + self.scaling * low
-
-    def merged_weight(self):
-        """W + (alpha / r) B A: the plain weight that computes the same function."""
-        return self.weight + self.scaling * (self.lora_B @ self.lora_A).to(self.weight.dtype)
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
-
-
-def parse_lora_targets(targets):
-    """'c_attn,mlp.c_proj' -> sorted unique Block-relative module paths; ValueError if unknown."""
-    names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
-    unknown = [t for t in names if t not in LORA_TARGETS]
-    if unknown or not names:
-        raise ValueError(f"lora_targets {targets!r}: unknown {unknown or 'empty'}; use a comma-separated "
-                         f"subset of c_attn, c_proj (attention output), c_fc, mlp.c_proj")
-    return sorted({LORA_TARGETS[t] for t in names})
-
-
-def apply_lora(model, rank, alpha, dropout=0.0, targets="c_attn,c_proj,c_fc,mlp.c_proj"):
-    """Freeze every parameter of model (a GPT) and wrap the target Linear layers of every block
-    in LoRALinear; only the adapters' A and B train. Returns the wrapped module names."""
-    paths = parse_lora_targets(targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = []
-    for i, block in enumerate(model.transformer.h):
-        for path in paths:
-            parent_name, child = path.split(".")
-            parent = getattr(block, parent_name)
-            layer = getattr(parent, child)
-            if not isinstance(layer, nn.Linear):
-                raise ValueError(f"transformer.h.{i}.{path} is {type(layer).__name__}, not a Linear: already adapted?")
-            setattr(parent, child, LoRALinear(layer, rank, alpha, dropout))
-            wrapped.append(f"transformer.h.{i}.{path}")
-    return wrapped
-
-
-def lora_state_dict(model):
-    """Only the adapter tensors (what a LoRA checkpoint stores besides the name of its base)."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
-
-
-def merge_lora(model):
-    """Replace every LoRALinear in model by an nn.Linear with the merged weight W + (alpha/r) B A
-    (same outputs, no adapter cost at inference). In place; returns model."""
-    def merged(child):
-        layer = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                          device=child.weight.device, dtype=child.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(child.merged_weight())
-            if child.bias is not None:
-                layer.bias.copy_(child.bias)
-        return layer
-
-    replace_modules(model, LoRALinear, merged)
-    return model
-
-
-def replace_modules(model, kind, make):
-    """Replace, in place, every submodule of type kind by make(submodule); returns how many."""
-    n = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, kind):
-                setattr(module, child_name, make(child))
-                n += 1
-    return n
-
-
-def merged_state_dict(model):
-    """model.state_dict() with each LoRA adapter folded into its weight and the lora_ keys dropped."""
-    sd = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            sd[f"{name}.weight"] = module.merged_weight().detach()
-            del sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]
-    return sd
-
-
-# ---------------------------------------------------------------- int8 weight-only inference
-# Decoding reads every weight once per token, so it is bound by memory bandwidth: int8 weights
-# (1 byte instead of 4) cut the bytes 4x. Weights are quantized per output channel
-# (symmetric, scale = max|w_row| / 127); activations stay in floating point.
-
-def quantize_per_channel(w):
-    """(q int8 (out, in), scale float32 (out,)) with w ~= q * scale[:, None], |error| <= scale / 2."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,); the floor keeps all-zero rows finite
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
-    return q, scale
-
-
-def int8_kernel_available(device_type):
-    """True where torch has a fused int8-weight x float-activation matmul for the device
-    (aten._weight_int8pack_mm: CPU in torch 2.x; MPS in recent releases)."""
-    return device_type in ("cpu", "mps") and hasattr(torch, "_weight_int8pack_mm")
-
-
-class Int8Linear(nn.Module):
-    """A Linear with int8 weights and per-output-channel scales; activations in floating point.
-
-    kernel=True: torch.ops.aten._weight_int8pack_mm(x (M, in), q (out, in) int8, scales (out,))
-    in bfloat16. Its float32 variant is 3-20x slower than bfloat16 on our CPU (measured in
-    docs/lora_int8.md), so activations go in as bfloat16; the bfloat16 result comes back in
-    float32 through the bias add itself (float32 bias + bfloat16 -> float32: one op, not a
-    conversion and an add). kernel=False: dequantize the weight to x's dtype on every call
-    and F.linear."""
-
-    def __init__(self, layer, kernel):
-        super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        q, scale = quantize_per_channel(layer.weight)
-        self.register_buffer("weight_int8", q.to(layer.weight.device))
-        self.register_buffer("scale", scale.to(layer.weight.device))
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        self.kernel = kernel
-        if kernel:
-            self.register_buffer("scale_bf16", scale.to(layer.weight.device, torch.bfloat16))
-        self._forward = self._kernel_forward if kernel else self._dequant_forward  # chosen once
-
-    def dequantized_weight(self, dtype=torch.float32):
-        return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)  # (out, in)
-
-    def _kernel_forward(self, x):
-        # torch._weight_int8pack_mm is torch.ops.aten._weight_int8pack_mm without the Python
-        # dispatch wrapper (~1 us less per call, 49 calls per GPT-2 token)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                      self.weight_int8, self.scale_bf16)  # (rows, out) bfloat16
-        y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
-        # the promotion to float32 is the bias add's own (as y.float() + bias, bit for bit)
-        return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)
-
-    def _dequant_forward(self, x):
-        y = F.linear(x, self.dequantized_weight(x.dtype))  # (..., out)
-        return y if self.bias is None else y + self.bias
-
-    def forward(self, x):
-        return self._forward(x)
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
-
-
-class Int8Embedding(nn.Module):
-    """Token embedding read from an int8 table: rows q[idx] * scale[idx]. Shares the lm_head's
-    int8 weight when the two are tied (GPT-2), as the float model shares one matrix."""
-
-    def __init__(self, head):
-        super().__init__()
-        self.head = [head]  # a list: not a submodule, so its buffers are not listed twice
-
-    def forward(self, idx):
-        head = self.head[0]
-        # int8 rows times float32 scales: the product promotes to float32 (no separate .float())
-        return torch.mul(head.weight_int8[idx], head.scale[idx][..., None])  # (..., C)
-
-
-def huge_page_buffer(nbytes):
-    """A uint8 CPU tensor of nbytes starting at a 2 MiB boundary, in memory that Linux is asked
-    to back with 2 MiB transparent huge pages (madvise MADV_HUGEPAGE); None where the OS has no
-    such request. Private anonymous memory: a shared mapping would need shmem huge pages."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    huge = 2 << 20
-    try:
-        buf = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE)  # page-aligned, untouched
-        whole = torch.frombuffer(buf, dtype=torch.uint8)  # shares buf's memory and keeps buf alive
-        start = -whole.data_ptr() % huge
-        buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes)  # before the first write, which faults the pages in
-    except OSError:  # no memory for the mapping, or a kernel built without transparent huge pages
-        return None
-    return whole[start:start + nbytes]
-
-
-def pack_int8_weights(model):
-    """Move the int8 weights of every Int8Linear into one huge-page buffer, in forward order.
-    Decoding reads all of them every token: GPT-2's 124 MB span 31k pages of 4 KiB but 62 of
-    2 MiB, and the int8 kernel, which prefetches little, then waits less on address
-    translation (our reading; measured: ~10% faster decoding, docs/lora_int8.md). Returns
-    False, changing nothing, where the OS has no huge pages to ask for."""
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    starts = [0]
-    for m in layers:  # each matrix at a 64-byte (cache line) boundary
-        starts.append(starts[-1] + -(-m.weight_int8.numel() // 64) * 64)
-    buffer = huge_page_buffer(starts[-1])
-    if buffer is None:
-        return False
-    for m, start in zip(layers, starts):
-        q = m.weight_int8
-        m.weight_int8 = buffer[start:start + q.numel()].view(torch.int8).view(q.shape).copy_(q)  # (out, in)
-    return True
-
-
-def quantize_int8(model, kernel=None, pack=True):
-    """Replace every nn.Linear of model (blocks and lm_head) by Int8Linear, and a tied token
-    embedding by Int8Embedding over the same int8 table. In place, for inference. kernel None:
-    the fused int8 kernel where int8_kernel_available for the model's device. pack: on CPU, the
-    int8 weights then go into one huge-page buffer (pack_int8_weights). Returns a one-line
-    description of the path that runs."""
-    device_type = next(model.parameters()).device.type
-    if kernel is None:
-        kernel = int8_kernel_available(device_type)
-    tied = model.transformer.wte.weight is model.lm_head.weight
-    n = replace_modules(model, nn.Linear, lambda layer: Int8Linear(layer, kernel))
-    if tied:
-        model.transformer.wte = Int8Embedding(model.lm_head)
-    huge = pack and device_type == "cpu" and pack_int8_weights(model)
-    if kernel:
-        path = "torch.ops.aten._weight_int8pack_mm (int8 weights x bfloat16 activations)"
-    else:
-        why = "asked for" if int8_kernel_available(device_type) else f"no int8 kernel for {device_type} in this torch"
-        path = f"dequantize-on-the-fly ({why})"
-    pages = ", weights in one buffer, 2 MiB pages requested" if huge else ""
-    return f"int8 weight-only: {n} Linear layers{' + tied embedding' if tied else ''}, matmul via {path}{pages}"
 
 
 class CausalSelfAttention(nn.Module):
@@ -557,28 +237,92 @@ class Block(nn.Module):
         return x
 
 
+class Dropout(nn.Module):
+    """Dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    On CPU the random numbers come from a serial generator, and the baby GPT needs ~44M
+    mask elements per training step, so nn.Dropout's bernoulli_ (one 32-bit draw per
+    element, ~10 ns) was the largest cost after the matmuls. Here an element is kept iff
+    16 random bits >= a threshold: one 64-bit draw gives four elements, ~3x cheaper. The
+    keep probability is round((1-p) * 65536) / 65536, within 2^-17 of 1-p. Other devices
+    use F.dropout's fused kernels."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+        bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-32768, 32767]
+        threshold = -32768 + round(self.p * 65536)
+        # in place on a float32 copy (exact for int16): 1.0 where kept, 0.0 where dropped, scaled
+        mask = bits.float().ge_(threshold).mul_(1.0 / (1.0 - self.p))
+        return x * mask.to(x.dtype)
+
+
 @dataclass
 class GPTConfig:
+    """The model's knobs. Each annotation gives the allowed values (int: >= 1; float: finite
+    and >= 0 unless __post_init__ says otherwise; bool; Literal: the listed strings), checked
+    when a config is made."""
     block_size: int = 1024  # longest sequence (context length)
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # 0 for pretraining, try 0.1+ for finetuning
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block; must divide n_embd
+    n_embd: int = 768  # embedding width
+    dropout: float = 0.0  # in [0, 1): 0 for pretraining, try 0.1+ for finetuning
     bias: bool = True  # biases in Linear and LayerNorm, like GPT-2; False is a bit better and faster
-    # modern opt-in knobs (docs/modern_model.md); the defaults are GPT-2
-    pos_emb: str = "learned"  # 'learned' (GPT-2's wpe) or 'rope' (rotary, no wpe)
-    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
-    mlp_act: str = "gelu"  # 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
+    # modern opt-in knobs (the module docstring gives their sources); the defaults are GPT-2
+    pos_emb: Literal["learned", "rope"] = "learned"  # positions: 'learned' (GPT-2's wpe) or 'rope' (rotary, no wpe)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
+    mlp_act: Literal["gelu", "relu2"] = "gelu"  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
-    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2); False: a separate head
-    logit_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0 = off
-    rope_base: float = 10000.0  # RoPE's base (RoFormer's value); used with pos_emb='rope' only
+    tie_embeddings: bool = True  # the output head shares the token embedding (GPT-2); False: a separate head
+    logit_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0 = off (nanochat uses 15)
+    rope_base: float = 10000.0  # RoPE's base, > 1 (RoFormer's value); used with pos_emb='rope' only
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if get_origin(kind) is Literal:
+                ok, want = value in get_args(kind), "one of " + ", ".join(map(repr, get_args(kind)))
+            elif kind is bool:
+                ok, want = isinstance(value, bool), "True or False"
+            elif kind is int:
+                ok, want = number and isinstance(value, int) and value >= 1, "a positive int"
+            elif f.name == "dropout":  # the floats with a narrower range than >= 0
+                ok, want = number and 0 <= value < 1, "in [0, 1)"
+            elif f.name == "rope_base":
+                ok, want = number and 1 < value < math.inf, "a float > 1"
+            else:
+                ok, want = number and 0 <= value < math.inf, "a finite number >= 0"
+            if not ok:
+                raise ValueError(f"GPTConfig.{f.name} must be {want}, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig.pos_emb='rope' needs an even head size, got n_embd {self.n_embd} / "
+                             f"n_head {self.n_head} = {self.n_embd // self.n_head}")
+
+    def modern(self):
+        """The knobs set away from GPT-2's behaviour, {name: value}; {} for a GPT-2."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in GPT2_FIELDS and getattr(self, f.name) != f.default}
+
+    def checkpoint_args(self):
+        """model_args for a checkpoint: nanoGPT's keys, plus each modern knob that differs from
+        GPT-2, so nanoGPT's own model.py loads a GPT-2-shaped checkpoint of ours."""
+        return {**{k: getattr(self, k) for k in GPT2_FIELDS}, **self.modern()}
 
 
-# the knobs' allowed values; GPT-2 is the first of each
-CHOICES = dict(pos_emb=("learned", "rope"), norm=("layernorm", "rmsnorm"), mlp_act=("gelu", "relu2"))
-
+# The fields GPT-2 and nanoGPT's GPTConfig have; every other field is a modern opt-in knob.
+GPT2_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 # Hugging Face names of the four OpenAI GPT-2 checkpoints and their shapes
 # (from the GPT-2 paper, table 2; all use vocab 50257 and context 1024).
@@ -592,32 +336,44 @@ PRETRAINED = {
 # Hugging Face GPT-2 stores these Linear layers as Conv1D, weight shape (in, out): transpose.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
-# Dense peak FLOP/s per device and dtype, from the vendors' datasheets (no sparsity).
-# float32 is the plain (non-tensor-core) rate. Anything not listed is "unknown", CPUs included.
-PEAK_FLOPS = [
-    # (substring of torch.cuda.get_device_name(), {dtype: FLOP/s}); first match wins
-    ("H100 PCIe", {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 51e12}),
-    ("H100 NVL", {torch.bfloat16: 835e12, torch.float16: 835e12, torch.float32: 60e12}),
-    ("H100", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),  # SXM
-    ("H200", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),
-    ("B200", {torch.bfloat16: 2250e12, torch.float16: 2250e12, torch.float32: 75e12}),
-    ("A100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12}),
-    ("L40S", {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12}),
-    ("A10G", {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 31.2e12}),
-    ("A10", {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 31.2e12}),
-    ("L4", {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30.3e12}),
-    ("V100", {torch.float16: 125e12, torch.float32: 15.7e12}),
-]
 
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated up to max_len.
 
-def peak_flops(device_name, dtype=torch.bfloat16):
-    """Peak FLOP/s of a known accelerator for dtype, or None when we do not know it."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    for key, table in PEAK_FLOPS:
-        if key.lower() in (device_name or "").lower():
-            return table.get(dtype)
-    return None
+    Allocated lazily on the first write so the cache takes the dtype the attention
+    produces (bfloat16 under autocast, float32 otherwise).
+
+    rolling (RoPE models only): once full, a single new position overwrites the oldest
+    slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
+    max_len keys. Their order in the buffer does not matter: one query sees all of them,
+    and RoPE already rotated each key by its own absolute position.
+    """
+
+    def __init__(self, n_layer, max_len, rolling=False):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.max_len = max_len
+        self.pos = 0  # number of positions already fed (the next one's absolute position)
+        self.rolling = rolling
+
+    def update(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return the keys/values to attend to."""
+        T = k.size(2)
+        end = self.pos + T
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+        if end <= self.max_len:
+            self.k[layer][:, :, self.pos:end] = k
+            self.v[layer][:, :, self.pos:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs)
+        if not self.rolling or T != 1:
+            raise ValueError(f"KV cache overflow: {self.pos} + {T} > max_len {self.max_len}")
+        slot = self.pos % self.max_len  # the oldest position's slot
+        self.k[layer][:, :, slot:slot + 1] = k
+        self.v[layer][:, :, slot:slot + 1] = v
+        return self.k[layer], self.v[layer]  # (B, nh, max_len, hs): the last max_len positions
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -654,13 +410,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-        if not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {config.dropout}")
-        check_knobs(config)
         self.config = config
         rope = config.pos_emb == "rope"
         self.transformer = nn.ModuleDict(dict(
@@ -677,7 +426,6 @@ class GPT(nn.Module):
             # weight tying (GPT-2 does it; https://paperswithcode.com/method/weight-tying)
             self.transformer.wte.weight = self.lm_head.weight
         c = config.logit_softcap
-        # smooth cap of the logits at +-c (Gemma 2; modded-nanogpt records, nanochat: c = 15)
         self.softcap = functools.partial(softcap, cap=float(c)) if c > 0 else keep
         for i, block in enumerate(self.transformer.h):
             block.attn.layer_idx = i
@@ -780,19 +528,13 @@ class GPT(nn.Module):
         vocab_limit: only ids below it are sampled (set it to the tokenizer's size when
         vocab_size is padded, e.g. 50257 for 50304).
 
-        Past block_size, learned positions (GPT-2): the model conditions on the last
-        block_size tokens, exactly as without a cache; positions then shift every step, so
-        the cache no longer applies and each step recomputes the window.
-
-        Past block_size, RoPE: scores depend only on relative positions, so the cache rolls
-        (the oldest position leaves, a ring buffer) and each step stays one token. Every
-        query then sees the last block_size keys, but in layers 2.. the cached keys/values of
-        older tokens were computed when their own window reached further back. The result
-        equals exactly (up to float rounding) a full forward of the whole sequence with
-        sliding-window causal attention (each query sees at most block_size keys, RoPE
-        positions 0..N-1), not a recomputation on the last block_size tokens; the two agree
-        for n_layer == 1. A prompt longer than block_size is fed the same way: its first
-        block_size tokens at once, the rest one by one."""
+        Past block_size, learned positions (GPT-2) condition on the last block_size tokens,
+        exactly as without a cache: positions shift every step, so each step recomputes the
+        window. RoPE scores depend only on relative positions, so the cache rolls (KVCache)
+        and each step stays one token: the result equals a full forward with sliding-window
+        causal attention (each query sees at most block_size keys), which differs from a
+        recomputation on the last block_size tokens for n_layer > 1. A prompt longer than
+        block_size is fed the same way: its first block_size tokens at once, the rest one by one."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if vocab_limit is not None and not 0 < vocab_limit <= self.config.vocab_size:
@@ -841,7 +583,7 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
-    # ---------------------------------------------------------------- size, FLOPs, MFU
+    # ---------------------------------------------------------------- size and FLOPs
 
     def get_num_params(self, non_embedding=True):
         """Parameter count, tied weights once. non_embedding leaves out the lookup tables:
@@ -855,18 +597,12 @@ class GPT(nn.Module):
         return n
 
     def param_breakdown(self):
-        """Parameter counts by kind: embeddings (token + position + output head, a tied
-        head once), attention, mlp, norms (0 with the parameter-free RMSNorm), total."""
+        """Parameter counts by kind: embeddings (token + position + output head, a tied head
+        once), attention, mlp, norms (0 with the parameter-free RMSNorm), total."""
         counts = dict(embeddings=0, attention=0, mlp=0, norms=0)
         for name, p in self.named_parameters():  # named_parameters yields tied weights once
-            if ".attn." in name:
-                kind = "attention"
-            elif ".mlp." in name:
-                kind = "mlp"
-            elif "ln_" in name:
-                kind = "norms"
-            else:
-                kind = "embeddings"
+            kind = ("attention" if ".attn." in name else "mlp" if ".mlp." in name
+                    else "norms" if "ln_" in name else "embeddings")
             counts[kind] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
@@ -879,6 +615,13 @@ class GPT(nn.Module):
             lines.append(f"{kind:<12}{n:>14,}{100 * n / counts['total']:>7.1f}%")
         return "\n".join(lines)
 
+    def flops_per_token(self):
+        """Training FLOPs (forward + backward) per token at full context: 6N for the
+        matmuls with the weights plus 12 * n_layer * n_embd * block_size for attention
+        (PaLM paper, appendix B: https://arxiv.org/abs/2204.02311)."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
     def crop_block_size(self, block_size):
         """Shrink the context length, e.g. to fine-tune GPT-2 (1024) with a smaller block."""
         if not 0 < block_size <= self.config.block_size:
@@ -887,72 +630,6 @@ class GPT(nn.Module):
         if self.rotary is None:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
         # RoPE has no weights to crop: its cached angles simply go unused past block_size
-
-    def flops_per_token(self):
-        """Training FLOPs (forward + backward) per token at full context: 6N for the
-        matmuls with the weights plus 12 * n_layer * n_embd * block_size for attention
-        (PaLM paper, appendix B: https://arxiv.org/abs/2204.02311)."""
-        cfg = self.config
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-    def estimate_mfu(self, tokens_per_sec, device_name, dtype=torch.bfloat16):
-        """Model FLOPs utilisation: achieved FLOP/s over the device's peak for dtype.
-        None when the peak is unknown (CPUs and unlisted GPUs): no made-up number."""
-        peak = peak_flops(device_name, dtype)
-        if peak is None:
-            return None
-        return self.flops_per_token() * tokens_per_sec / peak
-
-    # ---------------------------------------------------------------- optimizer
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                             muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5):
-        """optimizer="adamw": AdamW with weight decay on matrices and embeddings (2-D) only, not on
-        biases and norm gains; the fused kernel where this torch has it for device_type.
-
-        optimizer="muon": Muon (see MuonAdamW) on the 2-D matrices inside the blocks, AdamW as above
-        on everything else (embeddings, lm_head, gains, biases). Each group's "lr_ratio" is its peak
-        learning rate over learning_rate, so that one schedule scales both (train.py sets
-        group["lr"] = lr * group["lr_ratio"])."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        if optimizer == "muon":
-            hidden = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
-            named = [(n, p) for n, p in named if not (n.startswith("transformer.h.") and p.dim() == 2)]
-        params = [p for _, p in named]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        n_decay = sum(p.numel() for p in decay)
-        n_no_decay = sum(p.numel() for p in no_decay)
-        print(f"optimizer: {len(decay)} decayed tensors ({n_decay:,} parameters), "
-              f"{len(no_decay)} non-decayed tensors ({n_no_decay:,} parameters) with AdamW")
-        if optimizer == "muon":
-            if learning_rate <= 0:
-                raise ValueError(f"Muon's lr_ratio needs learning_rate > 0, got {learning_rate}")
-            adam = dict(kind="adamw", lr=learning_rate, lr_ratio=1.0, betas=betas, eps=1e-8)
-            groups = [dict(adam, **g) for g in groups]
-            groups.append(dict(kind="muon", params=hidden, lr=muon_lr, lr_ratio=muon_lr / learning_rate,
-                               momentum=muon_momentum, weight_decay=muon_weight_decay, ns_steps=muon_ns_steps))
-            # bfloat16 matmuls are native on GPUs; CPUs without AMX emulate them (much slower than float32)
-            ns_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-            print(f"optimizer: Muon on {len(hidden)} block matrices ({sum(p.numel() for p in hidden):,} "
-                  f"parameters), Newton-Schulz in {str(ns_dtype).replace('torch.', '')}")
-            return MuonAdamW(groups, ns_dtype=ns_dtype)
-        if optimizer != "adamw":
-            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-        # fused AdamW exists for CUDA (torch 2.0+) and CPU (torch 2.4+); MPS in recent releases
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        extra = dict(fused=True) if fused else dict()
-        try:  # copies: AdamW writes its defaults (fused=True) into the group dicts it is given
-            optimizer = torch.optim.AdamW([dict(g) for g in groups], lr=learning_rate, betas=betas, **extra)
-        except RuntimeError:  # an older torch without the fused kernel for this device (CPU before 2.4)
-            fused = False
-            optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
-        print(f"optimizer: AdamW, fused kernel: {fused}")
-        return optimizer
 
     # ---------------------------------------------------------------- Hugging Face GPT-2
 
@@ -966,7 +643,7 @@ class GPT(nn.Module):
         unknown = set(override_args) - {"dropout"}
         if unknown:
             raise ValueError(f"override_args may only set 'dropout', got {sorted(unknown)}")
-        folder = _find_pretrained_folder(name_or_path)
+        folder = _pretrained_folder(name_or_path)
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -1001,15 +678,16 @@ class GPT(nn.Module):
                 target.copy_(w)
         return model
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict=None):
         """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads with the
         same logits. Models without biases get zero biases (the same function). Only GPT-2
-        models export: a modern knob (pos_emb, norm, ...) has no GPT-2 equivalent."""
+        models export: a modern knob (pos_emb, norm, ...) has no GPT-2 equivalent.
+        state_dict: the weights to write, default this model's (lora.py passes merged ones)."""
         cfg = self.config
-        for name, value in GPT2_KNOBS.items():
-            if getattr(cfg, name) != value:
-                raise ValueError(f"save_pretrained exports GPT-2 only, and GPT-2 has no {name}={getattr(cfg, name)!r} "
-                                 f"(it needs {name}={value!r}); keep this model as a train.py checkpoint")
+        for name, value in cfg.modern().items():
+            default = GPTConfig.__dataclass_fields__[name].default
+            raise ValueError(f"save_pretrained exports GPT-2 only, and GPT-2 has no {name}={value!r} "
+                             f"(it needs {name}={default!r}); keep this model as a train.py checkpoint")
         hf_config = {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
@@ -1020,7 +698,7 @@ class GPT(nn.Module):
             "bos_token_id": min(50256, cfg.vocab_size - 1), "eos_token_id": min(50256, cfg.vocab_size - 1),
         }
         out = {}
-        for k, v in merged_state_dict(self).items():  # LoRA adapters folded into the weights
+        for k, v in (self.state_dict() if state_dict is None else state_dict).items():
             if k == "lm_head.weight":
                 continue  # tied to transformer.wte.weight; transformers re-ties it on load
             out[k] = (v.t() if k.endswith(_CONV1D) else v).detach().to("cpu", torch.float32).contiguous()
@@ -1030,105 +708,50 @@ class GPT(nn.Module):
                     n = v.shape[1] if k.endswith(_CONV1D) else v.shape[0]
                     out[k[:-len("weight")] + "bias"] = torch.zeros(n)
         os.makedirs(folder, exist_ok=True)
-        _atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
+        _write_replacing(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
         try:
             from safetensors.torch import save
         except ImportError:
-            _atomic_write(os.path.join(folder, "pytorch_model.bin"), lambda f: torch.save(out, f))
+            _write_replacing(os.path.join(folder, "pytorch_model.bin"), lambda f: torch.save(out, f))
         else:
-            _atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(out, {"format": "pt"})))
+            _write_replacing(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(out, {"format": "pt"})))
 
 
-# GPT-2's values of the modern knobs (rope_base matters only with pos_emb='rope')
-GPT2_KNOBS = dict(pos_emb="learned", norm="layernorm", mlp_act="gelu", qk_norm=False,
-                  tie_embeddings=True, logit_softcap=0.0)
+def replace_modules(model, kind, make):
+    """Replace, in place, every submodule of type kind by make(submodule); returns how many.
+    How lora.py and quantize.py wrap a GPT from outside, so the model needs no `if lora:`."""
+    n = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, kind):
+                setattr(module, child_name, make(child))
+                n += 1
+    return n
 
 
-def check_knobs(config):
-    """ValueError naming the GPTConfig field and its allowed values for a bad knob: the heads'
-    split of n_embd and the modern knobs (train.py and bench.py check flags with it up front)."""
-    if config.n_embd % config.n_head:
-        raise ValueError(f"GPTConfig.n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
-    for name, allowed in CHOICES.items():
-        if getattr(config, name) not in allowed:
-            raise ValueError(f"GPTConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(config, name)!r}")
-    for name in ("qk_norm", "tie_embeddings"):
-        if not isinstance(getattr(config, name), bool):
-            raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(config, name)!r}")
-    c = config.logit_softcap
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < math.inf:
-        raise ValueError(f"GPTConfig.logit_softcap must be a float >= 0 (0 = off), got {c!r}")
-    b = config.rope_base
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 1 < b < math.inf:
-        raise ValueError(f"GPTConfig.rope_base must be a float > 1, got {b!r}")
-    if config.pos_emb == "rope" and (config.n_embd // config.n_head) % 2:
-        raise ValueError(f"GPTConfig.pos_emb='rope' needs an even head size, got n_embd {config.n_embd} / "
-                         f"n_head {config.n_head} = {config.n_embd // config.n_head}")
-
-
-def _atomic_write(path, write):
-    """Write a file through a temporary name so a crash never leaves it half-written."""
+def _write_replacing(path, write):
+    """Write through a temporary name and rename, so a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _first_sentence(error, limit=200):
-    """The error's text on one line, cut at its first sentence and at a word boundary, never mid-word."""
-    text = ' '.join(str(error).split())
-    end = text.find('. ')
-    if 0 < end < limit:
-        return text[:end + 1]
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(' ', 1)[0] + ' ...'
-
-
-def _find_pretrained_folder(name_or_path):
-    """A folder holding config.json and weights for a model name or path, or a clear error."""
+def _pretrained_folder(name_or_path):
+    """A folder holding config.json and weights: the path itself, or for a GPT-2 name the
+    Hugging Face cache's copy (downloaded if missing; runs.pretrained_folder explains failures)."""
     if os.path.isdir(name_or_path):
         if not os.path.isfile(os.path.join(name_or_path, "config.json")):
             raise FileNotFoundError(f"{name_or_path} has no config.json: not a Hugging Face model folder")
         return name_or_path
     if name_or_path not in PRETRAINED:
         raise FileNotFoundError(f"{name_or_path!r} is neither a folder nor one of {sorted(PRETRAINED)}")
-    repo_id = name_or_path
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        snapshot_download = None
-    if snapshot_download is not None:
-        patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
-        try:  # the local cache first, so no network is touched when the files are here
-            folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
-        except Exception:
-            try:
-                folder = snapshot_download(repo_id, allow_patterns=patterns)
-            except Exception as e:
-                raise FileNotFoundError(
-                    f"GPT-2 weights {repo_id!r} are not in the local Hugging Face cache and could not be "
-                    f"downloaded ({type(e).__name__}: {_first_sentence(e)}). Download them once where there is "
-                    f"network (`hf download {repo_id} config.json model.safetensors`) or pass a local folder."
-                ) from None
-        return folder
-    # without huggingface_hub, look in the cache layout it would have written
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
-    snapshots = os.path.join(hub, f"models--{repo_id}", "snapshots")
-    if os.path.isdir(snapshots):
-        for snap in sorted(os.listdir(snapshots)):
-            folder = os.path.join(snapshots, snap)
-            if os.path.isfile(os.path.join(folder, "config.json")):
-                return folder
-    raise FileNotFoundError(f"GPT-2 weights {repo_id!r} not found under {snapshots}; install huggingface_hub "
-                            f"(`pip install huggingface_hub`) to download them, or pass a local folder")
+    from huggingface_hub import snapshot_download  # pip install huggingface_hub
+    return snapshot_download(name_or_path, allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"])
 
 
 def _read_weights(folder):
@@ -1145,74 +768,3 @@ def _read_weights(folder):
         return torch.load(pt, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
-
-# ---------------------------------------------------------------- Muon
-
-# Keller Jordan's quintic Newton-Schulz coefficients (https://kellerjordan.github.io/posts/muon/):
-# they maximise the slope at zero, so 5 steps push all singular values into roughly [0.7, 1.2]
-# instead of exactly 1, which trains as well as the exact U V^T.
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
-def orthogonalize(g, steps=5, dtype=torch.float32):
-    """Approximately U V^T for g = U S V^T (g: (m, n)), by the quintic Newton-Schulz iteration
-    x <- a x + b (x x^T) x + c (x x^T)^2 x, which maps each singular value s to a s + b s^3 + c s^5."""
-    a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T  # (n, m): iterate on the wide side, so the Gram matrix is the small one
-    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm = 1: inside the iteration's range
-    for _ in range(steps):
-        gram = x @ x.T  # (min, min)
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b gram + c gram^2) x
-    return (x.T if tall else x).to(g.dtype)
-
-
-class MuonAdamW(torch.optim.Optimizer):
-    """Muon for param groups with kind="muon", AdamW for kind="adamw": one optimizer object,
-    so learning-rate schedules, GradScaler, gradient clipping and checkpoints treat it like AdamW.
-
-    Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/): Nesterov momentum, then the
-    update is orthogonalized (every singular value ~1) and scaled by sqrt(max(1, rows/cols)) so
-    tall and wide matrices get updates of similar size per element (Keller's "original" scale, as
-    torch.optim.Muon's adjust_lr_fn=None). Weight decay is decoupled (p -= lr * wd * p), as in AdamW.
-    """
-
-    def __init__(self, param_groups, ns_dtype=torch.float32):
-        super().__init__(param_groups, defaults={})
-        self.ns_dtype = ns_dtype  # float32 on CPUs, bfloat16 on GPUs
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
-                if group["kind"] == "muon":
-                    if not state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(g, 1 - group["momentum"])  # an average of past gradients
-                    nesterov = g.lerp(buf, group["momentum"])  # look one step ahead along the momentum
-                    update = orthogonalize(nesterov, group["ns_steps"], self.ns_dtype)
-                    p.mul_(1 - lr * wd)
-                    p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                else:  # AdamW, as torch.optim.AdamW (Loshchilov & Hutter, https://arxiv.org/abs/1711.05101)
-                    beta1, beta2 = group["betas"]
-                    if not state:
-                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    state["step"] += 1
-                    m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                    p.mul_(1 - lr * wd)
-                    m.lerp_(g, 1 - beta1)
-                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                    p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-        return loss

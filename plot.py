@@ -22,7 +22,9 @@ import json
 import os
 import sys
 
-import common
+import cli
+import hardware
+import runs
 
 DPI = 100  # figure sizes below are in inches; pixels = inches * DPI
 
@@ -45,7 +47,7 @@ def _new_figure(width_px, height_px, layout=None):
     try:
         import matplotlib
     except ImportError:
-        raise common.ConfigError("pictures need matplotlib: pip install matplotlib") from None
+        raise cli.ConfigError("pictures need matplotlib: pip install matplotlib") from None
     matplotlib.use('Agg')  # no display needed; harmless if a backend is already set
     from matplotlib.figure import Figure
     width_px, height_px = round(width_px), round(height_px)  # whole pixels: the PNG is exactly this size
@@ -53,8 +55,8 @@ def _new_figure(width_px, height_px, layout=None):
 
 
 def _save(fig, path):
-    """Write the PNG atomically (common.atomic_write), so a viewer never sees half a file."""
-    common.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
+    """Write the PNG atomically (runs.atomic_write), so a viewer never sees half a file."""
+    runs.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
 
 
 # -----------------------------------------------------------------------------
@@ -70,12 +72,12 @@ def read_log(out_dir, notice=None):
     """
     path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.isfile(path):
-        raise common.ConfigError(f"no {path}: is {out_dir} a training run's out_dir?")
+        raise cli.ConfigError(f"no {path}: is {out_dir} a training run's out_dir?")
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
             lines = [line for line in f if line.strip()]
     except OSError as e:
-        raise common.ConfigError(f"cannot read {path}: {e.strerror}") from None
+        raise cli.ConfigError(f"cannot read {path}: {e.strerror}") from None
     records, bad = [], []
     for i, line in enumerate(lines):
         try:
@@ -112,7 +114,7 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
     evaluations (dashed), and the logged per-step training loss (thinner, lighter, underneath).
     """
     if x not in X_AXES:
-        raise common.ConfigError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
+        raise cli.ConfigError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     logs = [read_log(d) for d in out_dirs]  # a missing log fails before any drawing
     names = [os.path.basename(os.path.normpath(d)) for d in out_dirs]
     fig = _new_figure(width_px, height_px)
@@ -243,19 +245,19 @@ LOSS_DEFAULTS = dict(
 
 def run_loss(argv):
     out_dirs = [a for a in argv if not a.startswith('-')]
-    cfg = dict(LOSS_DEFAULTS, **common.load_config(LOSS_DEFAULTS, [a for a in argv if a.startswith('-')],
+    cfg = dict(LOSS_DEFAULTS, **cli.load_config(LOSS_DEFAULTS, [a for a in argv if a.startswith('-')],
                                                      usage=USAGES['loss'][1]))
     if cfg['out']:
         check_out(cfg['out'])
     if not out_dirs:  # the newest run folder here
-        out_dirs = [common.find_run_dir('out', False, what='plot')]
+        out_dirs = [runs.find_run_dir('out', False, what='plot')]
     for d in out_dirs:
         if not os.path.isfile(os.path.join(d, 'log.jsonl')):
-            common.die(f"no {os.path.join(d, 'log.jsonl')}: is {d} a training run's out_dir?")
+            cli.die(f"no {os.path.join(d, 'log.jsonl')}: is {d} a training run's out_dir?")
     # a log without a single loss (a run that has not logged a step yet, or a garbled file) makes an
     # empty picture: say so instead of writing one
     if not any(r.get('kind', 'train') in ('train', 'eval') for d in out_dirs for r in read_log(d, notice=lambda m: None)):
-        common.die(f"no loss records in {', '.join(os.path.join(d, 'log.jsonl') for d in out_dirs)} yet: "
+        cli.die(f"no loss records in {', '.join(os.path.join(d, 'log.jsonl') for d in out_dirs)} yet: "
                    f"plot once the run has logged a step (log_interval)")
     path = cfg['out'] or (os.path.join(out_dirs[0], 'loss.png') if len(out_dirs) == 1 else 'loss.png')
     plot_loss(out_dirs, path, x=cfg['x'])
@@ -265,42 +267,41 @@ def run_loss(argv):
 def check_out(path):
     """An --out PNG must be a .png in a folder that exists (checked before any model is loaded)."""
     if not path.lower().endswith('.png'):
-        common.die(f"out={path!r} must name a .png file")
+        cli.die(f"out={path!r} must name a .png file")
     folder = os.path.dirname(path) or '.'
     if not os.path.isdir(folder):
-        common.die(f"cannot write {path}: folder {folder} does not exist")
+        cli.die(f"cannot write {path}: folder {folder} does not exist")
 
 
 def run_attention(argv):
-    overrides = common.load_config(ATTENTION_DEFAULTS, argv, usage=USAGES['attention'][1])
+    overrides = cli.load_config(ATTENTION_DEFAULTS, argv, usage=USAGES['attention'][1])
     cfg = dict(ATTENTION_DEFAULTS, **overrides)
-    if cfg['max_tokens'] < 1:
-        common.die(f"max_tokens must be at least 1, got {cfg['max_tokens']}")
+    cli.check_knobs(cfg, dict(max_tokens='>= 1'))
     if cfg['start'].startswith('FILE:') and not os.path.isfile(cfg['start'][5:]):
-        common.die(f"cannot read the prompt file {cfg['start'][5:]}: no such file")
+        cli.die(f"cannot read the prompt file {cfg['start'][5:]}: no such file")
     if cfg['out']:
         check_out(cfg['out'])
     if cfg['data_dir'] and not os.path.isdir(cfg['data_dir']):
-        common.die(f"data_dir {cfg['data_dir']} is not a folder")
-    dev = common.setup_device(cfg['device'], 'float32',
+        cli.die(f"data_dir {cfg['data_dir']} is not a folder")
+    dev = hardware.setup_device(cfg['device'], 'float32',
                               default_reason=None if 'device' in overrides else "plot.py's default")
     if cfg['init_from'] == 'resume':
-        cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='plot')
-    model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
-    tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
+        cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='plot')
+    model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+    tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
     start = cfg['start']
     if start.startswith('FILE:'):
         try:
             with open(start[5:], encoding='utf-8') as f:
                 start = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            common.die(f"cannot read the prompt file {start[5:]}: {e.strerror if isinstance(e, OSError) else e}")
+            cli.die(f"cannot read the prompt file {start[5:]}: {e.strerror if isinstance(e, OSError) else e}")
     try:
         ids = tokenizer.encode(start)
     except Exception as e:  # prepare.PrepareError: a character outside a char vocabulary, ...
-        common.die(f"cannot encode the prompt with the model's tokenizer ({tokenizer.name}): {e}")
+        cli.die(f"cannot encode the prompt with the model's tokenizer ({tokenizer.name}): {e}")
     if not ids:
-        common.die("the prompt encodes to no tokens; give one with --start=...")
+        cli.die("the prompt encodes to no tokens; give one with --start=...")
     if len(ids) > cfg['max_tokens']:
         print(f"prompt has {len(ids)} tokens; plotting the first {cfg['max_tokens']} (--max_tokens)")
         ids = ids[:cfg['max_tokens']]
@@ -320,15 +321,15 @@ USAGES = {'loss': (LOSS_DEFAULTS, "python plot.py loss [OUT_DIR ...] [--out=FILE
 
 def main(argv):
     if not argv or argv[0] in ('-h', '--help'):
-        common.print_stdout(f"usage: python plot.py {{{','.join(COMMANDS)}}} ...\n{__doc__.strip()}")
+        cli.print_stdout(f"usage: python plot.py {{{','.join(COMMANDS)}}} ...\n{__doc__.strip()}")
         if argv:
             for command, (defaults, usage) in USAGES.items():
-                common.print_stdout('')
-                common.print_help(defaults, __file__, usage)
+                cli.print_stdout('')
+                cli.print_help(defaults, __file__, usage)
             return 0
-        common.die(f"name a command: python plot.py {{{','.join(COMMANDS)}}} (usage above)")
+        cli.die(f"name a command: python plot.py {{{','.join(COMMANDS)}}} (usage above)")
     if argv[0] not in COMMANDS:
-        common.die(common.unknown_command(argv[0], COMMANDS, 'plot.py'))
+        cli.die(cli.unknown_command(argv[0], COMMANDS, 'plot.py'))
     COMMANDS[argv[0]](argv[1:])
     return 0
 

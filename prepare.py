@@ -313,6 +313,38 @@ def read_text(path):
     return text
 
 
+def token_count(path, allow_empty=True):
+    """The number of uint16 tokens in a token file, after checking that it is one: an odd byte
+    size (or, with allow_empty=False, an empty file) is a PrepareError."""
+    try:
+        n_bytes = os.path.getsize(path)
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+    if n_bytes % 2 or (n_bytes == 0 and not allow_empty):
+        raise PrepareError(f"{path} has {'an odd size' if n_bytes else 'no tokens'} ({n_bytes:,} bytes) but should "
+                           f"hold uint16 tokens: it is truncated or not a token file; prepare the dataset again")
+    return n_bytes // 2
+
+
+def open_tokens(path):
+    """np.memmap of a uint16 token file that holds tokens (token_count's checks) instead of
+    numpy's ValueError."""
+    token_count(path, allow_empty=False)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def check_token_ids(path, vocab_size, chunk=1 << 24):
+    """PrepareError naming path and the largest id if a uint16 token file holds an id >=
+    vocab_size. Reads the file in chunks of 16M tokens (about 0.05 s each), so memory stays flat."""
+    data = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    for start in range(0, len(data), chunk):
+        largest = int(data[start:start + chunk].max())
+        if largest >= vocab_size:
+            largest = max(largest, *(int(data[i:i + chunk].max()) for i in range(start, len(data), chunk)))
+            raise PrepareError(f"{path} holds token id {largest} but vocab_size is {vocab_size} (meta.json): the "
+                               f"file is corrupt or from another tokenizer; prepare the dataset again")
+
+
 def write_tokens(path, arrays, vocab_size):
     """Stream id arrays into path's temp name ('.NAME.tmp', same folder, fsynced); returns (tmp, count).
 

@@ -19,7 +19,10 @@ from contextlib import redirect_stdout
 
 import torch
 
-import common
+import cli
+import hardware
+import runs
+from quantize import QUANTIZE, quantize_model
 
 # -----------------------------------------------------------------------------
 # defaults; config files and --key=value flags change them
@@ -41,6 +44,8 @@ quantize = 'none'  # 'none' or 'int8' (int8 weights, float activations: ~2x fast
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+RULES = dict(num_samples='>= 1', max_new_tokens='>= 0', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
+             quantize=QUANTIZE)  # what each knob may be (cli.check_knobs)
 SEPARATOR = '-' * 40
 
 
@@ -57,7 +62,7 @@ def read_prompt(start):
         with open(path, encoding='utf-8') as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        common.die(f"cannot read the prompt file {path}: {e.strerror if isinstance(e, OSError) else e}")
+        cli.die(f"cannot read the prompt file {path}: {e.strerror if isinstance(e, OSError) else e}")
 
 
 def encode_prompt(text, tokenizer, block_size):
@@ -71,7 +76,7 @@ def encode_prompt(text, tokenizer, block_size):
         try:
             ids = tokenizer.encode('\n')
         except prepare.PrepareError:
-            common.die("empty prompt and the vocabulary has no newline to start from; pass --start=TEXT")
+            cli.die("empty prompt and the vocabulary has no newline to start from; pass --start=TEXT")
         notice("empty prompt: starting from a newline")
         return ids
     try:
@@ -84,11 +89,11 @@ def encode_prompt(text, tokenizer, block_size):
                     tokenizer.encode(ch)
                 except prepare.PrepareError:
                     missing.append(ch)
-            common.die(f"the prompt has {len(missing)} character(s) missing from the model's "
+            cli.die(f"the prompt has {len(missing)} character(s) missing from the model's "
                        f"{tokenizer.vocab_size}-character vocabulary: {' '.join(repr(c) for c in missing)}")
-        common.die(f"cannot encode the prompt: {e}")
+        cli.die(f"cannot encode the prompt: {e}")
     if not ids:
-        common.die(f"the prompt {text!r} encodes to no tokens; pass a different --start")
+        cli.die(f"the prompt {text!r} encodes to no tokens; pass a different --start")
     if len(ids) > block_size:
         notice(f"prompt is {len(ids)} tokens, longer than the context of {block_size}: "
                f"keeping its last {block_size} tokens")
@@ -130,27 +135,20 @@ class StreamPrinter:
 
 def main(argv):
     cfg = dict(DEFAULTS)
-    overrides = common.load_config(DEFAULTS, argv)
+    overrides = cli.load_config(DEFAULTS, argv)
     cfg.update(overrides)
-    if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 0:
-        common.die(f"need num_samples >= 1 and max_new_tokens >= 0, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
-    if cfg['temperature'] < 0:
-        common.die(f"temperature must be >= 0 (0 = greedy), got {cfg['temperature']}")
-    if cfg['quantize'] not in ('none', 'int8'):
-        common.die(f"quantize must be 'none' or 'int8', got {cfg['quantize']!r}")
-    if cfg['top_k'] < 0 or not 0.0 < cfg['top_p'] <= 1.0:
-        common.die(f"need top_k >= 0 (0 = no limit) and 0 < top_p <= 1, got {cfg['top_k']} and {cfg['top_p']}")
+    cli.check_knobs(cfg, RULES)
 
     with redirect_stdout(sys.stderr):  # status lines from the shared helpers go to stderr
-        dev = common.setup_device(cfg['device'], cfg['dtype'])
+        dev = hardware.setup_device(cfg['device'], cfg['dtype'])
         if cfg['init_from'] == 'resume':  # no --out_dir and no out/ckpt.pt: the newest run folder here
-            cfg['out_dir'] = common.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='sample from')
-        model, info = common.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
-        tokenizer = common.load_tokenizer_for(info, cfg['data_dir'] or None)
+            cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='sample from')
+        model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+        tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
     notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
            f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} ids)")
     with redirect_stdout(sys.stderr):
-        common.quantize_model(model, cfg['quantize'])  # after the count above: int8 weights are buffers
+        quantize_model(model, cfg['quantize'])  # after the count above: int8 weights are buffers
     if cfg['compile']:
         for block in model.transformer.h:
             block.compile()
@@ -186,7 +184,7 @@ if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except ValueError as e:  # e.g. a prompt with token ids the model's vocabulary does not have
-        common.die(str(e))
+        cli.die(str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)

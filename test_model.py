@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, peak_flops, sample_next
+from model import GPT, GPTConfig, KVCache, sample_next
+from optim import configure_optimizers
 
 ROOT = Path(__file__).resolve().parent
 
@@ -130,14 +131,6 @@ def test_from_pretrained_errors(tmp_path):
         GPT.from_pretrained(str(tmp_path), override_args=dict(n_layer=3))
 
 
-def test_gpt2_name_without_local_files_says_what_is_missing(tmp_path, monkeypatch):
-    # an empty cache and no network: the error names the model and how to get it
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="'gpt2'"):
-        GPT.from_pretrained("gpt2")
-
-
 # ------------------------------------------------------------------ architecture
 
 def test_gpt2_124m_parameter_count():
@@ -196,7 +189,7 @@ def test_overfits_one_batch():
     model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=32))
     x = torch.randint(0, 40, (4, 16))
     y = torch.randint(0, 40, (4, 16))
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    opt = configure_optimizers(model, 0.0, 3e-3, (0.9, 0.99), "cpu")
     for _ in range(300):
         loss = model(x, y)[1]
         opt.zero_grad(set_to_none=True)
@@ -450,33 +443,12 @@ def test_temperature_sharpens_and_flattens():
     torch.testing.assert_close(hot, exact_hot, atol=0.015, rtol=0)
 
 
-# ------------------------------------------------------------------ optimizer, FLOPs, MFU
+# ------------------------------------------------------------------ FLOPs
 
-def test_configure_optimizers_decays_only_matrices(capsys):
-    model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert n == model.get_num_params(non_embedding=False)
-    out = capsys.readouterr().out
-    assert re.search(r"\d+ decayed tensors \([\d,]+ parameters\)", out) and "fused kernel" in out
-
-
-def test_flops_and_mfu():
+def test_flops_per_token():
     model = tiny()
     cfg = model.config
     assert model.flops_per_token() == 6 * model.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    assert model.estimate_mfu(1000.0, "cpu", torch.float32) is None
-    assert model.estimate_mfu(1000.0, "AMD EPYC", torch.float32) is None
-    mfu = model.estimate_mfu(1e9, "NVIDIA H100 80GB HBM3", torch.bfloat16)
-    assert mfu == pytest.approx(model.flops_per_token() * 1e9 / 989e12)
-    assert peak_flops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
-    assert peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
-    assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
-    assert peak_flops("Tesla V100-SXM2-16GB", torch.bfloat16) is None  # no bf16 on V100
-    assert peak_flops("Some Future GPU", torch.bfloat16) is None
 
 
 # ------------------------------------------------------------------ torch.compile

@@ -33,11 +33,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
+import cli
+import hardware
 import plot  # loss curves; matplotlib is imported only when drawing
-from model import (GPT, GPT2_KNOBS, PRETRAINED, GPTConfig, apply_lora, check_knobs, lora_state_dict,
-                   parse_lora_targets)
-from prepare import PrepareError, read_meta
+import runs
+from lora import apply_lora, lora_state_dict, parse_lora_targets
+from model import GPT, GPTConfig, PRETRAINED
+from optim import configure_optimizers, crop_optimizer_state
+from prepare import PrepareError, check_token_ids, read_meta, token_count
 
 # -----------------------------------------------------------------------------
 # defaults: a GPT-2 (124M) on OpenWebText; config/*.py and --key=value change them
@@ -62,18 +65,14 @@ data_dir = ''  # a folder with train.bin/val.bin/meta.json instead of data/<data
 gradient_accumulation_steps = 40  # micro-batches per optimizer step over ALL processes (5 per GPU on 8 GPUs)
 batch_size = 12  # sequences per micro-batch (per process)
 block_size = 1024  # tokens per sequence
-# model
+# model: its shape here; every other GPTConfig field is a knob too, with GPT-2's default
+# (--pos_emb=rope, --qk_norm=True, ...: see model.py; `python train.py --help` lists them)
 n_layer = 12  # transformer blocks
 n_head = 12  # attention heads per block
 n_embd = 768  # embedding width
 dropout = 0.0  # 0 for pretraining; try 0.1+ for finetuning
 bias = False  # biases in Linear and LayerNorm layers
-pos_emb = 'learned'  # positions: 'learned' (GPT-2) or 'rope' (rotary; see docs/modern_model.md)
-norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
-mlp_act = 'gelu'  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
-qk_norm = False  # RMS-normalise queries and keys per head
-tie_embeddings = True  # the output head shares the token embedding (GPT-2)
-logit_softcap = 0.0  # logits -> c * tanh(logits / c); 0 = off (nanochat uses 15)
+globals().update(cli.model_knobs(globals()))  # the other GPTConfig fields (vocab_size comes from the data)
 # LoRA: train low-rank adapters on a frozen pretrained model (needs init_from gpt2*, a folder or a ckpt.pt)
 lora_rank = 0  # adapter rank r; 0 = off (full training)
 lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
@@ -103,630 +102,501 @@ device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16' (float16 adds a GradScaler)
 compile = None  # torch.compile the model; None: only on CUDA; True/False to force
 seed = 1337  # seeds model init, batch sampling and dropout
+
+# what each knob may be, checked before anything is built or written (GPTConfig checks the model's)
+RULES = dict(
+    eval_interval='>= 1', log_interval='>= 1', eval_iters='>= 1', gradient_accumulation_steps='>= 1',
+    batch_size='>= 1', max_iters='>= 0', warmup_iters='>= 0', lr_decay_iters='>= 0', seed='>= 0',
+    hellaswag_interval='>= 0', learning_rate='> 0', min_lr='>= 0', weight_decay='>= 0', grad_clip='>= 0',
+    beta1='[0, 1)', beta2='[0, 1)', optimizer=('adamw', 'muon'), muon_lr='> 0', muon_momentum='[0, 1)',
+    muon_weight_decay='>= 0', muon_ns_steps='1..20', lora_rank='>= 0', lora_alpha='> 0', lora_dropout='[0, 1)',
+    backend=('auto', 'nccl', 'gloo'), compile=(None, True, False),
+)
 # -----------------------------------------------------------------------------
-# config overrides: config files, then --key=value flags (common.load_config checks every key)
+# config overrides: config files, then --key=value flags (cli.load_config checks every key)
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
-with common.errors_once_under_torchrun():  # every rank fails the same way here: rank 0 says so once
-    overrides = common.load_config({k: globals()[k] for k in config_keys}, sys.argv[1:])
-    globals().update(overrides)
-    if compile is not None and not isinstance(compile, bool):
-        common.die(f"compile must be True, False or None (auto), got {compile!r}")
-    if seed < 0:
-        common.die(f"seed must be >= 0, got {seed}")
-    if hellaswag_interval < 0:
-        common.die(f"hellaswag_interval must be >= 0 (0: off), got {hellaswag_interval}")
-    if hellaswag_input and not hellaswag_interval:
-        common.die(f"hellaswag_input={hellaswag_input!r} is set but hellaswag_interval is 0 (off): "
-                   f"set --hellaswag_interval (e.g. 250) or drop --hellaswag_input")
-    for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'):
-        if globals()[key] < 1:
-            common.die(f"{key} must be at least 1, got {globals()[key]}")
-    # every knob is checked here, before anything is built or written (values that torch or the
-    # model would only reject later, with a traceback, or accept and then do nothing)
-    for key, low in [('n_layer', 1), ('n_head', 1), ('n_embd', 1), ('max_iters', 0), ('warmup_iters', 0),
-                     ('lr_decay_iters', 0)]:
-        if globals()[key] < low:
-            common.die(f"{key} must be at least {low}, got {globals()[key]}")
-    for key in ('learning_rate', 'min_lr', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'dropout'):
-        if not math.isfinite(globals()[key]):
-            common.die(f"{key} must be a finite number, got {globals()[key]}")
-    if learning_rate <= 0:
-        common.die(f"learning_rate must be > 0, got {learning_rate}")
-    for key in ('min_lr', 'weight_decay', 'grad_clip'):
-        if globals()[key] < 0:
-            common.die(f"{key} must be >= 0, got {globals()[key]}")
-    for key in ('beta1', 'beta2', 'dropout'):  # AdamW's betas and dropout's probability live in [0, 1)
-        if not 0 <= globals()[key] < 1:
-            common.die(f"{key} must be in [0, 1), got {globals()[key]}")
-    if optimizer not in ('adamw', 'muon'):
-        common.die(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-    if optimizer == 'muon':
-        if not (muon_lr > 0 and math.isfinite(muon_lr)):
-            common.die(f"muon_lr must be > 0, got {muon_lr} (0.02..0.05 is usual)")
-        if not 0.0 <= muon_momentum < 1.0:
-            common.die(f"muon_momentum must be in [0, 1), got {muon_momentum} (0.95 is usual)")
-        if not (muon_weight_decay >= 0 and math.isfinite(muon_weight_decay)):
-            common.die(f"muon_weight_decay must be >= 0, got {muon_weight_decay}")
-        if not 1 <= muon_ns_steps <= 20:
-            common.die(f"muon_ns_steps must be between 1 and 20, got {muon_ns_steps} (5 is usual)")
-    try:  # the model's knobs (n_embd divisible by n_head, pos_emb, norm, ...), before anything is written
-        check_knobs(GPTConfig(n_head=n_head, n_embd=n_embd, pos_emb=pos_emb, norm=norm, mlp_act=mlp_act,
-                              qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap))
-    except ValueError as e:
-        common.die(str(e).replace('GPTConfig.', ''))
-    if backend not in ('auto', 'nccl', 'gloo'):
-        common.die(f"backend must be auto, nccl or gloo, got {backend!r}")
-    run_ckpt = os.path.basename(init_from) == 'ckpt.pt' and os.path.isfile(init_from)  # another run's weights
-    if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from) or run_ckpt):
-        common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
-                   f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
-    if lora_rank < 0 or lora_alpha <= 0 or not 0 <= lora_dropout < 1:
-        common.die(f"need lora_rank >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1, "
-                   f"got {lora_rank}, {lora_alpha} and {lora_dropout}")
-    if lora_rank > 0:
-        try:
-            parse_lora_targets(lora_targets)
-        except ValueError as e:
-            common.die(str(e))
-        if init_from == 'scratch':
-            common.die("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
-                       "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
-        if optimizer == 'muon':  # Muon orthogonalizes whole weight matrices; low-rank factors were not tested
-            common.die("lora_rank > 0 trains its adapters with AdamW: use --optimizer=adamw (or --lora_rank=0)")
-    if not out_dir.strip():  # '' would scatter ckpt.pt, config.json and log.jsonl into the working directory
-        common.die("out_dir is empty; name the run's folder, e.g. --out_dir=out-mine")
-    if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
-        common.die(f"--init_from=resume but there is no {os.path.join(out_dir, 'ckpt.pt')}; "
-                   f"train first, or point --out_dir at the run's folder")
-    if wandb_log:  # optional: checked now, not after the model is built (under torchrun, ranks would hang)
-        try:
-            import wandb
-        except ImportError:
-            common.die("wandb_log=True needs wandb: pip install wandb (or set --wandb_log=False)")
+defaults = {k: globals()[k] for k in config_keys}
+overrides = cli.load_config(defaults, sys.argv[1:])
+globals().update(overrides)
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
+cli.check_knobs(config, RULES)
+model_config = cli.model_config(config)  # n_embd divisible by n_head, pos_emb, norm, ...
+if hellaswag_input and not hellaswag_interval:
+    cli.die(f"hellaswag_input={hellaswag_input!r} is set but hellaswag_interval is 0 (off): "
+            f"set --hellaswag_interval (e.g. 250) or drop --hellaswag_input")
+run_ckpt = os.path.basename(init_from) == 'ckpt.pt' and os.path.isfile(init_from)  # another run's weights
+if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from) or run_ckpt):
+    cli.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
+            f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
+if lora_rank > 0:
+    try:
+        parse_lora_targets(lora_targets)
+    except ValueError as e:
+        cli.die(str(e))
+    if init_from == 'scratch':
+        cli.die("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
+                "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
+    if optimizer == 'muon':  # Muon orthogonalizes whole weight matrices; low-rank factors were not tested
+        cli.die("lora_rank > 0 trains its adapters with AdamW: use --optimizer=adamw (or --lora_rank=0)")
+if not out_dir.strip():  # '' would scatter ckpt.pt, config.json and log.jsonl into the working directory
+    cli.die("out_dir is empty; name the run's folder, e.g. --out_dir=out-mine")
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume' and not os.path.isfile(ckpt_path):
+    cli.die(f"--init_from=resume but there is no {ckpt_path}; train first, or point --out_dir at the run's folder")
+if wandb_log:  # optional: checked now, not after the model is built (under torchrun, ranks would hang)
+    try:
+        import wandb
+    except ImportError:
+        cli.die("wandb_log=True needs wandb: pip install wandb (or set --wandb_log=False)")
 
 # -----------------------------------------------------------------------------
-# device, dtype and DDP setup
-ranks = common.ddp_ranks()  # None unless launched by torchrun
+# device, dtype and DDP: chosen once, printed once with the reason
+ranks = hardware.ddp_ranks()  # None unless launched by torchrun
 ddp = ranks is not None
 rank, local_rank, world_size = ranks if ddp else (0, 0, 1)
 master_process = rank == 0  # only rank 0 prints, logs and writes files
-dev = common.setup_device(device, dtype, local_rank=local_rank if ddp else None, verbose=master_process)
+dev = hardware.setup_device(device, dtype, local_rank=local_rank if ddp else None, verbose=master_process)
 if dev.device_type == 'cuda' and ':' in dev.device:
     torch.cuda.set_device(dev.device)  # so that nccl and new tensors use this process's GPU
 if ddp:
-    common.ddp_setup(backend, dev.device_type)
-    common.stop_with_parent()  # torchrun killed: SIGTERM us (we save and exit) instead of orphaning us
-run_lock = common.RunLock(out_dir)
-try:  # from here on, leave the process group on any exit so other ranks do not hang
+    hardware.ddp_join(backend, dev.device_type)  # and leave it on every exit, errors included
+cli.quiet_interrupt("interrupted before training started; nothing was written")  # the loop saves on Ctrl-C
 
-    # one run per out_dir: a second run would interleave log lines and delete the first's temporary files
-    lock_error = None
-    if master_process:
-        try:
-            run_lock.acquire()
-        except common.ConfigError as e:
-            lock_error = e
-    if not common.all_ranks_ok(lock_error is None, ddp, dev.device):
-        raise lock_error or SystemExit(1)
+# one run per out_dir: a folder in use stops this run now (the lock is taken before the first write)
+run_lock = runs.RunLock(out_dir)
+lock_error = None
+if master_process:
+    try:
+        run_lock.check()
+    except cli.ConfigError as e:
+        lock_error = e
+if not hardware.all_ranks_ok(lock_error is None, ddp, dev.device):
+    raise lock_error or SystemExit(1)
 
-    if gradient_accumulation_steps % world_size != 0:
-        common.die(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global count and must "
-                   f"divide evenly over {world_size} processes; use a multiple of {world_size}")
-    accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process per iteration
-    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-    use_compile = (dev.device_type == 'cuda') if compile is None else compile
-    if master_process:
-        print(common.config_summary(config, common.source_defaults(__file__), os.path.join(out_dir, 'config.json')))
-        print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
+if gradient_accumulation_steps % world_size != 0:
+    cli.die(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global count and must "
+            f"divide evenly over {world_size} processes; use a multiple of {world_size}")
+accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process per iteration
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+use_compile = (dev.device_type == 'cuda') if compile is None else compile
+if master_process:
+    print(cli.config_summary(config, defaults, os.path.join(out_dir, 'config.json')))
+    print(f"{world_size} process(es), {accum_steps} micro-steps each; tokens per iteration: {tokens_per_iter:,}")
 
-    # -------------------------------------------------------------------------
-    # data: uint16 token files read through np.memmap
-    here = os.path.dirname(os.path.abspath(__file__))
-    dataset_dir = data_dir or os.path.join(here, 'data', dataset)
-    split_paths = {split: os.path.join(dataset_dir, f'{split}.bin') for split in ('train', 'val')}
-    split_sizes = {}
+# -----------------------------------------------------------------------------
+# data: uint16 token files read through np.memmap
+dataset_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+split_paths = {split: os.path.join(dataset_dir, f'{split}.bin') for split in ('train', 'val')}
+split_sizes = {}
+try:
     for split, path in split_paths.items():
         if not os.path.isfile(path):
-            common.die(f"no {path}: prepare the dataset first with `python prepare.py {dataset}` "
-                       f"(or point --data_dir at a folder with train.bin and val.bin)")
-        split_sizes[split] = common.token_count(path)  # an empty split fails the block_size check below
+            cli.die(f"no {path}: prepare the dataset first with `python prepare.py {dataset}` "
+                    f"(or point --data_dir at a folder with train.bin and val.bin)")
+        split_sizes[split] = token_count(path)  # an empty split fails the block_size check below
         if split_sizes[split] < block_size + 1:
-            common.die(f"{path} has {split_sizes[split]} tokens but block_size={block_size} needs at least "
-                       f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
-    try:
-        meta = read_meta(dataset_dir)  # meta.json, or nanoGPT's meta.pkl
-    except PrepareError as e:
-        common.die(str(e))
+            cli.die(f"{path} has {split_sizes[split]} tokens but block_size={block_size} needs at least "
+                    f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
+    meta = read_meta(dataset_dir)  # meta.json, or nanoGPT's meta.pkl
     meta_vocab_size = meta.get('vocab_size')
     if meta_vocab_size is not None and (not isinstance(meta_vocab_size, int) or not 0 < meta_vocab_size <= 2**16):
-        common.die(f"{dataset_dir}: vocab_size {meta_vocab_size!r} in the metadata is not a uint16 vocabulary size; "
-                   f"prepare the dataset again")
+        cli.die(f"{dataset_dir}: vocab_size {meta_vocab_size!r} in the metadata is not a uint16 vocabulary size; "
+                f"prepare the dataset again")
     # token ids must be < vocab_size: files up to 256 MiB are scanned now (well under a second);
     # bigger ones are checked batch by batch in get_batch, before the model sees a token
     check_per_batch = set()  # the splits get_batch checks
-    if meta_vocab_size is not None:
-        for split, path in split_paths.items():
-            if split_sizes[split] <= 2**27:
-                common.check_token_ids(path, meta_vocab_size)
-            else:
-                check_per_batch.add(split)
+    for split, path in split_paths.items():
+        if meta_vocab_size is not None and split_sizes[split] <= 2**27:
+            check_token_ids(path, meta_vocab_size)
+        elif meta_vocab_size is not None:
+            check_per_batch.add(split)
+except PrepareError as e:
+    cli.die(str(e))
 
-    def get_batch(split, offsets):
-        """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
-        # A fresh memmap per batch keeps the process's memory flat on huge files.
-        data = np.memmap(split_paths[split], dtype=np.uint16, mode='r')
-        tokens = data[offsets[:, None] + np.arange(block_size + 1)]  # (B, T+1)
-        if split in check_per_batch and tokens.max() >= meta_vocab_size:
-            common.die_on_this_rank(f"{split_paths[split]} holds token id {int(tokens.max())} >= the vocab_size "
-                                    f"{meta_vocab_size} of {dataset_dir}/meta.json: the file is corrupt or from "
-                                    f"another tokenizer; prepare the dataset again", rank)
-        x = torch.from_numpy(np.ascontiguousarray(tokens[:, :-1], dtype=np.int64))
-        y = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:], dtype=np.int64))
-        if dev.device_type == 'cuda':
-            # pinned memory lets the copy run asynchronously while the GPU is busy
-            return x.pin_memory().to(dev.device, non_blocking=True), y.pin_memory().to(dev.device, non_blocking=True)
-        return x.to(dev.device), y.to(dev.device)
 
-    def iteration_plan(it):
-        """Sequence offsets (G, B) and dropout seeds (G,) for all G global micro-steps of iteration it.
+def get_batch(split, offsets):
+    """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
+    # A fresh memmap per batch keeps the process's memory flat on huge files.
+    data = np.memmap(split_paths[split], dtype=np.uint16, mode='r')
+    tokens = data[offsets[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+    if split in check_per_batch and tokens.max() >= meta_vocab_size:
+        raise cli.ConfigError(f"{split_paths[split]} holds token id {int(tokens.max())} >= the vocab_size "
+                              f"{meta_vocab_size} of {dataset_dir}/meta.json: the file is corrupt or from "
+                              f"another tokenizer; prepare the dataset again", this_rank_only=True)
+    x = torch.from_numpy(np.ascontiguousarray(tokens[:, :-1], dtype=np.int64))
+    y = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:], dtype=np.int64))
+    if dev.device_type == 'cuda':
+        # pinned memory lets the copy run asynchronously while the GPU is busy
+        return x.pin_memory().to(dev.device, non_blocking=True), y.pin_memory().to(dev.device, non_blocking=True)
+    return x.to(dev.device), y.to(dev.device)
 
-        They come from a generator seeded by (seed, it) alone, so every process computes the same
-        plan and takes its own rows: the batches do not depend on the number of processes, and a
-        resumed run draws exactly the batches the uninterrupted run would have drawn.
-        """
-        rng = np.random.default_rng([seed, 0, it])
-        offsets = rng.integers(0, split_sizes['train'] - block_size, size=(gradient_accumulation_steps, batch_size))
-        dropout_seeds = rng.integers(0, 2**62, size=gradient_accumulation_steps)
-        first = rank * accum_steps
-        return offsets[first:first + accum_steps], dropout_seeds[first:first + accum_steps]
 
-    # A fixed evaluation set per split, so losses at different iterations are comparable.
-    eval_offsets = {split: np.random.default_rng([seed, 1, i]).integers(
-                        0, split_sizes[split] - block_size, size=(eval_iters, batch_size))
-                    for i, split in enumerate(('train', 'val'))}
+def iteration_plan(it):
+    """Sequence offsets (G, B) and dropout seeds (G,) for all G global micro-steps of iteration it.
 
-    # -------------------------------------------------------------------------
-    # model
-    iter_num = 0  # optimizer steps done so far
-    best_val_loss = float('inf')  # lowest val loss seen by an evaluation
-    checkpoint = None
-    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      bias=bias, vocab_size=None, dropout=dropout, pos_emb=pos_emb, norm=norm,
-                      mlp_act=mlp_act, qk_norm=qk_norm, tie_embeddings=tie_embeddings, logit_softcap=logit_softcap)
-    # the architecture; a checkpoint or pretrained model decides it (old checkpoints: GPT-2's knobs)
-    arch_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size') + tuple(GPT2_KNOBS)
+    They come from a generator seeded by (seed, it) alone, so every process computes the same
+    plan and takes its own rows: the batches do not depend on the number of processes, and a
+    resumed run draws exactly the batches the uninterrupted run would have drawn.
+    """
+    rng = np.random.default_rng([seed, 0, it])
+    offsets = rng.integers(0, split_sizes['train'] - block_size, size=(gradient_accumulation_steps, batch_size))
+    dropout_seeds = rng.integers(0, 2**62, size=gradient_accumulation_steps)
+    first = rank * accum_steps
+    return offsets[first:first + accum_steps], dropout_seeds[first:first + accum_steps]
 
-    def check_resume(ckpt):
-        """The data must fit the checkpoint's vocabulary; model flags the checkpoint overrides are named,
-        and config (config.json, the next checkpoint) records the model that is really trained."""
-        ckpt_vocab = ckpt['model_args']['vocab_size']
-        ckpt_config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
-        trained_on = ckpt_config.get('data_dir') or ckpt_config.get('dataset') or 'its dataset'
-        # GPT-2 BPE data (50257 ids) may train a model padded to 50304 (nanoGPT's OpenWebText runs)
-        padded = meta.get('tokenizer') == 'gpt2' and meta_vocab_size <= ckpt_vocab if meta_vocab_size else False
-        if meta_vocab_size is not None and meta_vocab_size != ckpt_vocab and not padded:
-            common.die(f"{dataset_dir} has vocab_size {meta_vocab_size} but {out_dir}/ckpt.pt was trained on "
-                       f"vocab_size {ckpt_vocab} ({trained_on}): resuming would train on another tokenizer's ids; "
-                       f"resume with that dataset, or start a new --out_dir")
-        if block_size > model_args['block_size']:
-            common.die(f"block_size={block_size} is longer than the checkpoint's {model_args['block_size']} "
-                       f"positions; resume with --block_size={model_args['block_size']} or less")
-        shape_keys = [k for k in arch_keys if k not in ('block_size', 'vocab_size')]
-        ignored = [f"{k}={overrides[k]!r} (checkpoint: {model_args[k]!r})"
-                   for k in shape_keys if k in overrides and overrides[k] != model_args[k]]
-        if ignored and master_process:
-            print(f"notice: resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
-        for k in shape_keys:
-            if k in config:
-                config[k] = globals()[k] = model_args[k]
 
-    torch.manual_seed(seed)  # the same initial weights on every rank
-    if init_from == 'scratch':
-        if meta_vocab_size is None:
-            if master_process:
-                print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
-            meta_vocab_size = 50304
-        model_args['vocab_size'] = meta_vocab_size
-        try:
-            model = GPT(GPTConfig(**model_args))
-        except ValueError as e:  # a shape the model refuses, e.g. n_embd not divisible by n_head
-            common.die(str(e).replace('GPTConfig.', ''))
-    elif init_from == 'resume':
-        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-        checkpoint = common.load_checkpoint(ckpt_path, map_location=dev.device)
-        # a damaged or foreign checkpoint: one line naming what is wrong, before anything is built
-        ckpt_args = checkpoint.get('model_args')
-        missing = [k for k in ('model', 'optimizer', 'iter_num', 'best_val_loss') if k not in checkpoint]
-        missing += [f"model_args['{k}']" for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
-                    if not isinstance(ckpt_args, dict) or k not in ckpt_args]
-        if missing:
-            common.die(f"{ckpt_path} lacks {', '.join(missing)}: it is not a complete training checkpoint; "
-                       f"start a new --out_dir (or --init_from=scratch)")
-        try:  # nanoGPT saves best_val_loss as a 0-d tensor
-            best_val_loss = float(checkpoint['best_val_loss'])
-        except (TypeError, ValueError, RuntimeError):
-            best_val_loss = None
-        if not isinstance(checkpoint['iter_num'], int) or best_val_loss is None:
-            common.die(f"{ckpt_path}: iter_num {checkpoint['iter_num']!r} and best_val_loss "
-                       f"{checkpoint['best_val_loss']!r} must be numbers; the checkpoint is damaged")
-        # the shape comes from the checkpoint; dropout may change between runs
-        for k in arch_keys:
-            model_args[k] = ckpt_args.get(k, GPT2_KNOBS.get(k))
-        check_resume(checkpoint)
-        if checkpoint.get('lora'):  # adapters only: the frozen base is rebuilt from where the run started
-            model = common.load_lora_model(checkpoint, ckpt_path, dropout, merge=False,
-                                           lora_dropout=lora_dropout)
-        else:
-            try:
-                model = GPT(GPTConfig(**model_args))
-                model.load_state_dict(common.model_state_dict(checkpoint))
-            except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # bad model_args, weights that do not fit
-                common.die(f"{ckpt_path}: its weights and model_args do not make one GPT "
-                           f"({' '.join(str(e).split())[:200]}); the checkpoint is damaged")
-        iter_num = checkpoint['iter_num']
-        if master_process:
-            print(f"resuming from {out_dir}/ckpt.pt at iteration {iter_num}")
-    elif init_from.startswith('gpt2') or os.path.isdir(init_from):
-        if master_process:
-            print(f"initializing from pretrained weights: {init_from}")
-        try:
-            model = GPT.from_pretrained(init_from, dict(dropout=dropout))
-        except FileNotFoundError as e:  # weights neither cached nor downloadable, or not a model folder
-            common.die(str(e))
-        for k in arch_keys:
-            model_args[k] = getattr(model.config, k)
-    elif os.path.basename(init_from) == 'ckpt.pt':  # start from another run's weights (a fresh run)
-        if master_process:
-            print(f"initializing from the weights of {init_from}")
-        model = common.load_base_model(init_from, dropout)
-        for k in arch_keys:
-            model_args[k] = getattr(model.config, k)
-    else:
-        common.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
-                   f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
-    if meta_vocab_size is not None and meta_vocab_size > model_args['vocab_size']:
-        common.die(f"the dataset has vocab_size {meta_vocab_size} but the model only {model_args['vocab_size']}")
-    if block_size < model.config.block_size:
-        if master_process:
-            print(f"notice: cropping the model's {model.config.block_size} positions to block_size={block_size}")
-        model.crop_block_size(block_size)  # e.g. GPT-2's 1024 positions down to a shorter context
-        model_args['block_size'] = block_size
-    elif block_size > model.config.block_size:
-        common.die(f"block_size={block_size} is longer than the model's {model.config.block_size} positions")
-    # LoRA: freeze the model, wrap the target layers in adapters (a resumed LoRA run has them already)
-    lora = checkpoint.get('lora') if checkpoint is not None else None  # what ckpt.pt records
-    if lora is not None and lora_rank not in (0, lora['rank']):
-        common.die(f"lora_rank={lora_rank} but {out_dir}/ckpt.pt has rank {lora['rank']}: resume with its settings")
-    if lora is None and lora_rank > 0:
-        if init_from == 'resume':
-            common.die(f"lora_rank > 0 but {out_dir}/ckpt.pt is a full-training run: resume it with --lora_rank=0, "
-                       f"or adapt it in a new out_dir with --init_from={out_dir}/ckpt.pt")
-        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        base = init_from if init_from in PRETRAINED else os.path.abspath(init_from)
-        lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, base=base)
-    if lora is not None and master_process:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"LoRA rank {lora['rank']} on {lora['targets']} of {lora['base']}: {n_train:,} trainable parameters, "
-              f"the other {sum(p.numel() for p in model.parameters()) - n_train:,} frozen")
-    model.train()  # loaded bases come in eval mode; dropout must run from the first step
-    model.to(dev.device)
-    if hellaswag_interval:
-        import evaluate  # each rank scores its share of the examples; the counts are summed
-        hellaswag = evaluate.HellaSwagDuringTraining(meta, hellaswag_input, model_args['vocab_size'], rank, world_size)
-    if master_process:
-        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
-        print(model.param_table())
-
-    # -------------------------------------------------------------------------
-    # optimizer
-    scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)  # no-op unless float16
-    with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):  # it prints a summary
-        # from here on `optimizer` is the optimizer object; config['optimizer'] keeps the knob
-        optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), dev.device_type,
-                                               config['optimizer'], muon_lr, muon_momentum, muon_weight_decay,
-                                               muon_ns_steps)
-    if checkpoint is not None:
-        saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')
-        if saved_optimizer != config['optimizer']:
-            common.die(f"{out_dir}/ckpt.pt was trained with optimizer={saved_optimizer!r}; resume with "
-                       f"--optimizer={saved_optimizer}")
-        try:
-            optimizer.load_state_dict(checkpoint['optimizer'])
-        except (ValueError, KeyError, TypeError) as e:  # another model's or a damaged optimizer state
-            common.die(f"{ckpt_path}: the optimizer state does not fit the model ({str(e)[:150]}); "
-                       f"the checkpoint is damaged")
-        common.crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
-        if checkpoint.get('scaler'):
-            scaler.load_state_dict(checkpoint['scaler'])
-        rng_state = checkpoint.get('rng')
-        if rng_state is not None:  # nanoGPT checkpoints have none
-            random.setstate(rng_state['python'])
-            np.random.set_state((rng_state['numpy'][0], np.array(rng_state['numpy'][1], dtype=np.uint32),
-                                 *rng_state['numpy'][2:]))
-            torch.set_rng_state(rng_state['torch'].cpu())
-            if rng_state.get('cuda') and dev.device_type == 'cuda':
-                torch.cuda.set_rng_state_all([s.cpu() for s in rng_state['cuda']])
-        checkpoint = None  # free the memory
-
-    # The uncompiled `model` is what gets saved; the others share its parameters.
-    fast_model = torch.compile(model) if use_compile else model
-    if ddp:
-        device_ids = [torch.device(dev.device).index] if dev.device_type == 'cuda' else None
-        train_model = DDP(fast_model, device_ids=device_ids)
-    else:
-        train_model = fast_model
-
-    def get_lr(it):
-        """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-        if not decay_lr:
-            return learning_rate
-        if it < warmup_iters:
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        if it > lr_decay_iters:
-            return min_lr
-        progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)  # 0 .. 1
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-    def stop_requested():
-        """True once Ctrl-C/SIGTERM arrived; under DDP all ranks agree (one tiny all-reduce), so that
-        every rank leaves the evaluation at the same batch and nobody waits in a collective."""
-        if not ddp:
-            return stop_signal is not None
-        flag = torch.tensor(float(stop_signal is not None), device=dev.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce.
-        None when a stop was requested meanwhile (a long evaluation must not delay Ctrl-C/SIGTERM)."""
-        model.eval()
-        losses = {}
-        # silent unless it takes more than a few seconds (the first evaluation of a big model)
-        bar = common.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
-                              stream=None if master_process else io.StringIO(), keep=False)
-        for split in ('train', 'val'):
-            total = torch.zeros((), device=dev.device)
-            for j in range(-(-eval_iters // world_size)):  # every rank checks as often, even with no batch left
-                if stop_requested():
-                    model.train()
-                    return None
-                k = rank + j * world_size
-                if k >= eval_iters:
-                    continue
-                x, y = get_batch(split, eval_offsets[split][k])
-                with dev.autocast():
-                    _, loss = fast_model(x, y)
-                total += loss.float()
-                bar.update()
-            if ddp:
-                dist.all_reduce(total)
-            losses[split] = total.item() / eval_iters
-        bar.close()
-        model.train()
-        return losses
-
-    def last_good_state():
-        """'; out/ckpt.pt keeps the last good state' when there is one (not on a fresh run's first steps)."""
-        path = os.path.join(out_dir, 'ckpt.pt')
-        return f"; {path} keeps the last good state" if os.path.isfile(path) else "; no checkpoint was saved yet"
-
-    def save_training_state(reason):
-        """Rank 0 writes out_dir/ckpt.pt with everything an exact resume needs."""
-        np_state = np.random.get_state()
-        common.save_checkpoint({
-            'format': common.CHECKPOINT_FORMAT,
-            'model': lora_state_dict(model) if lora else model.state_dict(),  # LoRA: adapters only
-            'lora': lora,  # None, or rank, alpha, dropout, targets and the base they adapt
-            'optimizer': optimizer.state_dict(),
-            'model_args': model_args,
-            'iter_num': iter_num,
-            'best_val_loss': best_val_loss,
-            'config': config,
-            'scaler': scaler.state_dict(),
-            'rng': {'python': random.getstate(),
-                    'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
-                    'torch': torch.get_rng_state(),
-                    'cuda': torch.cuda.get_rng_state_all() if dev.device_type == 'cuda' else []},
-            # batches and dropout masks are a pure function of (seed, iteration): see iteration_plan
-            'data': {'sampler': 'numpy default_rng([seed, 0, iter_num])', 'seed': seed, 'iter_num': iter_num},
-        }, os.path.join(out_dir, 'ckpt.pt'))
-        print(f"saved checkpoint to {out_dir}/ckpt.pt at iteration {iter_num} ({reason})")
-
-    # log.jsonl: one JSON object per line, for plots. A resumed run drops the lines it will redo.
-    # The run really starts here: only now are config.json and log.jsonl (re)written, so a run that
-    # fails before (missing data, a refused resume) leaves the run's files as they were.
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    startup_error = None
-    if master_process:
-        try:
-            kept = common.read_log_lines(log_path, iter_num) if init_from == 'resume' else []
-            common.atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
-            common.atomic_write(os.path.join(out_dir, 'config.json'),
-                                lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
-        except common.ConfigError as e:
-            startup_error = e
-    if not common.all_ranks_ok(startup_error is None, ddp, dev.device):
-        raise startup_error or SystemExit(1)
-    run_start = time.time()
-
-    def log_jsonl(**record):
-        record['time'] = round(time.time() - run_start, 3)  # seconds since this process started training
-        try:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-        except OSError as e:
-            common.die_on_this_rank(common.os_error_message(e, log_path), rank)
-
-    if wandb_log and master_process:
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)  # imported when checked above
-
-    # Ctrl-C / SIGTERM: remember it, finish the current step, save, exit 0. A second signal kills.
-    stop_signal = None
-
-    def request_stop(signum, frame):
-        global stop_signal
-        stop_signal = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    # -------------------------------------------------------------------------
-    # training loop
-    start_iter = iter_num
-    device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
-    t_log, last_log_iter = time.time(), iter_num
-    loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
-    stopped_in_eval = False
-    while True:
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's groups: muon_lr / learning_rate
-
-        # evaluate, and checkpoint when val improved (or always_save_checkpoint)
-        if (iter_num % eval_interval == 0 and (iter_num > 0 or eval_at_start)) or iter_num == max_iters or eval_only:
-            t_eval = time.time()
-            losses = estimate_loss()
-            if losses is None:  # Ctrl-C/SIGTERM during the evaluation: stop now, saving below
-                stopped_in_eval = True
-                break
-            if master_process:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                for split in ('train', 'val'):
-                    log_jsonl(iter=iter_num, kind='eval', split=split, loss=losses[split], lr=lr,
-                              tokens=iter_num * tokens_per_iter)
-                if plot.have_matplotlib():  # out_dir/loss.png, redrawn at every evaluation
-                    plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
-                if wandb_log:
-                    wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
-            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
-                common.die(f"evaluation loss is not finite at iteration {iter_num} (train {losses['train']}, "
-                           f"val {losses['val']}){last_good_state()}")
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
-                save_training_state('val loss improved' if improved else 'always_save_checkpoint')
-            t_log += time.time() - t_eval  # keep evals and saves out of ms/iter
-        if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num == max_iters or eval_only):
-            t_eval = time.time()
-            hs = hellaswag(model, dev)  # the uncompiled model: example lengths vary, no recompiles
-            if master_process:
-                print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
-                log_jsonl(iter=iter_num, kind='hellaswag', tokens=iter_num * tokens_per_iter, **hs)
-                if plot.have_matplotlib():
-                    plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
-                if wandb_log:
-                    wandb.log({'iter': iter_num, 'hellaswag/acc_norm': hs['acc_norm']})
-            t_log += time.time() - t_eval
-        if eval_only or iter_num >= max_iters:
-            break
-
-        # one optimizer step over accum_steps micro-batches (this rank's share of the global batch)
-        log_now = iter_num % log_interval == 0
-        offsets, dropout_seeds = iteration_plan(iter_num)
-        for micro_step in range(accum_steps):
-            x, y = get_batch('train', offsets[micro_step])
-            torch.manual_seed(int(dropout_seeds[micro_step]))  # dropout masks fixed by (seed, iteration, micro-step)
-            # gradients are all-reduced only after the last micro-step
-            last = micro_step == accum_steps - 1
-            with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
-                with dev.autocast():
-                    _, loss = train_model(x, y)
-                scaler.scale(loss / accum_steps).backward()
-            if log_now:
-                loss_sum += loss.detach().float()
-        if grad_clip != 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-
-        # log: the mean loss over all micro-steps of all ranks (the only sync point outside evals)
-        if log_now:
-            if ddp:
-                dist.all_reduce(loss_sum)
-            lossf = loss_sum.item() / gradient_accumulation_steps
-            loss_sum.zero_()
-            now = time.time()
-            dt = (now - t_log) / (iter_num - last_log_iter)  # seconds per iteration since the last log line
-            t_log, last_log_iter = now, iter_num
-            if not math.isfinite(lossf):
-                common.die(f"training loss is not finite ({lossf}) at iteration {iter_num - 1}{last_good_state()} "
-                           f"(try a lower learning_rate or grad_clip)")
-            if master_process:
-                tokens_per_sec = tokens_per_iter / dt
-                mfu = model.estimate_mfu(tokens_per_sec / world_size, device_name, dev.ptdtype)
-                mfu_text = f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a"
-                print(f"iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.2f}ms/iter, "
-                      f"{tokens_per_sec:,.0f} tokens/s, {mfu_text}")
-                log_jsonl(iter=iter_num - 1, kind='train', split='train', loss=lossf, lr=lr,
-                          tokens=iter_num * tokens_per_iter, ms_per_iter=dt * 1000,
-                          tokens_per_sec=tokens_per_sec, mfu=mfu)
-                if wandb_log:
-                    wandb.log({'iter': iter_num - 1, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu})
-
-        # a stop request takes effect between steps; under DDP ranks agree at log intervals
-        if ddp and log_now:
-            stop_flag = torch.tensor(float(stop_signal is not None), device=dev.device)
-            dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-            stop_signal = stop_signal or ('SIGTERM' if stop_flag.item() else None)
-        if stop_signal is not None and (log_now or not ddp):
-            if not math.isfinite(loss.item()):  # this step may not have been checked by a log line
-                common.die(f"training loss is not finite at iteration {iter_num - 1}; not saving it"
-                           f"{last_good_state()}")
-            if master_process:
-                save_training_state(f"stopped by {stop_signal}")
-                print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
-            break
-
-    if stopped_in_eval:  # the model and optimizer hold the last finished step: save that
-        stop_signal = stop_signal or 'SIGTERM'  # under DDP another rank may have received it
-        if master_process:
-            if iter_num > start_iter:
-                save_training_state(f"stopped by {stop_signal}")
-            if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
-                print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; "
-                      f"continue with --init_from=resume --out_dir={out_dir}")
-            else:
-                print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; nothing to save yet")
-
-    if master_process and not eval_only:  # what happened, and what to do next
-        wall = time.time() - run_start
-        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-        print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
-              f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
-        if os.path.isfile(ckpt_path):
-            print(f"checkpoint: {ckpt_path} (log: {log_path}, loss curve: {out_dir}/loss.png)")
-            start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
-            print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n"
-                  f"      python plot.py loss {out_dir}")
-        else:
-            print(f"no checkpoint was written (no evaluation after iteration {start_iter}); "
-                  f"lower --eval_interval to save one")
-
-    if ddp:
-        # finish together: rank 0's torchrun agent may host the rendezvous store, and a node
-        # that exits while another is still saving or leaving the group aborts that one
-        dist.barrier()
+# A fixed evaluation set per split, so losses at different iterations are comparable.
+eval_offsets = {split: np.random.default_rng([seed, 1, i]).integers(
+                    0, split_sizes[split] - block_size, size=(eval_iters, batch_size))
+                for i, split in enumerate(('train', 'val'))}
 
 # -----------------------------------------------------------------------------
-# teardown
-except common.ConfigError as error:
-    if master_process or getattr(error, 'this_rank_only', False):
-        raise
-    raise SystemExit(1) from None  # every rank hit it; rank 0 prints it once
-except KeyboardInterrupt:  # Ctrl-C before training started (later it is a graceful stop): nothing to save
+# model: from scratch, from a checkpoint (resume, or another run's weights), or pretrained GPT-2
+iter_num = 0  # optimizer steps done so far
+best_val_loss = float('inf')  # lowest val loss seen by an evaluation
+checkpoint = None
+torch.manual_seed(seed)  # the same initial weights on every rank
+if init_from == 'scratch':
+    if meta_vocab_size is None and master_process:
+        print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
+    model = GPT(cli.model_config(config, vocab_size=meta_vocab_size or 50304))
+elif init_from == 'resume':
+    checkpoint = runs.load_checkpoint(ckpt_path, map_location=dev.device)
+    best_val_loss = runs.check_resumable(checkpoint, ckpt_path)
+    model = runs.resume_model(checkpoint, ckpt_path, config, overrides, meta, dataset_dir, dropout, lora_dropout,
+                              notice=print if master_process else None)
+    iter_num = checkpoint['iter_num']
     if master_process:
-        print("interrupted before training started; nothing was written", file=sys.stderr)
-    raise SystemExit(130) from None
-finally:
-    run_lock.release()
-    if ddp:
-        if wandb_log and master_process and 'wandb' in sys.modules:
-            sys.modules['wandb'].finish()  # its atexit hook does not run after ddp_exit()
-        common.ddp_teardown()
-        common.ddp_exit()  # no interpreter finalization: it races gloo's threads (see its docstring)
+        print(f"resuming from {ckpt_path} at iteration {iter_num}")
+elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    if master_process:
+        print(f"initializing from pretrained weights: {init_from}")
+    try:
+        model = GPT.from_pretrained(runs.pretrained_folder(init_from), dict(dropout=dropout))
+    except FileNotFoundError as e:  # weights neither cached nor downloadable, or not a model folder
+        cli.die(str(e))
+else:  # another run's ckpt.pt: its weights start a fresh run
+    if master_process:
+        print(f"initializing from the weights of {init_from}")
+    model = runs.load_base_model(init_from, dropout)
+if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
+    cli.die(f"the dataset has vocab_size {meta_vocab_size} but the model only {model.config.vocab_size}")
+if block_size < model.config.block_size:
+    if master_process:
+        print(f"notice: cropping the model's {model.config.block_size} positions to block_size={block_size}")
+    model.crop_block_size(block_size)  # e.g. GPT-2's 1024 positions down to a shorter context
+elif block_size > model.config.block_size:
+    cli.die(f"block_size={block_size} is longer than the model's {model.config.block_size} positions")
+model_args = model.config.checkpoint_args()  # nanoGPT's keys, plus the modern knobs that are on
+# LoRA: freeze the model, wrap the target layers in adapters (a resumed LoRA run has them already)
+lora = checkpoint.get('lora') if checkpoint is not None else None  # what ckpt.pt records
+if lora is not None and lora_rank not in (0, lora['rank']):
+    cli.die(f"lora_rank={lora_rank} but {ckpt_path} has rank {lora['rank']}: resume with its settings")
+if lora is None and lora_rank > 0:
+    if init_from == 'resume':
+        cli.die(f"lora_rank > 0 but {ckpt_path} is a full-training run: resume it with --lora_rank=0, "
+                f"or adapt it in a new out_dir with --init_from={ckpt_path}")
+    apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+    base = init_from if init_from in PRETRAINED else os.path.abspath(init_from)
+    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, base=base)
+if lora is not None and master_process:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"LoRA rank {lora['rank']} on {lora['targets']} of {lora['base']}: {n_train:,} trainable parameters, "
+          f"the other {sum(p.numel() for p in model.parameters()) - n_train:,} frozen")
+model.train()  # loaded bases come in eval mode; dropout must run from the first step
+model.to(dev.device)
+if hellaswag_interval:
+    import evaluate  # each rank scores its share of the examples; the counts are summed
+    hellaswag = evaluate.HellaSwagDuringTraining(meta, hellaswag_input, model.config.vocab_size, rank, world_size)
+if master_process:
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
+    print(model.param_table())
+
+# -----------------------------------------------------------------------------
+# optimizer, and the rest of the state a resume restores
+scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)  # no-op unless float16
+with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):  # it prints a summary
+    # from here on `optimizer` is the optimizer object; config['optimizer'] keeps the knob
+    optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), dev.device_type,
+                                     config['optimizer'], muon_lr, muon_momentum, muon_weight_decay, muon_ns_steps)
+if checkpoint is not None:
+    runs.restore_training_state(checkpoint, ckpt_path, optimizer, scaler, config['optimizer'], dev)
+    crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
+    checkpoint = None  # free the memory
+
+# The uncompiled `model` is what gets saved; the others share its parameters.
+fast_model = torch.compile(model) if use_compile else model
+train_model = DDP(fast_model, device_ids=[torch.device(dev.device).index] if dev.device_type == 'cuda' else None) \
+    if ddp else fast_model
+
+
+def get_lr(it):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)  # 0 .. 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def stop_requested():
+    """True once Ctrl-C/SIGTERM arrived on any rank (under DDP one tiny all-reduce, so that every
+    rank leaves an evaluation at the same batch and nobody waits in a collective)."""
+    if not ddp:
+        return stop_signal is not None
+    flag = torch.tensor(float(stop_signal is not None), device=dev.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce.
+    None when a stop was requested meanwhile (a long evaluation must not delay Ctrl-C/SIGTERM)."""
+    model.eval()
+    losses = {}
+    # silent unless it takes more than a few seconds (the first evaluation of a big model)
+    bar = cli.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
+                       stream=None if master_process else io.StringIO(), keep=False)
+    for split in ('train', 'val'):
+        total = torch.zeros((), device=dev.device)
+        for j in range(-(-eval_iters // world_size)):  # every rank checks as often, even with no batch left
+            if stop_requested():
+                model.train()
+                return None
+            k = rank + j * world_size
+            if k >= eval_iters:
+                continue
+            x, y = get_batch(split, eval_offsets[split][k])
+            with dev.autocast():
+                _, loss = fast_model(x, y)
+            total += loss.float()
+            bar.update()
+        if ddp:
+            dist.all_reduce(total)
+        losses[split] = total.item() / eval_iters
+    bar.close()
+    model.train()
+    return losses
+
+
+def last_good_state():
+    """'; out/ckpt.pt keeps the last good state' when there is one (not on a fresh run's first steps)."""
+    return f"; {ckpt_path} keeps the last good state" if os.path.isfile(ckpt_path) else "; no checkpoint was saved yet"
+
+
+def save_training_state(reason):
+    """Rank 0 writes out_dir/ckpt.pt with everything an exact resume needs."""
+    np_state = np.random.get_state()
+    runs.save_checkpoint({
+        'format': runs.CHECKPOINT_FORMAT,
+        'model': lora_state_dict(model) if lora else model.state_dict(),  # LoRA: adapters only
+        'lora': lora,  # None, or rank, alpha, dropout, targets and the base they adapt
+        'optimizer': optimizer.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+        'scaler': scaler.state_dict(),
+        'rng': {'python': random.getstate(),
+                'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+                'torch': torch.get_rng_state(),
+                'cuda': torch.cuda.get_rng_state_all() if dev.device_type == 'cuda' else []},
+        # batches and dropout masks are a pure function of (seed, iteration): see iteration_plan
+        'data': {'sampler': 'numpy default_rng([seed, 0, iter_num])', 'seed': seed, 'iter_num': iter_num},
+    }, ckpt_path)
+    print(f"saved checkpoint to {ckpt_path} at iteration {iter_num} ({reason})")
+
+
+# The run really starts here: only now is out_dir locked (a second run would interleave log
+# lines and delete the first's temporary files) and are config.json and log.jsonl (re)written,
+# so a run that fails before (missing data, a refused resume) leaves the run's files as they
+# were. log.jsonl: one JSON object per line; a resumed run drops the lines it will redo.
+log_path = os.path.join(out_dir, 'log.jsonl')
+startup_error = None
+if master_process:
+    try:
+        run_lock.acquire()  # released at the end, or at exit on an error
+        kept = runs.read_log_lines(log_path, iter_num) if init_from == 'resume' else []
+        runs.atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
+        runs.atomic_write(os.path.join(out_dir, 'config.json'),
+                          lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
+    except cli.ConfigError as e:
+        startup_error = e
+if not hardware.all_ranks_ok(startup_error is None, ddp, dev.device):
+    raise startup_error or SystemExit(1)
+run_start = time.time()
+
+
+def log_jsonl(**record):
+    record['time'] = round(time.time() - run_start, 3)  # seconds since this process started training
+    try:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        raise cli.ConfigError(runs.os_error_message(e, log_path), this_rank_only=True) from None
+
+
+def log_eval(**values):
+    """Print, log and plot the numbers of an evaluation (master process only)."""
+    if 'loss' in values:
+        print(f"step {iter_num}: train loss {values['loss']['train']:.4f}, val loss {values['loss']['val']:.4f}")
+        for split in ('train', 'val'):
+            log_jsonl(iter=iter_num, kind='eval', split=split, loss=values['loss'][split], lr=lr,
+                      tokens=iter_num * tokens_per_iter)
+        wandb_values = {'train/loss': values['loss']['train'], 'val/loss': values['loss']['val'], 'lr': lr}
+    else:
+        hs = values['hellaswag']
+        print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
+        log_jsonl(iter=iter_num, kind='hellaswag', tokens=iter_num * tokens_per_iter, **hs)
+        wandb_values = {'hellaswag/acc_norm': hs['acc_norm']}
+    if plot.have_matplotlib():  # out_dir/loss.png, redrawn at every evaluation
+        plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
+    if wandb_log:
+        wandb.log({'iter': iter_num, **wandb_values})
+
+
+if wandb_log and master_process:
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)  # imported when checked above
+
+# Ctrl-C / SIGTERM: remember it, finish the current step, save, exit 0. A second signal kills.
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+# -----------------------------------------------------------------------------
+# training loop
+start_iter = iter_num
+device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
+t_log, last_log_iter = time.time(), iter_num
+loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
+stopped_in_eval = False
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's groups: muon_lr / learning_rate
+
+    # evaluate, and checkpoint when val improved (or always_save_checkpoint)
+    if (iter_num % eval_interval == 0 and (iter_num > 0 or eval_at_start)) or iter_num == max_iters or eval_only:
+        t_eval = time.time()
+        losses = estimate_loss()
+        if losses is None:  # Ctrl-C/SIGTERM during the evaluation: stop now, saving below
+            stopped_in_eval = True
+            break
+        if master_process:
+            log_eval(loss=losses)
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            cli.die(f"evaluation loss is not finite at iteration {iter_num} (train {losses['train']}, "
+                    f"val {losses['val']}){last_good_state()}")
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
+            save_training_state('val loss improved' if improved else 'always_save_checkpoint')
+        t_log += time.time() - t_eval  # keep evals and saves out of ms/iter
+    if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num == max_iters or eval_only):
+        t_eval = time.time()
+        hs = hellaswag(model, dev)  # the uncompiled model: example lengths vary, no recompiles
+        if master_process:
+            log_eval(hellaswag=hs)
+        t_log += time.time() - t_eval
+    if eval_only or iter_num >= max_iters:
+        break
+
+    # one optimizer step over accum_steps micro-batches (this rank's share of the global batch)
+    log_now = iter_num % log_interval == 0
+    offsets, dropout_seeds = iteration_plan(iter_num)
+    for micro_step in range(accum_steps):
+        x, y = get_batch('train', offsets[micro_step])
+        torch.manual_seed(int(dropout_seeds[micro_step]))  # dropout masks fixed by (seed, iteration, micro-step)
+        # gradients are all-reduced only after the last micro-step
+        last = micro_step == accum_steps - 1
+        with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
+            with dev.autocast():
+                _, loss = train_model(x, y)
+            scaler.scale(loss / accum_steps).backward()
+        if log_now:
+            loss_sum += loss.detach().float()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+
+    # log: the mean loss over all micro-steps of all ranks (the only sync point outside evals)
+    if log_now:
+        if ddp:
+            dist.all_reduce(loss_sum)
+        lossf = loss_sum.item() / gradient_accumulation_steps
+        loss_sum.zero_()
+        now = time.time()
+        dt = (now - t_log) / (iter_num - last_log_iter)  # seconds per iteration since the last log line
+        t_log, last_log_iter = now, iter_num
+        if not math.isfinite(lossf):
+            cli.die(f"training loss is not finite ({lossf}) at iteration {iter_num - 1}{last_good_state()} "
+                    f"(try a lower learning_rate or grad_clip)")
+        if master_process:
+            tokens_per_sec = tokens_per_iter / dt
+            mfu = hardware.estimate_mfu(model, tokens_per_sec / world_size, device_name, dev.ptdtype)
+            mfu_text = f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a"
+            print(f"iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.2f}ms/iter, "
+                  f"{tokens_per_sec:,.0f} tokens/s, {mfu_text}")
+            log_jsonl(iter=iter_num - 1, kind='train', split='train', loss=lossf, lr=lr,
+                      tokens=iter_num * tokens_per_iter, ms_per_iter=dt * 1000,
+                      tokens_per_sec=tokens_per_sec, mfu=mfu)
+            if wandb_log:
+                wandb.log({'iter': iter_num - 1, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu})
+
+    # a stop request takes effect between steps; under DDP ranks agree at log intervals
+    if ddp and log_now:
+        stop_signal = stop_signal or ('SIGTERM' if stop_requested() else None)
+    if stop_signal is not None and (log_now or not ddp):
+        if not math.isfinite(loss.item()):  # this step may not have been checked by a log line
+            cli.die(f"training loss is not finite at iteration {iter_num - 1}; not saving it{last_good_state()}")
+        if master_process:
+            save_training_state(f"stopped by {stop_signal}")
+            print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
+        break
+
+# -----------------------------------------------------------------------------
+# what happened, what to do next; then leave together
+if stopped_in_eval:  # the model and optimizer hold the last finished step: save that
+    stop_signal = stop_signal or 'SIGTERM'  # under DDP another rank may have received it
+    if master_process:
+        if iter_num > start_iter:
+            save_training_state(f"stopped by {stop_signal}")
+        saved = os.path.isfile(ckpt_path)
+        print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; "
+              + (f"continue with --init_from=resume --out_dir={out_dir}" if saved else "nothing to save yet"))
+if master_process and not eval_only:
+    wall = time.time() - run_start
+    print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
+          f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
+    if os.path.isfile(ckpt_path):
+        print(f"checkpoint: {ckpt_path} (log: {log_path}, loss curve: {out_dir}/loss.png)")
+        start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
+        print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n      python plot.py loss {out_dir}")
+    else:
+        print(f"no checkpoint was written (no evaluation after iteration {start_iter}); "
+              f"lower --eval_interval to save one")
+run_lock.release()
+if wandb_log and master_process:
+    wandb.finish()
+if ddp:
+    # finish together: rank 0's torchrun agent may host the rendezvous store, and a node that
+    # exits while another is still saving or leaving the group aborts that one
+    dist.barrier()
+    hardware.ddp_exit()  # no interpreter finalization: it races gloo's threads (see its docstring)

@@ -22,7 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, Int8Linear, quantize_int8  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from quantize import Int8Linear, quantize_int8  # noqa: E402
 
 rounds = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rounds=")), 5))
 new_tokens = 100

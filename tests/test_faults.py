@@ -30,7 +30,10 @@ import pytest
 import torch
 
 import bench
-import common
+import cli
+import hardware
+import prepare
+import runs
 import evaluate
 import plot
 import prepare
@@ -111,9 +114,9 @@ def run_copy(trained, tmp_path):
 # train.py: every knob checked before anything is built or written
 
 @pytest.mark.parametrize('flag, fragments', [
-    ('--n_layer=0', ['n_layer', 'at least 1', '0']),
-    ('--n_head=0', ['n_head', 'at least 1']),
-    ('--n_embd=0', ['n_embd', 'at least 1']),
+    ('--n_layer=0', ['n_layer', 'positive int', '0']),
+    ('--n_head=0', ['n_head', 'positive int']),
+    ('--n_embd=0', ['n_embd', 'positive int']),
     ('--n_head=3', ['n_embd', '32', 'divisible by n_head', '3']),
     ('--dropout=1.5', ['dropout', '[0, 1)', '1.5']),
     ('--dropout=-0.1', ['dropout', '[0, 1)']),
@@ -125,14 +128,14 @@ def run_copy(trained, tmp_path):
     ('--beta2=2', ['beta2', '[0, 1)', '2']),
     ('--weight_decay=-1', ['weight_decay', '>= 0']),
     ('--grad_clip=-1', ['grad_clip', '>= 0']),
-    ('--max_iters=-5', ['max_iters', 'at least 0', '-5']),
-    ('--warmup_iters=-1', ['warmup_iters', 'at least 0']),
-    ('--lr_decay_iters=-1', ['lr_decay_iters', 'at least 0']),
-    ('--eval_iters=0', ['eval_iters', 'at least 1']),
-    ('--eval_interval=0', ['eval_interval', 'at least 1']),
-    ('--batch_size=0', ['batch_size', 'at least 1']),
-    ('--block_size=0', ['block_size', 'at least 1']),
-    ('--gradient_accumulation_steps=0', ['gradient_accumulation_steps', 'at least 1']),
+    ('--max_iters=-5', ['max_iters', '>= 0', '-5']),
+    ('--warmup_iters=-1', ['warmup_iters', '>= 0']),
+    ('--lr_decay_iters=-1', ['lr_decay_iters', '>= 0']),
+    ('--eval_iters=0', ['eval_iters', '>= 1']),
+    ('--eval_interval=0', ['eval_interval', '>= 1']),
+    ('--batch_size=0', ['batch_size', '>= 1']),
+    ('--block_size=0', ['block_size', 'positive int']),
+    ('--gradient_accumulation_steps=0', ['gradient_accumulation_steps', '>= 1']),
     ('--seed=-1', ['seed', '>= 0']),
     ('--compile=1', ['compile']),
     ('--backend=mpi', ['backend', 'mpi']),
@@ -208,17 +211,17 @@ def test_prepare_counting_bad_options(tmp_path, argv, fragments):
 @pytest.mark.parametrize('script, argv, fragments', [
     ('evaluate', ['perplexty'], ["unknown command 'perplexty'", "did you mean 'perplexity'"]),
     ('evaluate', ['countin'], ["did you mean 'counting'"]),
-    ('evaluate', ['perplexity', '--batch_size=0'], ['batch_size', 'at least 1']),
+    ('evaluate', ['perplexity', '--batch_size=0'], ['batch_size', '>= 1']),
     ('evaluate', ['perplexity', '--stride=-1'], ['stride', '>= 0']),
     ('evaluate', ['perplexity', '--split=dev'], ['split', "'dev'"]),
     ('evaluate', ['perplexity', '--block_size=8', '--stride=16'], ['stride=16', 'block_size=8']),
     ('evaluate', ['counting', '--starts=a,b'], ['starts', "'a,b'"]),
-    ('evaluate', ['counting', '--prompt_len=0'], ['prompt_len', 'at least 1']),
-    ('evaluate', ['counting', '--max_new_tokens=0'], ['max_new_tokens', 'at least 1']),
+    ('evaluate', ['counting', '--prompt_len=0'], ['prompt_len', '>= 1']),
+    ('evaluate', ['counting', '--max_new_tokens=0'], ['max_new_tokens', '>= 1']),
     ('evaluate', ['perplexity', '--batchsize=2'], ["did you mean 'batch_size'"]),
     ('plot', ['los'], ["unknown command 'los'", "did you mean 'loss'"]),
     ('plot', ['atention'], ["did you mean 'attention'"]),
-    ('plot', ['attention', '--max_tokens=0'], ['max_tokens', 'at least 1']),
+    ('plot', ['attention', '--max_tokens=0'], ['max_tokens', '>= 1']),
     ('plot', ['attention', '--start=FILE:/no/such/prompt.txt'], ['/no/such/prompt.txt']),
     ('plot', ['attention', '--out=/no/such/dir/a.png'], ['/no/such/dir']),
     ('plot', ['attention', '--out=picture.jpg'], ['.png']),
@@ -253,7 +256,7 @@ def char_checkpoint(folder, chars='abc \n'):
                                                 'vocab_size': len(chars)}))
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=len(chars), bias=False, dropout=0.0)
     out = Path(folder) / 'out'
-    common.save_checkpoint({'format': common.CHECKPOINT_FORMAT, 'model': GPT(GPTConfig(**args)).state_dict(),
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': GPT(GPTConfig(**args)).state_dict(),
                             'model_args': args, 'iter_num': 1, 'best_val_loss': 1.0,
                             'config': {'data_dir': str(data), 'dataset': 'chars'}}, out / 'ckpt.pt')
     return out
@@ -327,9 +330,9 @@ def test_check_token_ids_names_the_largest_id(tmp_path):
     tokens = np.zeros(100, dtype=np.uint16)
     tokens[[10, 70]] = [20, 99]
     tokens.tofile(path)
-    common.check_token_ids(path, 100, chunk=16)  # all ids fit
-    with pytest.raises(common.ConfigError, match=r'x.bin holds token id 99 but vocab_size is 50'):
-        common.check_token_ids(path, 50, chunk=16)  # the largest, also when it is in a later chunk
+    prepare.check_token_ids(path, 100, chunk=16)  # all ids fit
+    with pytest.raises(prepare.PrepareError, match=r'x.bin holds token id 99 but vocab_size is 50'):
+        prepare.check_token_ids(path, 50, chunk=16)  # the largest, also when it is in a later chunk
 
 
 @pytest.mark.parametrize('size, fragment', [(9, 'odd size'), (0, 'no tokens')])
@@ -394,7 +397,7 @@ def test_resume_names_overridden_model_flags_and_records_the_truth(run_copy):
     notices = [line for line in proc.stdout.splitlines() if line.startswith('notice:')]
     assert len(notices) == 1 and 'n_layer=4' in notices[0] and 'n_embd=64' in notices[0] and 'bias=True' in notices[0]
     config = json.loads((out / 'config.json').read_text())
-    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     for record in (config, ckpt['config'], ckpt['model_args']):
         assert (record['n_layer'], record['n_embd'], record['bias']) == (2, 32, False)
 
@@ -404,7 +407,7 @@ def test_resume_with_shorter_block_crops_the_optimizer_state_too(run_copy):
     proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--init_from=resume', '--max_iters=5',
                      '--eval_interval=5', '--block_size=8')
     assert proc.returncode == 0, proc.stderr
-    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     assert ckpt['model_args']['block_size'] == 8 and ckpt['config']['block_size'] == 8
     assert ckpt['model']['transformer.wpe.weight'].shape == (8, 32)
     # the optimizer state has exactly the shapes of the (cropped) model's parameters
@@ -466,7 +469,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     dead.wait()
     (tmp_path / 'run.lock').write_text(f"{dead.pid} {os.uname().nodename}\n")
     notices = []
-    lock = common.RunLock(tmp_path).acquire(notice=notices.append)
+    lock = runs.RunLock(tmp_path).acquire(notice=notices.append)
     assert notices == [f'notice: taking over {tmp_path / "run.lock"} left by PID {dead.pid}, which is no longer running']
     assert (tmp_path / 'run.lock').read_text().split()[0] == str(os.getpid())
     lock.release()
@@ -475,8 +478,8 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
 
 def test_lock_of_another_host_is_not_taken(tmp_path):
     (tmp_path / 'run.lock').write_text("12345 some-other-host\n")
-    with pytest.raises(common.ConfigError, match='PID 12345 on host some-other-host.*delete'):
-        common.RunLock(tmp_path).acquire()
+    with pytest.raises(cli.ConfigError, match='PID 12345 on host some-other-host.*delete'):
+        runs.RunLock(tmp_path).acquire()
 
 
 def test_lock_released_on_error_paths(run_copy):
@@ -645,7 +648,7 @@ def test_signal_during_long_evaluation_stops_within_seconds(tmp_path, run_copy, 
     assert proc.returncode == 0, stderr
     assert elapsed < 10, elapsed
     assert f'stopped by {sig.name} during the evaluation at iteration 4' in stdout
-    assert common.load_checkpoint(out / 'ckpt.pt')['iter_num'] == 4  # the last finished step is saved
+    assert runs.load_checkpoint(out / 'ckpt.pt')['iter_num'] == 4  # the last finished step is saved
     assert not (out / 'run.lock').exists()
 
 
@@ -725,13 +728,13 @@ def test_torchrun_stopped_during_long_evaluation_leaves_no_workers(run_copy, sig
         proc.kill()
     if sig == signal.SIGTERM:
         assert 'stopped by SIGTERM' in stdout, stdout + stderr
-        assert common.load_checkpoint(out / 'ckpt.pt')['iter_num'] == 4
+        assert runs.load_checkpoint(out / 'ckpt.pt')['iter_num'] == 4
         assert not (out / 'run.lock').exists()
     else:
         # Known gap: after kill -9 of torchrun the workers usually save (iteration 4) and release the
         # lock, but on a loaded machine they sometimes exit without saving (the agent hosting the
         # store is gone). What is guaranteed: no orphans, and ckpt.pt is a good checkpoint.
-        assert common.load_checkpoint(out / 'ckpt.pt')['iter_num'] in (3, 4)
+        assert runs.load_checkpoint(out / 'ckpt.pt')['iter_num'] in (3, 4)
 
 
 # -----------------------------------------------------------------------------
@@ -809,7 +812,7 @@ def test_train_refuses_meta_json_that_is_not_an_object(tmp_path, data):
 ])
 def test_resume_refuses_a_damaged_checkpoint_in_one_line(run_copy, damage, fragments):
     data, out = run_copy
-    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     if damage == 'model_args_junk':
         ckpt['model_args']['n_layer'] = 'x'
     elif damage == 'missing_tensor':
@@ -878,15 +881,15 @@ def test_plot_loss_of_a_log_without_losses_is_one_line(tmp_path, log):
 
 @pytest.mark.parametrize('body, code, stderr', [
     ("print('done', end='')", 0, ''),  # unflushed output still arrives
-    ("common.die('bad flag; use --x=1')", 1, 'error: bad flag; use --x=1\n'),
+    ("cli.die('bad flag; use --x=1')", 1, 'error: bad flag; use --x=1\n'),
     ("raise SystemExit(3)", 3, ''),
     ("raise RuntimeError('boom')", 1, 'RuntimeError: boom'),
 ])
 def test_ddp_exit_keeps_the_status_and_message_python_would_give(body, code, stderr):
-    """common.ddp_exit() (a torchrun worker's last call, skipping finalization) exits with the status
+    """hardware.ddp_exit() (a torchrun worker's last call, skipping finalization) exits with the status
     and prints the one line (or traceback) of the exception in flight, and flushes buffered output."""
-    script = (f"import atexit, common\natexit.register(lambda: print('atexit ran'))\n"
-              f"try:\n    {body}\nfinally:\n    common.ddp_exit()\n")
+    script = (f"import atexit, cli, hardware\natexit.register(lambda: print('atexit ran'))\n"
+              f"try:\n    {body}\nfinally:\n    hardware.ddp_exit()\n")
     proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == ('done' if code == 0 else '')  # and atexit handlers (finalization) did not run

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_test_command():
@@ -26,10 +26,10 @@ def test_runtime_requirements_are_the_four_packages():
 
 
 def test_torch_floor_is_stated_once_and_enforced():
-    """requirements.txt's torch floor is common.MIN_TORCH, and an older torch gets one clear line."""
-    import common
+    """requirements.txt's torch floor is cli.MIN_TORCH, and an older torch gets one clear line."""
+    import cli
     floor = re.search(r"^torch>=([0-9.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
-    assert tuple(int(x) for x in floor.split(".")) == common.MIN_TORCH
-    assert "too old" in common.torch_too_old("2.2.2+cu121") and "pip install -U torch" in common.torch_too_old("2.1.0")
-    assert common.torch_too_old("2.3.1") is None and common.torch_too_old("2.13.0+cpu") is None
-    assert common.torch_too_old("3.0.0a0+git1234") is None
+    assert tuple(int(x) for x in floor.split(".")) == cli.MIN_TORCH
+    assert "too old" in cli.torch_too_old("2.2.2+cu121") and "pip install -U torch" in cli.torch_too_old("2.1.0")
+    assert cli.torch_too_old("2.3.1") is None and cli.torch_too_old("2.13.0+cpu") is None
+    assert cli.torch_too_old("3.0.0a0+git1234") is None

@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-import common
-from model import (GPT, GPTConfig, Int8Linear, KVCache, huge_page_buffer, int8_kernel_available,
-                   pack_int8_weights, quantize_int8, quantize_per_channel)
+import quantize
+from model import GPT, GPTConfig, KVCache
+from quantize import (Int8Linear, huge_page_buffer, int8_kernel_available, pack_int8_weights, quantize_int8,
+                      quantize_per_channel)
 from test_train import ENV, REPO
 
 KERNEL = int8_kernel_available('cpu')
@@ -100,7 +101,7 @@ def test_quantized_logits_close_to_float(kernel):
     assert (out - ref).abs().max() <= 0.05 * ref.std()
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-2)
     # int8 matrices: about a quarter of the float bytes (position embeddings, biases and norms stay float32)
-    assert common.weight_bytes(q) < 0.35 * common.weight_bytes(model)
+    assert quantize.weight_bytes(q) < 0.35 * quantize.weight_bytes(model)
 
 
 @pytest.mark.parametrize('kernel', [True, False] if KERNEL else [False])

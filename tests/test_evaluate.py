@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+import cli
+import runs
 import evaluate
 import plot
 import prepare
@@ -222,7 +223,7 @@ def save_tiny_run(tmp_path, vocab_size=101):
     data_dir = tmp_path / 'counting'
     model = tiny_gpt(block_size=16, vocab_size=vocab_size)
     out_dir = tmp_path / 'run'
-    common.save_checkpoint({'format': common.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
                             'model_args': dataclasses.asdict(model.config), 'iter_num': 0,
                             'best_val_loss': 9.9, 'config': {'dataset': 'counting', 'data_dir': str(data_dir)}},
                            out_dir / 'ckpt.pt')
@@ -333,11 +334,11 @@ def test_hellaswag_refuses_a_char_model_and_bad_files(tmp_path, capsys):
     _, out_dir, _ = save_tiny_run(tmp_path)  # counting tokenizer: not GPT-2 BPE
     good = tmp_path / 'h.jsonl'
     good.write_text(json.dumps({'ctx': 'a', 'endings': ['b', 'c', 'd', 'e'], 'label': 0}) + '\n')
-    with pytest.raises(common.ConfigError, match='needs a GPT-2 BPE model; this one uses the counting tokenizer'):
+    with pytest.raises(cli.ConfigError, match='needs a GPT-2 BPE model; this one uses the counting tokenizer'):
         evaluate.main(['hellaswag', f'--out_dir={out_dir}', f'--input={good}', '--device=cpu'])
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"ctx": "a", "endings": ["b"], "label": 0}\n')
-    with pytest.raises(common.ConfigError, match='line 1: expected 4 endings'):
+    with pytest.raises(cli.ConfigError, match='line 1: expected 4 endings'):
         evaluate.read_hellaswag(bad)
-    with pytest.raises(common.ConfigError, match='is not a file'):
+    with pytest.raises(cli.ConfigError, match='is not a file'):
         evaluate.hellaswag_path(str(tmp_path / 'missing.jsonl'))

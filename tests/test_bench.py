@@ -11,7 +11,7 @@ import pytest
 
 import bench
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--vocab_size=64', '--batch_size=2',
         '--burn_in=1', '--num_iters=2', '--repeats=2', '--prompt_len=4', '--max_new_tokens=5',
         '--gen_batch_sizes=[1,3]', '--device=cpu']

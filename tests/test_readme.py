@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py']
 

@@ -6,10 +6,13 @@ torch.optim.Muon configured alike (where this torch has it), and torch.optim.Ada
 AdamW groups. train.py runs as a subprocess with test_train.py's helpers.
 """
 
+import re
+
 import pytest
 import torch
 
-from model import GPT, GPTConfig, MuonAdamW, NS_COEFFICIENTS, orthogonalize
+from model import GPT, GPTConfig
+from optim import NS_COEFFICIENTS, MuonAdamW, configure_optimizers, orthogonalize
 from test_train import (REPO, TINY, assert_exact_resume, assert_one_line_error, assert_same_losses,  # noqa: F401
                         data, read_log, run_train, torchrun)
 
@@ -101,7 +104,7 @@ def test_muon_update_matches_plain_formula():
 
 def test_configure_optimizers_puts_block_matrices_in_muon():
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', muon_lr=0.03)
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', muon_lr=0.03)
     muon_group = [g for g in opt.param_groups if g['kind'] == 'muon']
     assert len(muon_group) == 1 and muon_group[0]['lr_ratio'] == pytest.approx(30.0)
     in_muon = {id(p) for p in muon_group[0]['params']}
@@ -110,7 +113,7 @@ def test_configure_optimizers_puts_block_matrices_in_muon():
         assert (id(p) in in_muon) == inside, name
     assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="'adam'"):
-        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'adam')
+        configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', 'adam')
 
 
 # -----------------------------------------------------------------------------
@@ -172,3 +175,16 @@ def test_speedrun_config_decreases_loss(tmp_path, data):
     assert [it for it, _ in evals] == [20]  # eval_at_start=False: one evaluation, at the end
     train = [loss for it, kind, split, loss in read_log(out, 'train')]
     assert evals[-1][1] < train[0] - 0.5, (train[0], evals)
+
+
+def test_configure_optimizers_decays_only_matrices(capsys):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=53, n_layer=2, n_head=2, n_embd=24, bias=True))
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == model.get_num_params(non_embedding=False)
+    out = capsys.readouterr().out
+    assert re.search(r"\d+ decayed tensors \([\d,]+ parameters\)", out) and "fused kernel" in out

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+import runs
 from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, sample_next
+from optim import configure_optimizers
 
 # float32 through two implementations of the same arithmetic agrees to ~1e-6
 ATOL = 1e-5
@@ -184,8 +185,8 @@ def test_untied_head_has_its_own_weights():
     untied.lm_head.weight.data.zero_()  # the head alone moves the logits
     with torch.no_grad():
         assert untied(torch.zeros(1, 3, dtype=torch.long))[0].abs().max() == 0
-    assert len(untied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"]) == \
-        len(tied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"]) + 1
+    assert len(configure_optimizers(untied, 0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"]) == \
+        len(configure_optimizers(tied, 0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"]) + 1
 
 
 @pytest.mark.parametrize("knob", list(KNOBS) + ["gpt2"])
@@ -284,9 +285,9 @@ def test_checkpoint_with_knobs_round_trips_through_load_model(tmp_path):
     model = tiny(**KNOBS["all"])
     args = dict(n_layer=2, n_head=2, n_embd=24, block_size=16, vocab_size=53, bias=True, dropout=0.0,
                 **KNOBS["all"])
-    torch.save({"format": common.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_args": args,
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_args": args,
                 "iter_num": 7, "best_val_loss": 1.0, "config": {}}, tmp_path / "ckpt.pt")
-    loaded, info = common.load_model("resume", str(tmp_path))
+    loaded, info = runs.load_model("resume", str(tmp_path))
     assert all(getattr(loaded.config, k) == v for k, v in KNOBS["all"].items())
     idx = torch.randint(0, 53, (2, 16))
     with torch.no_grad():
@@ -294,9 +295,9 @@ def test_checkpoint_with_knobs_round_trips_through_load_model(tmp_path):
     # an old checkpoint (no knob keys) is GPT-2
     plain = tiny()
     old = {k: v for k, v in args.items() if k not in KNOBS["all"]}
-    torch.save({"format": common.CHECKPOINT_FORMAT, "model": plain.state_dict(), "model_args": old,
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "model": plain.state_dict(), "model_args": old,
                 "iter_num": 7, "best_val_loss": 1.0, "config": {}}, tmp_path / "ckpt.pt")
-    loaded, _ = common.load_model("resume", str(tmp_path))
+    loaded, _ = runs.load_model("resume", str(tmp_path))
     assert loaded.config.pos_emb == "learned" and loaded.lm_head.weight is loaded.transformer.wte.weight
 
 

@@ -11,23 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import cli
 import evaluate
-import model as model_module
 import prepare
+import runs
 from model import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_help_comments_come_from_the_source_next_to_each_default():
-    comments = dict((name, comment) for name, comment, _ in common.knob_comments(os.path.join(ROOT, 'train.py')))
+    comments = dict((name, comment) for name, comment, _ in cli.knob_comments(os.path.join(ROOT, 'train.py')))
     assert comments['out_dir'] == 'checkpoint, config.json and log.jsonl go here'
     assert comments['dropout'].startswith('0 for pretraining')
     # evaluate.py comments data_dir twice; each sub-command gets its own block's comment
     path = os.path.join(ROOT, 'evaluate.py')
-    perplexity = common._comments_for(list(evaluate.DEFAULTS['perplexity']), path)
-    counting = common._comments_for(list(evaluate.DEFAULTS['counting']), path)
+    perplexity = cli._comments_for(list(evaluate.DEFAULTS['perplexity']), path)
+    counting = cli._comments_for(list(evaluate.DEFAULTS['counting']), path)
     assert '<split>.bin' in perplexity['data_dir'] and 'counting' in counting['data_dir']
     assert set(perplexity) == set(evaluate.DEFAULTS['perplexity'])  # every knob has its comment
 
@@ -35,7 +35,7 @@ def test_help_comments_come_from_the_source_next_to_each_default():
 def test_help_lists_every_knob_and_exits_0(capsys):
     defaults = dict(evaluate.DEFAULTS['counting'])
     with pytest.raises(SystemExit) as e:
-        common.load_config(defaults, ['--starts=1', '-h'], usage='python evaluate.py counting [--key=value ...]')
+        cli.load_config(defaults, ['--starts=1', '-h'], usage='python evaluate.py counting [--key=value ...]')
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith('usage: python evaluate.py counting')
@@ -45,39 +45,39 @@ def test_help_lists_every_knob_and_exits_0(capsys):
 
 def test_config_summary_shows_only_changed_knobs():
     defaults = {'a': 1, 'b': 'x', 'c': True}
-    text = common.config_summary({'a': 1, 'b': 'y', 'c': False}, defaults, 'out/config.json')
+    text = cli.config_summary({'a': 1, 'b': 'y', 'c': False}, defaults, 'out/config.json')
     assert "b='y'" in text and 'c=False' in text and 'a=1' not in text and 'out/config.json' in text
-    assert 'none' in common.config_summary(defaults, defaults)
+    assert 'none' in cli.config_summary(defaults, defaults)
 
 
 def test_find_run_dir_takes_the_newest_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(common.ConfigError) as e:
-        common.find_run_dir('out', False, what='sample from')
+    with pytest.raises(cli.ConfigError) as e:
+        runs.find_run_dir('out', False, what='sample from')
     assert 'python train.py' in e.value.message and '--out_dir' in e.value.message
     for i, name in enumerate(['out-old', 'out-new']):
         (tmp_path / name).mkdir()
         (tmp_path / name / 'ckpt.pt').write_bytes(b'x')
         os.utime(tmp_path / name / 'ckpt.pt', (1e9 + i, 1e9 + i))
     (tmp_path / 'not-a-run').mkdir()
-    assert common.find_run_dir('out', False) == 'out-new'
+    assert runs.find_run_dir('out', False) == 'out-new'
     assert 'out-new' in capsys.readouterr().err  # the notice names it
-    assert common.find_run_dir('out-old', True) == 'out-old'  # asked for: used as is
+    assert runs.find_run_dir('out-old', True) == 'out-old'  # asked for: used as is
     (tmp_path / 'out').mkdir()
     (tmp_path / 'out' / 'ckpt.pt').write_bytes(b'x')
-    assert common.find_run_dir('out', False) == 'out'  # the default folder when it holds a run
+    assert runs.find_run_dir('out', False) == 'out'  # the default folder when it holds a run
 
 
 def test_progress_is_silent_for_quick_work_and_prints_lines_when_not_a_terminal(monkeypatch):
     quick = io.StringIO()
-    with common.Progress('quick', total=10, stream=quick) as bar:
+    with cli.Progress('quick', total=10, stream=quick) as bar:
         for _ in range(10):
             bar.update()
     assert quick.getvalue() == ''
     slow = io.StringIO()
     clock = [0.0]
     monkeypatch.setattr(time, 'monotonic', lambda: clock[0])
-    with common.Progress('perplexity', total=100, unit='windows', after=3, every=10, stream=slow) as bar:
+    with cli.Progress('perplexity', total=100, unit='windows', after=3, every=10, stream=slow) as bar:
         for _ in range(100):
             clock[0] += 0.5  # 50 s in all
             bar.update()
@@ -120,7 +120,7 @@ def test_perplexity_defaults_to_the_checkpoints_own_dataset(tmp_path, capsys):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=101))
     out_dir = tmp_path / 'run'
-    common.save_checkpoint({'format': common.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
                             'model_args': dataclasses.asdict(model.config), 'iter_num': 0, 'best_val_loss': 9.9,
                             'config': {'dataset': 'counting', 'data_dir': str(data_dir)}}, out_dir / 'ckpt.pt')
     assert evaluate.main(['perplexity', f'--out_dir={out_dir}', '--device=cpu']) == 0
@@ -131,7 +131,15 @@ def test_perplexity_defaults_to_the_checkpoints_own_dataset(tmp_path, capsys):
 
 def test_gpt2_weights_message_keeps_whole_words():
     long = ValueError("Cannot reach https://huggingface.co " + "because the network is unreachable " * 20)
-    text = model_module._first_sentence(long)
+    text = runs._first_sentence(long)
     assert len(text) <= 210 and text.endswith(' ...') and text[:-4] == text[:-4].rstrip()
     assert ' '.join(str(long).split()).startswith(text[:-4])  # cut at a space, not inside a word
-    assert model_module._first_sentence(OSError("Offline. Set HF_HUB_OFFLINE=0 to allow it.")) == "Offline."
+    assert runs._first_sentence(OSError("Offline. Set HF_HUB_OFFLINE=0 to allow it.")) == "Offline."
+
+
+def test_gpt2_name_without_local_files_says_what_is_missing(tmp_path, monkeypatch):
+    # an empty cache and no network: the error names the model and how to get it
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="'gpt2'"):
+        runs.pretrained_folder("gpt2")

@@ -1,4 +1,4 @@
-"""Tests for sample.py and the model/tokenizer loading in common.py.
+"""Tests for sample.py and the model/tokenizer loading in runs.py.
 
 Checkpoints are tiny GPTs saved with train.py's checkpoint keys (no training run), except
 the counting test, which trains a small model in-process for a few seconds so that its
@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import cli
+import runs
 import prepare
 import sample
 from model import GPT, GPTConfig
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 CHARS = sorted(set("ROMEO: JULIET\nthe quick brown fox,.!?"))
 
 
@@ -35,8 +36,8 @@ def tiny_gpt(vocab_size, block_size=32, seed=0):
 
 def save_like_train(model, out_dir, dataset, data_dir):
     """A checkpoint with the keys train.py writes (optimizer state left empty: sampling ignores it)."""
-    common.save_checkpoint({
-        'format': common.CHECKPOINT_FORMAT, 'model': model.state_dict(), 'optimizer': {},
+    runs.save_checkpoint({
+        'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(), 'optimizer': {},
         'model_args': asdict(model.config), 'iter_num': 7, 'best_val_loss': 1.5,
         'config': {'dataset': dataset, 'data_dir': str(data_dir)},
     }, Path(out_dir) / 'ckpt.pt')
@@ -144,25 +145,25 @@ def test_bad_prompts_and_missing_checkpoints_exit_with_one_line(char_run, tmp_pa
 ])
 def test_bad_options_are_config_errors(char_run, argv, message):
     out_dir, _ = char_run
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(cli.ConfigError, match=message):
         sample.main(['--device=cpu', f'--out_dir={out_dir}', *argv])
 
 
 def test_corrupt_and_foreign_checkpoints_error_clearly(tmp_path):
     (tmp_path / 'corrupt').mkdir()
     (tmp_path / 'corrupt' / 'ckpt.pt').write_bytes(b'PK\x03\x04 definitely not a checkpoint')
-    with pytest.raises(common.ConfigError, match='truncated, corrupt or not a plain PyTorch checkpoint'):
-        common.load_model('resume', tmp_path / 'corrupt')
+    with pytest.raises(cli.ConfigError, match='truncated, corrupt or not a plain PyTorch checkpoint'):
+        runs.load_model('resume', tmp_path / 'corrupt')
     (tmp_path / 'foreign').mkdir()
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'foreign' / 'ckpt.pt')
-    with pytest.raises(common.ConfigError, match='not a training checkpoint'):
-        common.load_model('resume', tmp_path / 'foreign')
+    with pytest.raises(cli.ConfigError, match='not a training checkpoint'):
+        runs.load_model('resume', tmp_path / 'foreign')
     # right keys, wrong shapes: names the mismatch instead of a load_state_dict traceback
     model = tiny_gpt(10)
-    common.save_checkpoint({'model': model.state_dict(), 'model_args': dict(asdict(model.config), n_embd=64)},
+    runs.save_checkpoint({'model': model.state_dict(), 'model_args': dict(asdict(model.config), n_embd=64)},
                            tmp_path / 'shapes' / 'ckpt.pt')
-    with pytest.raises(common.ConfigError, match='weights do not fit model_args'):
-        common.load_model('resume', tmp_path / 'shapes')
+    with pytest.raises(cli.ConfigError, match='weights do not fit model_args'):
+        runs.load_model('resume', tmp_path / 'shapes')
     # a corrupt file through the script: one line, exit 1
     r = run_script(f'--out_dir={tmp_path / "corrupt"}')
     assert r.returncode == 1 and 'Traceback' not in r.stderr and 'corrupt' in r.stderr
@@ -175,8 +176,8 @@ def test_diverged_checkpoint_errors_instead_of_sampling_garbage(char_run):
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.weight[3, 5] = float('nan')
     save_like_train(model, out_dir, 'chars', out_dir.parent / 'data' / 'chars')
-    with pytest.raises(common.ConfigError, match=r'transformer\.h\.1\.mlp\.c_fc\.weight holds NaN or inf'):
-        common.load_model('resume', out_dir)
+    with pytest.raises(cli.ConfigError, match=r'transformer\.h\.1\.mlp\.c_fc\.weight holds NaN or inf'):
+        runs.load_model('resume', out_dir)
     r = run_script(f'--out_dir={out_dir}', '--max_new_tokens=5')
     assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stdout == ''
     assert r.stderr.strip().splitlines()[-1].startswith('error: ') and 'diverged' in r.stderr
@@ -200,9 +201,9 @@ def test_nanogpt_checkpoint_with_meta_pkl_loads_and_samples(tmp_path, monkeypatc
                    'gradient_accumulation_steps': 1, 'learning_rate': 1e-3},
     }, tmp_path / 'out-shakespeare-char' / 'ckpt.pt')
     monkeypatch.chdir(tmp_path)
-    loaded, info = common.load_model('resume', 'out-shakespeare-char')
+    loaded, info = runs.load_model('resume', 'out-shakespeare-char')
     assert info['dataset'] == 'shakespeare_char' and info['data_dir'].endswith('shakespeare_char')
-    assert common.load_tokenizer_for(info).vocab_size == len(CHARS)
+    assert runs.load_tokenizer_for(info).vocab_size == len(CHARS)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
     out = run_sample(capsys, '--out_dir=out-shakespeare-char', '--start=ROMEO:', '--max_new_tokens=10', '--seed=3')

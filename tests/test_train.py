@@ -1,5 +1,5 @@
 """
-Tests for common.py and train.py on CPU: tiny models on tiny random datasets in temporary folders.
+Tests for train.py and the run files (runs.py, hardware.py) on CPU: tiny models on tiny random datasets in temporary folders.
 
 train.py runs as a subprocess, as a user would run it; losses are read back from out_dir/log.jsonl.
 Tests marked slow start torchrun or several runs (run them all with `python -m pytest test_train.py`).
@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import cli
+import hardware
+import runs
+from model import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 # One thread per process: tiny models gain nothing from more, and the runs stay fast on a busy machine.
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 # A model small enough that an iteration takes milliseconds.
@@ -93,7 +96,7 @@ def assert_one_line_error(proc, *fragments):
 
 
 # -----------------------------------------------------------------------------
-# common.load_config
+# cli.load_config
 
 DEFAULTS = {'batch_size': 12, 'learning_rate': 6e-4, 'decay_lr': True, 'out_dir': 'out', 'device': 'auto',
             'max_iters': 100, 'lr_decay_iters': 100, 'compile': None}
@@ -104,7 +107,7 @@ def test_config_files_compose_and_flags_win(tmp_path):
     a.write_text("batch_size = 32  # first file\nmax_iters = 50\nout_dir = 'out-a'\n")
     b = tmp_path / 'b.py'
     b.write_text("import math\nbatch_size = 64  # second file wins over the first\nlr_decay_iters = max_iters\n")
-    overrides = common.load_config(DEFAULTS, [str(a), '--batch_size=8', str(b), '--device=cuda:1',
+    overrides = cli.load_config(DEFAULTS, [str(a), '--batch_size=8', str(b), '--device=cuda:1',
                                               '--learning_rate=1', "--out_dir='x y'", '--compile=False'])
     # files apply in order, then flags (also flags written before a file)
     assert overrides == {'batch_size': 8, 'max_iters': 50, 'out_dir': 'x y', 'lr_decay_iters': 50,
@@ -122,8 +125,8 @@ def test_config_files_compose_and_flags_win(tmp_path):
     (['no_such_file.py'], ['no_such_file.py', 'not found']),
 ])
 def test_config_flag_errors(argv, fragments):
-    with pytest.raises(common.ConfigError) as error:
-        common.load_config(DEFAULTS, argv)
+    with pytest.raises(cli.ConfigError) as error:
+        cli.load_config(DEFAULTS, argv)
     for fragment in fragments:
         assert fragment in error.value.message
 
@@ -131,12 +134,12 @@ def test_config_flag_errors(argv, fragments):
 def test_config_file_errors(tmp_path):
     typo = tmp_path / 'typo.py'
     typo.write_text("batchsize = 32\n")
-    with pytest.raises(common.ConfigError, match="'batchsize' in .*typo.py; did you mean 'batch_size'"):
-        common.load_config(DEFAULTS, [str(typo)])
+    with pytest.raises(cli.ConfigError, match="'batchsize' in .*typo.py; did you mean 'batch_size'"):
+        cli.load_config(DEFAULTS, [str(typo)])
     wrong_type = tmp_path / 'wrong.py'
     wrong_type.write_text("decay_lr = 'no'\n")
-    with pytest.raises(common.ConfigError, match="'decay_lr' in .*wrong.py: got 'no'"):
-        common.load_config(DEFAULTS, [str(wrong_type)])
+    with pytest.raises(cli.ConfigError, match="'decay_lr' in .*wrong.py: got 'no'"):
+        cli.load_config(DEFAULTS, [str(wrong_type)])
 
 
 def test_train_py_config_errors_are_one_line(tmp_path, data):
@@ -148,7 +151,8 @@ def test_train_py_config_errors_are_one_line(tmp_path, data):
 
 
 def train_defaults():
-    """The knobs at the top of train.py: its module-level `name = literal` assignments."""
+    """The knobs at the top of train.py: its module-level `name = literal` assignments, plus the
+    GPTConfig fields it takes from model.py (cli.model_knobs)."""
     import ast
     tree = ast.parse((REPO / 'train.py').read_text())
     defaults = {}
@@ -158,7 +162,7 @@ def train_defaults():
                 defaults[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
                 pass  # not a knob (e.g. config_keys)
-    return defaults
+    return {**defaults, **cli.model_knobs(defaults)}
 
 
 # config/ also holds presets for the other scripts (bench_*.py for bench.py, ...): those are not train.py's.
@@ -167,7 +171,7 @@ TRAIN_CONFIGS = sorted(p for p in (REPO / 'config').glob('*.py') if not p.name.s
 
 @pytest.mark.parametrize('path', TRAIN_CONFIGS, ids=lambda p: p.name)
 def test_repo_config_files_are_valid_and_commented(path):
-    overrides = common.load_config(train_defaults(), [str(path)])
+    overrides = cli.load_config(train_defaults(), [str(path)])
     assert overrides
     for line in path.read_text().splitlines():
         if line.strip() and not line.startswith('#'):
@@ -175,59 +179,73 @@ def test_repo_config_files_are_valid_and_commented(path):
 
 
 # -----------------------------------------------------------------------------
-# common: device and checkpoints
+# device and checkpoints (hardware.py, runs.py)
 
 def test_setup_device_cpu():
-    dev = common.setup_device('cpu', 'auto')
+    dev = hardware.setup_device('cpu', 'auto')
     assert (dev.device, dev.device_type, dev.dtype, dev.use_grad_scaler) == ('cpu', 'cpu', 'float32', False)
-    dev = common.setup_device('cpu', 'bfloat16')  # an explicit dtype is honoured, also on CPU
+    dev = hardware.setup_device('cpu', 'bfloat16')  # an explicit dtype is honoured, also on CPU
     assert dev.ptdtype == torch.bfloat16
     with dev.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with pytest.raises(common.ConfigError, match='float8'):
-        common.setup_device('cpu', 'float8')
+    with pytest.raises(cli.ConfigError, match='float8'):
+        hardware.setup_device('cpu', 'float8')
     if not torch.cuda.is_available():
-        with pytest.raises(common.ConfigError, match='--device=cpu'):
-            common.setup_device('cuda', 'auto')
+        with pytest.raises(cli.ConfigError, match='--device=cpu'):
+            hardware.setup_device('cuda', 'auto')
 
 
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     path = tmp_path / 'ckpt.pt'
-    ckpt = {'format': common.CHECKPOINT_FORMAT, 'model': {'w': torch.ones(3)}, 'model_args': {'n_layer': 1}}
-    common.save_checkpoint(ckpt, path)
-    assert torch.equal(common.load_checkpoint(path)['model']['w'], torch.ones(3))
+    ckpt = {'format': runs.CHECKPOINT_FORMAT, 'model': {'w': torch.ones(3)}, 'model_args': {'n_layer': 1}}
+    runs.save_checkpoint(ckpt, path)
+    assert torch.equal(runs.load_checkpoint(path)['model']['w'], torch.ones(3))
     assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
-    with pytest.raises(common.ConfigError, match='no checkpoint at'):
-        common.load_checkpoint(tmp_path / 'missing.pt')
+    with pytest.raises(cli.ConfigError, match='no checkpoint at'):
+        runs.load_checkpoint(tmp_path / 'missing.pt')
     (tmp_path / 'truncated.pt').write_bytes(path.read_bytes()[:100])
-    with pytest.raises(common.ConfigError, match='truncated, corrupt'):
-        common.load_checkpoint(tmp_path / 'truncated.pt')
+    with pytest.raises(cli.ConfigError, match='truncated, corrupt'):
+        runs.load_checkpoint(tmp_path / 'truncated.pt')
     torch.save({'weights': torch.ones(1)}, tmp_path / 'foreign.pt')
-    with pytest.raises(common.ConfigError, match='not a training checkpoint'):
-        common.load_checkpoint(tmp_path / 'foreign.pt')
+    with pytest.raises(cli.ConfigError, match='not a training checkpoint'):
+        runs.load_checkpoint(tmp_path / 'foreign.pt')
 
 
 def test_model_state_dict_strips_prefix_only_for_nanogpt_files():
     nanogpt = {'model': {'_orig_mod.wte.weight': 1, 'lm_head.weight': 2}, 'model_args': {}}
-    assert common.model_state_dict(nanogpt) == {'wte.weight': 1, 'lm_head.weight': 2}
-    ours = {'format': common.CHECKPOINT_FORMAT, 'model': {'_orig_mod.x': 1}, 'model_args': {}}
-    assert common.model_state_dict(ours) == {'_orig_mod.x': 1}
+    assert runs.model_state_dict(nanogpt) == {'wte.weight': 1, 'lm_head.weight': 2}
+    ours = {'format': runs.CHECKPOINT_FORMAT, 'model': {'_orig_mod.x': 1}, 'model_args': {}}
+    assert runs.model_state_dict(ours) == {'_orig_mod.x': 1}
+
+
+def test_mfu_and_peak_flops():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=53, n_layer=2, n_head=2, n_embd=24))
+    assert hardware.estimate_mfu(model, 1000.0, "cpu", torch.float32) is None
+    assert hardware.estimate_mfu(model, 1000.0, "AMD EPYC", torch.float32) is None
+    mfu = hardware.estimate_mfu(model, 1e9, "NVIDIA H100 80GB HBM3", torch.bfloat16)
+    assert mfu == pytest.approx(model.flops_per_token() * 1e9 / 989e12)
+    assert hardware.peak_flops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
+    assert hardware.peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert hardware.peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
+    assert hardware.peak_flops("Tesla V100-SXM2-16GB", torch.bfloat16) is None  # no bf16 on V100
+    assert hardware.peak_flops("Some Future GPU", torch.bfloat16) is None
 
 
 def test_kill_during_save_keeps_old_checkpoint(tmp_path):
     """SIGKILL a process in the middle of save_checkpoint: ckpt.pt still holds the previous, loadable state."""
     path = tmp_path / 'ckpt.pt'
-    common.save_checkpoint({'model': {'w': torch.zeros(4)}, 'model_args': {}, 'iter_num': 1}, path)
+    runs.save_checkpoint({'model': {'w': torch.zeros(4)}, 'model_args': {}, 'iter_num': 1}, path)
     # The child's torch.save writes some bytes and then stalls, so the kill lands mid-write for sure.
     child = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f"""
-        import time, torch, common
+        import time, torch, runs
         def stalling_save(obj, f):
             f.write(b'half a checkpoint')
             f.flush()
             print('writing', flush=True)
             time.sleep(60)
-        common.torch.save = stalling_save
-        common.save_checkpoint({{'model': {{'w': torch.ones(4)}}, 'model_args': {{}}, 'iter_num': 2}}, {str(path)!r})
+        runs.torch.save = stalling_save
+        runs.save_checkpoint({{'model': {{'w': torch.ones(4)}}, 'model_args': {{}}, 'iter_num': 2}}, {str(path)!r})
     """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert child.stdout.readline().strip() == 'writing'
@@ -236,9 +254,9 @@ def test_kill_during_save_keeps_old_checkpoint(tmp_path):
         child.wait()
     assert child.returncode == -signal.SIGKILL
     assert [p.name for p in tmp_path.glob('.ckpt.pt.*.tmp')]  # the half-written file is a temporary
-    ckpt = common.load_checkpoint(path)
+    ckpt = runs.load_checkpoint(path)
     assert ckpt['iter_num'] == 1 and torch.equal(ckpt['model']['w'], torch.zeros(4))
-    common.save_checkpoint({'model': {}, 'model_args': {}, 'iter_num': 3}, path)  # the next save cleans up
+    runs.save_checkpoint({'model': {}, 'model_args': {}, 'iter_num': 3}, path)  # the next save cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']
 
 
@@ -254,7 +272,7 @@ def test_loss_decreases(tmp_path, data):
     assert evals[-1] < evals[0] - 1.0, evals  # from ~ln(16)=2.8 down towards the 10%-noise floor
     config = json.loads((out / 'config.json').read_text())
     assert config['max_iters'] == 30 and config['n_embd'] == 32
-    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     assert ckpt['iter_num'] == 30 and not any(k.startswith('_orig_mod.') for k in ckpt['model'])
     assert {'optimizer', 'model_args', 'best_val_loss', 'config', 'rng', 'scaler', 'data'} <= set(ckpt)
     # the parameter table is printed once; the loss curve is drawn at each evaluation
@@ -291,7 +309,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data):
         proc.kill()
     assert proc.returncode == 0, stderr
     assert 'stopped by SIGTERM' in stdout
-    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     assert ckpt['iter_num'] >= 3
     assert ckpt['iter_num'] == read_log(out, 'train')[-1][0] + 1  # the state after the last finished step
 
@@ -305,10 +323,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
     out = tmp_path / 'out'
     args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--eval_interval=3']
     assert run_train(*args, '--max_iters=3').returncode == 0
-    good = common.load_checkpoint(out / 'ckpt.pt')
+    good = runs.load_checkpoint(out / 'ckpt.pt')
     proc = run_train(*args, '--max_iters=20', '--init_from=resume', '--learning_rate=1e30', '--decay_lr=False')
     assert_one_line_error(proc, 'not finite', 'iteration', 'ckpt.pt keeps the last good state')
-    after = common.load_checkpoint(out / 'ckpt.pt')
+    after = runs.load_checkpoint(out / 'ckpt.pt')
     assert after['iter_num'] == good['iter_num'] == 3
     assert all(torch.equal(after['model'][k], good['model'][k]) for k in good['model'])
 
@@ -318,7 +336,7 @@ def test_resume_from_nanogpt_checkpoint(tmp_path, data):
     out = tmp_path / 'out'
     args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--eval_interval=3']
     assert run_train(*args, '--max_iters=3').returncode == 0
-    ours = common.load_checkpoint(out / 'ckpt.pt')
+    ours = runs.load_checkpoint(out / 'ckpt.pt')
     nanogpt = {'model': {'_orig_mod.' + k: v for k, v in ours['model'].items()},
                'optimizer': ours['optimizer'], 'model_args': ours['model_args'], 'iter_num': 3,
                'best_val_loss': torch.tensor(ours['best_val_loss']), 'config': ours['config']}
@@ -328,9 +346,91 @@ def test_resume_from_nanogpt_checkpoint(tmp_path, data):
     assert [row[0] for row in read_log(out, 'train')] == [0, 1, 2, 3, 4]
 
 
+def test_checkpoint_records_nanogpts_keys_plus_the_modern_knobs_that_are_on(tmp_path, data):
+    """model_args: nanoGPT's seven keys, and a modern knob only where it differs from GPT-2."""
+    nanogpt_keys = {'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout'}
+    for flags, extra in [([], {}), (['--pos_emb=rope', '--qk_norm=True'], {'pos_emb': 'rope', 'qk_norm': True})]:
+        out = tmp_path / f'out{len(flags)}'
+        proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2', *flags)
+        assert proc.returncode == 0, proc.stderr
+        args = runs.load_checkpoint(out / 'ckpt.pt')['model_args']
+        assert set(args) == nanogpt_keys | set(extra) and all(args[k] == v for k, v in extra.items())
+
+
+def test_checkpoint_of_the_previous_layout_resumes_samples_and_evaluates(tmp_path, data):
+    """Checkpoints written before the layout change recorded every model knob in model_args,
+    GPT-2's values included: they still resume exactly, sample and evaluate."""
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--eval_interval=3']
+    assert run_train(*args, '--max_iters=3').returncode == 0
+    ckpt = runs.load_checkpoint(out / 'ckpt.pt')
+    ckpt['model_args'].update(pos_emb='learned', norm='layernorm', mlp_act='gelu', qk_norm=False,
+                              tie_embeddings=True, logit_softcap=0.0)  # what main wrote before
+    torch.save(ckpt, out / 'ckpt.pt')
+    model, _ = runs.load_model('resume', out)
+    with torch.no_grad():  # sample.py's and evaluate.py's loader gives the same model
+        assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 1, 16)
+    proc = run_train(*args, '--max_iters=5', '--init_from=resume')
+    assert proc.returncode == 0, proc.stderr
+    assert [row[0] for row in read_log(out, 'train')] == [0, 1, 2, 3, 4]
+    chars = list('abcdefghijklmnop')  # a character vocabulary for the 16 ids, so sample.py can print
+    (data / 'meta.json').write_text(json.dumps({'vocab_size': 16, 'tokenizer': 'char', 'chars': chars}))
+    for argv in (['sample.py', '--max_new_tokens=5', '--start=abc'], ['evaluate.py', 'perplexity']):
+        r = subprocess.run([sys.executable, *argv, f'--out_dir={out}', f'--data_dir={data}', '--device=cpu'],
+                           cwd=REPO, capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith('abc') if argv[0] == 'sample.py' else 'perplexity' in r.stdout
+
+
+NANOGPT_DIR = os.environ.get('NANOGPT_DIR')
+
+
+@pytest.mark.skipif(not NANOGPT_DIR, reason='set NANOGPT_DIR to a nanoGPT checkout to test that its model.py '
+                                            'and sample.py read our checkpoints')
+def test_nanogpts_own_model_and_sample_read_our_checkpoint(tmp_path):
+    """A GPT-2-knob run of ours, read by nanoGPT's model.py (same logits) and sample.py (runs as is)."""
+    import importlib.util
+    import pickle
+    nano = Path(NANOGPT_DIR)
+    work = tmp_path / 'nano'  # nanoGPT's sample.py reads data/<dataset>/meta.pkl and configurator.py from its cwd
+    work.mkdir()
+    for name in ('model.py', 'sample.py', 'configurator.py'):
+        (work / name).write_bytes((nano / name).read_bytes())
+    chars = sorted(set("ROMEO: JULIET the quick brown fox jumps\n"))
+    text = ("ROMEO: the quick brown fox\nJULIET: jumps\n" * 200)
+    data = work / 'data' / 'chars'
+    data.mkdir(parents=True)
+    ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
+    ids.tofile(data / 'train.bin')
+    ids[:1000].tofile(data / 'val.bin')
+    (data / 'meta.json').write_text(json.dumps({'vocab_size': len(chars), 'tokenizer': 'char', 'chars': chars}))
+    with open(data / 'meta.pkl', 'wb') as f:  # nanoGPT's char-level prepare.py writes this
+        pickle.dump({'vocab_size': len(chars), 'itos': dict(enumerate(chars)),
+                     'stoi': {c: i for i, c in enumerate(chars)}}, f)
+    out = work / 'out'
+    proc = run_train(*TINY, '--dataset=chars', f'--data_dir={data}', f'--out_dir={out}', '--max_iters=4',
+                     '--eval_interval=4', '--dropout=0.1')
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    spec = importlib.util.spec_from_file_location('nanogpt_model_for_test', work / 'model.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    theirs = module.GPT(module.GPTConfig(**ckpt['model_args']))  # a TypeError before the fix
+    theirs.load_state_dict(ckpt['model'])
+    ours, _ = runs.load_model('resume', out)
+    theirs.eval()
+    idx = torch.randint(0, len(chars), (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx, idx)[0], ours(idx, idx)[0], atol=1e-5, rtol=0)
+    r = subprocess.run([sys.executable, 'sample.py', '--out_dir=out', '--device=cpu', '--dtype=float32',
+                        '--compile=False', '--num_samples=1', '--max_new_tokens=20', '--start=ROMEO:'],
+                       cwd=work, capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('ROMEO:') >= 1 and 'Loading meta from data/chars/meta.pkl' in r.stdout
+
+
 def test_eval_only_from_local_hugging_face_folder(tmp_path, data):
     """init_from a folder written by model.save_pretrained, with eval_only: one evaluation, no training."""
-    from model import GPT, GPTConfig
     folder = tmp_path / 'hf'
     GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
     out = tmp_path / 'out'
@@ -407,7 +507,7 @@ def test_multi_node_rendezvous_on_localhost(tmp_path, data):
         assert node.returncode == 0 or agent_race, stderr
         assert 'ChildFailedError' not in stderr, stderr  # no train.py process failed
     assert len(read_log(tmp_path / 'out', 'train')) == 4
-    assert common.load_checkpoint(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 4
+    assert runs.load_checkpoint(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 4
 
 
 @pytest.mark.slow  # ~20 s: two training runs and an evaluate.py run

@@ -1,6 +1,6 @@
 """
-Tests for LoRA fine-tuning: model.py's LoRALinear / apply_lora / merge_lora, train.py's lora_*
-knobs and adapter-only checkpoints, and loading them back (common.load_model, save_pretrained).
+Tests for LoRA fine-tuning: lora.py's LoRALinear / apply_lora / merge_lora, train.py's lora_*
+knobs and adapter-only checkpoints, and loading them back (runs.load_model, save_pretrained).
 Tiny models on CPU; train.py runs as a subprocess like in test_train.py.
 """
 
@@ -9,8 +9,10 @@ import copy
 import pytest
 import torch
 
-import common
-from model import GPT, GPTConfig, LoRALinear, apply_lora, merge_lora, merged_state_dict
+import runs
+from lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
+from model import GPT, GPTConfig
+from optim import configure_optimizers
 from test_train import (TINY, assert_exact_resume, assert_one_line_error, assert_same_losses, make_dataset, read_log,
                         run_train, torchrun)
 
@@ -73,7 +75,7 @@ def test_gradients_reach_only_the_adapters():
         else:
             assert p.grad is None, name  # frozen: no gradient is even allocated
     # the optimizer holds state for the adapters only
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu')
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == \
         sum(p.numel() for n, p in model.named_parameters() if n in trainable)
 
@@ -119,7 +121,7 @@ def test_save_pretrained_writes_the_merged_model_transformers_loads(tmp_path):
     apply_lora(model, 4, 16.0, 0.0, ALL)
     randomize_adapters(model)
     model.eval()
-    model.save_pretrained(tmp_path / 'hf')
+    GPT.save_pretrained(merge_lora(copy.deepcopy(model)), tmp_path / 'hf')  # the adapters folded in
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').eval()
     idx = torch.randint(0, 64, (2, 32))
     with torch.no_grad():
@@ -149,16 +151,16 @@ def test_train_lora_from_a_folder_saves_adapters_and_loads_back(tmp_path, base_f
     assert 'LoRA rank 4' in proc.stdout and 'trainable parameters' in proc.stdout
     evals = [loss for it, kind, split, loss in read_log(out, 'eval') if split == 'val']
     assert evals[-1] < evals[0] - 0.1, evals  # the adapters learn
-    ckpt = common.load_checkpoint(out / 'ckpt.pt')
+    ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     assert ckpt['lora']['base'] == str(base_folder.resolve()) and ckpt['lora']['rank'] == 4
     assert ckpt['model'] and all(k.endswith(('.lora_A', '.lora_B')) for k in ckpt['model'])
     # only the adapters have optimizer state
     n_state = sum(s['exp_avg'].numel() for s in ckpt['optimizer']['state'].values())
     assert n_state == sum(v.numel() for v in ckpt['model'].values())
     # sample.py / evaluate.py path: base + adapters, merged; same val loss as training reported
-    model, info = common.load_model('resume', str(out))
+    model, info = runs.load_model('resume', str(out))
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    unmerged = common.load_lora_model(ckpt, out / 'ckpt.pt', merge=False).eval()
+    unmerged = runs.load_lora_model(ckpt, out / 'ckpt.pt', merge=False).eval()
     idx = torch.randint(0, 16, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(idx, idx)[0], unmerged(idx, idx)[0], rtol=1e-5, atol=1e-5)
@@ -192,7 +194,7 @@ def test_lora_on_a_run_checkpoint_exact_resume_and_ddp(tmp_path):
     args = [*TINY, *LORA, f'--data_dir={data}', f'--init_from={pre / "ckpt.pt"}', '--lora_dropout=0.1',
             '--dropout=0.1', '--gradient_accumulation_steps=2', '--eval_interval=3']
     straight, _ = assert_exact_resume(args, tmp_path, iters=6)
-    assert common.load_checkpoint(straight / 'ckpt.pt')['lora']['base'] == str((pre / 'ckpt.pt').resolve())
+    assert runs.load_checkpoint(straight / 'ckpt.pt')['lora']['base'] == str((pre / 'ckpt.pt').resolve())
     ddp = torchrun('--standalone', '--nproc_per_node=2', 'train.py', *args, f'--out_dir={tmp_path / "ddp"}',
                    '--max_iters=6')
     assert ddp.returncode == 0, ddp.stderr
@@ -202,7 +204,7 @@ def test_lora_on_a_run_checkpoint_exact_resume_and_ddp(tmp_path):
 def test_lora_merge_and_int8_with_the_modern_knobs():
     """The adapters and int8 weights wrap the same Linear layers under rope, rmsnorm, relu2, qk_norm,
     an untied head and a logit soft-cap: B = 0 is exact, merging keeps the logits, int8 stays close."""
-    from model import quantize_int8
+    from quantize import quantize_int8
     model = tiny_gpt(vocab_size=64, block_size=32, pos_emb='rope', norm='rmsnorm', mlp_act='relu2', qk_norm=True,
                      tie_embeddings=False, logit_softcap=15.0).eval()
     idx = torch.randint(0, 64, (2, 20))

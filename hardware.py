@@ -1,0 +1,255 @@
+"""
+Where the work runs: the device and compute dtype (chosen in one place, the reason printed
+once), the torchrun process group (joining, agreeing, leaving on every exit), and the peak
+FLOP/s of known accelerators for MFU.
+
+    dev = hardware.setup_device('auto', 'auto')     # prints e.g. "device cpu (auto: ...), dtype float32 (...)"
+    with dev.autocast(): logits, loss = model(x, y)
+    hardware.estimate_mfu(model, tokens_per_sec, 'NVIDIA H100 80GB HBM3', torch.bfloat16)
+"""
+
+import atexit
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from cli import ConfigError
+
+# -----------------------------------------------------------------------------
+# device and dtype
+
+PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+@dataclass
+class DeviceSetup:
+    device: str          # 'cpu', 'cuda:0', 'mps'
+    device_type: str     # 'cpu', 'cuda' or 'mps': what torch.autocast wants
+    dtype: str           # 'float32', 'bfloat16' or 'float16'
+    reason: str          # why this device and dtype, as printed
+
+    @property
+    def ptdtype(self):
+        return PTDTYPES[self.dtype]
+
+    @property
+    def use_grad_scaler(self):
+        return self.dtype == 'float16'  # float16 gradients underflow without loss scaling
+
+    def autocast(self):
+        """Context for forward passes: mixed precision for bfloat16/float16, nothing for float32."""
+        if self.dtype == 'float32':
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
+
+
+_printed_device_lines = set()
+
+
+def _cuda_has_native_bf16():
+    """True on Ampere and newer; older GPUs only emulate bfloat16, slowly, so float16 is better there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no including_emulation argument
+        return torch.cuda.is_bf16_supported()
+
+
+def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, default_reason=None):
+    """Pick the device and the compute dtype; print the choice and the reason once per process.
+
+    device 'auto': cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu.
+    dtype 'auto': bfloat16 on a CUDA GPU that supports it, float16 with a GradScaler on an
+    older CUDA GPU, float32 on CPU and MPS. An explicit dtype is honoured (bfloat16 on CPU works).
+    default_reason: how to explain a fixed device/dtype that the user did not ask for (a script's
+    own default), instead of "asked for".
+    """
+    if device == 'auto':
+        if torch.cuda.is_available():
+            device = 'cuda' if local_rank is None else f'cuda:{local_rank}'
+            device_reason = "auto: CUDA is available"
+        elif torch.backends.mps.is_available():
+            device, device_reason = 'mps', "auto: no CUDA, Apple MPS is available"
+        else:
+            device, device_reason = 'cpu', "auto: no CUDA or MPS"
+    else:
+        device_reason = default_reason or "asked for"
+    device_type = device.split(':')[0]
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device {device!r} not understood; use auto, cpu, cuda, cuda:N or mps")
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but this torch sees no CUDA GPU; use --device=cpu")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} asked for but MPS is not available; use --device=cpu")
+    if device == 'cuda' and local_rank is not None:
+        device = f'cuda:{local_rank}'  # one GPU per torchrun process
+
+    if dtype == 'auto':
+        if device_type == 'cuda' and _cuda_has_native_bf16():
+            dtype, dtype_reason = 'bfloat16', "auto: this GPU supports bfloat16"
+        elif device_type == 'cuda':
+            dtype, dtype_reason = 'float16', "auto: no bfloat16 on this GPU, float16 with a GradScaler"
+        else:
+            dtype, dtype_reason = 'float32', f"auto: full precision on {device_type}"
+    elif dtype in PTDTYPES:
+        dtype_reason = default_reason or "asked for"
+    else:
+        raise ConfigError(f"dtype {dtype!r} not understood; use auto, float32, bfloat16 or float16")
+
+    if device_type == 'cuda':
+        # TF32 matmuls for the float32 parts (about 3x faster on Ampere+, ~1e-3 relative error)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    reason = f"device {device} ({device_reason}), dtype {dtype} ({dtype_reason})"
+    if verbose and reason not in _printed_device_lines:
+        _printed_device_lines.add(reason)
+        print(reason)
+    return DeviceSetup(device, device_type, dtype, reason)
+
+
+# -----------------------------------------------------------------------------
+# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each process's environment
+
+def ddp_ranks():
+    """(rank, local_rank, world_size) under torchrun; None for a plain `python X.py` run."""
+    if 'RANK' not in os.environ:
+        return None
+    return int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+
+
+def ddp_join(backend, device_type):
+    """Join the process group (backend 'auto': nccl for CUDA, gloo for CPU), and leave it on
+    every exit: the script's normal end calls ddp_exit(); an error on its way out runs
+    _leave_after_error (atexit) instead. Also stop this worker when torchrun dies."""
+    import torch.distributed as dist
+    if backend == 'auto':
+        backend = 'nccl' if device_type == 'cuda' else 'gloo'
+    if backend == 'nccl' and device_type != 'cuda':
+        raise ConfigError(f"backend nccl needs CUDA GPUs but the device is {device_type}; use --backend=gloo")
+    dist.init_process_group(backend=backend)
+    stop_with_parent()
+    atexit.register(_leave_after_error)
+    return backend
+
+
+def _leave_after_error():
+    """atexit under DDP: the script did not reach ddp_exit(), so an error is leaving it (its line
+    or traceback is already printed). Leave the group and end with status 1, 130 after Ctrl-C,
+    skipping finalization for the reason ddp_exit gives."""
+    error = getattr(sys, 'last_value', None)  # an uncaught exception; None after SystemExit
+    ddp_teardown()
+    _flush()
+    os._exit(130 if isinstance(error, KeyboardInterrupt) else 1)
+
+
+def all_ranks_ok(ok, ddp, device):
+    """True when ok holds on every rank (one all-reduce under DDP): a check that only rank 0 makes
+    (the run lock, its files) then stops all ranks together instead of leaving them in a collective."""
+    if not ddp:
+        return ok
+    import torch.distributed as dist
+    flag = torch.tensor(float(ok), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def stop_with_parent():
+    """Linux: SIGTERM this process when its parent (the torchrun agent) dies, even by kill -9, so
+    that workers save and exit instead of living on as orphans holding memory and GPUs."""
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(__import__('signal').SIGTERM))
+    except (OSError, AttributeError):
+        pass  # no prctl: torchrun still stops its workers when it exits normally
+
+
+def ddp_teardown():
+    """Leave the process group if this process joined one (safe to call more than once)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def ddp_exit():
+    """End a torchrun worker now, with the status the exception in flight (if any) would give, without
+    the interpreter's finalization. Call it last, from a `finally:`, once every file is closed.
+
+    Why: gloo's worker threads release a finished collective a moment after the caller's wait()
+    returns, and the last one holds tensors whose Python objects must be freed with the GIL held.
+    If that moment falls after the interpreter began to finalize (a loaded machine), Python ends
+    the thread with pthread_exit, which unwinds through a C++ destructor and aborts the process:
+    "terminate called without an active exception", SIGABRT, after a run that had finished
+    (seen in ~1 of 10 torchrun runs on a busy 2-core machine; the core dump shows the gloo thread
+    in ~AsyncBarrierWork -> decref_pyobject -> take_gil -> pthread_exit). destroy_process_group()
+    does not prevent it: DistributedDataParallel's reducer keeps the group and its threads alive.
+    multiprocessing ends its workers with os._exit for the same kind of reason."""
+    error = sys.exc_info()[1]
+    if error is None:
+        code = 0
+    elif isinstance(error, SystemExit):
+        code = error.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)  # what Python prints for SystemExit('error: ...')
+            code = 1
+    else:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    _flush()
+    os._exit(code)
+
+
+def _flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+# -----------------------------------------------------------------------------
+# MFU: model FLOPs utilisation
+
+# Dense peak FLOP/s per device and dtype, from the vendors' datasheets (no sparsity).
+# float32 is the plain (non-tensor-core) rate. Anything not listed is "unknown", CPUs included.
+PEAK_FLOPS = [
+    # (substring of torch.cuda.get_device_name(), {dtype: FLOP/s}); first match wins
+    ("H100 PCIe", {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 51e12}),
+    ("H100 NVL", {torch.bfloat16: 835e12, torch.float16: 835e12, torch.float32: 60e12}),
+    ("H100", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),  # SXM
+    ("H200", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),
+    ("B200", {torch.bfloat16: 2250e12, torch.float16: 2250e12, torch.float32: 75e12}),
+    ("A100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12}),
+    ("L40S", {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12}),
+    ("A10G", {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 31.2e12}),
+    ("A10", {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 31.2e12}),
+    ("L4", {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30.3e12}),
+    ("V100", {torch.float16: 125e12, torch.float32: 15.7e12}),
+]
+
+
+def peak_flops(device_name, dtype=torch.bfloat16):
+    """Peak FLOP/s of a known accelerator for dtype, or None when we do not know it."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    for key, table in PEAK_FLOPS:
+        if key.lower() in (device_name or "").lower():
+            return table.get(dtype)
+    return None
+
+
+def estimate_mfu(model, tokens_per_sec, device_name, dtype=torch.bfloat16):
+    """Model FLOPs utilisation: the model's training FLOP/s over the device's peak for dtype.
+    None when the peak is unknown (CPUs and unlisted GPUs): no made-up number."""
+    peak = peak_flops(device_name, dtype)
+    if peak is None:
+        return None
+    return model.flops_per_token() * tokens_per_sec / peak

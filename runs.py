@@ -1,0 +1,565 @@
+"""
+A training run's folder and what is read back from it: atomic writes, checkpoints (save, load
+safely, turn into a model with its tokenizer), the run lock (one run per out_dir), log.jsonl
+lines kept on resume, and which folder to use when --out_dir is not given.
+
+    runs.save_checkpoint(obj, 'out/ckpt.pt')              # the old file survives a crash mid-save
+    model, info = runs.load_model('resume', 'out', 'cpu')  # train.py's or nanoGPT's checkpoint, or 'gpt2'
+    tokenizer = runs.load_tokenizer_for(info)
+"""
+
+import errno
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from cli import ConfigError, die
+from model import GPT, PRETRAINED, GPTConfig
+
+# Marks checkpoints written by this repository, so model_state_dict can tell them from nanoGPT's.
+CHECKPOINT_FORMAT = 'gpt-train-checkpoint/1'
+
+
+# -----------------------------------------------------------------------------
+# files and checkpoints
+
+def atomic_write(path, write):
+    """Create path by calling write(binary file) so that path holds either the old or the new
+    file, never half of one.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
+    renamed over path (os.replace is atomic on POSIX and Windows); then the folder entry is
+    flushed too, so the rename survives a power cut. Temporary files of a writer that was
+    killed mid-write ('.NAME.*.tmp') are removed first (one run per folder: see RunLock).
+    An OSError (disk full, read-only folder) becomes a one-line ConfigError naming path; the
+    temporary file is removed and the old file is left as it was.
+    """
+    path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except OSError as e:  # disk full, read-only folder, no permission: one line, old file intact
+        raise ConfigError(os_error_message(e, path)) from None
+
+
+def _atomic_write(path, write):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f'.{path.name}.*.tmp'):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, 'O_DIRECTORY'):  # POSIX: make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint(obj, path):
+    """Write obj with torch.save atomically (see atomic_write): a crash or kill -9 during the
+    save leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Read a checkpoint written by train.py (or nanoGPT) safely: weights_only=True runs no pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}: train first, or point --out_dir at the run's folder")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # torch's warnings would repeat the one line below
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a plain "
+                          f"PyTorch checkpoint ({_torch_load_reason(e)}); nothing in it was run") from None
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConfigError(f"{path} is not a training checkpoint: expected keys 'model' and "
+                          f"'model_args', found {found}")
+    return ckpt
+
+
+def _torch_load_reason(error):
+    """The gist of a torch.load failure, without torch's advice to retry with weights_only=False:
+    that would run the file's pickled code, which is exactly what a refused checkpoint must not do."""
+    text = ' '.join(str(error).split())
+    if 'Unsupported global' in text or 'weights_only' in text.lower() or 'WeightsUnpickler' in text:
+        import re
+        found = re.search(r'GLOBAL ([\w.]+)', text) or re.search(r'global:? ([\w.]+)', text)
+        return f"it asks to load {found.group(1)}, refused" if found else "it holds objects other than tensors, refused"
+    return text[:200] or type(error).__name__
+
+
+def os_error_message(error, path=None):
+    """One line for an OSError: the path and the reason, e.g. 'cannot write out/ckpt.pt: No space left on device'."""
+    path = path or error.filename
+    reason = error.strerror or str(error)
+    hint = {errno.ENOSPC: "; free some space or use another --out_dir",
+            errno.EACCES: "; check the folder's permissions",
+            errno.EROFS: "; the filesystem is read-only, choose a writable folder",
+            errno.EDQUOT: "; free some space"}.get(error.errno, '')
+    return f"cannot write {path}: {reason}{hint}"
+
+
+def model_state_dict(ckpt):
+    """The model weights of a checkpoint, with nanoGPT's '_orig_mod.' prefix removed.
+
+    nanoGPT saves the state of the torch.compile wrapper, whose keys start with '_orig_mod.'.
+    train.py saves the uncompiled model, so its checkpoints (marked by 'format') are returned as is.
+    """
+    state = ckpt['model']
+    if ckpt.get('format') == CHECKPOINT_FORMAT:
+        return state
+    prefix = '_orig_mod.'
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+
+# -----------------------------------------------------------------------------
+# one training run per out_dir
+
+class RunLock:
+    """out_dir/run.lock holds 'PID HOST' of the run that writes out_dir; a second run stops.
+
+    check() refuses a folder in use before any work is done, without writing anything;
+    acquire() takes the lock before the first write. The file is created with O_EXCL (atomic).
+    A lock whose process is gone (a run killed with kill -9) is taken over with a notice. A lock
+    from another host cannot be checked from here: the message says to delete the file if that
+    run is over. release() removes the file only if it is still ours (atexit calls it too).
+    """
+
+    NAME = 'run.lock'
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / self.NAME
+        self.held = False
+        self.made_dir = False
+
+    def check(self):
+        """Stop with one line if out_dir cannot be locked: not a folder, or in use by a live run.
+        Returns the owner's PID of a lock that can be taken over, else None."""
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            die(f"out_dir {self.path.parent} is a file, not a folder; choose another --out_dir")
+        if self.path.is_dir():
+            die(f"{self.path} is a folder, not a lock file; remove it (rmdir {self.path}) or use another --out_dir")
+        if not self.path.exists():
+            return None
+        pid, host = self._owner()
+        if pid is not None and host != socket.gethostname():
+            die(f"{self.path.parent} is in use by PID {pid} on host {host}; wait for that run, or "
+                f"delete {self.path} if it is no longer running")
+        if pid is not None and _pid_alive(pid):
+            die(f"{self.path.parent} is in use by another run (PID {pid}); wait for it to finish, "
+                f"stop it, or use another --out_dir")
+        return pid
+
+    def acquire(self, notice=print):
+        mine = f"{os.getpid()} {socket.gethostname()}\n"
+        self.check()
+        for _ in range(3):  # a takeover can race with another takeover: retry a few times
+            try:
+                if not self.path.parent.is_dir():
+                    self.path.parent.mkdir(parents=True)
+                    self.made_dir = True  # removed again if the run ends before writing anything
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self.check()  # stops if a live run holds it
+                if pid is None:
+                    notice(f"notice: {self.path} is empty or unreadable (a run killed while starting); taking it over")
+                else:
+                    notice(f"notice: taking over {self.path} left by PID {pid}, which is no longer running")
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                die(os_error_message(e, self.path))
+            try:
+                with os.fdopen(fd, 'w') as f:
+                    f.write(mine)
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                die(os_error_message(e, self.path))
+            self.held = True
+            import atexit
+            atexit.register(self.release)
+            return self
+        die(f"could not take {self.path}: another run keeps taking it; check which runs use {self.path.parent}")
+
+    def _owner(self):
+        try:
+            pid, host = self.path.read_text().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None, None
+
+    def release(self):
+        if self.held and self._owner() == (os.getpid(), socket.gethostname()):
+            self.path.unlink(missing_ok=True)
+            if self.made_dir:
+                try:
+                    self.path.parent.rmdir()  # only if empty: a run that failed at startup leaves no folder
+                except OSError:
+                    pass
+        self.held = False
+
+
+def read_log_lines(path, before_iter, notice=print):
+    """The lines of a run's log.jsonl with iter < before_iter, for a resumed run that redoes the rest.
+    A partial last line (a run killed while writing it) or a garbled line is dropped with a notice."""
+    import json
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    kept, bad = [], []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            keep = int(record['iter']) < before_iter
+        except (ValueError, KeyError, TypeError):
+            bad.append(i + 1)
+            continue
+        if keep:
+            kept.append(line if line.endswith('\n') else line + '\n')
+    if bad == [len(lines)]:
+        notice(f"notice: dropped the partial last line of {path} (a run stopped while writing it)")
+    elif bad:
+        notice(f"notice: dropped {len(bad)} unreadable line(s) of {path} (line {', '.join(map(str, bad[:5]))})")
+    return kept
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return True
+
+
+
+# -----------------------------------------------------------------------------
+# a trained or pretrained model, and its tokenizer (sample.py, bench.py, evaluate.py, plot.py)
+
+def load_model(init_from, out_dir, device='cpu', dropout=None):
+    """(model, info) for init_from 'resume' (out_dir/ckpt.pt from train.py or nanoGPT's train.py),
+    'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face model folder.
+
+    The model is on device, in eval mode. dropout=None keeps the checkpoint's value (HF: 0).
+    info: source (a description), dataset (name or None), data_dir (folder with meta.json or
+    meta.pkl, or None: GPT-2 BPE), vocab_size, iter_num and best_val_loss (checkpoints only).
+    """
+    if init_from == 'resume':
+        path = Path(out_dir) / 'ckpt.pt'
+        ckpt = load_checkpoint(path, map_location='cpu')  # to the device after the shapes are checked
+        known = {f.name for f in fields(GPTConfig)}
+        # nanoGPT writes the same model_args keys; anything else is ignored rather than fatal
+        args = {k: v for k, v in dict(ckpt['model_args']).items() if k in known}
+        missing = sorted({'n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'} - set(args))
+        if missing:
+            raise ConfigError(f"{path}: model_args lacks {missing}; it was not written by train.py")
+        if dropout is not None:
+            args['dropout'] = dropout
+        try:
+            model = GPT(GPTConfig(**args))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: model_args {args} do not make a GPT ({e})") from None
+        state = model_state_dict(ckpt)
+        # nanoGPT without flash attention saves its causal-mask buffer as '<block>.attn.bias'
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own or not k.endswith('.attn.bias')}
+        if ckpt.get('lora'):  # a LoRA run stores only its adapters: its base plus them, merged
+            model = load_lora_model(ckpt, path, dropout)
+        else:
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ConfigError(f"{path}: weights do not fit model_args {args}: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
+        config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+        dataset = config.get('dataset')
+        info = dict(source=f"checkpoint {path} (iteration {ckpt.get('iter_num', '?')})",
+                    dataset=dataset, data_dir=_find_data_dir(config.get('data_dir'), dataset),
+                    iter_num=ckpt.get('iter_num'), best_val_loss=ckpt.get('best_val_loss'))
+    elif init_from in PRETRAINED or os.path.isdir(init_from):
+        try:
+            model = GPT.from_pretrained(pretrained_folder(init_from), dict(dropout=dropout or 0.0))
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise ConfigError(f"cannot load {init_from}: {e}") from None
+        info = dict(source=f"pretrained {init_from}", dataset=None, data_dir=None,
+                    iter_num=None, best_val_loss=None)
+    else:
+        raise ConfigError(f"init_from={init_from!r} not understood: use resume (out_dir/ckpt.pt), "
+                          f"{', '.join(PRETRAINED)}, or the path of a local Hugging Face model folder")
+    # NaN or inf weights would sample garbage (or fail deep inside sampling): say so here. A sum
+    # is NaN or inf exactly when an element is (weights are far too small to overflow it), and
+    # takes 0.03 s for GPT-2 124M where isfinite(t).all() takes 0.5 s
+    broken = next((name for name, t in model.state_dict().items()
+                   if t.is_floating_point() and not torch.isfinite(t.sum())), None)
+    if broken is not None:
+        raise ConfigError(f"{info['source']}: {broken} holds NaN or inf values, so the model cannot "
+                          f"predict anything; these weights come from a run that diverged: use an earlier checkpoint")
+    info['vocab_size'] = model.config.vocab_size
+    model.to(device)
+    model.eval()
+    return model, info
+
+
+def load_base_model(base, dropout=None):
+    """The model a LoRA run adapts, on the CPU: a train.py checkpoint file (a run's ckpt.pt),
+    'gpt2'..'gpt2-xl', or a local Hugging Face folder."""
+    if os.path.isfile(base):
+        if Path(base).name != 'ckpt.pt':
+            raise ConfigError(f"base {base} must be a run's ckpt.pt (or gpt2* or a Hugging Face folder)")
+        return load_model('resume', str(Path(base).parent), 'cpu', dropout)[0]
+    return load_model(base, '', 'cpu', dropout)[0]
+
+
+def load_lora_model(ckpt, path, dropout=None, merge=True, lora_dropout=None):
+    """The model of a LoRA checkpoint: its base (ckpt['lora']['base']) cropped to the run's
+    block_size, with the saved adapters; merged into plain Linear layers unless merge=False
+    (train.py resumes the adapters themselves). lora_dropout None keeps the run's value."""
+    from lora import apply_lora, merge_lora
+    lora = ckpt['lora']
+    try:
+        model = load_base_model(lora['base'], dropout)
+    except ConfigError as e:
+        raise ConfigError(f"{path} adapts the base {lora['base']!r}, which cannot be loaded: {e.message}") from None
+    block_size = ckpt['model_args']['block_size']
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    apply_lora(model, lora['rank'], lora['alpha'], lora['dropout'] if lora_dropout is None else lora_dropout,
+               lora['targets'])
+    try:
+        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    except RuntimeError as e:  # shapes: the base changed since the run
+        raise ConfigError(f"{path}: adapters do not fit the base {lora['base']!r}: {' '.join(str(e).split())[:300]}") from None
+    missing = [k for k in missing if k.endswith(('.lora_A', '.lora_B'))]
+    if missing or unexpected:
+        raise ConfigError(f"{path}: adapters do not match lora_targets {lora['targets']!r}: "
+                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return merge_lora(model) if merge else model
+
+
+def _first_sentence(error, limit=200):
+    """The error's text on one line, cut at its first sentence and at a word boundary, never mid-word."""
+    text = ' '.join(str(error).split())
+    end = text.find('. ')
+    if 0 < end < limit:
+        return text[:end + 1]
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(' ', 1)[0] + ' ...'
+
+
+def pretrained_folder(name_or_path):
+    """For a GPT-2 name, the Hugging Face cache's folder of its weights (looked up there first,
+    then downloaded), or an error that says what is missing and how to get it; anything else
+    is returned as is, for GPT.from_pretrained to check."""
+    if name_or_path not in PRETRAINED or os.path.isdir(name_or_path):
+        return name_or_path
+    repo_id = name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        snapshot_download = None
+    if snapshot_download is not None:
+        patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
+        try:  # the local cache first, so no network is touched when the files are here
+            folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        except Exception:
+            try:
+                folder = snapshot_download(repo_id, allow_patterns=patterns)
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"GPT-2 weights {repo_id!r} are not in the local Hugging Face cache and could not be "
+                    f"downloaded ({type(e).__name__}: {_first_sentence(e)}). Download them once where there is "
+                    f"network (`hf download {repo_id} config.json model.safetensors`) or pass a local folder."
+                ) from None
+        return folder
+    # without huggingface_hub, look in the cache layout it would have written
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    snapshots = os.path.join(hub, f"models--{repo_id}", "snapshots")
+    if os.path.isdir(snapshots):
+        for snap in sorted(os.listdir(snapshots)):
+            folder = os.path.join(snapshots, snap)
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                return folder
+    raise FileNotFoundError(f"GPT-2 weights {repo_id!r} not found under {snapshots}; install huggingface_hub "
+                            f"(`pip install huggingface_hub`) to download them, or pass a local folder")
+
+
+def _find_data_dir(data_dir, dataset):
+    """The folder holding a run's tokenizer metadata: the run's data_dir, else data/<dataset> under
+    the working directory (where nanoGPT keeps it), else data/<dataset> next to this file. From
+    this repository's root the last two are the same folder."""
+    candidates = [data_dir] if data_dir else []
+    if dataset:
+        candidates += [Path('data') / dataset, Path(__file__).resolve().parent / 'data' / dataset]
+    for folder in candidates:
+        if (Path(folder) / 'meta.json').is_file() or (Path(folder) / 'meta.pkl').is_file():
+            return str(folder)
+    return None
+
+
+def load_tokenizer_for(info, data_dir=None):
+    """The tokenizer a loaded model was trained with (prepare.Tokenizer).
+
+    From data_dir if given, else info['data_dir'] (meta.json, or nanoGPT's meta.pkl read by a
+    restricted unpickler); GPT-2 BPE when there is no metadata, as for pretrained GPT-2. A model
+    whose vocabulary is too small for GPT-2 and has no metadata is an error, not gibberish.
+    """
+    import prepare
+    folder = data_dir or info.get('data_dir')
+    try:
+        if folder:
+            if not Path(folder).is_dir():
+                raise ConfigError(f"data_dir {folder} is not a folder")
+            tokenizer = prepare.load_tokenizer(folder)
+        else:
+            if info.get('vocab_size', 50257) < 50257:
+                where = f"data/{info['dataset']}/" if info.get('dataset') else "the dataset folder"
+                raise ConfigError(f"the model has vocab_size {info['vocab_size']} but no tokenizer metadata was "
+                                  f"found (meta.json or meta.pkl in {where}); prepare the dataset again "
+                                  f"or pass --data_dir=FOLDER")
+            tokenizer = prepare.gpt2_tokenizer()
+    except prepare.PrepareError as e:
+        raise ConfigError(str(e)) from None
+    if tokenizer.vocab_size > info.get('vocab_size', tokenizer.vocab_size):
+        raise ConfigError(f"the tokenizer ({tokenizer.name}, {tokenizer.vocab_size} ids) does not fit the "
+                          f"model's vocab_size {info['vocab_size']}: wrong data_dir for this checkpoint?")
+    return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# resuming a training run (train.py --init_from=resume)
+
+def check_resumable(ckpt, path):
+    """One line naming what is wrong with a damaged or foreign checkpoint, before anything is
+    built; returns its best_val_loss as a float (nanoGPT saves a 0-d tensor)."""
+    args = ckpt.get('model_args')
+    missing = [k for k in ('model', 'optimizer', 'iter_num', 'best_val_loss') if k not in ckpt]
+    missing += [f"model_args['{k}']" for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
+                if not isinstance(args, dict) or k not in args]
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}: it is not a complete training checkpoint; "
+            f"start a new --out_dir (or --init_from=scratch)")
+    try:
+        best_val_loss = float(ckpt['best_val_loss'])
+    except (TypeError, ValueError, RuntimeError):
+        best_val_loss = None
+    if not isinstance(ckpt['iter_num'], int) or best_val_loss is None:
+        die(f"{path}: iter_num {ckpt['iter_num']!r} and best_val_loss {ckpt['best_val_loss']!r} must be "
+            f"numbers; the checkpoint is damaged")
+    return best_val_loss
+
+
+def resume_model(ckpt, path, config, overrides, meta, dataset_dir, dropout, lora_dropout, notice=None):
+    """The model of a training checkpoint, to train on: its architecture from model_args (a key
+    it lacks, as in nanoGPT's and older checkpoints, is GPT-2's value), dropout from this run.
+
+    The data must fit its vocabulary, and block_size its positions. Model flags the checkpoint
+    overrides are named (notice), and config is set to what is really trained, so config.json
+    and the next checkpoint record the truth."""
+    saved = ckpt['model_args']
+    args = {f.name: saved.get(f.name, f.default) for f in fields(GPTConfig) if f.name != 'dropout'}
+    ckpt_config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+    trained_on = ckpt_config.get('data_dir') or ckpt_config.get('dataset') or 'its dataset'
+    vocab = meta.get('vocab_size')
+    # GPT-2 BPE data (50257 ids) may train a model padded to 50304 (nanoGPT's OpenWebText runs)
+    padded = meta.get('tokenizer') == 'gpt2' and vocab <= args['vocab_size'] if vocab else False
+    if vocab is not None and vocab != args['vocab_size'] and not padded:
+        die(f"{dataset_dir} has vocab_size {vocab} but {path} was trained on vocab_size {args['vocab_size']} "
+            f"({trained_on}): resuming would train on another tokenizer's ids; resume with that dataset, "
+            f"or start a new --out_dir")
+    if config['block_size'] > args['block_size']:
+        die(f"block_size={config['block_size']} is longer than the checkpoint's {args['block_size']} "
+            f"positions; resume with --block_size={args['block_size']} or less")
+    shape = [k for k in args if k not in ('block_size', 'vocab_size')]
+    ignored = [f"{k}={overrides[k]!r} (checkpoint: {args[k]!r})" for k in shape if k in overrides and overrides[k] != args[k]]
+    if ignored and notice:
+        notice(f"notice: resuming keeps the checkpoint's model; ignored: {', '.join(ignored)}")
+    config.update({k: args[k] for k in shape if k in config})
+    if ckpt.get('lora'):  # adapters only: the frozen base is rebuilt from where the run started
+        return load_lora_model(ckpt, path, dropout, merge=False, lora_dropout=lora_dropout)
+    try:
+        model = GPT(GPTConfig(**args, dropout=dropout))
+        model.load_state_dict(model_state_dict(ckpt))
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # bad model_args, weights that do not fit
+        die(f"{path}: its weights and model_args do not make one GPT ({' '.join(str(e).split())[:200]}); "
+            f"the checkpoint is damaged")
+    return model
+
+
+def restore_training_state(ckpt, path, optimizer, scaler, optimizer_name, dev):
+    """Put the optimizer's state, the GradScaler's and the random generators' back as saved."""
+    import random
+    import numpy as np
+    saved_optimizer = ckpt.get('config', {}).get('optimizer', 'adamw')
+    if saved_optimizer != optimizer_name:
+        die(f"{path} was trained with optimizer={saved_optimizer!r}; resume with --optimizer={saved_optimizer}")
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError, TypeError) as e:  # another model's or a damaged optimizer state
+        die(f"{path}: the optimizer state does not fit the model ({str(e)[:150]}); the checkpoint is damaged")
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    rng_state = ckpt.get('rng')
+    if rng_state is not None:  # nanoGPT checkpoints have none
+        random.setstate(rng_state['python'])
+        np.random.set_state((rng_state['numpy'][0], np.array(rng_state['numpy'][1], dtype=np.uint32),
+                             *rng_state['numpy'][2:]))
+        torch.set_rng_state(rng_state['torch'].cpu())
+        if rng_state.get('cuda') and dev.device_type == 'cuda':
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng_state['cuda']])
+
+
+# -----------------------------------------------------------------------------
+# which run folder
+
+def find_run_dir(out_dir, given, what="use"):
+    """The run folder to read: out_dir when it was given (flag or config file) or holds ckpt.pt;
+    else the folder in the working directory whose ckpt.pt is newest, with a notice on stderr
+    naming it; else a one-line error saying what to do."""
+    if given or (Path(out_dir) / 'ckpt.pt').is_file():
+        return out_dir
+    runs = sorted((p for p in Path('.').iterdir() if p.is_dir() and (p / 'ckpt.pt').is_file()),
+                  key=lambda p: (p / 'ckpt.pt').stat().st_mtime)
+    if not runs:
+        raise ConfigError(f"no trained model to {what}: {out_dir}/ckpt.pt does not exist and no folder here has a "
+                          f"ckpt.pt. Train one (python train.py config/train_shakespeare_char_cpu.py), pass "
+                          f"--out_dir=RUN_FOLDER, or use --init_from=gpt2")
+    chosen = runs[-1].name
+    stamp = time.strftime('%Y-%m-%d %H:%M', time.localtime((runs[-1] / 'ckpt.pt').stat().st_mtime))
+    print(f"notice: no {out_dir}/ckpt.pt; using the most recently trained run, {chosen}/ (saved {stamp}); "
+          f"pass --out_dir to choose another", file=sys.stderr, flush=True)
+    return chosen
