@@ -300,6 +300,15 @@ def _in_range(value, rule):
     return value >= float(bound) if op == '>=' else value > float(bound)
 
 
+def optional_import(name, message):
+    """The optional package name, or a one-line error (message: what needs it and how to install it)."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        die(message)
+
+
 def quiet_interrupt(message):
     """From now on an uncaught Ctrl-C prints message (one line) instead of a traceback; the
     exit status stays the interrupted one (130 in a shell)."""

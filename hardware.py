@@ -155,6 +155,19 @@ def all_ranks_ok(ok, ddp, device):
     return bool(flag.item())
 
 
+def on_master(work, ddp, device):
+    """Run work() on rank 0 only (the run lock, the run's files); should it fail with a one-line
+    error, every rank stops together (rank 0 prints it) instead of waiting in a collective."""
+    error = None
+    if os.environ.get('RANK', '0') == '0':
+        try:
+            work()
+        except ConfigError as e:
+            error = e
+    if not all_ranks_ok(error is None, ddp, device):
+        raise error or SystemExit(1)
+
+
 def stop_with_parent():
     """Linux: SIGTERM this process when its parent (the torchrun agent) dies, even by kill -9, so
     that workers save and exit instead of living on as orphans holding memory and GPUs."""

@@ -23,11 +23,9 @@ a constructor so that forward stays a straight line (measured in docs/modern_mod
 - tie_embeddings=False (GPT-2: True): a separate output head (nanochat, modded-nanogpt)
 - logit_softcap=c (GPT-2: 0, off): logits -> c tanh(logits / c) (Gemma 2; nanochat: 15)
 
-A new knob is a GPTConfig field (its annotation gives the allowed values, its comment the
-meaning) plus the module code that uses it; the scripts derive flags, checks and checkpoint
-records from the field (docs/hacking.md). Optimizers, LoRA, int8 and file formats live in
-their own files, which import this one. This file reads no files except weight files,
-parses no arguments and keeps no global state.
+A new knob is a GPTConfig field plus the code that uses it: the scripts derive flags, checks
+and checkpoint records from the field (docs/hacking.md). Optimizers, LoRA, int8 and run files
+live in files that import this one; this one reads only weight files and keeps no globals.
 """
 
 import functools
@@ -76,13 +74,10 @@ def keep(x, *_):
 
 class Rotary(nn.Module):
     """Rotary position embedding, half-split layout: channel j of a head pairs with channel
-    j + hs/2 and the pair turns by angle pos * base^(-2j/hs). Tables for positions
-    [0, block_size) are cached; later positions (the rolling KV cache) are computed on demand
-    by the same formula, in float64 then rounded to float32, so both give identical values.
-
-    The tables are full head width, (cos, cos) and (-sin, sin), so that apply_rotary is one
-    multiply-add with x and x's halves swapped: 4 ops per call instead of 10 (decoding one
-    token runs ~12 of these per step, each op a few microseconds of dispatch)."""
+    j + hs/2 and the pair turns by angle pos * base^(-2j/hs). Angles of positions below
+    block_size are cached, later ones (the rolling KV cache) computed alike (float64, then
+    float32). Full-width tables, (cos, cos) and (-sin, sin), make apply_rotary one multiply-add:
+    4 ops per call instead of 10, which decoding notices (~12 calls per token)."""
 
     def __init__(self, head_size, block_size, base):
         super().__init__()
@@ -115,8 +110,7 @@ def apply_rotary(x, rope):
     return x * cos + swapped * sin  # (B, T, nh, hs)
 
 
-def gelu_tanh(x):
-    # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face)
+def gelu_tanh(x):  # GPT-2's GELU is the tanh approximation ("gelu_new" in Hugging Face)
     return F.gelu(x, approximate="tanh")
 
 
@@ -124,8 +118,7 @@ def relu_squared(x):
     return F.relu(x).square()
 
 
-def softcap(logits, cap):
-    # cap * tanh(logits / cap): near the identity for |logits| << cap, bounded by +-cap
+def softcap(logits, cap):  # near the identity for |logits| << cap, bounded by +-cap
     return cap * torch.tanh(logits / cap)
 
 
@@ -238,14 +231,11 @@ class Block(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Dropout: zero each element with probability p, scale the rest by 1/(1-p).
-
-    On CPU the random numbers come from a serial generator, and the baby GPT needs ~44M
-    mask elements per training step, so nn.Dropout's bernoulli_ (one 32-bit draw per
-    element, ~10 ns) was the largest cost after the matmuls. Here an element is kept iff
-    16 random bits >= a threshold: one 64-bit draw gives four elements, ~3x cheaper. The
-    keep probability is round((1-p) * 65536) / 65536, within 2^-17 of 1-p. Other devices
-    use F.dropout's fused kernels."""
+    """Dropout: zero each element with probability p, scale the rest by 1/(1-p). On CPU,
+    nn.Dropout's bernoulli_ (a 32-bit draw per element, ~10 ns; the baby GPT needs ~44M per
+    step) was the largest cost after the matmuls: here one 64-bit draw decides four elements
+    (kept iff 16 bits >= a threshold), ~3x cheaper, keep probability within 2^-17 of 1-p.
+    Other devices use F.dropout's fused kernels."""
 
     def __init__(self, p):
         super().__init__()
@@ -338,16 +328,12 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated up to max_len.
+    """Keys and values of every layer for positions [0, pos), up to max_len, allocated on the
+    first write in the dtype the attention produces (bfloat16 under autocast, else float32).
 
-    Allocated lazily on the first write so the cache takes the dtype the attention
-    produces (bfloat16 under autocast, float32 otherwise).
-
-    rolling (RoPE models only): once full, a single new position overwrites the oldest
-    slot (a ring buffer: slot pos % max_len, no copy) and the query attends to the last
-    max_len keys. Their order in the buffer does not matter: one query sees all of them,
-    and RoPE already rotated each key by its own absolute position.
-    """
+    rolling (RoPE models only): once full, a new position overwrites the oldest slot (a ring
+    buffer, no copy) and the query attends to the last max_len keys; their order does not
+    matter, as RoPE already rotated each key by its own absolute position."""
 
     def __init__(self, n_layer, max_len, rolling=False):
         self.k = [None] * n_layer
@@ -522,19 +508,13 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         vocab_limit=None, generator=None):
-        """Yield max_new_tokens new tokens, each a (B,) tensor, continuing the prompts idx (B, T).
-
-        One forward over the prompt fills a KV cache, then each step feeds one token.
-        vocab_limit: only ids below it are sampled (set it to the tokenizer's size when
-        vocab_size is padded, e.g. 50257 for 50304).
-
-        Past block_size, learned positions (GPT-2) condition on the last block_size tokens,
-        exactly as without a cache: positions shift every step, so each step recomputes the
-        window. RoPE scores depend only on relative positions, so the cache rolls (KVCache)
-        and each step stays one token: the result equals a full forward with sliding-window
-        causal attention (each query sees at most block_size keys), which differs from a
-        recomputation on the last block_size tokens for n_layer > 1. A prompt longer than
-        block_size is fed the same way: its first block_size tokens at once, the rest one by one."""
+        """Yield max_new_tokens new tokens, each a (B,) tensor, continuing the prompts idx (B, T):
+        one forward over the prompt fills a KV cache, then each step feeds one token.
+        vocab_limit: only ids below it are sampled (the tokenizer's size when vocab_size is
+        padded, e.g. 50257 for 50304). Past block_size, learned positions (GPT-2) recompute the
+        last block_size tokens every step, exactly as without a cache; RoPE rolls the cache
+        (one token per step), which equals sliding-window causal attention over the whole
+        sequence (docs/modern_model.md), and feeds a long prompt the same way."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if vocab_limit is not None and not 0 < vocab_limit <= self.config.vocab_size:
@@ -730,15 +710,10 @@ def replace_modules(model, kind, make):
 
 
 def _write_replacing(path, write):
-    """Write through a temporary name and rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write through a temporary name, then rename: a crash never leaves a half-written file."""
+    with open(f"{path}.tmp", "wb") as f:
+        write(f)
+    os.replace(f"{path}.tmp", path)
 
 
 def _pretrained_folder(name_or_path):

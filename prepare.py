@@ -345,6 +345,32 @@ def check_token_ids(path, vocab_size, chunk=1 << 24):
                                f"file is corrupt or from another tokenizer; prepare the dataset again")
 
 
+def check_dataset(folder, split_paths, block_size, name):
+    """Check a prepared dataset before training: each split exists and holds more than block_size
+    tokens, the metadata's vocab_size fits uint16, and every token id is below it. Files up to
+    256 MiB are scanned now (well under a second). Returns (tokens per split, metadata, the
+    splits too big to scan, which the caller checks batch by batch)."""
+    sizes = {}
+    for split, path in split_paths.items():
+        if not os.path.isfile(path):
+            raise PrepareError(f"no {path}: prepare the dataset first with `python prepare.py {name}` "
+                               f"(or point --data_dir at a folder with train.bin and val.bin)")
+        sizes[split] = token_count(path)  # an empty split fails the block_size check below
+        if sizes[split] < block_size + 1:
+            raise PrepareError(f"{path} has {sizes[split]} tokens but block_size={block_size} needs at least "
+                               f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
+    meta = read_meta(folder)  # meta.json, or nanoGPT's meta.pkl
+    vocab = meta.get("vocab_size")
+    if vocab is not None and (not isinstance(vocab, int) or not 0 < vocab <= MAX_VOCAB):
+        raise PrepareError(f"{folder}: vocab_size {vocab!r} in the metadata is not a uint16 vocabulary size; "
+                           f"prepare the dataset again")
+    big = {split for split in split_paths if vocab is not None and sizes[split] > 2**27}
+    for split in split_paths:
+        if vocab is not None and split not in big:
+            check_token_ids(split_paths[split], vocab)
+    return sizes, meta, big
+
+
 def write_tokens(path, arrays, vocab_size):
     """Stream id arrays into path's temp name ('.NAME.tmp', same folder, fsynced); returns (tmp, count).
 

@@ -3,7 +3,6 @@ downloaded), full recomputation for the KV cache, and plain PyTorch for the samp
 Everything runs on CPU in float32."""
 
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path

@@ -38,9 +38,9 @@ import hardware
 import plot  # loss curves; matplotlib is imported only when drawing
 import runs
 from lora import apply_lora, lora_state_dict, parse_lora_targets
-from model import GPT, GPTConfig, PRETRAINED
+from model import GPT, PRETRAINED
 from optim import configure_optimizers, crop_optimizer_state
-from prepare import PrepareError, check_token_ids, read_meta, token_count
+from prepare import PrepareError, check_dataset
 
 # -----------------------------------------------------------------------------
 # defaults: a GPT-2 (124M) on OpenWebText; config/*.py and --key=value change them
@@ -121,7 +121,7 @@ overrides = cli.load_config(defaults, sys.argv[1:])
 globals().update(overrides)
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
 cli.check_knobs(config, RULES)
-model_config = cli.model_config(config)  # n_embd divisible by n_head, pos_emb, norm, ...
+cli.model_config(config)  # every GPTConfig field checked: n_embd divisible by n_head, pos_emb, norm, ...
 if hellaswag_input and not hellaswag_interval:
     cli.die(f"hellaswag_input={hellaswag_input!r} is set but hellaswag_interval is 0 (off): "
             f"set --hellaswag_interval (e.g. 250) or drop --hellaswag_input")
@@ -145,10 +145,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume' and not os.path.isfile(ckpt_path):
     cli.die(f"--init_from=resume but there is no {ckpt_path}; train first, or point --out_dir at the run's folder")
 if wandb_log:  # optional: checked now, not after the model is built (under torchrun, ranks would hang)
-    try:
-        import wandb
-    except ImportError:
-        cli.die("wandb_log=True needs wandb: pip install wandb (or set --wandb_log=False)")
+    wandb = cli.optional_import('wandb', "wandb_log=True needs wandb: pip install wandb (or set --wandb_log=False)")
 
 # -----------------------------------------------------------------------------
 # device, dtype and DDP: chosen once, printed once with the reason
@@ -165,14 +162,7 @@ cli.quiet_interrupt("interrupted before training started; nothing was written") 
 
 # one run per out_dir: a folder in use stops this run now (the lock is taken before the first write)
 run_lock = runs.RunLock(out_dir)
-lock_error = None
-if master_process:
-    try:
-        run_lock.check()
-    except cli.ConfigError as e:
-        lock_error = e
-if not hardware.all_ranks_ok(lock_error is None, ddp, dev.device):
-    raise lock_error or SystemExit(1)
+hardware.on_master(run_lock.check, ddp, dev.device)
 
 if gradient_accumulation_steps % world_size != 0:
     cli.die(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global count and must "
@@ -188,32 +178,11 @@ if master_process:
 # data: uint16 token files read through np.memmap
 dataset_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 split_paths = {split: os.path.join(dataset_dir, f'{split}.bin') for split in ('train', 'val')}
-split_sizes = {}
-try:
-    for split, path in split_paths.items():
-        if not os.path.isfile(path):
-            cli.die(f"no {path}: prepare the dataset first with `python prepare.py {dataset}` "
-                    f"(or point --data_dir at a folder with train.bin and val.bin)")
-        split_sizes[split] = token_count(path)  # an empty split fails the block_size check below
-        if split_sizes[split] < block_size + 1:
-            cli.die(f"{path} has {split_sizes[split]} tokens but block_size={block_size} needs at least "
-                    f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
-    meta = read_meta(dataset_dir)  # meta.json, or nanoGPT's meta.pkl
-    meta_vocab_size = meta.get('vocab_size')
-    if meta_vocab_size is not None and (not isinstance(meta_vocab_size, int) or not 0 < meta_vocab_size <= 2**16):
-        cli.die(f"{dataset_dir}: vocab_size {meta_vocab_size!r} in the metadata is not a uint16 vocabulary size; "
-                f"prepare the dataset again")
-    # token ids must be < vocab_size: files up to 256 MiB are scanned now (well under a second);
-    # bigger ones are checked batch by batch in get_batch, before the model sees a token
-    check_per_batch = set()  # the splits get_batch checks
-    for split, path in split_paths.items():
-        if meta_vocab_size is not None and split_sizes[split] <= 2**27:
-            check_token_ids(path, meta_vocab_size)
-        elif meta_vocab_size is not None:
-            check_per_batch.add(split)
+try:  # sizes, metadata and token ids checked now; files over 256 MiB are checked batch by batch
+    split_sizes, meta, check_per_batch = check_dataset(dataset_dir, split_paths, block_size, dataset)
 except PrepareError as e:
     cli.die(str(e))
-
+meta_vocab_size = meta.get('vocab_size')
 
 def get_batch(split, offsets):
     """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
@@ -417,18 +386,16 @@ def save_training_state(reason):
 # so a run that fails before (missing data, a refused resume) leaves the run's files as they
 # were. log.jsonl: one JSON object per line; a resumed run drops the lines it will redo.
 log_path = os.path.join(out_dir, 'log.jsonl')
-startup_error = None
-if master_process:
-    try:
-        run_lock.acquire()  # released at the end, or at exit on an error
-        kept = runs.read_log_lines(log_path, iter_num) if init_from == 'resume' else []
-        runs.atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
-        runs.atomic_write(os.path.join(out_dir, 'config.json'),
-                          lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
-    except cli.ConfigError as e:
-        startup_error = e
-if not hardware.all_ranks_ok(startup_error is None, ddp, dev.device):
-    raise startup_error or SystemExit(1)
+
+
+def start_run_files():
+    run_lock.acquire()  # released at the end, or at exit on an error
+    kept = runs.read_log_lines(log_path, iter_num) if init_from == 'resume' else []
+    runs.atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
+    runs.atomic_write(os.path.join(out_dir, 'config.json'), lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
+
+
+hardware.on_master(start_run_files, ddp, dev.device)
 run_start = time.time()
 
 

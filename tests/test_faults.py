@@ -31,12 +31,10 @@ import torch
 
 import bench
 import cli
-import hardware
-import prepare
-import runs
 import evaluate
 import plot
 import prepare
+import runs
 from test_train import ENV, REPO, TINY, make_dataset, read_log, run_train
 
 # -----------------------------------------------------------------------------

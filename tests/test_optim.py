@@ -13,8 +13,8 @@ import torch
 
 from model import GPT, GPTConfig
 from optim import NS_COEFFICIENTS, MuonAdamW, configure_optimizers, orthogonalize
-from test_train import (REPO, TINY, assert_exact_resume, assert_one_line_error, assert_same_losses,  # noqa: F401
-                        data, read_log, run_train, torchrun)
+from test_train import (REPO, TINY, assert_ddp_matches_single_process, assert_exact_resume,  # noqa: F401
+                        assert_one_line_error, assert_same_losses, data, read_log, run_train, torchrun)
 
 
 def ns_on_singular_values(s, steps):
@@ -154,13 +154,7 @@ def test_muon_exact_resume(tmp_path, data):
 def test_muon_ddp_matches_single_process(tmp_path, data):
     """torchrun with 2 processes and Muon gives the losses of 1 process to 1e-5 relative: each rank
     orthogonalizes the same all-reduced gradient, so only the order of floating-point sums differs."""
-    args = ['train.py', *MUON, f'--data_dir={data}', '--gradient_accumulation_steps=4', '--max_iters=6',
-            '--eval_interval=3', '--dropout=0.1']
-    single = run_train(*args[1:], f'--out_dir={tmp_path / "single"}')
-    assert single.returncode == 0, single.stderr
-    ddp = torchrun('--standalone', '--nproc_per_node=2', *args, f'--out_dir={tmp_path / "ddp"}')
-    assert ddp.returncode == 0, ddp.stderr
-    assert_same_losses(tmp_path / 'single', tmp_path / 'ddp', rel=1e-5)
+    assert_ddp_matches_single_process(tmp_path, *MUON, f'--data_dir={data}')
 
 
 def test_speedrun_config_decreases_loss(tmp_path, data):

@@ -463,23 +463,29 @@ def torchrun(*args, timeout=180):
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
+def assert_ddp_matches_single_process(tmp_path, *args):
+    """Train 6 iterations (4 micro-steps each, dropout on) in 1 process and under torchrun with 2:
+    the losses agree to 1e-5 relative. Returns torchrun's CompletedProcess."""
+    args = ['train.py', *args, '--gradient_accumulation_steps=4', '--max_iters=6', '--eval_interval=3', '--dropout=0.1']
+    single = run_train(*args[1:], f'--out_dir={tmp_path / "single"}')
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun('--standalone', '--nproc_per_node=2', *args, f'--out_dir={tmp_path / "ddp"}')
+    assert ddp.returncode == 0, ddp.stderr
+    assert_same_losses(tmp_path / 'single', tmp_path / 'ddp', rel=1e-5)
+    return ddp
+
+
 @pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path, data):
     """torchrun with 2 processes trains on the same global batches as 1 process: losses agree to 1e-5 relative.
 
     The two differ only in the order of floating-point sums (gradients are averaged across ranks).
     """
-    args = ['train.py', *TINY, f'--data_dir={data}', '--gradient_accumulation_steps=4', '--max_iters=6',
-            '--eval_interval=3', '--dropout=0.1']
-    single = run_train(*args[1:], f'--out_dir={tmp_path / "single"}')
-    assert single.returncode == 0, single.stderr
-    ddp = torchrun('--standalone', '--nproc_per_node=2', *args, f'--out_dir={tmp_path / "ddp"}')
-    assert ddp.returncode == 0, ddp.stderr
+    ddp = assert_ddp_matches_single_process(tmp_path, *TINY, f'--data_dir={data}')
     assert ddp.stdout.count('step 3:') == 1  # only rank 0 prints
-    assert_same_losses(tmp_path / 'single', tmp_path / 'ddp', rel=1e-5)
     # the accumulation count is global, so it must divide over the processes
-    odd = torchrun('--standalone', '--nproc_per_node=2', *args, '--gradient_accumulation_steps=3',
-                   f'--out_dir={tmp_path / "odd"}')
+    odd = torchrun('--standalone', '--nproc_per_node=2', 'train.py', *TINY, f'--data_dir={data}', '--max_iters=6',
+                   '--gradient_accumulation_steps=3', f'--out_dir={tmp_path / "odd"}')
     assert odd.returncode != 0
     assert 'gradient_accumulation_steps=3 is the global count' in odd.stderr
 
