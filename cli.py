@@ -31,12 +31,17 @@ class ConfigError(SystemExit):
     only this process sees (its own batch, its own file), printed with the rank named."""
 
     def __init__(self, message, this_rank_only=False):
+        global last_error
+        last_error = message  # hardware.py hands it to torchrun's failure summary
         rank = os.environ.get('RANK', '0')
         if this_rank_only and rank != '0':
             message = f"rank {rank}: {message}"
         super().__init__(1 if rank != '0' and not this_rank_only else f"error: {message}")
         self.message = message
         self.this_rank_only = this_rank_only
+
+
+last_error = None  # the message of the latest ConfigError
 
 
 def die(message):

@@ -137,8 +137,22 @@ def ddp_join(backend, device_type):
 def _leave_after_error():
     """atexit under DDP: the script did not reach ddp_exit(), so an error is leaving it (its line
     or traceback is already printed). Leave the group and end with status 1, 130 after Ctrl-C,
-    skipping finalization for the reason ddp_exit gives."""
+    skipping finalization for the reason ddp_exit gives.
+
+    The error also goes to torchrun's error file, on every rank: torchrun's failure summary then
+    shows it even when torchrun stopped rank 0 before rank 0 could print its line."""
+    import cli
     error = getattr(sys, 'last_value', None)  # an uncaught exception; None after SystemExit
+    message = f"{type(error).__name__}: {error}" if error is not None else cli.last_error and f"error: {cli.last_error}"
+    if message and os.environ.get('TORCHELASTIC_ERROR_FILE'):
+        import json
+        import time
+        try:
+            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+                json.dump({'message': {'message': message, 'extraInfo': {
+                    'py_callstack': message, 'timestamp': str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # the line on stderr is all there is
     ddp_teardown()
     _flush()
     os._exit(130 if isinstance(error, KeyboardInterrupt) else 1)

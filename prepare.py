@@ -984,8 +984,28 @@ def read_text_source(opts, out_dir):
     if not opts["input"]:
         raise UsageError("text needs --input=PATH (a .txt file or a folder of them)")
     path = Path(opts["input"])
-    return Raw(split_90_10(read_text(path)), source=str(path.resolve()),
-               sha256={path.name: sha256_of(path)} if path.is_file() else {})
+    text = read_text(path)
+    return Raw(split_90_10(text), source=str(path.resolve()),
+               sha256={path.name: sha256_of(path)} if path.is_file() else {},
+               extra={"inputs": input_manifest(path)})
+
+
+def input_manifest(path):
+    """{file: [bytes, sha256]} of the text files read from --input (names relative to a folder):
+    what a prepared dataset was made from, so a different input is noticed."""
+    path = Path(path)
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    return {(str(f.relative_to(path)) if path.is_dir() else f.name): [f.stat().st_size, sha256_of(f)] for f in files}
+
+
+def input_differences(recorded, current):
+    """What changed between two input manifests, in words ('' when nothing did)."""
+    added = sorted(set(current) - set(recorded))
+    removed = sorted(set(recorded) - set(current))
+    changed = sorted(f for f in set(current) & set(recorded) if list(current[f]) != list(recorded[f]))
+    parts = [f"{what} {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}"
+             for what, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -1214,7 +1234,13 @@ def already_prepared(name, overrides):
         return None  # prepared before knobs were recorded: asked for something, so make it again
     if opts.get("input") and not Path(opts["input"]).exists():
         return None  # a mistyped --input: preparing again reports it (and changes nothing)
-    if opts.get("input") and Path(opts["input"]).is_file():
+    if name == "text" and isinstance(meta.get("inputs"), dict):
+        # the dataset records what it was made from: a different input must not replace it silently
+        differs = input_differences(meta["inputs"], input_manifest(opts["input"]))
+        if differs:
+            raise PrepareError(f"{folder} was prepared from {meta.get('source', '?')}, and --input={opts['input']} "
+                               f"differs ({differs}): prepare it again with --force, or choose another --name")
+    elif opts.get("input") and Path(opts["input"]).is_file():
         if sha256_of(opts["input"]) not in (meta.get("source_sha256") or {}).values():
             return None
     counts = ", ".join(f"{split} {count:,}" for split, count in meta["splits"].items())

@@ -73,10 +73,44 @@ def _atomic_write(path, write):
             os.close(dir_fd)
 
 
-def save_checkpoint(obj, path):
+def save_checkpoint(obj, path, keep_last=1):
     """Write obj with torch.save atomically (see atomic_write): a crash or kill -9 during the
-    save leaves the previous checkpoint intact."""
+    save leaves the previous checkpoint intact. keep_last > 1 keeps that many checkpoints in
+    the folder: the newest is always ckpt.pt, the older ones ckpt-ITER.pt (their iter_num)."""
+    path = Path(path)
+    if keep_last > 1 and path.is_file() and isinstance(obj.get('iter_num'), int):
+        previous = _iter_of(path)
+        if previous is not None and previous != obj['iter_num']:
+            older = path.with_name(f"{path.stem}-{previous}.pt")
+            older.unlink(missing_ok=True)
+            try:
+                os.link(path, older)  # ckpt.pt stays in place until the new one replaces it
+            except OSError as e:
+                die(os_error_message(e, older))
     atomic_write(path, lambda f: torch.save(obj, f))
+    for old in older_checkpoints(path.parent)[max(0, keep_last - 1):]:
+        old.unlink(missing_ok=True)
+
+
+def older_checkpoints(folder):
+    """The ckpt-ITER.pt files of a run folder, newest (highest ITER) first."""
+    found = []
+    for p in Path(folder).glob('ckpt-*.pt'):
+        suffix = p.stem[len('ckpt-'):]
+        if suffix.isdigit():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _iter_of(path):
+    """iter_num of the checkpoint at path, read without loading its tensors' data; None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location='meta', weights_only=True, mmap=True)
+        return ckpt.get('iter_num') if isinstance(ckpt, dict) else None
+    except Exception:
+        return None
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -472,7 +506,7 @@ def check_resumable(ckpt, path):
                 if not isinstance(args, dict) or k not in args]
     if missing:
         die(f"{path} lacks {', '.join(missing)}: it is not a complete training checkpoint; "
-            f"start a new --out_dir (or --init_from=scratch)")
+            f"start over in a new --out_dir (or replace the run: --overwrite=True)")
     try:
         best_val_loss = float(ckpt['best_val_loss'])
     except (TypeError, ValueError, RuntimeError):
@@ -481,6 +515,66 @@ def check_resumable(ckpt, path):
         die(f"{path}: iter_num {ckpt['iter_num']!r} and best_val_loss {ckpt['best_val_loss']!r} must be "
             f"numbers; the checkpoint is damaged")
     return best_val_loss
+
+
+def newest_checkpoint(out_dir, notice=print):
+    """(checkpoint, path) of the newest good checkpoint in out_dir: ckpt.pt, else the ckpt-ITER.pt
+    files newest first; one that cannot be read or is incomplete is passed over with a notice.
+    (None, None) when out_dir holds no checkpoint; one line, never a fresh start, when it holds
+    only damaged ones."""
+    candidates = [p for p in [Path(out_dir) / 'ckpt.pt'] + older_checkpoints(out_dir) if p.is_file()]
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path, map_location='cpu')
+            check_resumable(ckpt, path)
+        except ConfigError as e:
+            import cli
+            cli.last_error = None  # passed over, not the error this run stops with
+            problems.append(e.message)
+            if notice:
+                notice(f"notice: passing over {path}: {e.message}")
+            continue
+        return ckpt, path
+    if len(problems) > 1:
+        die(f"none of the {len(problems)} checkpoints in {out_dir} can be resumed (the newest: {problems[0]})")
+    if problems:
+        die(problems[0])
+    return None, None
+
+
+# knobs a resume takes from this invocation, not from the run it continues
+NOT_RECORDED = ('init_from', 'out_dir', 'auto_resume', 'overwrite', 'eval_only')
+
+
+def recorded_knobs(ckpt, keys):
+    """The knobs a checkpoint's run was configured with (its 'config'), for the keys this script
+    has: a resume continues the run as it was, with config files and flags on top. Values of
+    another type (a nanoGPT checkpoint's own knobs) are left out."""
+    recorded = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+    return {k: v for k, v in recorded.items() if k in keys and k not in NOT_RECORDED
+            and (v is None or isinstance(v, (bool, int, float, str)))}
+
+
+def refuse_other_run(recorded, overrides, path):
+    """auto_resume found a run in out_dir: a command that asks for other data, another model or
+    another optimizer is not a restart of that run, so it stops with one line instead."""
+    shape = ['dataset', 'data_dir', 'optimizer', 'lora_rank'] + [f.name for f in fields(GPTConfig) if f.name != 'dropout']
+    for key in shape:
+        if key in overrides and key in recorded and overrides[key] != recorded[key]:
+            die(f"{path.parent} holds a run with {key}={recorded[key]!r} ({path.name}); this command asks for "
+                f"{key}={overrides[key]!r}: use another --out_dir, or --overwrite=True to replace that run")
+
+
+def holds_a_run(out_dir):
+    """True when out_dir holds a checkpoint (ckpt.pt or an older ckpt-ITER.pt)."""
+    return (Path(out_dir) / 'ckpt.pt').is_file() or bool(older_checkpoints(out_dir))
+
+
+def delete_checkpoints(out_dir):
+    """Remove ckpt.pt and ckpt-ITER.pt of out_dir (a run replaced with --overwrite=True)."""
+    for path in [Path(out_dir) / 'ckpt.pt'] + older_checkpoints(out_dir):
+        path.unlink(missing_ok=True)
 
 
 def resume_model(ckpt, path, config, overrides, meta, dataset_dir, dropout, lora_dropout, notice=None):

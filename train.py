@@ -53,6 +53,10 @@ eval_only = False  # evaluate once at the start, then exit
 eval_at_start = True  # evaluate before the first step too; False saves one evaluation (a speedrun's ~4%)
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a local Hugging Face folder, or another run's ckpt.pt
+auto_resume = True  # out_dir holds a checkpoint: resume it (the run's own knobs, flags on top) whatever init_from says
+overwrite = False  # let a fresh start replace the run already in out_dir (its checkpoints are deleted)
+checkpoint_interval_s = 0.0  # also save the training state every this many seconds; 0 = only at evaluations
+keep_last = 1  # checkpoints kept in out_dir: the newest is ckpt.pt, older ones ckpt-ITER.pt
 hellaswag_interval = 0  # HellaSwag acc_norm every this many iterations, logged and plotted (GPT-2 BPE data); 0: off
 hellaswag_input = ''  # a HellaSwag .jsonl file; '' downloads hellaswag_val.jsonl into data/hellaswag/
 # wandb logging
@@ -107,7 +111,7 @@ seed = 1337  # seeds model init, batch sampling and dropout
 RULES = dict(
     eval_interval='>= 1', log_interval='>= 1', eval_iters='>= 1', gradient_accumulation_steps='>= 1',
     batch_size='>= 1', max_iters='>= 0', warmup_iters='>= 0', lr_decay_iters='>= 0', seed='>= 0',
-    hellaswag_interval='>= 0', learning_rate='> 0', min_lr='>= 0', weight_decay='>= 0', grad_clip='>= 0',
+    hellaswag_interval='>= 0', checkpoint_interval_s='>= 0', keep_last='>= 1', learning_rate='> 0', min_lr='>= 0', weight_decay='>= 0', grad_clip='>= 0',
     beta1='[0, 1)', beta2='[0, 1)', optimizer=('adamw', 'muon'), muon_lr='> 0', muon_momentum='[0, 1)',
     muon_weight_decay='>= 0', muon_ns_steps='1..20', lora_rank='>= 0', lora_alpha='> 0', lora_dropout='[0, 1)',
     backend=('auto', 'nccl', 'gloo'), compile=(None, True, False),
@@ -119,6 +123,20 @@ config_keys = [k for k, v in globals().items()
 defaults = {k: globals()[k] for k in config_keys}
 overrides = cli.load_config(defaults, sys.argv[1:])
 globals().update(overrides)
+# A resume continues a run as it was configured: the knobs its checkpoint records are the
+# defaults, config files and flags go on top. auto_resume does it whenever out_dir has a checkpoint.
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')  # where this run saves; a resume may read an older ckpt-ITER.pt
+checkpoint, resume_path = None, None
+if init_from == 'resume' or (auto_resume and not overwrite):
+    checkpoint, resume_path = runs.newest_checkpoint(out_dir, notice=print if os.environ.get('RANK', '0') == '0' else None)
+    if checkpoint is None and init_from == 'resume':
+        cli.die(f"--init_from=resume but there is no {ckpt_path}; train first, or point --out_dir at the run's folder")
+resuming = checkpoint is not None
+if resuming:
+    recorded = runs.recorded_knobs(checkpoint, config_keys)
+    if init_from != 'resume':  # auto_resume: a command for another kind of run must not continue this one
+        runs.refuse_other_run(recorded, overrides, resume_path)
+    globals().update({**recorded, **overrides})
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
 cli.check_knobs(config, RULES)
 cli.model_config(config)  # every GPTConfig field checked: n_embd divisible by n_head, pos_emb, norm, ...
@@ -141,9 +159,9 @@ if lora_rank > 0:
         cli.die("lora_rank > 0 trains its adapters with AdamW: use --optimizer=adamw (or --lora_rank=0)")
 if not out_dir.strip():  # '' would scatter ckpt.pt, config.json and log.jsonl into the working directory
     cli.die("out_dir is empty; name the run's folder, e.g. --out_dir=out-mine")
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'resume' and not os.path.isfile(ckpt_path):
-    cli.die(f"--init_from=resume but there is no {ckpt_path}; train first, or point --out_dir at the run's folder")
+if not resuming and not overwrite and runs.holds_a_run(out_dir):  # never replace a run silently
+    cli.die(f"{out_dir} already holds a run ({ckpt_path}): resume it (--auto_resume=True or --init_from=resume), "
+            f"choose another --out_dir, or replace it with --overwrite=True")
 if wandb_log:  # optional: checked now, not after the model is built (under torchrun, ranks would hang)
     wandb = cli.optional_import('wandb', "wandb_log=True needs wandb: pip install wandb (or set --wandb_log=False)")
 
@@ -224,20 +242,19 @@ eval_offsets = {split: np.random.default_rng([seed, 1, i]).integers(
 # model: from scratch, from a checkpoint (resume, or another run's weights), or pretrained GPT-2
 iter_num = 0  # optimizer steps done so far
 best_val_loss = float('inf')  # lowest val loss seen by an evaluation
-checkpoint = None
 torch.manual_seed(seed)  # the same initial weights on every rank
-if init_from == 'scratch':
-    if meta_vocab_size is None and master_process:
-        print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
-    model = GPT(cli.model_config(config, vocab_size=meta_vocab_size or 50304))
-elif init_from == 'resume':
-    checkpoint = runs.load_checkpoint(ckpt_path, map_location=dev.device)
-    best_val_loss = runs.check_resumable(checkpoint, ckpt_path)
-    model = runs.resume_model(checkpoint, ckpt_path, config, overrides, meta, dataset_dir, dropout, lora_dropout,
+if resuming:
+    best_val_loss = runs.check_resumable(checkpoint, resume_path)
+    model = runs.resume_model(checkpoint, resume_path, config, overrides, meta, dataset_dir, dropout, lora_dropout,
                               notice=print if master_process else None)
     iter_num = checkpoint['iter_num']
     if master_process:
-        print(f"resuming from {ckpt_path} at iteration {iter_num}")
+        why = "" if init_from == 'resume' else " (auto_resume; --overwrite=True starts over instead)"
+        print(f"resuming from {resume_path} at iteration {iter_num}{why}")
+elif init_from == 'scratch':
+    if meta_vocab_size is None and master_process:
+        print(f"notice: no vocab_size in {dataset_dir}/meta.json; using GPT-2's 50257 padded to 50304")
+    model = GPT(cli.model_config(config, vocab_size=meta_vocab_size or 50304))
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     if master_process:
         print(f"initializing from pretrained weights: {init_from}")
@@ -261,11 +278,11 @@ model_args = model.config.checkpoint_args()  # nanoGPT's keys, plus the modern k
 # LoRA: freeze the model, wrap the target layers in adapters (a resumed LoRA run has them already)
 lora = checkpoint.get('lora') if checkpoint is not None else None  # what ckpt.pt records
 if lora is not None and lora_rank not in (0, lora['rank']):
-    cli.die(f"lora_rank={lora_rank} but {ckpt_path} has rank {lora['rank']}: resume with its settings")
+    cli.die(f"lora_rank={lora_rank} but {resume_path} has rank {lora['rank']}: resume with its settings")
 if lora is None and lora_rank > 0:
-    if init_from == 'resume':
-        cli.die(f"lora_rank > 0 but {ckpt_path} is a full-training run: resume it with --lora_rank=0, "
-                f"or adapt it in a new out_dir with --init_from={ckpt_path}")
+    if resuming:
+        cli.die(f"lora_rank > 0 but {resume_path} is a full-training run: resume it with --lora_rank=0, "
+                f"or adapt it in a new out_dir with --init_from={resume_path}")
     apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
     base = init_from if init_from in PRETRAINED else os.path.abspath(init_from)
     lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, base=base)
@@ -290,7 +307,7 @@ with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(
     optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), dev.device_type,
                                      config['optimizer'], muon_lr, muon_momentum, muon_weight_decay, muon_ns_steps)
 if checkpoint is not None:
-    runs.restore_training_state(checkpoint, ckpt_path, optimizer, scaler, config['optimizer'], dev)
+    runs.restore_training_state(checkpoint, resume_path, optimizer, scaler, config['optimizer'], dev)
     crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
     checkpoint = None  # free the memory
 
@@ -360,6 +377,7 @@ def last_good_state():
 
 def save_training_state(reason):
     """Rank 0 writes out_dir/ckpt.pt with everything an exact resume needs."""
+    global last_save
     np_state = np.random.get_state()
     runs.save_checkpoint({
         'format': runs.CHECKPOINT_FORMAT,
@@ -377,8 +395,18 @@ def save_training_state(reason):
                 'cuda': torch.cuda.get_rng_state_all() if dev.device_type == 'cuda' else []},
         # batches and dropout masks are a pure function of (seed, iteration): see iteration_plan
         'data': {'sampler': 'numpy default_rng([seed, 0, iter_num])', 'seed': seed, 'iter_num': iter_num},
-    }, ckpt_path)
+    }, ckpt_path, keep_last)
     print(f"saved checkpoint to {ckpt_path} at iteration {iter_num} ({reason})")
+    last_save = time.time()
+
+
+def save_between_evaluations(reason):
+    """Save the last step's state (a stop, checkpoint_interval_s), unless its loss is not finite:
+    no log line may have checked it."""
+    if not math.isfinite(loss.item()):
+        cli.die(f"training loss is not finite at iteration {iter_num - 1}; not saving it{last_good_state()}")
+    if master_process:
+        save_training_state(reason)
 
 
 # The run really starts here: only now is out_dir locked (a second run would interleave log
@@ -389,18 +417,23 @@ log_path = os.path.join(out_dir, 'log.jsonl')
 
 
 def start_run_files():
+    global time_before
     run_lock.acquire()  # released at the end, or at exit on an error
-    kept = runs.read_log_lines(log_path, iter_num) if init_from == 'resume' else []
+    if overwrite and not resuming:
+        runs.delete_checkpoints(out_dir)  # the run this one replaces
+    kept = runs.read_log_lines(log_path, iter_num) if resuming else []
+    time_before = json.loads(kept[-1]).get('time', 0.0) if kept else 0.0  # a resumed run's clock goes on
     runs.atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
     runs.atomic_write(os.path.join(out_dir, 'config.json'), lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
 
 
+time_before = 0.0  # training seconds of the earlier parts of a resumed run (log.jsonl's 'time' continues)
 hardware.on_master(start_run_files, ddp, dev.device)
 run_start = time.time()
 
 
 def log_jsonl(**record):
-    record['time'] = round(time.time() - run_start, 3)  # seconds since this process started training
+    record['time'] = round(time_before + time.time() - run_start, 3)  # training seconds, across resumes
     try:
         with open(log_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
@@ -446,6 +479,7 @@ signal.signal(signal.SIGINT, request_stop)
 # -----------------------------------------------------------------------------
 # training loop
 start_iter = iter_num
+last_save = time.time()  # for checkpoint_interval_s
 device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
 t_log, last_log_iter = time.time(), iter_num
 loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
@@ -531,12 +565,13 @@ while True:
     if ddp and log_now:
         stop_signal = stop_signal or ('SIGTERM' if stop_requested() else None)
     if stop_signal is not None and (log_now or not ddp):
-        if not math.isfinite(loss.item()):  # this step may not have been checked by a log line
-            cli.die(f"training loss is not finite at iteration {iter_num - 1}; not saving it{last_good_state()}")
+        save_between_evaluations(f"stopped by {stop_signal}")
         if master_process:
-            save_training_state(f"stopped by {stop_signal}")
-            print(f"stopped by {stop_signal}; continue with --init_from=resume --out_dir={out_dir}")
+            print(f"stopped by {stop_signal}; continue with: python train.py --init_from=resume --out_dir={out_dir}")
         break
+    evaluation_next = iter_num % eval_interval == 0 or iter_num >= max_iters  # which saves anyway
+    if checkpoint_interval_s and master_process and time.time() - last_save >= checkpoint_interval_s and not evaluation_next:
+        save_between_evaluations(f"{checkpoint_interval_s:g} s since the last save")
 
 # -----------------------------------------------------------------------------
 # what happened, what to do next; then leave together
@@ -546,14 +581,15 @@ if stopped_in_eval:  # the model and optimizer hold the last finished step: save
         if iter_num > start_iter:
             save_training_state(f"stopped by {stop_signal}")
         saved = os.path.isfile(ckpt_path)
-        print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; "
-              + (f"continue with --init_from=resume --out_dir={out_dir}" if saved else "nothing to save yet"))
+        print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; " + (
+            f"continue with: python train.py --init_from=resume --out_dir={out_dir}" if saved else "nothing to save yet"))
 if master_process and not eval_only:
     wall = time.time() - run_start
     print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
           f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
     if os.path.isfile(ckpt_path):
-        print(f"checkpoint: {ckpt_path} (log: {log_path}, loss curve: {out_dir}/loss.png)")
+        picture = os.path.join(out_dir, 'loss.png')
+        print(f"checkpoint: {ckpt_path} (log: {log_path}" + (f", loss curve: {picture})" if os.path.isfile(picture) else ")"))
         start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
         print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n      python plot.py loss {out_dir}")
     else:

@@ -138,8 +138,10 @@ def test_train_muon_loss_decreases_and_bad_knobs(tmp_path, data):
                           'expected float')
     assert_one_line_error(run_train(*MUON, f'--data_dir={data}', '--lora_rank=4', '--init_from=gpt2'),
                           'lora_rank > 0', '--optimizer=adamw')
-    # a checkpoint trained with Muon does not resume with AdamW's state layout
-    proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=31', '--init_from=resume')
+    # a checkpoint trained with Muon does not resume with AdamW's state layout (a resume takes the
+    # run's own optimizer unless a flag asks for another one)
+    proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=31', '--init_from=resume',
+                     '--optimizer=adamw')
     assert_one_line_error(proc, "optimizer='muon'", '--optimizer=muon')
 
 

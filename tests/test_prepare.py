@@ -4,6 +4,7 @@ CPU only and offline: raw text comes from the shared copies in ../shared/data (t
 a reason when they are absent) and everything is prepared under pytest's tmp_path.
 """
 import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -344,6 +345,30 @@ def test_text_folder_and_list(tmp_path):
     for name in prepare.DATASETS:
         assert name in r.stdout
     assert "not prepared" in r.stdout and "mydata" in r.stdout
+
+
+def test_text_prepared_from_another_input_is_refused_not_replaced(tmp_path):
+    """data/NAME records what it was made from (files, sizes, sha256): another --input, or a file
+    added to the same folder, stops with one line naming the difference; --force prepares again."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first notes\n" * 50)
+    other = tmp_path / "other.txt"
+    other.write_text("something else entirely\n" * 50)
+    data = tmp_path / "d"
+    assert run_cli("text", f"--input={folder}", "--name=mine", f"--data_dir={data}").returncode == 0
+    before = {p.name: p.read_bytes() for p in (data / "mine").iterdir()}
+    again = run_cli("text", f"--input={folder}", "--name=mine", f"--data_dir={data}")
+    assert again.returncode == 0 and "already prepared" in again.stdout
+    for args, fragment in [([f"--input={other}"], "added other.txt; removed a.txt"), ([f"--input={folder}"], "added b.txt")]:
+        (folder / "b.txt").write_text("a new file\n")  # for the second case: the same folder, one file more
+        r = run_cli("text", *args, "--name=mine", f"--data_dir={data}")
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert fragment in r.stderr and "--force" in r.stderr and "mine" in r.stderr
+        assert {p.name: p.read_bytes() for p in (data / "mine").iterdir()} == before  # nothing written
+    forced = run_cli("text", f"--input={folder}", "--name=mine", f"--data_dir={data}", "--force")
+    assert forced.returncode == 0
+    assert set(json.loads((data / "mine" / "meta.json").read_text())["inputs"]) == {"a.txt", "b.txt"}
 
 
 # ----------------------------------------------------------------------------- openwebtext path
