@@ -75,6 +75,18 @@ def parse_lora_targets(targets):
     return sorted({LORA_TARGETS[t] for t in names})
 
 
+def check_lora_knobs(rank, targets, init_from, optimizer):
+    """ValueError naming the fix when train.py's LoRA knobs cannot work (rank 0: LoRA is off)."""
+    if rank == 0:
+        return
+    parse_lora_targets(targets)
+    if init_from == 'scratch':
+        raise ValueError("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
+                         "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
+    if optimizer == 'muon':  # Muon orthogonalizes whole weight matrices; low-rank factors were not tested
+        raise ValueError("lora_rank > 0 trains its adapters with AdamW: use --optimizer=adamw (or --lora_rank=0)")
+
+
 def apply_lora(model, rank, alpha, dropout=0.0, targets="c_attn,c_proj,c_fc,mlp.c_proj"):
     """Freeze every parameter of model (a GPT) and wrap the target Linear layers of every block
     in LoRALinear; only the adapters' A and B train. Returns the wrapped module names."""

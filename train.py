@@ -36,8 +36,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cli
 import hardware
 import plot  # loss curves; matplotlib is imported only when drawing
+import resume
 import runs
-from lora import apply_lora, lora_state_dict, parse_lora_targets
+from lora import apply_lora, check_lora_knobs, lora_state_dict
 from model import GPT, PRETRAINED
 from optim import configure_optimizers, crop_optimizer_state
 from prepare import PrepareError, check_dataset
@@ -123,20 +124,13 @@ config_keys = [k for k, v in globals().items()
 defaults = {k: globals()[k] for k in config_keys}
 overrides = cli.load_config(defaults, sys.argv[1:])
 globals().update(overrides)
-# A resume continues a run as it was configured: the knobs its checkpoint records are the
-# defaults, config files and flags go on top. auto_resume does it whenever out_dir has a checkpoint.
+# A resume continues a run as it was configured: the knobs its checkpoint records, then config
+# files and flags. auto_resume resumes whenever out_dir holds a checkpoint (resume.find_resume).
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')  # where this run saves; a resume may read an older ckpt-ITER.pt
-checkpoint, resume_path = None, None
-if init_from == 'resume' or (auto_resume and not overwrite):
-    checkpoint, resume_path = runs.newest_checkpoint(out_dir, notice=print if os.environ.get('RANK', '0') == '0' else None)
-    if checkpoint is None and init_from == 'resume':
-        cli.die(f"--init_from=resume but there is no {ckpt_path}; train first, or point --out_dir at the run's folder")
+checkpoint, resume_path, recorded = resume.find_resume(out_dir, init_from, auto_resume and not overwrite, overrides,
+                                                     config_keys)
 resuming = checkpoint is not None
-if resuming:
-    recorded = runs.recorded_knobs(checkpoint, config_keys)
-    if init_from != 'resume':  # auto_resume: a command for another kind of run must not continue this one
-        runs.refuse_other_run(recorded, overrides, resume_path)
-    globals().update({**recorded, **overrides})
+globals().update({**recorded, **overrides})
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
 cli.check_knobs(config, RULES)
 cli.model_config(config)  # every GPTConfig field checked: n_embd divisible by n_head, pos_emb, norm, ...
@@ -147,19 +141,13 @@ run_ckpt = os.path.basename(init_from) == 'ckpt.pt' and os.path.isfile(init_from
 if not (init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from) or run_ckpt):
     cli.die(f"init_from={init_from!r} not understood: use scratch, resume, gpt2, gpt2-medium, "
             f"gpt2-large, gpt2-xl, the path of a local Hugging Face model folder or of a run's ckpt.pt")
-if lora_rank > 0:
-    try:
-        parse_lora_targets(lora_targets)
-    except ValueError as e:
-        cli.die(str(e))
-    if init_from == 'scratch':
-        cli.die("lora_rank > 0 adapts a trained model, not init_from='scratch': use --init_from=gpt2, "
-                "a Hugging Face folder or a run's ckpt.pt (or --lora_rank=0)")
-    if optimizer == 'muon':  # Muon orthogonalizes whole weight matrices; low-rank factors were not tested
-        cli.die("lora_rank > 0 trains its adapters with AdamW: use --optimizer=adamw (or --lora_rank=0)")
+try:
+    check_lora_knobs(lora_rank, lora_targets, init_from, optimizer)
+except ValueError as e:
+    cli.die(str(e))
 if not out_dir.strip():  # '' would scatter ckpt.pt, config.json and log.jsonl into the working directory
     cli.die("out_dir is empty; name the run's folder, e.g. --out_dir=out-mine")
-if not resuming and not overwrite and runs.holds_a_run(out_dir):  # never replace a run silently
+if not resuming and not overwrite and resume.holds_a_run(out_dir):  # never replace a run silently
     cli.die(f"{out_dir} already holds a run ({ckpt_path}): resume it (--auto_resume=True or --init_from=resume), "
             f"choose another --out_dir, or replace it with --overwrite=True")
 if wandb_log:  # optional: checked now, not after the model is built (under torchrun, ranks would hang)
@@ -244,8 +232,8 @@ iter_num = 0  # optimizer steps done so far
 best_val_loss = float('inf')  # lowest val loss seen by an evaluation
 torch.manual_seed(seed)  # the same initial weights on every rank
 if resuming:
-    best_val_loss = runs.check_resumable(checkpoint, resume_path)
-    model = runs.resume_model(checkpoint, resume_path, config, overrides, meta, dataset_dir, dropout, lora_dropout,
+    best_val_loss = resume.check_resumable(checkpoint, resume_path)
+    model = resume.resume_model(checkpoint, resume_path, config, overrides, meta, dataset_dir, dropout, lora_dropout,
                               notice=print if master_process else None)
     iter_num = checkpoint['iter_num']
     if master_process:
@@ -307,7 +295,7 @@ with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(
     optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), dev.device_type,
                                      config['optimizer'], muon_lr, muon_momentum, muon_weight_decay, muon_ns_steps)
 if checkpoint is not None:
-    runs.restore_training_state(checkpoint, resume_path, optimizer, scaler, config['optimizer'], dev)
+    resume.restore_training_state(checkpoint, resume_path, optimizer, scaler, config['optimizer'], dev)
     crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
     checkpoint = None  # free the memory
 
@@ -420,7 +408,7 @@ def start_run_files():
     global time_before
     run_lock.acquire()  # released at the end, or at exit on an error
     if overwrite and not resuming:
-        runs.delete_checkpoints(out_dir)  # the run this one replaces
+        resume.delete_checkpoints(out_dir)  # the run this one replaces
     kept = runs.read_log_lines(log_path, iter_num) if resuming else []
     time_before = json.loads(kept[-1]).get('time', 0.0) if kept else 0.0  # a resumed run's clock goes on
     runs.atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
