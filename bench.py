@@ -25,10 +25,11 @@ import sys
 import tempfile
 import time
 
+import cli  # first: a missing package is one line naming the fix, not a traceback
+
 import numpy as np
 import torch
 
-import cli
 import hardware
 import runs
 from lora import apply_lora

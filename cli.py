@@ -20,7 +20,14 @@ import textwrap
 import time
 import tokenize
 
-import torch
+try:  # the runtime packages (requirements.txt); without them, one line instead of a traceback
+    import numpy  # noqa: F401
+    import requests  # noqa: F401
+    import tiktoken  # noqa: F401
+    import torch
+except ModuleNotFoundError as e:
+    raise SystemExit(f"error: no module named {e.name!r}: activate the project's virtual environment "
+                     f"(. .venv/bin/activate), or install the packages: README, Quick start") from None
 
 
 class ConfigError(SystemExit):
@@ -89,6 +96,9 @@ def load_config(defaults, argv, usage=None):
     overrides = {}
     files = [a for a in argv if not a.startswith('--')]
     flags = [a for a in argv if a.startswith('--')]
+    for before, word in zip(argv, argv[1:]):  # `--max_iters 50`: a value after a flag with no '='
+        if before.startswith('--') and '=' not in before and before[2:] in defaults and not os.path.isfile(word):
+            raise ConfigError(f"{before} {word}: flags take their value after '=': did you mean {before}={word}?")
     for path in files:
         for key, value in _read_config_file(path, current).items():
             value = _check_value(defaults, key, value, f"in {path}")
@@ -97,6 +107,9 @@ def load_config(defaults, argv, usage=None):
         key, sep, text = flag[2:].partition('=')
         if not sep or not key:
             raise ConfigError(f"cannot read flag {flag!r}: write it as --key=value")
+        if key == 'config' and key not in defaults:
+            raise ConfigError(f"{flag}: a config file is a plain argument, not a flag: python "
+                              f"{os.path.basename(sys.argv[0]) or 'train.py'} {text} [--key=value ...]")
         _check_key(defaults, key, f"(flag {flag})")
         value = _parse_flag_value(defaults[key], text)
         value = _check_value(defaults, key, value, f"(flag {flag})")
@@ -207,7 +220,7 @@ def print_stdout(text):
 def config_summary(config, defaults, saved_at=None, width=100):
     """The knobs whose value differs from the default, as readable wrapped lines."""
     changed = [f"{k}={v!r}" for k, v in config.items() if k not in defaults or defaults[k] != v]
-    where = f"; every knob is in {saved_at}" if saved_at else ""
+    where = f"; all of them go into {saved_at}" if saved_at else ""
     head = f"config ({len(changed)} knobs differ from the defaults{where}):"
     if not changed:
         return head + " none"
@@ -263,6 +276,8 @@ def _check_value(defaults, key, value, where):
     elif isinstance(default, bool):
         ok, expected = isinstance(value, bool), "bool (True or False)"
     elif isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 5e3 means 5000
         ok, expected = isinstance(value, int) and not isinstance(value, bool), "int"
     elif isinstance(default, float):
         ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "float"
@@ -360,11 +375,11 @@ class Progress:
         unit = f" {self.unit}" if self.unit else ""
         if self.total:
             frac = min(self.done / self.total, 1.0)
-            left = f", ~{_duration(elapsed / frac - elapsed)} left" if 0 < frac < 1 else ""
+            left = f", ~{duration(elapsed / frac - elapsed)} left" if 0 < frac < 1 else ""
             count = f"{self.done:,}/{self.total:,}{unit} ({100 * frac:.0f}%)"
             bar = f"[{'#' * int(20 * frac):<20}] " if self.tty else ""
-            return f"{self.label}: {bar}{count}, {_duration(elapsed)}{left}"
-        return f"{self.label}: {self.done:,}{unit}, {_duration(elapsed)}"
+            return f"{self.label}: {bar}{count}, {duration(elapsed)}{left}"
+        return f"{self.label}: {self.done:,}{unit}, {duration(elapsed)}"
 
     def update(self, n=1):
         self.done += n
@@ -389,6 +404,37 @@ class Progress:
         self.stream.flush()
         self.shown_at = None
 
-def _duration(seconds):
+class TimeLeft:
+    """The time left of a training run: the remaining iterations at a smoothed pace, plus the
+    evaluations still to come at the duration of the last one."""
+
+    def __init__(self, max_iters, eval_interval):
+        self.max_iters, self.eval_interval = max_iters, eval_interval
+        self.pace, self.evaluation, self.told = None, 0.0, False
+
+    def evaluation_took(self, seconds):
+        self.evaluation = seconds
+
+    def after_step(self, iter_num, seconds_per_iter):
+        """Seconds left once iter_num iterations are done, the last at seconds_per_iter."""
+        self.pace = seconds_per_iter if self.pace is None else 0.8 * self.pace + 0.2 * seconds_per_iter
+        next_eval = iter_num + self.eval_interval - iter_num % self.eval_interval
+        evaluations = len(range(next_eval, self.max_iters + 1, self.eval_interval))
+        return (self.max_iters - iter_num) * self.pace + evaluations * self.evaluation
+
+    def long_run_once(self, seconds_left, limit):
+        """True the first time seconds_left exceeds limit, then never again."""
+        if self.told or seconds_left <= limit:
+            return False
+        self.told = True
+        return True
+
+
+def duration(seconds):
+    """'45s', '3m05s', '2h10m' or '3d4h'."""
     seconds = int(round(seconds))
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

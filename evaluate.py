@@ -26,11 +26,12 @@ import os
 import sys
 from contextlib import nullcontext
 
+import cli  # first: a missing package is one line naming the fix, not a traceback
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 import hardware
 import prepare
 import runs
@@ -266,7 +267,15 @@ class HellaSwagDuringTraining:
 
 
 def run_hellaswag(cfg):
-    examples = read_hellaswag(hellaswag_path(cfg['input']), cfg['limit'])  # a bad file fails before the model loads
+    # cheap checks before costly work: a given --input file is read first; a missing run is found
+    # before the data set is downloaded; both before the model loads
+    examples = read_hellaswag(hellaswag_path(cfg['input']), cfg['limit']) if cfg['input'] else None
+    if cfg['init_from'] == 'resume':
+        cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
+        cfg['_out_dir_given'] = True
+        if not os.path.isfile(os.path.join(cfg['out_dir'], 'ckpt.pt')):
+            runs.load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))  # its one-line error
+    examples = examples or read_hellaswag(hellaswag_path(cfg['input']), cfg['limit'])
     model, info, dev = load_model(cfg)
     tokenizer = gpt2_tokenizer_or_die(info, cfg['data_dir'] or None)
     n, c, cn = hellaswag_counts(model, examples, tokenizer.encode, cfg['batch_size'], dev.autocast,
@@ -355,6 +364,9 @@ def run_perplexity(cfg):
     print(f"{os.path.relpath(path)}: {r['tokens']:,} tokens scored in {r['windows']} windows "
           f"(block_size {r['block_size']}, stride {r['stride']})")
     print(f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}")
+    print(f"(every token scored once, with at least {r['block_size'] - r['stride']} tokens of context except near "
+          f"the start; train.py's val loss averages random windows whose first positions see little context, so "
+          f"it reads higher)")
     return r
 
 

@@ -128,7 +128,17 @@ def ddp_join(backend, device_type):
         backend = 'nccl' if device_type == 'cuda' else 'gloo'
     if backend == 'nccl' and device_type != 'cuda':
         raise ConfigError(f"backend nccl needs CUDA GPUs but the device is {device_type}; use --backend=gloo")
-    dist.init_process_group(backend=backend)
+    restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+    if restart and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        # torchrun restarted the workers (--max-restarts) and they share its store with the attempt
+        # that failed, whose gloo addresses are still there: a worker that reads its dead peer's
+        # address waits, then fails ("connectFullMesh ... Connection refused"). Keys per attempt.
+        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size, is_master=False)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{restart}", store), rank=rank,
+                                world_size=world_size)
+    else:
+        dist.init_process_group(backend=backend)
     stop_with_parent()
     atexit.register(_leave_after_error)
     return backend
@@ -271,6 +281,17 @@ def peak_flops(device_name, dtype=torch.bfloat16):
         if key.lower() in (device_name or "").lower():
             return table.get(dtype)
     return None
+
+
+def smaller_run_hint(device_type, dataset):
+    """What to run instead when a run will take hours: on a CPU, the CPU recipe (or a smaller model)."""
+    if device_type != 'cpu':
+        return ""
+    if dataset == 'shakespeare_char':
+        return ("; this is a GPU-sized run: on a CPU, config/train_shakespeare_char_cpu.py trains a "
+                "Shakespeare model in minutes")
+    return ("; this is a GPU-sized run: on a CPU, shrink it (--n_layer, --n_embd, --batch_size, --block_size, "
+            "--max_iters) or start from config/train_shakespeare_char_cpu.py")
 
 
 def estimate_mfu(model, tokens_per_sec, device_name, dtype=torch.bfloat16):

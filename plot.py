@@ -54,9 +54,29 @@ def _new_figure(width_px, height_px, layout=None):
     return Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout=layout)
 
 
-def _save(fig, path):
-    """Write the PNG atomically (runs.atomic_write), so a viewer never sees half a file."""
-    runs.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
+def _save(fig, path, described=None):
+    """Write the PNG atomically (runs.atomic_write), so a viewer never sees half a file. described:
+    what the picture shows (the runs' knobs and results), kept as JSON in the PNG's Description,
+    so a picture can be checked against the config that should have made it (tests/test_repo.py)."""
+    metadata = {'Description': json.dumps(described)} if described else None
+    runs.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI, metadata=metadata))
+
+
+def run_record(out_dir):
+    """A run's knobs (config.json) and what it reached (last iteration, lowest val loss), for _save."""
+    try:
+        with open(os.path.join(out_dir, 'config.json')) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = None
+    try:
+        records = read_log(out_dir, notice=lambda m: None)
+    except cli.ConfigError:  # a checkpoint without a log (nanoGPT's)
+        records = []
+    vals = [r for r in records if r.get('kind') == 'eval' and r.get('split') == 'val']
+    return dict(run=os.path.basename(os.path.normpath(out_dir)), config=config,
+                iterations=max((r['iter'] for r in vals), default=None),
+                best_val_loss=min((r['loss'] for r in vals), default=None))
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +180,7 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
         ax_iter.text(0.5, 0.5, 'no log entries yet', ha='center', va='center', transform=ax_iter.transAxes)
     fig.suptitle(f"loss: {', '.join(names)}")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, {'runs': [run_record(d) for d in out_dirs]})
     return fig
 
 
@@ -177,7 +197,38 @@ def token_label(piece):
             .replace('\t', '\\t').replace('$', r'\$'))
 
 
-def plot_attention(model, ids, labels, path, title=None):
+def glyph_font(texts):
+    """(font properties, texts) for labels that show every character: matplotlib's monospace font
+    when it has them all, else an installed font that has them (a CJK font for Chinese, ...);
+    with none, the missing characters become code points (U+4E2D) and one notice says so,
+    instead of a 'Glyph missing' warning per label and empty boxes in the picture."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    wanted = {ord(c) for t in texts for c in t if not c.isspace()}
+
+    def missing_from(path):
+        try:
+            return wanted - set(FT2Font(path).get_charmap())
+        except (OSError, RuntimeError):
+            return wanted
+    default = font_manager.FontProperties(family='monospace')
+    missing = missing_from(font_manager.findfont(default))
+    if not missing:
+        return default, texts
+    # fonts made for many scripts first (Noto CJK, WenQuanYi, Droid Sans Fallback, Unifont)
+    # (Last Resort, which matplotlib ships, maps every character to a box: not a glyph)
+    known = sorted({f.fname for f in font_manager.fontManager.ttflist if 'lastresort' not in f.fname.lower()},
+                   key=lambda f: not any(k in f.lower() for k in ('cjk', 'wqy', 'fallback', 'unifont', 'noto')))
+    for fname in known:
+        if not missing_from(fname):
+            return font_manager.FontProperties(fname=fname), texts
+    shown = ' '.join(chr(c) for c in sorted(missing)[:6]) + (' ...' if len(missing) > 6 else '')
+    print(f"notice: no installed font has glyphs for {shown}: the labels show their code points (U+XXXX); "
+          f"install a font that has them (e.g. fonts-noto-cjk) for the characters themselves", file=sys.stderr)
+    return default, [''.join(f"U+{ord(c):04X}" if ord(c) in missing else c for c in t) for t in texts]
+
+
+def plot_attention(model, ids, labels, path, title=None, out_dir=None):
     """PNG grid of the attention probabilities of every layer (rows) and head (columns).
 
     ids: the prompt's token ids; labels: one axis label per token. Each panel shows query
@@ -197,13 +248,13 @@ def plot_attention(model, ids, labels, path, title=None):
     cell = min(0.14, 40 / (max(n_layer, n_head) * (T + 6)))
     label_size = max(4.0, min(8.0, cell * 72 * 0.85))  # points: 85% of a cell's height
     panel = cell * T + 0.35  # + room for the panel title
-    margin = 0.25 + 0.085 * label_size / 8 * max(len(token_label(s)) for s in labels)  # tick labels
+    font, (title, *text) = glyph_font([title or 'attention'] + [token_label(s) for s in labels])
+    margin = 0.25 + 0.085 * label_size / 8 * max(len(s) for s in text)  # tick labels
     fig = _new_figure(DPI * (n_head * panel + margin + 1.3), DPI * (n_layer * panel + margin + 0.7),
                       layout='constrained')
     axes = fig.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True)
     from matplotlib.colors import PowerNorm
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
-    text = [token_label(s) for s in labels]
     for layer in range(n_layer):
         probs = maps[layer][0].float().cpu().numpy()  # (nh, T, T)
         for head in range(n_head):
@@ -214,14 +265,16 @@ def plot_attention(model, ids, labels, path, title=None):
             ax.set_yticks(range(T))
             ax.tick_params(length=0, pad=1)
             if layer == n_layer - 1:
-                ax.set_xticklabels(text, rotation=90, fontsize=label_size, family='monospace')
+                ax.set_xticklabels(text, rotation=90, fontproperties=font, fontsize=label_size)
             if head == 0:
-                ax.set_yticklabels(text, fontsize=label_size, family='monospace')
+                ax.set_yticklabels(text, fontproperties=font, fontsize=label_size)
                 ax.set_ylabel('query', fontsize=9)
         axes[n_layer - 1][0].set_xlabel('key', fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.5, aspect=30, label='attention probability (square-root scale)')
-    fig.suptitle(title or 'attention')
-    _save(fig, path)
+    title_font = font.copy()
+    title_font.set_size('large')
+    fig.suptitle(title, fontproperties=title_font)
+    _save(fig, path, {'runs': [run_record(out_dir)] if out_dir else [], 'tokens': labels})
     return fig
 
 
@@ -250,7 +303,8 @@ def run_loss(argv):
     if cfg['out']:
         check_out(cfg['out'])
     if not out_dirs:  # the newest run folder here
-        out_dirs = [runs.find_run_dir('out', False, what='plot')]
+        out_dirs = [runs.find_run_dir('out', False, what='plot',
+                                      otherwise='or name its folder: python plot.py loss RUN_FOLDER')]
     for d in out_dirs:
         if not os.path.isfile(os.path.join(d, 'log.jsonl')):
             cli.die(f"no {os.path.join(d, 'log.jsonl')}: is {d} a training run's out_dir?")
@@ -310,7 +364,8 @@ def run_attention(argv):
     default_dir = cfg['out_dir'] if cfg['init_from'] == 'resume' else '.'
     path = cfg['out'] or os.path.join(default_dir, 'attention.png')
     name = cfg['out_dir'] if cfg['init_from'] == 'resume' else cfg['init_from']
-    plot_attention(model, ids, labels, path, title=f"attention of {name}: {token_label(start[:60])!s}")
+    plot_attention(model, ids, labels, path, title=f"attention of {name}: {token_label(start[:60])!s}",
+                   out_dir=cfg['out_dir'] if cfg['init_from'] == 'resume' else None)
     print(f"wrote {path} ({model.config.n_layer} layers x {model.config.n_head} heads, {len(ids)} tokens)")
 
 

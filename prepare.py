@@ -6,7 +6,7 @@ as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for e
     python prepare.py shakespeare_char                  # Tiny Shakespeare, 65 characters
     python prepare.py shakespeare                       # Tiny Shakespeare, GPT-2 BPE
     python prepare.py the_verdict                       # 20k-character story, GPT-2 BPE
-    python prepare.py wikitext2 --input=../shared/data/wikitext-2   # folder with train/valid/test.txt
+    python prepare.py wikitext2 --input=wikitext-2/     # a local copy: train/valid/test.txt
     python prepare.py counting --seed=1337              # synthetic "x x+1 x+2 ..." sequences
     python prepare.py fineweb_edu --max_tokens=100_000_000   # FineWeb-Edu sample-10BT prefix (parquet, network)
     python prepare.py fineweb_edu                       # all ~10B tokens (~20 GB of .bin, ~27 GB of parquet)
@@ -37,13 +37,18 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-import numpy as np
-import requests
+try:  # torch is not needed here; these two are (requirements.txt)
+    import numpy as np
+    import requests
+except ModuleNotFoundError as e:
+    raise SystemExit(f"error: no module named {e.name!r}: activate the project's virtual environment "
+                     f"(. .venv/bin/activate), or install the packages: README, Quick start") from None
 
 # data/ beside this file, not the working directory, so scripts run from anywhere agree
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # uint16 halves disk and memmap traffic versus int32 and still holds GPT-2's 50,257 ids
 TOKEN_DTYPE = np.uint16
+SMALL_DATA = 100_000  # training tokens below which prepare.py warns of memorization (Tiny Shakespeare: 1M)
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids 0..65535
 GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
 
@@ -51,6 +56,10 @@ GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
 class PrepareError(Exception):
     """A problem the user can fix; main() prints it as one line, no traceback."""
     exit_code = 1  # data problems (missing, empty, not UTF-8, offline)
+
+
+class Offline(PrepareError):
+    """No network: a download failed to connect at all (name lookup, refused, unreachable)."""
 
 
 class UsageError(PrepareError):
@@ -239,6 +248,24 @@ def sha256_of(path):
     return h.hexdigest()
 
 
+def request_problem(error, url, timeout):
+    """A failed request as a short phrase (never cut mid-word or mid-URL), and whether it is worth
+    retrying: no connection at all means offline (fails at once), a timeout, a cut transfer or a
+    server error (5xx) may pass."""
+    host = url.split('/')[2] if '://' in url else url
+    if isinstance(error, requests.Timeout):
+        return f"no answer from {host} within {timeout} s", True
+    offline = ("Name or service not known", "name resolution", "NameResolutionError", "nodename nor servname",
+               "Failed to establish a new connection", "Network is unreachable", "Connection refused")
+    if isinstance(error, requests.ConnectionError) and any(o in str(error) for o in offline):
+        return f"cannot connect to {host}: no network, or it is blocked", False
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        status = error.response.status_code
+        return f"HTTP {status} {error.response.reason or ''}".strip(), status >= 500
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text if len(text) <= 100 else text[:100].rsplit(' ', 1)[0] + ' ...'}", True
+
+
 def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
     """Fetch url into dest (reused when present and matching), via a temp name; returns sha256."""
     dest = Path(dest)
@@ -275,7 +302,12 @@ def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
                 os.replace(tmp, dest)
                 return digest
         except requests.RequestException as e:  # offline, DNS, timeout, HTTP 4xx/5xx
-            problem = f"{type(e).__name__}: {str(e)[:120]}"
+            problem, worth_retrying = request_problem(e, url, timeout)
+            if not worth_retrying:
+                tmp.unlink(missing_ok=True)
+                raise (Offline if isinstance(e, requests.ConnectionError) else PrepareError)(
+                    f"could not download {url} ({problem}); put the file at {dest} or pass --input=PATH "
+                    f"to a local copy") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -284,8 +316,8 @@ def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
         if attempt < retries:
             print(f"download of {url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
             time.sleep(backoff * attempt)  # linear backoff: a blip passes, a dead network fails fast
-    raise PrepareError(f"could not download {url} ({problem}). No network? Put the file at "
-                       f"{dest} or pass --input=PATH to a local copy")
+    raise PrepareError(f"could not download {url} ({problem}); put the file at {dest} or pass --input=PATH "
+                       f"to a local copy")
 
 
 def read_text(path):
@@ -353,7 +385,13 @@ def check_dataset(folder, split_paths, block_size, name):
     sizes = {}
     for split, path in split_paths.items():
         if not os.path.isfile(path):
-            raise PrepareError(f"no {path}: prepare the dataset first with `python prepare.py {name}` "
+            prepared = {p.name for p in DATA_DIR.iterdir() if (p / "meta.json").is_file()} if DATA_DIR.is_dir() else set()
+            nearest = difflib.get_close_matches(name, sorted(set(DATASETS) | prepared), n=1, cutoff=0.6)
+            if Path(folder) == DATA_DIR / name and name not in DATASETS and nearest:  # a typo, not an unprepared set
+                raise PrepareError(f"no dataset {name!r}: did you mean --dataset={nearest[0]}? "
+                                   f"(python prepare.py --list shows them)")
+            command = name if name in DATASETS else f"text --input=YOUR_TEXT --name={name}"
+            raise PrepareError(f"no {path}: prepare the dataset first with `python prepare.py {command}` "
                                f"(or point --data_dir at a folder with train.bin and val.bin)")
         sizes[split] = token_count(path)  # an empty split fails the block_size check below
         if sizes[split] < block_size + 1:
@@ -369,6 +407,17 @@ def check_dataset(folder, split_paths, block_size, name):
         if vocab is not None and split not in big:
             check_token_ids(split_paths[split], vocab)
     return sizes, meta, big
+
+
+def small_data_notice(train_tokens, n_params, tokens_to_read):
+    """A notice when a run will memorize its training split, else None: read more than 100 times,
+    or under 0.01 tokens per parameter (nanoGPT's baby GPT: 82 times, 0.09 per parameter)."""
+    reads, per_parameter = tokens_to_read / train_tokens, train_tokens / n_params
+    if reads <= 100 and per_parameter >= 0.01:
+        return None
+    return (f"notice: the training split holds {train_tokens:,} tokens for {n_params:,} parameters "
+            f"({per_parameter:.3g} per parameter) and the run reads it ~{reads:,.0f} times: expect the model to "
+            f"memorize it (val loss rising); README, 'Train on your own text'")
 
 
 def write_tokens(path, arrays, vocab_size):
@@ -494,7 +543,7 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
 class RawFile:
     name: str  # file name inside data/NAME/
     url: str
-    sha256: str | None = None  # from ../shared/data/SHA256SUMS where known
+    sha256: str | None = None  # of the published file, where known
 
 
 @dataclass
@@ -565,6 +614,8 @@ def read_wikitext2(opts, out_dir):
                 path, digest = fetch_file(raw_file, out_dir, path)
             else:
                 path, digest = fetch_file(raw_file, out_dir)
+        except Offline:
+            raise  # offline: one line now, not three downloads that fail the same way
         except PrepareError as e:
             missing.append((split, raw_file, str(e)))
             continue
@@ -665,9 +716,10 @@ def hub_shards(hub, timeout=30):
                 r.raise_for_status()
                 entries = r.json()
             except (requests.RequestException, ValueError) as e:
-                raise PrepareError(f"cannot list the {hub.suffix} files at {url} ({type(e).__name__}: "
-                                   f"{str(e)[:80]}). No network? Download the {hub.suffix} files of "
-                                   f"{hub.page} elsewhere and pass --input=FOLDER") from None
+                problem = request_problem(e, url, timeout)[0] if isinstance(e, requests.RequestException) else \
+                    "the answer is not JSON"
+                raise PrepareError(f"cannot list the {hub.suffix} files at {url} ({problem}); download the "
+                                   f"{hub.suffix} files of {hub.page} elsewhere and pass --input=FOLDER") from None
             for entry in entries:
                 path = entry.get("path", "")
                 if entry.get("type") == "file" and path.endswith(hub.suffix):
@@ -726,7 +778,9 @@ def download_resumable(shard, dest, retries=5, timeout=60, backoff=2.0):
                 os.replace(tmp, dest)
                 return dest
         except requests.RequestException as e:  # offline, timeout, cut connection, HTTP 4xx/5xx
-            problem = f"{type(e).__name__}: {str(e)[:120]}"
+            problem, worth_retrying = request_problem(e, shard.url, timeout)
+            if not worth_retrying:
+                break
         if attempt < retries:
             print(f"\ndownload of {shard.url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
             time.sleep(backoff * attempt)
@@ -747,7 +801,9 @@ PARQUET_BATCH_ROWS = 1024  # documents encoded at once inside a task: ~5 MB of F
 
 def _parquet_error(path, e):
     # pyarrow raises ArrowInvalid (a ValueError) or OSError for a file that is not parquet
-    return PrepareError(f"cannot read {path} as parquet ({type(e).__name__}: {str(e)[:120]})")
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 120 else text[:120].rsplit(" ", 1)[0] + " ..."  # whole words only
+    return PrepareError(f"cannot read {path} as parquet ({type(e).__name__}: {text})")
 
 
 def parquet_tasks(path):
@@ -1184,6 +1240,9 @@ def _prepare(dataset, opts, folder, out_dir):
 
     for split, count in meta["splits"].items():
         print(f"{folder}/{split}.bin: {count:,} tokens")
+    if meta["splits"].get("train", SMALL_DATA) < SMALL_DATA:
+        print(f"notice: {meta['splits']['train']:,} training tokens is little text: the quick start's model would "
+              f"memorize it within a few hundred steps; README, 'Train on your own text', has settings for it")
     if stats.get("wall"):  # a parquet corpus: tokenizer processes, the whole pipeline timed
         print(f"{stats['documents']:,} documents, {stats['tokens']:,} tokens in {stats['wall']:.1f} s = "
               f"{stats['tokens'] / stats['wall']:,.0f} tokens/s end to end (read, tokenize, write) with "

@@ -167,8 +167,15 @@ def quantize_model(model, quantize):
         raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
     if quantize == 'int8':
         before = weight_bytes(model)
-        description = quantize_int8(model)
-        print(f"{description}; weights {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} MiB")
+        quantize_int8(model)  # its technical description is for docs and tests; say it in plain words
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        device = next(model.buffers()).device.type
+        how = (f"multiplied by the fast int8 kernel of this {device.upper() if device != 'cpu' else 'CPU'}"
+               if layers[0].kernel else f"turned back into floats at every use, no faster (this torch has no int8 "
+               f"kernel for {device})")
+        tied = " and the tied embedding" if isinstance(model.transformer.wte, Int8Embedding) else ""
+        print(f"int8 weights: {len(layers)} layers{tied}, {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} "
+              f"MiB, {how} (docs/lora_int8.md)")
     return model
 
 

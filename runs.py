@@ -494,21 +494,34 @@ def load_tokenizer_for(info, data_dir=None):
     return tokenizer
 
 
+def summary(out_dir, dataset, iterations, seconds, best_val_loss, tokens):
+    """The end of a training run in a few lines: what it did, its files (those that exist), and
+    the next commands."""
+    lines = [f"\ndone: {iterations:,} iterations in {seconds / 60:.1f} min ({seconds:.0f} s); best val loss "
+             f"{best_val_loss:.4f}; {tokens:,} tokens seen in total"]
+    ckpt, log, picture = (os.path.join(out_dir, name) for name in ('ckpt.pt', 'log.jsonl', 'loss.png'))
+    if not os.path.isfile(ckpt):
+        return lines[0] + "\nno checkpoint was written (no evaluation since the start); lower --eval_interval to save one"
+    lines.append(f"checkpoint: {ckpt} (log: {log}" + (f", loss curve: {picture})" if os.path.isfile(picture) else ")"))
+    start = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
+    lines.append(f"next: python sample.py --out_dir={out_dir}{start}\n      python plot.py loss {out_dir}")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # which run folder
 
-def find_run_dir(out_dir, given, what="use"):
+def find_run_dir(out_dir, given, what="use", otherwise="pass --out_dir=RUN_FOLDER, or use --init_from=gpt2"):
     """The run folder to read: out_dir when it was given (flag or config file) or holds ckpt.pt;
     else the folder in the working directory whose ckpt.pt is newest, with a notice on stderr
-    naming it; else a one-line error saying what to do."""
+    naming it; else a one-line error saying what to do (otherwise: the caller's other ways)."""
     if given or (Path(out_dir) / 'ckpt.pt').is_file():
         return out_dir
     runs = sorted((p for p in Path('.').iterdir() if p.is_dir() and (p / 'ckpt.pt').is_file()),
                   key=lambda p: (p / 'ckpt.pt').stat().st_mtime)
     if not runs:
         raise ConfigError(f"no trained model to {what}: {out_dir}/ckpt.pt does not exist and no folder here has a "
-                          f"ckpt.pt. Train one (python train.py config/train_shakespeare_char_cpu.py), pass "
-                          f"--out_dir=RUN_FOLDER, or use --init_from=gpt2")
+                          f"ckpt.pt. Train one (python train.py config/train_shakespeare_char_cpu.py), {otherwise}")
     chosen = runs[-1].name
     stamp = time.strftime('%Y-%m-%d %H:%M', time.localtime((runs[-1] / 'ckpt.pt').stat().st_mtime))
     print(f"notice: no {out_dir}/ckpt.pt; using the most recently trained run, {chosen}/ (saved {stamp}); "

@@ -17,9 +17,10 @@ import os
 import sys
 from contextlib import redirect_stdout
 
+import cli  # first: a missing package is one line naming the fix, not a traceback
+
 import torch
 
-import cli
 import hardware
 import runs
 from quantize import QUANTIZE, quantize_model
@@ -107,11 +108,11 @@ class StreamPrinter:
     GPT-2 BPE tokens can end in the middle of a multi-byte character (decoded as U+FFFD until
     the next token completes it), and the counting tokenizer puts spaces between numbers."""
 
-    def __init__(self, tokenizer, out=None):
+    def __init__(self, tokenizer, out=None, unprinted=()):
         self.tokenizer = tokenizer
         self.out = out or sys.stdout
-        self.ids = []
-        self.shown = ''
+        self.ids = list(unprinted)  # context that is not printed (the start-of-text token)
+        self.shown = tokenizer.decode(self.ids) if self.ids else ''
 
     def add(self, ids):
         self.ids.extend(ids)
@@ -154,6 +155,8 @@ def main(argv):
             block.compile()
 
     prompt = encode_prompt(read_prompt(cfg['start']), tokenizer, model.config.block_size)
+    # an empty prompt starts from GPT-2's <|endoftext|>: context for the model, not text to print
+    hidden = 1 if cfg['start'] == '' and tokenizer.name == 'gpt2' else 0
     x = torch.tensor(prompt, dtype=torch.long, device=dev.device)[None, :].repeat(cfg['num_samples'], 1)  # (B, T)
     generator = torch.Generator(device=dev.device)
     generator.manual_seed(cfg['seed'])
@@ -167,8 +170,8 @@ def main(argv):
     )
     with dev.autocast():
         if cfg['num_samples'] == 1 and cfg['stream']:
-            printer = StreamPrinter(tokenizer)
-            printer.add(prompt)
+            printer = StreamPrinter(tokenizer, unprinted=prompt[:hidden])
+            printer.add(prompt[hidden:])
             for token in model.generate_stream(x, cfg['max_new_tokens'], **sampling):
                 printer.add([token.item()])
             printer.finish()
@@ -176,7 +179,7 @@ def main(argv):
         else:
             y = model.generate(x, cfg['max_new_tokens'], **sampling)  # (B, T + max_new_tokens)
             for row in y.tolist():
-                print(tokenizer.decode(row))
+                print(tokenizer.decode(row[hidden:]))
                 print(SEPARATOR)
 
 

@@ -28,12 +28,13 @@ import signal
 import sys
 import time
 
+import cli  # first: a missing package is one line naming the fix, not a traceback
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cli
 import hardware
 import plot  # loss curves; matplotlib is imported only when drawing
 import resume
@@ -41,7 +42,7 @@ import runs
 from lora import apply_lora, check_lora_knobs, lora_state_dict
 from model import GPT, PRETRAINED
 from optim import configure_optimizers, crop_optimizer_state
-from prepare import PrepareError, check_dataset
+from prepare import DATA_DIR, PrepareError, check_dataset, small_data_notice
 
 # -----------------------------------------------------------------------------
 # defaults: a GPT-2 (124M) on OpenWebText; config/*.py and --key=value change them
@@ -182,7 +183,7 @@ if master_process:
 
 # -----------------------------------------------------------------------------
 # data: uint16 token files read through np.memmap
-dataset_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+dataset_dir = data_dir or os.path.join(DATA_DIR, dataset)  # data/ beside the scripts
 split_paths = {split: os.path.join(dataset_dir, f'{split}.bin') for split in ('train', 'val')}
 try:  # sizes, metadata and token ids checked now; files over 256 MiB are checked batch by batch
     split_sizes, meta, check_per_batch = check_dataset(dataset_dir, split_paths, block_size, dataset)
@@ -286,6 +287,9 @@ if hellaswag_interval:
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
     print(model.param_table())
+    notice = small_data_notice(split_sizes['train'], model.get_num_params(), max_iters * tokens_per_iter)
+    if notice:
+        print(notice)
 
 # -----------------------------------------------------------------------------
 # optimizer, and the rest of the state a resume restores
@@ -469,6 +473,11 @@ signal.signal(signal.SIGINT, request_stop)
 start_iter = iter_num
 last_save = time.time()  # for checkpoint_interval_s
 device_name = torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
+if master_process and hardware.peak_flops(device_name, dev.ptdtype) is None:
+    print(f"mfu: not shown (no known peak FLOP/s for {device_name} in {dev.dtype})")
+time_left = cli.TimeLeft(max_iters, eval_interval)  # for the progress lines
+
+
 t_log, last_log_iter = time.time(), iter_num
 loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
 stopped_in_eval = False
@@ -493,6 +502,7 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
             save_training_state('val loss improved' if improved else 'always_save_checkpoint')
+        time_left.evaluation_took(time.time() - t_eval)
         t_log += time.time() - t_eval  # keep evals and saves out of ms/iter
     if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num == max_iters or eval_only):
         t_eval = time.time()
@@ -540,9 +550,13 @@ while True:
         if master_process:
             tokens_per_sec = tokens_per_iter / dt
             mfu = hardware.estimate_mfu(model, tokens_per_sec / world_size, device_name, dev.ptdtype)
-            mfu_text = f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a"
-            print(f"iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.2f}ms/iter, "
-                  f"{tokens_per_sec:,.0f} tokens/s, {mfu_text}")
+            left = time_left.after_step(iter_num, dt)
+            print(f"iter {iter_num - 1}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.2f}ms/iter, "
+                  f"{tokens_per_sec:,.0f} tokens/s" + (f", mfu {mfu * 100:.2f}%" if mfu is not None else "")
+                  + f", {cli.duration(left)} left")
+            if iter_num - start_iter >= 5 and time_left.long_run_once(left, 1800):  # said once, with what to do
+                print(f"notice: at {time_left.pace:.2f} s per iteration, the {max_iters - iter_num:,} iterations left "
+                      f"take about {cli.duration(left)}" + hardware.smaller_run_hint(dev.device_type, dataset))
             log_jsonl(iter=iter_num - 1, kind='train', split='train', loss=lossf, lr=lr,
                       tokens=iter_num * tokens_per_iter, ms_per_iter=dt * 1000,
                       tokens_per_sec=tokens_per_sec, mfu=mfu)
@@ -572,17 +586,8 @@ if stopped_in_eval:  # the model and optimizer hold the last finished step: save
         print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; " + (
             f"continue with: python train.py --init_from=resume --out_dir={out_dir}" if saved else "nothing to save yet"))
 if master_process and not eval_only:
-    wall = time.time() - run_start
-    print(f"\ndone: {iter_num - start_iter:,} iterations in {wall / 60:.1f} min ({wall:.0f} s); best val loss "
-          f"{best_val_loss:.4f}; {iter_num * tokens_per_iter:,} tokens seen in total")
-    if os.path.isfile(ckpt_path):
-        picture = os.path.join(out_dir, 'loss.png')
-        print(f"checkpoint: {ckpt_path} (log: {log_path}" + (f", loss curve: {picture})" if os.path.isfile(picture) else ")"))
-        start_flag = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
-        print(f"next: python sample.py --out_dir={out_dir}{start_flag}\n      python plot.py loss {out_dir}")
-    else:
-        print(f"no checkpoint was written (no evaluation after iteration {start_iter}); "
-              f"lower --eval_interval to save one")
+    print(runs.summary(out_dir, dataset, iter_num - start_iter, time.time() - run_start, best_val_loss,
+                       iter_num * tokens_per_iter))
 run_lock.release()
 if wandb_log and master_process:
     wandb.finish()

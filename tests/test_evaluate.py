@@ -213,6 +213,43 @@ def test_attention_grid_has_a_panel_per_layer_and_head(tmp_path, mpimg):
     assert ticks[2] == '\\n' and ticks[3] == 'd\\$'
 
 
+def test_attention_labels_without_a_font_show_code_points_and_no_glyph_warnings(tmp_path, mpimg, capsys, recwarn):
+    """Chinese labels with no installed font that has them (CI): one notice, code points as
+    labels, none of matplotlib's 'Glyph missing' warnings (there were ~30 before)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    chinese = "中文模型"
+    have = [f.fname for f in font_manager.fontManager.ttflist if 'lastresort' not in f.fname.lower()
+            and all(ord(c) in FT2Font(f.fname).get_charmap() for c in chinese)]
+    model = tiny_gpt(block_size=16, n_layer=1, n_head=2)
+    labels = list(chinese) + ['a', 'é']
+    fig = plot.plot_attention(model, list(range(len(labels))), labels, tmp_path / 'a.png', title=f"attention: {chinese}")
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert not [w for w in recwarn if 'Glyph' in str(w.message)]
+    err = capsys.readouterr().err
+    if have:  # a CJK font is installed: the characters themselves
+        assert ticks[:4] == list(chinese) and 'notice' not in err
+    else:
+        assert ticks[:4] == ['U+4E2D', 'U+6587', 'U+6A21', 'U+578B'] and ticks[5] == 'é'
+        assert err.count('notice: no installed font has glyphs') == 1
+    assert mpimg.imread(tmp_path / 'a.png').ndim == 3
+
+
+def test_glyph_font_finds_an_installed_font_that_has_the_characters():
+    """Characters the default monospace font lacks but another installed font has (matplotlib
+    ships STIX: its integral signs and arrows) are drawn with that font, not replaced."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    default = set(FT2Font(font_manager.findfont(font_manager.FontProperties(family='monospace'))).get_charmap())
+    stix = set(FT2Font(font_manager.findfont(font_manager.FontProperties(family='STIXGeneral'))).get_charmap())
+    only_stix = sorted(c for c in stix - default if chr(c).isprintable() and not chr(c).isspace())[:3]
+    assert only_stix, "STIX has characters that DejaVu Sans Mono lacks"
+    text = ''.join(map(chr, only_stix))
+    font, texts = plot.glyph_font([text])
+    assert texts == [text]
+    assert not set(only_stix) - set(FT2Font(font_manager.findfont(font)).get_charmap())
+
+
 # -----------------------------------------------------------------------------
 # command lines, on a checkpoint saved the way train.py saves one
 

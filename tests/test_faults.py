@@ -171,7 +171,7 @@ def test_failed_run_writes_nothing_into_the_working_directory(tmp_path):
     """The default out_dir ('out', relative to where train.py runs) is not created by a run that fails."""
     proc = subprocess.run([sys.executable, str(REPO / 'train.py'), *TINY, '--dataset=no_such_corpus'],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env=ENV)
-    assert_proc_error(proc, 'python prepare.py no_such_corpus')
+    assert_proc_error(proc, 'python prepare.py text --input=YOUR_TEXT --name=no_such_corpus')
     assert list(tmp_path.iterdir()) == []
 
 
@@ -895,3 +895,30 @@ def test_ddp_exit_keeps_the_status_and_message_python_would_give(body, code, std
         assert proc.stderr == stderr
     else:
         assert proc.stderr.startswith('Traceback') and proc.stderr.rstrip().endswith(stderr)
+
+
+# -----------------------------------------------------------------------------
+# third pass (a new user's first hour, round two): the message names the fix the user needs
+
+def test_a_misspelled_dataset_names_the_nearest_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, 'DATA_DIR', tmp_path / 'data')
+    (tmp_path / 'data' / 'shakespeare_char').mkdir(parents=True)
+    (tmp_path / 'data' / 'shakespeare_char' / 'meta.json').write_text('{}')
+    monkeypatch.chdir(tmp_path)
+    code, stderr, _ = run_in_process('train.py', [*TINY, '--dataset=shakespear_char', f'--out_dir={tmp_path / "o"}'])
+    assert_error_line(code, stderr, "no dataset 'shakespear_char'", 'did you mean --dataset=shakespeare_char?')
+
+
+def test_plot_loss_without_a_run_suggests_what_plot_takes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stderr = captured(plot.main, ['loss'])
+    line = assert_error_line(code, stderr, 'no trained model to plot', 'python plot.py loss RUN_FOLDER')
+    assert '--init_from' not in line and '--out_dir' not in line
+
+
+def test_evaluate_hellaswag_finds_a_missing_run_before_downloading(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded before checking the run")
+    monkeypatch.setattr(evaluate, 'hellaswag_path', no_download)
+    code, stderr = captured(evaluate.main, ['hellaswag', f'--out_dir={tmp_path / "no-run"}', '--device=cpu'])
+    assert_error_line(code, stderr, 'no checkpoint at', 'no-run')

@@ -1,7 +1,7 @@
 """Tests for prepare.py: exact token counts, round trips, atomic writes, errors, safe metadata.
 
-CPU only and offline: raw text comes from the shared copies in ../shared/data (tests skip with
-a reason when they are absent) and everything is prepared under pytest's tmp_path.
+CPU only and offline: raw text comes from local copies (tests/local_data.py; tests skip, saying
+how to get them, when they are absent) and everything is prepared under pytest's tmp_path.
 """
 import hashlib
 import json
@@ -9,24 +9,16 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-SHARED_DATA = SHARED / "data"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+import prepare
+from local_data import NO_SHAKESPEARE, NO_WIKITEXT, ROOT, SHAKESPEARE, WIKITEXT
 
-import prepare  # noqa: E402  (after the cache variable, which tiktoken reads lazily anyway)
-
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
-WIKITEXT = SHARED_DATA / "wikitext-2"
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"no offline copy at {SHAKESPEARE}")
-needs_wikitext = pytest.mark.skipif(not (WIKITEXT / "valid.txt").exists(), reason=f"no offline copy in {WIKITEXT}")
+needs_shakespeare = pytest.mark.skipif(SHAKESPEARE is None, reason=NO_SHAKESPEARE)
+needs_wikitext = pytest.mark.skipif(WIKITEXT is None, reason=NO_WIKITEXT)
 
 
 def run_cli(*args, cwd=ROOT):
@@ -254,6 +246,24 @@ def test_offline_failure_names_address_and_path(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err
 
 
+def test_offline_is_found_in_one_try_and_said_in_one_whole_line(tmp_path, monkeypatch, capsys):
+    """WikiText-2 offline: one request, not three files times three retries (18 s); one error
+    line with the whole address (it was cut mid-word: '/karpathy/char-rnn/maste')."""
+    calls = []
+
+    def no_network(url, **kwargs):
+        calls.append(url)
+        raise requests.ConnectionError(f"HTTPSConnectionPool(host='raw.githubusercontent.com', port=443): Max retries "
+                                       f"exceeded with url: {url} (Caused by NameResolutionError(\"Failed to resolve\"))")
+
+    monkeypatch.setattr(prepare.requests, "get", no_network)
+    assert prepare.main(["wikitext2", f"--data_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: could not download " + calls[0] + " (cannot connect to raw.githubusercontent.com")
+    assert "Max retries" not in err and "--input=" in err
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 @needs_shakespeare
@@ -356,7 +366,8 @@ def test_text_prepared_from_another_input_is_refused_not_replaced(tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("something else entirely\n" * 50)
     data = tmp_path / "d"
-    assert run_cli("text", f"--input={folder}", "--name=mine", f"--data_dir={data}").returncode == 0
+    first = run_cli("text", f"--input={folder}", "--name=mine", f"--data_dir={data}")
+    assert first.returncode == 0 and "is little text" in first.stdout and "Train on your own text" in first.stdout
     before = {p.name: p.read_bytes() for p in (data / "mine").iterdir()}
     again = run_cli("text", f"--input={folder}", "--name=mine", f"--data_dir={data}")
     assert again.returncode == 0 and "already prepared" in again.stdout

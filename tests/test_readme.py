@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from local_data import NO_SHAKESPEARE, SHAKESPEARE
+
 ROOT = Path(__file__).resolve().parent.parent
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py']
 
 # (substring, why it is not run here)
@@ -145,13 +146,13 @@ def test_readme_commands_run_as_written(tmp_path):
     data = repo / 'data' / 'shakespeare_char'
     if (ROOT / 'data' / 'shakespeare_char' / 'meta.json').is_file():
         shutil.copytree(ROOT / 'data' / 'shakespeare_char', data)
-    elif SHAKESPEARE.is_file():
+    elif SHAKESPEARE is not None:
         r = run(f"python prepare.py shakespeare_char --input={SHAKESPEARE}", repo)
         assert r.returncode == 0, r.stderr
     else:
-        pytest.skip("no prepared shakespeare_char and no offline copy of its text")
+        pytest.skip(NO_SHAKESPEARE)
     (repo / 'notes').mkdir()  # the README's own-text example reads notes/
-    (repo / 'notes' / 'a.txt').write_text("To be, or not to be, that is the question.\n" * 50)
+    (repo / "notes" / "a.txt").write_text("To be, or not to be, that is the question.\n" * 200)
 
     ran = []
     for command, skipped in plan():

@@ -33,3 +33,20 @@ def test_torch_floor_is_stated_once_and_enforced():
     assert "too old" in cli.torch_too_old("2.2.2+cu121") and "pip install -U torch" in cli.torch_too_old("2.1.0")
     assert cli.torch_too_old("2.3.1") is None and cli.torch_too_old("2.13.0+cpu") is None
     assert cli.torch_too_old("3.0.0a0+git1234") is None
+
+
+def test_readme_pictures_and_numbers_come_from_the_current_quick_start_config():
+    """assets/loss.png and attention.png record (PNG Description) the run that drew them: its
+    knobs must be those of config/train_shakespeare_char_cpu.py as it is now, and README must
+    state that run's val loss and steps. Changing the recipe without redrawing fails here."""
+    import json
+    Image = __import__('pytest').importorskip('PIL.Image')
+    import cli
+    from test_train import train_defaults
+    recipe = cli.load_config(train_defaults(), [str(ROOT / 'config' / 'train_shakespeare_char_cpu.py')])
+    readme = (ROOT / 'README.md').read_text()
+    for name in ('loss.png', 'attention.png'):
+        described = json.loads(Image.open(ROOT / 'assets' / name).text['Description'])
+        run = described['runs'][0]
+        assert {k: run['config'][k] for k in recipe} == recipe, f"assets/{name} was drawn from another recipe"
+    assert f"{run['best_val_loss']:.4f} after {run['iterations']:,} steps" in readme

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import local_data  # noqa: F401  (TIKTOKEN_CACHE_DIR for offline GPT-2 BPE files)
 import torch
 
 import cli
@@ -60,7 +62,7 @@ def run_sample(capsys, *argv):
 
 
 def run_script(*argv, cwd=None):
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get('TIKTOKEN_CACHE_DIR', str(ROOT.parent / 'shared' / 'tiktoken_cache')))
+    env = dict(os.environ)  # TIKTOKEN_CACHE_DIR, when set (tests/local_data.py), reaches the child
     return subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', *argv],
                           capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=120)
 
@@ -112,6 +114,15 @@ def test_stream_printer_holds_back_half_characters():
     printer.finish()
     assert buf.getvalue() == text
     assert not any('\ufffd' in p for p in pieces)
+    # Greek, and tokens in any order (a model's output): the pieces always add up to decoding all at once
+    greek = tok.encode("Καλημέρα κόσμε· τι κάνεις;")
+    for ids in (greek, torch.randint(0, 50257, (400,), generator=torch.Generator().manual_seed(0)).tolist()):
+        buf = io.StringIO()
+        printer = sample.StreamPrinter(tok, buf)
+        for i in ids:
+            printer.add([i])
+        printer.finish()
+        assert buf.getvalue() == tok.decode(ids)
 
 
 def test_empty_prompt_starts_from_newline_and_long_prompt_is_cropped(char_run, capsys):
@@ -222,8 +233,11 @@ def test_hugging_face_folder_samples(tmp_path, capsys):
     ours = GPT.from_pretrained(str(tmp_path / 'hf'))
     assert out == expected_samples(ours, prepare.gpt2_tokenizer(), 'Hello, world', 1, 8, 1,
                                    temperature=0.8, top_k=200)
-    sample.main(['--device=cpu', f'--init_from={tmp_path / "hf"}', '--max_new_tokens=2'])
-    assert 'starting from <|endoftext|> (id 50256)' in capsys.readouterr().err
+    for extra in ([], ['--num_samples=2']):  # streamed, and as a batch
+        sample.main(['--device=cpu', f'--init_from={tmp_path / "hf"}', '--max_new_tokens=2', *extra])
+        captured = capsys.readouterr()
+        assert 'starting from <|endoftext|> (id 50256)' in captured.err
+        assert not captured.out.startswith('<|endoftext|>')  # the start token is context, not text
 
 
 def test_padded_vocabulary_never_samples_past_the_tokenizer(tmp_path, capsys):

@@ -443,7 +443,7 @@ def test_eval_only_from_local_hugging_face_folder(tmp_path, data):
 
 def test_data_errors(tmp_path, data):
     missing = run_train(*TINY, '--dataset=nonexistent_corpus', f'--out_dir={tmp_path / "out"}')
-    assert_one_line_error(missing, 'python prepare.py nonexistent_corpus')
+    assert_one_line_error(missing, 'python prepare.py text --input=YOUR_TEXT --name=nonexistent_corpus')
     short = make_dataset(tmp_path / 'short', n_tokens=40)  # val.bin gets 10 tokens
     proc = run_train(*TINY, f'--data_dir={short}', f'--out_dir={tmp_path / "out"}')
     assert_one_line_error(proc, 'has 10 tokens', 'block_size=16', 'at least 17')
@@ -545,3 +545,43 @@ def test_hellaswag_interval_logs_acc_norm_of_the_model_being_trained(tmp_path):
     assert_one_line_error(run_train(*TINY, f'--data_dir={small}', f'--out_dir={tmp_path / "o2"}', '--max_iters=2',
                                     '--hellaswag_interval=2', f'--hellaswag_input={hs_file}'),
                           'hellaswag_interval needs GPT-2 BPE data')
+
+
+def test_progress_lines_show_the_step_count_and_the_time_left(tmp_path, data):
+    proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "out"}', '--max_iters=6', '--eval_interval=3')
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('iter ')]
+    assert [line.split(':')[0] for line in lines] == [f'iter {i}/6' for i in range(6)]
+    assert all(line.endswith(' left') and 'mfu' not in line for line in lines)
+    assert proc.stdout.count('mfu: not shown (no known peak FLOP/s for cpu') == 1  # said once
+
+
+def test_a_run_of_hours_says_so_and_names_a_cpu_recipe(tmp_path, data):
+    """A GPU-sized run on a CPU used to run for hours without a word; after a few steps it says
+    how long it will take, once, with what to run instead."""
+    proc = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}',
+                             '--max_iters=100000000', '--eval_interval=100000000', '--eval_at_start=False'],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith('notice: at ') or len(seen) > 200:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    notice = [line for line in seen if line.startswith('notice: at ')]
+    assert len(notice) == 1 and 'iterations left take about' in notice[0], ''.join(seen[-20:])
+    assert 'on a CPU, shrink it' in notice[0] and 'config/train_shakespeare_char_cpu.py' in notice[0]
+
+
+def test_tiny_data_for_the_model_is_named_before_training(tmp_path):
+    small = make_dataset(tmp_path / 'small', n_tokens=400)
+    proc = run_train(*TINY, f'--data_dir={small}', f'--out_dir={tmp_path / "out"}', '--max_iters=2000',
+                     '--eval_interval=1000', '--n_embd=64', '--max_iters=1')
+    assert proc.returncode == 0, proc.stderr
+    assert 'notice: the training split holds 400 tokens' in proc.stdout and 'memorize' in proc.stdout
+    big = make_dataset(tmp_path / 'big', n_tokens=40000)
+    proc = run_train(*TINY, f'--data_dir={big}', f'--out_dir={tmp_path / "out2"}', '--max_iters=1')
+    assert 'memorize' not in proc.stdout

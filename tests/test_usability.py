@@ -5,6 +5,9 @@ dataset and the GPT-2 weights message. Everything writes under tmp_path."""
 import dataclasses
 import io
 import os
+import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -143,3 +146,29 @@ def test_gpt2_name_without_local_files_says_what_is_missing(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="'gpt2'"):
         runs.pretrained_folder("gpt2")
+
+
+@pytest.mark.parametrize('script, argv, package', [('train.py', ['--help'], 'numpy'), ('sample.py', [], 'torch'),
+                                                    ('prepare.py', ['--list'], 'requests')])
+def test_a_missing_package_is_one_line_naming_the_fix(script, argv, package):
+    """Outside the virtual environment numpy and torch are missing: one line, not a traceback."""
+    code = (f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = [{script!r}, *{argv!r}]; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: no module named '{package}'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and '.venv/bin/activate' in r.stderr
+
+
+@pytest.mark.parametrize('argv, fragment', [
+    (['--max_iters', '50'], 'did you mean --max_iters=50?'),
+    (['--config=config/x.py'], 'a config file is a plain argument'),
+])
+def test_common_flag_slips_are_named(argv, fragment):
+    with pytest.raises(cli.ConfigError, match=re.escape(fragment)):
+        cli.load_config({'max_iters': 1, 'compile': False}, argv)
+
+
+def test_an_integral_float_stands_for_an_int():
+    assert cli.load_config({'max_iters': 1}, ['--max_iters=5e3']) == {'max_iters': 5000}
+    with pytest.raises(cli.ConfigError, match='expected int'):
+        cli.load_config({'max_iters': 1}, ['--max_iters=5.5'])
