@@ -433,9 +433,12 @@ def pretrained_folder(name_or_path):
             try:
                 folder = snapshot_download(repo_id, allow_patterns=patterns)
             except Exception as e:
+                text = ' '.join(str(e).split()).lower()
+                offline = any(w in text for w in ('offline', 'connect', 'resolve', 'network', 'unreachable'))
+                why = "the Hub cannot be reached: offline?" if offline else f"{type(e).__name__}: {_first_sentence(e)}"
                 raise FileNotFoundError(
                     f"GPT-2 weights {repo_id!r} are not in the local Hugging Face cache and could not be "
-                    f"downloaded ({type(e).__name__}: {_first_sentence(e)}). Download them once where there is "
+                    f"downloaded ({why}). Download them once where there is "
                     f"network (`hf download {repo_id} config.json model.safetensors`) or pass a local folder."
                 ) from None
         return folder
