@@ -71,12 +71,14 @@ def window_plan(n_tokens, block_size, stride):
 
 
 @torch.no_grad()
-def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
-    """Mean cross-entropy (nats per token) and perplexity of model over the 1-D token array.
+def perplexity(model, tokens, stride=None, batch_size=8, autocast=None, token_bytes=None):
+    """Mean cross-entropy (nats per token) and perplexity of model over the 1-D token array, and
+    bits per byte when token_bytes (UTF-8 bytes per id) is given: the scored tokens' loss in bits
+    over the bytes of their text (<|endoftext|>, 0 bytes, is left out of both).
 
     Windows of the model's block_size with the given stride (default: half the block), batched
-    batch_size at a time. Returns dict(loss, perplexity, tokens=number of tokens scored,
-    windows, block_size, stride).
+    batch_size at a time. Returns dict(loss, perplexity, bpb, bytes, tokens=number of tokens
+    scored, windows, block_size, stride).
     """
     block_size = model.config.block_size
     stride = stride or max(1, block_size // 2)
@@ -85,7 +87,9 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
     data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     was_training = model.training
     model.eval()
-    total_nll, total_count = 0.0, 0
+    total_nll, total_count, text_nll, text_bytes = 0.0, 0, 0.0, 0
+    sizes = None if token_bytes is None else torch.tensor(list(token_bytes) + [0] * (model.config.vocab_size -
+                                                                                  len(token_bytes)), device=device)
     bar = cli.Progress('perplexity', total=len(plan), unit='windows')
     for i in range(0, len(plan), batch_size):
         chunk = plan[i:i + batch_size]
@@ -95,17 +99,22 @@ def perplexity(model, tokens, stride=None, batch_size=8, autocast=None):
             y[row, :skip] = -1  # already scored by the previous window: ignored
         x, y = x.to(device), y.to(device)
         with autocast() if autocast else nullcontext():
-            _, loss = model(x, y)  # mean cross-entropy over the targets that are not -1
-        count = int((y != -1).sum())  # every window scores at least one target (window_plan)
-        total_nll += loss.item() * count
-        total_count += count
+            logits, _ = model(x, y)
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction='none')  # (B*T,)
+        total_nll += nats.sum().item()  # ignored targets (already scored) give 0
+        total_count += int((y != -1).sum())  # every window scores at least one target (window_plan)
+        if sizes is not None:
+            size = sizes[y.flatten().clamp(min=0)] * (y.flatten() != -1)
+            text_nll += (nats * (size > 0)).sum().item()
+            text_bytes += int(size.sum())
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
     assert total_count == len(tokens) - 1, f"scored {total_count} tokens, expected {len(tokens) - 1}"
     loss = total_nll / total_count
-    return dict(loss=loss, perplexity=math.exp(loss), tokens=total_count, windows=len(plan),
-                block_size=block_size, stride=stride)
+    bpb = text_nll / math.log(2) / text_bytes if text_bytes else None
+    return dict(loss=loss, perplexity=math.exp(loss), bpb=bpb, bytes=text_bytes, tokens=total_count,
+                windows=len(plan), block_size=block_size, stride=stride)
 
 
 # -----------------------------------------------------------------------------
@@ -245,9 +254,10 @@ class HellaSwagDuringTraining:
     are summed over ranks. Rank 0 downloads the file (when not given) before the others read it."""
 
     def __init__(self, meta, input_path, vocab_size, rank=0, world_size=1):
-        tokenizer = prepare.get_tokenizer(meta)
-        if tokenizer.name != 'gpt2' or vocab_size < tokenizer.vocab_size:
-            cli.die(f"hellaswag_interval needs GPT-2 BPE data; this dataset uses the {tokenizer.name} "
+        kind = meta.get('tokenizer') or ('char' if 'chars' in meta or 'itos' in meta else 'gpt2')
+        tokenizer = prepare.gpt2_tokenizer() if kind == 'gpt2' else None
+        if tokenizer is None or vocab_size < tokenizer.vocab_size:
+            cli.die(f"hellaswag_interval needs GPT-2 BPE data; this dataset uses the {kind} "
                        f"tokenizer: set hellaswag_interval=0")
         path = hellaswag_path(input_path) if rank == 0 or input_path else None
         if world_size > 1:
@@ -358,12 +368,17 @@ def run_perplexity(cfg):
         cli.die(f"{path} has token id {int(tokens.max())} but the model's vocab_size is "
                    f"{model.config.vocab_size}: this model was not trained with this tokenizer")
     try:
-        r = perplexity(model, tokens, cfg['stride'] or None, cfg['batch_size'], dev.autocast)
+        token_bytes, no_bpb = prepare.token_bytes_of(prepare.read_meta(folder), folder)
+    except prepare.PrepareError as e:
+        cli.die(str(e))
+    try:
+        r = perplexity(model, tokens, cfg['stride'] or None, cfg['batch_size'], dev.autocast, token_bytes)
     except ValueError as e:
         cli.die(str(e))
     print(f"{os.path.relpath(path)}: {r['tokens']:,} tokens scored in {r['windows']} windows "
           f"(block_size {r['block_size']}, stride {r['stride']})")
-    print(f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}")
+    print(f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}"
+          + (f", bpb {r['bpb']:.4f} ({r['bytes']:,} bytes of text)" if r['bpb'] is not None else f" (bpb: {no_bpb})"))
     print(f"(every token scored once, with at least {r['block_size'] - r['stride']} tokens of context except near "
           f"the start; train.py's val loss averages random windows whose first positions see little context, so "
           f"it reads higher)")

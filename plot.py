@@ -124,17 +124,22 @@ def _stderr(message):
 
 # the right panel's x axis: log.jsonl key -> axis label
 X_AXES = {'tokens': 'tokens seen', 'time': 'seconds since training started'}
+Y_AXES = {'loss': 'loss (nats per token)', 'bpb': 'bits per byte (of the evaluated text)'}
 
 
-def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
+def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens', y='loss'):
     """PNG of train and val loss of each run: against iterations (left) and, on the right,
     tokens (x='tokens') or wall-clock seconds since the run's training loop started (x='time').
 
     Lines per run (one colour each): val loss at evaluations (solid, dots), train loss at
     evaluations (dashed), and the logged per-step training loss (thinner, lighter, underneath).
+    y='bpb': bits per byte of the evaluations instead, which compares runs of any tokenizers
+    (training steps log no bpb, so their line is left out).
     """
     if x not in X_AXES:
         raise cli.ConfigError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
+    if y not in Y_AXES:
+        raise cli.ConfigError(f"y must be one of {', '.join(Y_AXES)}, got {y!r}")
     logs = [read_log(d) for d in out_dirs]  # a missing log fails before any drawing
     names = [os.path.basename(os.path.normpath(d)) for d in out_dirs]
     fig = _new_figure(width_px, height_px)
@@ -151,12 +156,13 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
              [r for r in records if r.get('kind') == 'eval' and r.get('split') == 'val']),
         ]
         for label, style, rows in series:
+            rows = [r for r in rows if r.get(y) is not None]  # bpb: evaluations of text data only
             if not rows:
                 continue
             any_points = True
-            ax_iter.plot([r['iter'] for r in rows], [r['loss'] for r in rows], color=color, label=label, **style)
+            ax_iter.plot([r['iter'] for r in rows], [r[y] for r in rows], color=color, label=label, **style)
             rows = [r for r in rows if x in r]  # logs of older versions have no 'time'
-            ax_right.plot([r[x] for r in rows], [r['loss'] for r in rows], color=color, label=label, **style)
+            ax_right.plot([r[x] for r in rows], [r[y] for r in rows], color=color, label=label, **style)
     hellaswag = [[r for r in records if r.get('kind') == 'hellaswag'] for records in logs]
     if any(hellaswag):  # train.py's hellaswag_interval: accuracy on its own scale, right axis
         ax_acc = ax_iter.twinx()
@@ -172,13 +178,14 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens'):
     if x == 'tokens':
         ax_right.xaxis.set_major_formatter(EngFormatter(sep=''))  # 300k, 1.2M, ...
     for ax in (ax_iter, ax_right):
-        ax.set_ylabel('loss (nats per token)')
+        ax.set_ylabel(Y_AXES[y])
         ax.grid(True, alpha=0.4)
     if any_points:
         ax_iter.legend(fontsize=8)
     else:
-        ax_iter.text(0.5, 0.5, 'no log entries yet', ha='center', va='center', transform=ax_iter.transAxes)
-    fig.suptitle(f"loss: {', '.join(names)}")
+        ax_iter.text(0.5, 0.5, 'no log entries yet' if y == 'loss' else 'no bits per byte logged (not text, or an older run)',
+                     ha='center', va='center', transform=ax_iter.transAxes)
+    fig.suptitle(f"{'loss' if y == 'loss' else 'bits per byte'}: {', '.join(names)}")
     fig.tight_layout()
     _save(fig, path, {'runs': [run_record(d) for d in out_dirs]})
     return fig
@@ -293,6 +300,7 @@ ATTENTION_DEFAULTS = dict(
 LOSS_DEFAULTS = dict(
     out='',  # the PNG to write; '' means <out_dir>/loss.png for one run, loss.png for several
     x='tokens',  # the right panel's x axis: 'tokens' seen or 'time' (seconds since training started)
+    y='loss',  # 'loss' (nats per token) or 'bpb' (bits per byte: compares runs of different tokenizers)
 )
 
 
@@ -314,7 +322,7 @@ def run_loss(argv):
         cli.die(f"no loss records in {', '.join(os.path.join(d, 'log.jsonl') for d in out_dirs)} yet: "
                    f"plot once the run has logged a step (log_interval)")
     path = cfg['out'] or (os.path.join(out_dirs[0], 'loss.png') if len(out_dirs) == 1 else 'loss.png')
-    plot_loss(out_dirs, path, x=cfg['x'])
+    plot_loss(out_dirs, path, x=cfg['x'], y=cfg['y'])
     print(f"wrote {path}")
 
 

@@ -14,6 +14,8 @@ as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for e
     python prepare.py fineweb_edu --input=shards/       # local .parquet files with a `text` column, offline
     python prepare.py fineweb10B_gpt2 --shards=8        # FineWeb already in GPT-2 tokens: no tokenizing
     python prepare.py text --input=notes/ --tokenizer=char --name=mydata
+    python prepare.py text --input=notes/ --tokenizer=bpe --vocab_size=4096 --name=mine   # own BPE (bpe.py)
+    python prepare.py shakespeare --tokenizer=bpe --vocab_size=1024   # into data/shakespeare_bpe1024/
 
 Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
 PATH instead of data/; --force prepares again a dataset that is already prepared; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
@@ -78,12 +80,15 @@ class Tokenizer:
 
     # One class holding functions rather than a class per kind: the three tokenizers differ
     # only in these four callables, and callers never need to know which one they got.
-    def __init__(self, name, vocab_size, encode, decode, encode_batch=None):
+    def __init__(self, name, vocab_size, encode, decode, encode_batch=None, token_bytes=None):
         self.name = name
         self.vocab_size = vocab_size
         self.encode = encode
         self.decode = decode
         self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
+        # UTF-8 bytes of the text each id stands for (0 for <|endoftext|>), for bits per byte;
+        # None where tokens are not text (the counting task)
+        self.token_bytes = token_bytes
 
     def __repr__(self):
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
@@ -100,7 +105,8 @@ def char_tokenizer(chars):
             raise PrepareError(f"character {e.args[0]!r} is not in this dataset's vocabulary "
                                f"of {len(chars)} characters") from None
 
-    return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids))
+    return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids),
+                     token_bytes=[len(c.encode("utf-8")) for c in chars])
 
 
 def gpt2_tokenizer(num_threads=None):
@@ -111,13 +117,36 @@ def gpt2_tokenizer(num_threads=None):
     except Exception as e:  # offline without a cache tiktoken fails deep inside requests
         raise PrepareError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); offline, "
                            "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache") from None
+    return tiktoken_tokenizer("gpt2", enc, num_threads)
+
+
+def tiktoken_tokenizer(name, enc, num_threads=None):
+    """A Tokenizer over a tiktoken.Encoding (GPT-2's, or an own BPE's from bpe.py)."""
     threads = num_threads or os.cpu_count() or 1
+    special = set(enc.special_tokens_set)
     return Tokenizer(
-        "gpt2", enc.n_vocab,
+        name, enc.n_vocab,
         # prompts may spell <|endoftext|> on purpose; data files are encoded "ordinary" (as nanoGPT)
-        lambda text: enc.encode(text, allowed_special={"<|endoftext|>"}),
+        lambda text: enc.encode(text, allowed_special=special),
         enc.decode,
-        lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads))
+        lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads),
+        token_bytes=[0 if i in {enc.eot_token} else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
+
+
+def bpe_tokenizer(folder, meta):
+    """The tokenizer an own-BPE dataset was made with (bpe.py), from the ranks file meta.json names."""
+    import bpe
+    info = meta.get("bpe") or {}
+    path = Path(folder) / info.get("file", "tokenizer.tiktoken")
+    if not path.is_file():
+        raise PrepareError(f"{path} is missing: it holds this dataset's BPE tokenizer; prepare the dataset again")
+    if info.get("sha256") and sha256_of(path) != info["sha256"]:
+        raise PrepareError(f"{path} is not the tokenizer this dataset was made with (its sha256 differs from "
+                           f"meta.json's); prepare the dataset again")
+    try:
+        return tiktoken_tokenizer("bpe", bpe.load_encoding(path, int(meta["vocab_size"])))
+    except (ValueError, KeyError) as e:
+        raise PrepareError(f"{path}: {e}") from None
 
 
 def counting_tokenizer(vocab_size=101):
@@ -147,8 +176,48 @@ def counting_tokenizer(vocab_size=101):
     return Tokenizer("counting", vocab_size, encode, decode)
 
 
-def get_tokenizer(meta):
-    """Tokenizer described by metadata (meta.json or nanoGPT meta.pkl); GPT-2 when meta is empty."""
+def token_bytes_of(meta, folder):
+    """(UTF-8 bytes per token id, None) of a dataset whose tokens are text, for bits per byte;
+    (None, why not) where they are not (the counting task) or the tokenizer is unknown."""
+    name = meta.get("tokenizer") or ("char" if ("chars" in meta or "itos" in meta) else "gpt2" if not meta else None)
+    if name is None:
+        return None, "the metadata names no tokenizer"
+    if name == "counting":
+        return None, "the counting task's tokens are numbers, not text: per-token loss only"
+    try:
+        return get_tokenizer({**meta, "tokenizer": name}, folder).token_bytes, None
+    except PrepareError as e:
+        return None, str(e)
+
+
+def tokenizer_record(meta, folder):
+    """What a checkpoint keeps of its data's tokenizer, so sample.py and evaluate.py rebuild it
+    even when the data folder is gone or elsewhere: the name, vocab_size, the characters of a
+    char vocabulary, the ranks (tiktoken's text format) of an own BPE."""
+    record = {"tokenizer": meta.get("tokenizer"), "vocab_size": meta.get("vocab_size"), "folder": str(folder)}
+    if meta.get("chars"):
+        record["chars"] = list(meta["chars"])
+    if meta.get("tokenizer") == "bpe":
+        path = Path(folder) / (meta.get("bpe") or {}).get("file", "tokenizer.tiktoken")
+        try:
+            record["bpe_ranks"] = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            pass  # sample.py will then need the data folder, and says so
+    return record
+
+
+def tokenizer_from_record(record):
+    """The Tokenizer a checkpoint's tokenizer_record describes."""
+    if record.get("tokenizer") == "bpe":
+        import bpe
+        return tiktoken_tokenizer("bpe", bpe.load_encoding("the checkpoint's BPE", int(record["vocab_size"]),
+                                                           text=record["bpe_ranks"]))
+    return get_tokenizer(record, record.get("folder"))
+
+
+def get_tokenizer(meta, folder=None):
+    """Tokenizer described by metadata (meta.json or nanoGPT meta.pkl) of the dataset in folder
+    (an own BPE's ranks are a file there); GPT-2 when meta is empty."""
     name = meta.get("tokenizer")
     if name is None:  # nanoGPT's meta.pkl has only vocab_size, itos, stoi
         name = "char" if ("itos" in meta or "chars" in meta) else "gpt2"
@@ -164,7 +233,11 @@ def get_tokenizer(meta):
         return gpt2_tokenizer()
     if name == "counting":  # vocab_size = numbers + separator, so --numbers changes it
         return counting_tokenizer(int(meta.get("vocab_size", 101)))
-    raise PrepareError(f"unknown tokenizer {name!r} in metadata; known: char, gpt2, counting")
+    if name == "bpe":
+        if folder is None:
+            raise PrepareError("an own-BPE dataset's tokenizer is read from its folder: pass the folder")
+        return bpe_tokenizer(folder, meta)
+    raise PrepareError(f"unknown tokenizer {name!r} in metadata; known: char, gpt2, bpe, counting")
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -205,7 +278,7 @@ def read_meta(dataset_dir):
 
 def load_tokenizer(dataset_dir):
     """The tokenizer a prepared folder was made with (GPT-2 when it has no metadata, as nanoGPT)."""
-    return get_tokenizer(read_meta(dataset_dir))
+    return get_tokenizer(read_meta(dataset_dir), dataset_dir)
 
 
 # ----------------------------------------------------------------------------- files
@@ -322,6 +395,13 @@ def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
 
 def read_text(path):
     """A UTF-8 file, or every .txt file under a folder (sorted), as one string."""
+    parts = read_text_files(path)
+    # files joined so that each one starts on its own line
+    return "".join(p if p.endswith("\n") or i == len(parts) - 1 else p + "\n" for i, p in enumerate(parts))
+
+
+def read_text_files(path):
+    """The texts of a UTF-8 file, or of every .txt file under a folder (sorted), one per file."""
     path = Path(path)
     if not path.exists():
         raise PrepareError(f"input {path} does not exist; check --input")
@@ -338,11 +418,9 @@ def read_text(path):
                                f"iconv -f latin1 -t utf-8") from None
         except OSError as e:
             raise PrepareError(f"cannot read {file}: {e.strerror}") from None
-    # files joined so that each one starts on its own line
-    text = "".join(p if p.endswith("\n") or i == len(parts) - 1 else p + "\n" for i, p in enumerate(parts))
-    if not text.strip():
+    if not "".join(parts).strip():
         raise PrepareError(f"input {path} is empty; nothing to tokenize")
-    return text
+    return parts
 
 
 def token_count(path, allow_empty=True):
@@ -473,7 +551,7 @@ def write_json(path, obj):
 # ----------------------------------------------------------------------------- tokenizing
 
 def safe_pieces(text, size=1 << 16):
-    """Cut text into ~size pieces that GPT-2 BPE encodes exactly as the whole.
+    """Cut text into ~size pieces that GPT-2's BPE (and bpe.py's, GPT-4's pattern) encodes exactly as the whole.
 
     A cut just before an ASCII space that follows a letter or digit is a token boundary of
     GPT-2's pre-tokenizer regex in both directions (no pattern spans ' ' after a word, and
@@ -490,8 +568,9 @@ def safe_pieces(text, size=1 << 16):
         yield text[start:]
 
 
-def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="tokenizing", stats=None):
-    """Yield uint16-ready id arrays for an iterable of documents, eot appended after each one.
+def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="tokenizing", stats=None, between=False):
+    """Yield uint16-ready id arrays for an iterable of documents, eot appended after each one
+    (between=True: only between two documents, so a split cut inside a document ends without one).
 
     Documents are cut into safe pieces and encoded a batch (~batch_chars characters) at a time
     with tokenizer.encode_batch, so memory stays bounded and all cores work whatever the size.
@@ -520,8 +599,10 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
         pieces.clear()
         return np.array(out, dtype=np.int64)
 
-    for doc in docs:
-        for piece in safe_pieces(doc) if tokenizer.name == "gpt2" else [doc]:
+    for n, doc in enumerate(docs):
+        if between and n and eot is not None:
+            pieces.append(None)
+        for piece in safe_pieces(doc) if tokenizer.name in ("gpt2", "bpe") else [doc]:
             pieces.append(piece)
             chars += len(piece)
             done += len(piece) if by_chars else 0
@@ -529,7 +610,7 @@ def encode_documents(docs, tokenizer, eot=None, batch_chars=1 << 22, label="toke
                 yield flush()
                 chars = 0
                 progress(label, done, total, count=written())
-        if eot is not None:
+        if eot is not None and not between:
             pieces.append(None)
         done += 0 if by_chars else 1
     if pieces:
@@ -553,6 +634,7 @@ class Raw:
     source: str
     sha256: dict = field(default_factory=dict)  # file name -> sha256
     eot: bool = False  # append the tokenizer's end-of-text id after each document
+    eot_between: bool = False  # the eot goes between documents only (own-BPE text: no eot at a cut)
     extra: dict = field(default_factory=dict)  # more keys for meta.json
     # large corpora: an iterable of parquet row groups (parquet_tasks) in corpus order, split
     # into train/val by write_corpus instead of `splits` (which then stays empty)
@@ -1040,10 +1122,24 @@ def read_text_source(opts, out_dir):
     if not opts["input"]:
         raise UsageError("text needs --input=PATH (a .txt file or a folder of them)")
     path = Path(opts["input"])
-    text = read_text(path)
-    return Raw(split_90_10(text), source=str(path.resolve()),
-               sha256={path.name: sha256_of(path)} if path.is_file() else {},
-               extra={"inputs": input_manifest(path)})
+    # an own BPE has <|endoftext|> between the files (documents); the others join them by newlines
+    bpe = opts["tokenizer"] == "bpe"
+    splits = split_documents_90_10(read_text_files(path)) if bpe else split_90_10(read_text(path))
+    return Raw(splits, source=str(path.resolve()), sha256={path.name: sha256_of(path)} if path.is_file() else {},
+               eot=bpe, eot_between=True, extra={"inputs": input_manifest(path)})
+
+
+def split_documents_90_10(documents):
+    """The first 90% of the characters, document by document, for train (the document at the cut
+    is cut in two), the rest for val."""
+    cut = int(sum(map(len, documents)) * 0.9)
+    splits, seen = {"train": [], "val": []}, 0
+    for doc in documents:
+        head = max(0, min(len(doc), cut - seen))
+        splits["train"] += [doc[:head]] if head else []
+        splits["val"] += [doc[head:]] if head < len(doc) else []
+        seen += len(doc)
+    return splits
 
 
 def input_manifest(path):
@@ -1093,18 +1189,20 @@ OPENWEBTEXT = HubFiles("Skylion007/openwebtext", [("main", ""), ("refs/convert/p
 FINEWEB10B_GPT2 = HubFiles("kjj0/fineweb10B-gpt2", [("main", "")], suffix=".bin")
 PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_proc": 0}
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
+# text datasets: GPT-2's BPE, one token per character, or a BPE trained on the text (bpe.py);
+# vocab_size for bpe only; an own BPE goes to its own folder (--name, default NAME_bpeVOCAB)
+TEXT_OPTIONS = {"input": None, "tokenizer": "gpt2", "vocab_size": 0, "name": None, "num_threads": 0}
+TOKENIZERS = ("char", "gpt2", "bpe")
 # num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
 DATASETS = {
     "shakespeare_char": Dataset("Tiny Shakespeare, 65-character vocabulary, 90/10 split",
                                 SHAKESPEARE.url, "char", single_file_source(SHAKESPEARE), {"input": None}),
-    "shakespeare": Dataset("Tiny Shakespeare, GPT-2 BPE, 90/10 split",
-                           SHAKESPEARE.url, "gpt2", single_file_source(SHAKESPEARE),
-                           {"input": None, "num_threads": 0}),
-    "the_verdict": Dataset("Edith Wharton's The Verdict (20k characters), GPT-2 BPE, 90/10 split",
-                           VERDICT.url, "gpt2", single_file_source(VERDICT),
-                           {"input": None, "num_threads": 0}),
-    "wikitext2": Dataset("WikiText-2, GPT-2 BPE, its own train/valid/test splits (perplexity)",
-                         WIKITEXT_URL, "gpt2", read_wikitext2, {"input": None, "num_threads": 0}),
+    "shakespeare": Dataset("Tiny Shakespeare, GPT-2 BPE (or --tokenizer=bpe), 90/10 split",
+                           SHAKESPEARE.url, "choose", single_file_source(SHAKESPEARE), dict(TEXT_OPTIONS)),
+    "the_verdict": Dataset("Edith Wharton's The Verdict (20k characters), GPT-2 BPE (or --tokenizer=bpe), 90/10 split",
+                           VERDICT.url, "choose", single_file_source(VERDICT), dict(TEXT_OPTIONS)),
+    "wikitext2": Dataset("WikiText-2, GPT-2 BPE (or --tokenizer=bpe), its own train/valid/test splits (perplexity)",
+                         WIKITEXT_URL, "choose", read_wikitext2, dict(TEXT_OPTIONS)),
     "counting": Dataset("synthetic counting sequences over numbers 0..99, held-out start values in val",
                         "generated from --seed", "counting", read_counting,
                         {"seed": 1337, "numbers": 100, "min_len": 4, "max_len": 16,
@@ -1119,8 +1217,7 @@ DATASETS = {
                                "not tokenized; val is its first shard (~100M tokens)", FINEWEB10B_GPT2.page, "gpt2",
                                llmc_source(FINEWEB10B_GPT2), {"input": None, "shards": 0}),
     "text": Dataset("any local .txt file or folder of them, 90/10 split (--input, --tokenizer, --name)",
-                    "--input=PATH", "choose", read_text_source,
-                    {"input": None, "tokenizer": "gpt2", "name": None, "num_threads": 0}),
+                    "--input=PATH", "choose", read_text_source, dict(TEXT_OPTIONS)),
 }
 
 
@@ -1156,8 +1253,15 @@ def resolve_options(name, overrides):
         if isinstance(default, int) and not isinstance(default, bool) and value < lowest:
             raise UsageError(f"--{key} must be at least {lowest}, got {value}")
         opts[key] = value
-    if name == "text" and opts["tokenizer"] not in ("char", "gpt2"):
-        raise UsageError(f"--tokenizer must be char or gpt2, got {opts['tokenizer']!r}")
+    if "tokenizer" in opts:
+        if opts["tokenizer"] not in TOKENIZERS:
+            raise UsageError(f"--tokenizer must be char, gpt2 or bpe, got {opts['tokenizer']!r}")
+        import bpe
+        if opts["tokenizer"] == "bpe" and not bpe.MIN_VOCAB <= opts["vocab_size"] <= bpe.MAX_VOCAB:
+            raise UsageError(f"--tokenizer=bpe needs --vocab_size between {bpe.MIN_VOCAB} (the 256 bytes and "
+                             f"{bpe.EOT}) and {bpe.MAX_VOCAB:,} (uint16 ids), got {opts['vocab_size']:,}")
+        if opts["tokenizer"] != "bpe" and opts["vocab_size"]:
+            raise UsageError(f"--vocab_size is for --tokenizer=bpe; {opts['tokenizer']} has its own vocabulary")
     # --name is one folder under data_dir: '../x' or 'a/b' would write outside it
     if opts.get("name") is not None and (opts["name"] in ("", ".", "..") or "/" in opts["name"] or "\\" in opts["name"]):
         raise UsageError(f"--name must be a plain folder name (no '/', '\\', '.' or '..'), got {opts['name']!r}")
@@ -1166,10 +1270,20 @@ def resolve_options(name, overrides):
 
 # ----------------------------------------------------------------------------- pipeline
 
+def folder_name(dataset, opts):
+    """The folder under data_dir: --name, else the dataset's name (NAME_bpeVOCAB for an own BPE of
+    a built-in text, so it never replaces the GPT-2 version)."""
+    if opts.get("name"):
+        return opts["name"]
+    if opts.get("tokenizer") == "bpe" and dataset != "text":
+        return f"{dataset}_bpe{opts['vocab_size']}"
+    return dataset
+
+
 def prepare(dataset, **overrides):
     """Prepare `dataset` into <data_dir>/<dataset or --name>/; returns the metadata written."""
     opts = resolve_options(dataset, overrides)
-    folder = opts.get("name") or dataset
+    folder = folder_name(dataset, opts)
     out_dir = Path(opts["data_dir"] or DATA_DIR) / folder
     # folders this run makes, deepest first: a failed or stopped run (Ctrl-C, SIGTERM) removes
     # them again while still empty; a folder that was there before is never removed
@@ -1207,6 +1321,19 @@ def _prepare(dataset, opts, folder, out_dir):
         meta["chars"] = chars
     elif kind == "gpt2":
         tokenizer = gpt2_tokenizer(opts.get("num_threads") or None)
+    elif kind == "bpe":  # learned from the train split only: val stays unseen
+        import bpe
+        try:
+            ranks = bpe.train_bpe(raw.splits["train"], opts["vocab_size"], label=f"{folder}: training a "
+                                  f"{opts['vocab_size']:,}-token BPE on the train split")
+        except (ImportError, ValueError) as e:
+            raise PrepareError(str(e)) from None
+        bpe_file = out_dir / ".tokenizer.tiktoken.tmp"
+        bpe.save_ranks(bpe_file, ranks)
+        tokenizer = tiktoken_tokenizer("bpe", bpe.load_encoding(bpe_file, opts["vocab_size"]),
+                                       opts.get("num_threads") or None)
+        meta["bpe"] = {"file": "tokenizer.tiktoken", "sha256": sha256_of(bpe_file), "pattern": "GPT-4 (bpe.py)",
+                       "trainer": "rustbpe", "eot": tokenizer.vocab_size - 1}
     else:
         tokenizer = counting_tokenizer(opts["numbers"] + 1)
     meta["vocab_size"] = tokenizer.vocab_size
@@ -1214,24 +1341,29 @@ def _prepare(dataset, opts, folder, out_dir):
         raise PrepareError(f"vocab_size {tokenizer.vocab_size:,} does not fit uint16 (at most {MAX_VOCAB:,})")
 
     stats, written = {}, {}  # written: split -> (temp path, token count)
-    eot = GPT2_EOT if raw.eot else None
+    eot = (tokenizer.vocab_size - 1 if kind == "bpe" else GPT2_EOT) if raw.eot else None
     try:
         if raw.corpus is not None:
             written = write_corpus(out_dir, raw.corpus, opts["num_proc"] or os.cpu_count() or 1,
                                    opts["max_tokens"], opts["val_every"], label=folder, stats=stats)
         for split, docs in raw.splits.items():
-            arrays = docs if raw.tokenized else encode_documents(docs, tokenizer, eot, label=f"{folder}/{split}",
+            arrays = docs if raw.tokenized else encode_documents(docs, tokenizer, eot, between=raw.eot_between,
+                                                                 label=f"{folder}/{split}",
                                                                  stats=stats)
             written[split] = write_tokens(out_dir / f"{split}.bin", arrays, tokenizer.vocab_size)
     except BaseException:
         for tmp, _ in written.values():
             tmp.unlink(missing_ok=True)
+        if kind == "bpe":
+            bpe_file.unlink(missing_ok=True)
         raise
     # every split is complete on disk: drop the old metadata (a folder without meta.json reads
     # as unfinished), swap the splits in, and write the new metadata last
     (out_dir / "meta.json").unlink(missing_ok=True)
     for split, (tmp, _) in written.items():
         os.replace(tmp, out_dir / f"{split}.bin")
+    if kind == "bpe":
+        os.replace(bpe_file, out_dir / "tokenizer.tiktoken")
     meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits={s: int(n) for s, (_, n) in written.items()},
                 source=raw.source, source_sha256=raw.sha256, **raw.extra)
     # the knobs that shape the tokens, so `prepare.py NAME` can tell whether it is already done
@@ -1270,7 +1402,7 @@ def already_prepared(name, overrides):
     does not matter: a folder prepared from --input counts as prepared without it.
     """
     opts = resolve_options(name, overrides)
-    folder = Path(opts["data_dir"] or DATA_DIR) / (opts.get("name") or name)
+    folder = Path(opts["data_dir"] or DATA_DIR) / folder_name(name, opts)
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

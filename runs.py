@@ -342,7 +342,8 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
         dataset = config.get('dataset')
         info = dict(source=f"checkpoint {path} (iteration {ckpt.get('iter_num', '?')})",
                     dataset=dataset, data_dir=_find_data_dir(config.get('data_dir'), dataset),
-                    iter_num=ckpt.get('iter_num'), best_val_loss=ckpt.get('best_val_loss'))
+                    iter_num=ckpt.get('iter_num'), best_val_loss=ckpt.get('best_val_loss'),
+                    tokenizer_record=ckpt.get('tokenizer'))
     elif init_from in PRETRAINED or os.path.isdir(init_from):
         try:
             model = GPT.from_pretrained(pretrained_folder(init_from), dict(dropout=dropout or 0.0))
@@ -482,6 +483,8 @@ def load_tokenizer_for(info, data_dir=None):
             if not Path(folder).is_dir():
                 raise ConfigError(f"data_dir {folder} is not a folder")
             tokenizer = prepare.load_tokenizer(folder)
+        elif (info.get('tokenizer_record') or {}).get('tokenizer'):  # the data folder is gone or elsewhere
+            tokenizer = prepare.tokenizer_from_record(info['tokenizer_record'])
         else:
             if info.get('vocab_size', 50257) < 50257:
                 where = f"data/{info['dataset']}/" if info.get('dataset') else "the dataset folder"
@@ -497,11 +500,12 @@ def load_tokenizer_for(info, data_dir=None):
     return tokenizer
 
 
-def summary(out_dir, dataset, iterations, seconds, best_val_loss, tokens):
+def summary(out_dir, dataset, iterations, seconds, best_val_loss, best_val_bpb, tokens):
     """The end of a training run in a few lines: what it did, its files (those that exist), and
     the next commands."""
+    bpb = f" ({best_val_bpb:.4f} bits per byte)" if best_val_bpb is not None else ""
     lines = [f"\ndone: {iterations:,} iterations in {seconds / 60:.1f} min ({seconds:.0f} s); best val loss "
-             f"{best_val_loss:.4f}; {tokens:,} tokens seen in total"]
+             f"{best_val_loss:.4f}{bpb}; {tokens:,} tokens seen in total"]
     ckpt, log, picture = (os.path.join(out_dir, name) for name in ('ckpt.pt', 'log.jsonl', 'loss.png'))
     if not os.path.isfile(ckpt):
         return lines[0] + "\nno checkpoint was written (no evaluation since the start); lower --eval_interval to save one"

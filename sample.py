@@ -66,19 +66,21 @@ def read_prompt(start):
         cli.die(f"cannot read the prompt file {path}: {e.strerror if isinstance(e, OSError) else e}")
 
 
-def encode_prompt(text, tokenizer, block_size):
+def encode_prompt(text, tokenizer, block_size, quiet=False):
     """Token ids for the prompt, with the start-of-text fallback for an empty prompt and
-    cropping to the model's context; explains each adjustment on stderr."""
+    cropping to the model's context; explains each adjustment on stderr (unless quiet)."""
     import prepare
+    say = (lambda message: None) if quiet else notice
     if text == '':
-        if tokenizer.name == 'gpt2':
-            notice("empty prompt: starting from <|endoftext|> (id 50256)")
-            return [50256]
+        if tokenizer.name in ('gpt2', 'bpe'):
+            eot = tokenizer.encode('<|endoftext|>')
+            say(f"empty prompt: starting from <|endoftext|> (id {eot[0]})")
+            return eot
         try:
             ids = tokenizer.encode('\n')
         except prepare.PrepareError:
             cli.die("empty prompt and the vocabulary has no newline to start from; pass --start=TEXT")
-        notice("empty prompt: starting from a newline")
+        say("empty prompt: starting from a newline")
         return ids
     try:
         ids = tokenizer.encode(text)
@@ -96,8 +98,8 @@ def encode_prompt(text, tokenizer, block_size):
     if not ids:
         cli.die(f"the prompt {text!r} encodes to no tokens; pass a different --start")
     if len(ids) > block_size:
-        notice(f"prompt is {len(ids)} tokens, longer than the context of {block_size}: "
-               f"keeping its last {block_size} tokens")
+        say(f"prompt is {len(ids)} tokens, longer than the context of {block_size}: "
+            f"keeping its last {block_size} tokens")
         ids = ids[-block_size:]
     return ids
 
@@ -156,7 +158,7 @@ def main(argv):
 
     prompt = encode_prompt(read_prompt(cfg['start']), tokenizer, model.config.block_size)
     # an empty prompt starts from GPT-2's <|endoftext|>: context for the model, not text to print
-    hidden = 1 if cfg['start'] == '' and tokenizer.name == 'gpt2' else 0
+    hidden = 1 if cfg['start'] == '' and tokenizer.name in ('gpt2', 'bpe') else 0
     x = torch.tensor(prompt, dtype=torch.long, device=dev.device)[None, :].repeat(cfg['num_samples'], 1)  # (B, T)
     generator = torch.Generator(device=dev.device)
     generator.manual_seed(cfg['seed'])

@@ -33,6 +33,7 @@ import cli  # first: a missing package is one line naming the fix, not a traceba
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hardware
@@ -42,7 +43,7 @@ import runs
 from lora import apply_lora, check_lora_knobs, lora_state_dict
 from model import GPT, PRETRAINED
 from optim import configure_optimizers, crop_optimizer_state
-from prepare import DATA_DIR, PrepareError, check_dataset, small_data_notice
+from prepare import DATA_DIR, PrepareError, check_dataset, small_data_notice, token_bytes_of, tokenizer_record
 
 # -----------------------------------------------------------------------------
 # defaults: a GPT-2 (124M) on OpenWebText; config/*.py and --key=value change them
@@ -190,6 +191,9 @@ try:  # sizes, metadata and token ids checked now; files over 256 MiB are checke
 except PrepareError as e:
     cli.die(str(e))
 meta_vocab_size = meta.get('vocab_size')
+# bits per byte, a loss every tokenizer can be compared on, need the bytes each token stands for
+token_bytes, no_bpb = token_bytes_of(meta, dataset_dir)
+tokenizer_info = tokenizer_record(meta, dataset_dir)  # what checkpoints keep of the tokenizer
 
 def get_batch(split, offsets):
     """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
@@ -231,12 +235,13 @@ eval_offsets = {split: np.random.default_rng([seed, 1, i]).integers(
 # model: from scratch, from a checkpoint (resume, or another run's weights), or pretrained GPT-2
 iter_num = 0  # optimizer steps done so far
 best_val_loss = float('inf')  # lowest val loss seen by an evaluation
+best_val_bpb = None  # val bits per byte at that evaluation
 torch.manual_seed(seed)  # the same initial weights on every rank
 if resuming:
     best_val_loss = resume.check_resumable(checkpoint, resume_path)
     model = resume.resume_model(checkpoint, resume_path, config, overrides, meta, dataset_dir, dropout, lora_dropout,
                               notice=print if master_process else None)
-    iter_num = checkpoint['iter_num']
+    iter_num, best_val_bpb = checkpoint['iter_num'], checkpoint.get('best_val_bpb')
     if master_process:
         why = "" if init_from == 'resume' else " (auto_resume; --overwrite=True starts over instead)"
         print(f"resuming from {resume_path} at iteration {iter_num}{why}")
@@ -303,6 +308,14 @@ if checkpoint is not None:
     crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
     checkpoint = None  # free the memory
 
+# bytes of text per token id, on the device (ids a padded vocabulary adds have none)
+bytes_table = None
+if token_bytes is not None:
+    bytes_table = torch.zeros(model.config.vocab_size, dtype=torch.float64, device=dev.device)
+    bytes_table[:len(token_bytes)] = torch.tensor(token_bytes, dtype=torch.float64)
+elif master_process:
+    print(f"bits per byte: not computed ({no_bpb})")
+
 # The uncompiled `model` is what gets saved; the others share its parameters.
 fast_model = torch.compile(model) if use_compile else model
 train_model = DDP(fast_model, device_ids=[torch.device(dev.device).index] if dev.device_type == 'cuda' else None) \
@@ -333,15 +346,17 @@ def stop_requested():
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over the fixed eval batches of each split; ranks share the batches, then all-reduce.
-    None when a stop was requested meanwhile (a long evaluation must not delay Ctrl-C/SIGTERM)."""
+    """Mean loss over the fixed eval batches of each split, and bits per byte (the targets' total
+    loss in bits over their UTF-8 bytes; <|endoftext|> has none and is left out of both): 'train',
+    'val', 'train_bpb', 'val_bpb'. Ranks share the batches, then all-reduce. None when a stop was
+    requested meanwhile (a long evaluation must not delay Ctrl-C/SIGTERM)."""
     model.eval()
     losses = {}
     # silent unless it takes more than a few seconds (the first evaluation of a big model)
     bar = cli.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
                        stream=None if master_process else io.StringIO(), keep=False)
     for split in ('train', 'val'):
-        total = torch.zeros((), device=dev.device)
+        total = torch.zeros(3, device=dev.device, dtype=torch.float64)  # loss sum, nats of text, bytes of text
         for j in range(-(-eval_iters // world_size)):  # every rank checks as often, even with no batch left
             if stop_requested():
                 model.train()
@@ -351,12 +366,17 @@ def estimate_loss():
                 continue
             x, y = get_batch(split, eval_offsets[split][k])
             with dev.autocast():
-                _, loss = fast_model(x, y)
-            total += loss.float()
+                logits, loss = fast_model(x, y)
+            total[0] += loss.float()
+            if bytes_table is not None:
+                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction='none')  # (B*T,)
+                size = bytes_table[y.flatten()]
+                total[1:] += torch.stack([(nats * (size > 0)).sum(), size.sum()])
             bar.update()
         if ddp:
             dist.all_reduce(total)
-        losses[split] = total.item() / eval_iters
+        losses[split] = total[0].item() / eval_iters
+        losses[f'{split}_bpb'] = total[1].item() / math.log(2) / total[2].item() if bytes_table is not None else None
     bar.close()
     model.train()
     return losses
@@ -379,6 +399,8 @@ def save_training_state(reason):
         'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
+        'best_val_bpb': best_val_bpb,
+        'tokenizer': tokenizer_info,  # rebuilds the tokenizer without the data folder
         'config': config,
         'scaler': scaler.state_dict(),
         'rng': {'python': random.getstate(),
@@ -436,11 +458,14 @@ def log_jsonl(**record):
 def log_eval(**values):
     """Print, log and plot the numbers of an evaluation (master process only)."""
     if 'loss' in values:
-        print(f"step {iter_num}: train loss {values['loss']['train']:.4f}, val loss {values['loss']['val']:.4f}")
+        losses = values['loss']
+        bpb = f", val bpb {losses['val_bpb']:.4f}" if losses['val_bpb'] is not None else ""
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         for split in ('train', 'val'):
-            log_jsonl(iter=iter_num, kind='eval', split=split, loss=values['loss'][split], lr=lr,
+            log_jsonl(iter=iter_num, kind='eval', split=split, loss=losses[split], bpb=losses[f'{split}_bpb'], lr=lr,
                       tokens=iter_num * tokens_per_iter)
-        wandb_values = {'train/loss': values['loss']['train'], 'val/loss': values['loss']['val'], 'lr': lr}
+        wandb_values = {'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
+                        **({'train/bpb': losses['train_bpb'], 'val/bpb': losses['val_bpb']} if bpb else {})}
     else:
         hs = values['hellaswag']
         print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
@@ -500,6 +525,7 @@ while True:
                     f"val {losses['val']}){last_good_state()}")
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
+        best_val_bpb = losses['val_bpb'] if improved else best_val_bpb  # bits per byte at the best val loss
         if master_process and iter_num > start_iter and (improved or always_save_checkpoint):
             save_training_state('val loss improved' if improved else 'always_save_checkpoint')
         time_left.evaluation_took(time.time() - t_eval)
@@ -586,7 +612,7 @@ if stopped_in_eval:  # the model and optimizer hold the last finished step: save
         print(f"stopped by {stop_signal} during the evaluation at iteration {iter_num}; " + (
             f"continue with: python train.py --init_from=resume --out_dir={out_dir}" if saved else "nothing to save yet"))
 if master_process and not eval_only:
-    print(runs.summary(out_dir, dataset, iter_num - start_iter, time.time() - run_start, best_val_loss,
+    print(runs.summary(out_dir, dataset, iter_num - start_iter, time.time() - run_start, best_val_loss, best_val_bpb,
                        iter_num * tokens_per_iter))
 run_lock.release()
 if wandb_log and master_process:

@@ -323,7 +323,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         (["text", f"--input={empty}"], 1, "is empty"),
         (["text", f"--input={latin1}"], 1, "is not UTF-8"),
         (["text", f"--input={tmp_path / 'missing.txt'}"], 1, "does not exist"),
-        (["text", f"--input={latin1}", "--tokenizer=bpe"], 2, "--tokenizer must be char or gpt2"),
+        (["text", f"--input={latin1}", "--tokenizer=wordpiece"], 2, "--tokenizer must be char, gpt2 or bpe"),
+        (["text", f"--input={latin1}", "--tokenizer=bpe"], 2, "--tokenizer=bpe needs --vocab_size"),
     ]
     for args, code, message in cases:
         r = run_cli(*args, f"--data_dir={tmp_path / 'out'}")
