@@ -93,7 +93,10 @@ class Rotary(nn.Module):
         return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
     def forward(self, start, T):
-        """(cos, sin), each (T, 1, hs), for positions [start, start + T)."""
+        """(cos, sin), each (T, 1, hs), for positions [start, start + T); (B, 1, 1, hs) for one
+        position per row (start a (B,) tensor, T = 1)."""
+        if torch.is_tensor(start):
+            return self.cos[start][:, None], self.sin[start][:, None]
         if start + T <= self.cos.size(0):
             return self.cos[start:start + T], self.sin[start:start + T]
         cos, sin = self.table(start, T)
@@ -156,8 +159,9 @@ class CausalSelfAttention(nn.Module):
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hs)
         v = qkv[:, :, 2 * nh:].transpose(1, 2)  # (B, nh, T, hs)
+        mask = None  # the keys each row may see, when rows differ in length (KVCache)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
+            k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
         if last_only:
             # inference wants the last position only: one query row, all keys and values
             q = q[:, :, -1:]  # (B, nh, 1, hs)
@@ -176,7 +180,9 @@ class CausalSelfAttention(nn.Module):
             y = ys[0] if n_chunks == 1 else torch.cat(ys, dim=2)  # (B, nh, Tq, hs)
         else:
             # flash / memory-efficient kernels where the hardware has them
-            if Tq == Tk or Tq == 1:
+            if mask is not None:
+                causal = dict(attn_mask=mask)
+            elif Tq == Tk or Tq == 1:
                 causal = dict(is_causal=Tq > 1)  # plain causal, or one query that sees every key
             else:
                 causal = dict(attn_mask=torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq))
@@ -235,7 +241,7 @@ class Dropout(nn.Module):
     nn.Dropout's bernoulli_ (a 32-bit draw per element, ~10 ns; the baby GPT needs ~44M per
     step) was the largest cost after the matmuls: here one 64-bit draw decides four elements
     (kept iff 16 bits >= a threshold), ~3x cheaper, keep probability within 2^-17 of 1-p.
-    Other devices use F.dropout's fused kernels."""
+    Other devices, and torch.compile, use F.dropout's fused kernels."""
 
     def __init__(self, p):
         super().__init__()
@@ -244,7 +250,9 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            # fused kernels; under torch.compile inductor fuses its own draw (the int16 trick
+            # below crashed compiled CPU training in 3 of 5 runs: a view of random int64 as int16)
             return F.dropout(x, self.p, training=True)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
@@ -333,7 +341,10 @@ class KVCache:
 
     rolling (RoPE models only): once full, a new position overwrites the oldest slot (a ring
     buffer, no copy) and the query attends to the last max_len keys; their order does not
-    matter, as RoPE already rotated each key by its own absolute position."""
+    matter, as RoPE already rotated each key by its own absolute position.
+
+    pos may also be a (B,) tensor, one length per row, to decode rows of different lengths
+    together one token at a time (serve.py's batches): each row attends to its own keys only."""
 
     def __init__(self, n_layer, max_len, rolling=False):
         self.k = [None] * n_layer
@@ -343,8 +354,18 @@ class KVCache:
         self.rolling = rolling
 
     def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return the keys/values to attend to."""
+        """Store k, v (B, nh, T, hs) at [pos, pos+T); return the keys and values to attend to and
+        a mask of the keys each row may see (None: all of them, causally)."""
         T = k.size(2)
+        if torch.is_tensor(self.pos):  # rows of different lengths, one new token each
+            if self.k[layer] is None:
+                raise ValueError("a cache with one length per row is filled by its owner (serve.py)")
+            rows, end = torch.arange(k.size(0), device=k.device), int(self.pos.max()) + 1
+            self.k[layer][rows, :, self.pos] = k[:, :, 0]  # (B, nh, hs) into each row's next slot
+            self.v[layer][rows, :, self.pos] = v[:, :, 0]
+            seen = torch.arange(end, device=k.device) <= self.pos[:, None]  # (B, end)
+            mask = None if bool(seen.all()) else seen[:, None, None]  # (B, 1, 1, end)
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask
         end = self.pos + T
         if self.k[layer] is None:
             B, nh, _, hs = k.shape
@@ -353,13 +374,13 @@ class KVCache:
         if end <= self.max_len:
             self.k[layer][:, :, self.pos:end] = k
             self.v[layer][:, :, self.pos:end] = v
-            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs)
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], None  # (B, nh, pos+T, hs)
         if not self.rolling or T != 1:
             raise ValueError(f"KV cache overflow: {self.pos} + {T} > max_len {self.max_len}")
         slot = self.pos % self.max_len  # the oldest position's slot
         self.k[layer][:, :, slot:slot + 1] = k
         self.v[layer][:, :, slot:slot + 1] = v
-        return self.k[layer], self.v[layer]  # (B, nh, max_len, hs): the last max_len positions
+        return self.k[layer], self.v[layer], None  # (B, nh, max_len, hs): the last max_len positions
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -454,14 +475,15 @@ class GPT(nn.Module):
     def _hidden(self, idx, cache=None, last_only=False):
         """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions;
         last_only: of the last position only, (B, 1, C), sparing the last block the rest."""
-        past = cache.pos if cache is not None else 0
+        past = cache.pos if cache is not None else 0  # an int, or one per row (B,)
+        longest = int(past.max()) if torch.is_tensor(past) else past
         # a rolling cache (RoPE) holds the last block_size positions however many came before
-        self._check_idx(idx, past if cache is None or not cache.rolling else min(past, self.config.block_size - 1))
+        self._check_idx(idx, longest if cache is None or not cache.rolling else min(longest, self.config.block_size - 1))
         T = idx.size(1)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        if self.rotary is None:
-            x = x + self.transformer.wpe.weight[past:past + T]  # learned positions (T, C)
+        if self.rotary is None:  # learned positions (T, C), or one per row (B, 1, C)
+            x = x + (self.transformer.wpe(past)[:, None] if torch.is_tensor(past) else self.transformer.wpe.weight[past:past + T])
         else:
             rope = self.rotary(past, T)  # angles of the absolute positions [past, past + T)
         x = self.transformer.drop(x)

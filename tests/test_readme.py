@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from local_data import NO_SHAKESPEARE, SHAKESPEARE
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py']
+SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py', 'serve.py']
 
 # (substring, why it is not run here)
 SKIP = [
@@ -85,8 +86,38 @@ def copy_repo(tmp_path):
     for path in ROOT.glob('*.py'):
         if not path.name.startswith('test_'):
             shutil.copy(path, repo / path.name)
+    shutil.copy(ROOT / 'playground.html', repo / 'playground.html')
     shutil.copytree(ROOT / 'config', repo / 'config')
     return repo
+
+
+def serve_as_written(command, repo):
+    """Start the README's serve.py command on a free port, run the README's Python client block
+    against it (its address swapped for the one printed), stop the server with SIGTERM."""
+    words = shlex.split(command)
+    proc = subprocess.Popen([sys.executable, *words[1:], '--port=0', '--device=cpu'], cwd=repo, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    try:
+        seen = ''
+        for line in proc.stdout:  # the device line, then 'serving ... at http://...'
+            seen += line
+            if address := re.search(r"at (http://127\.0\.0\.1:\d+)", line):
+                break
+        assert address, seen + proc.stderr.read()
+        client = re.search(r"```python\n(.*?)```", (ROOT / 'README.md').read_text(), re.S).group(1)
+        assert 'http://127.0.0.1:8000' in client
+        client = client.replace('http://127.0.0.1:8000', address.group(1))
+        r = subprocess.run([sys.executable, '-c', client], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-1500:]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and 'stopped' in out, (out, err)
+        assert 'Traceback' not in err, err
+        return r
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def run(command, cwd):
@@ -152,11 +183,17 @@ def test_readme_commands_run_as_written(tmp_path):
     else:
         pytest.skip(NO_SHAKESPEARE)
     (repo / 'notes').mkdir()  # the README's own-text example reads notes/
-    (repo / "notes" / "a.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    # the own-text examples read notes/: 30 kB of real text (a BPE of 512 tokens needs enough pairs)
+    (repo / "notes" / "a.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30000] if SHAKESPEARE else
+                                          "".join(f"Line {i}: to be, or not to be, that is question {i * 7}.\n"
+                                                  for i in range(1000)))
 
     ran = []
     for command, skipped in plan():
         if skipped:
+            continue
+        if command.startswith('python serve.py'):
+            ran.append((command, serve_as_written(command, repo)))
             continue
         r = run(command, repo)
         assert r.returncode == 0, f"{command}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
@@ -173,4 +210,7 @@ def test_readme_commands_run_as_written(tmp_path):
     assert 'out-shakespeare-char-cpu' in sample.stderr and sample.stdout.startswith('ROMEO:')
     assert (repo / 'out-shakespeare-char-cpu' / 'loss.png').is_file()
     assert (repo / 'out-shakespeare-char-cpu' / 'attention.png').is_file()
+    # the README's client got a completion from the README's server
+    served = next(r for c, r in ran if c.startswith('python serve.py'))
+    assert served.stdout.strip(), served
     assert len(ran) >= 10, [c for c, _ in ran]

@@ -1,0 +1,531 @@
+"""
+Serve a trained model over HTTP: OpenAI's completions API (any OpenAI client works unchanged)
+and a playground page with streaming text and attention maps.
+
+$ python serve.py --out_dir=out-shakespeare-char-cpu          # http://127.0.0.1:8000
+$ python serve.py --init_from=gpt2 --quantize=int8 --port=8080
+$ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "ROMEO:", "max_tokens": 50, "temperature": 0.8}'
+
+Endpoints: POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, n, stream,
+echo; top_k as an extension), GET /v1/models, GET /health, GET / (the playground) and
+POST /v1/attention (the playground's heatmaps). Requests running at the same time are decoded
+together, one batch on the KV cache, joining and leaving between steps (Engine). A bad request
+gets an HTTP error with OpenAI's {"error": {...}} body and one log line; the server goes on.
+Knobs are --key=value flags or config files, checked like train.py's.
+"""
+
+import collections
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cli  # first: a missing package is one line naming the fix, not a traceback
+
+import torch
+
+import hardware
+import runs
+from model import KVCache, sample_next
+from quantize import QUANTIZE, quantize_model
+from sample import StreamPrinter, encode_prompt
+
+# -----------------------------------------------------------------------------
+# defaults; config files and --key=value flags change them
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or an HF folder
+out_dir = 'out'  # the training run's folder (init_from='resume'); without it, the newest run here
+data_dir = ''  # folder with the tokenizer metadata; '' = the checkpoint's dataset (or the tokenizer it keeps)
+host = '127.0.0.1'  # address to listen on; 0.0.0.0 serves other machines too (no authentication!)
+port = 8000  # TCP port; 0 picks a free one (printed)
+max_batch = 16  # sequences decoded together at most; more requests wait their turn
+max_tokens_limit = 0  # largest max_tokens a request may ask for; 0 = the model's block_size - 1
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
+quantize = 'none'  # 'none' or 'int8' (int8 weights: ~2x faster CPU decoding)
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+RULES = dict(port='0..65535', max_batch='>= 1', max_tokens_limit='>= 0', quantize=QUANTIZE)
+
+
+class RequestError(Exception):
+    """A bad request: HTTP status, OpenAI-style error type and the parameter at fault."""
+
+    def __init__(self, message, param=None, status=400, kind='invalid_request_error'):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+    def body(self):
+        return {'error': {'message': self.message, 'type': self.kind, 'param': self.param, 'code': None}}
+
+
+# -----------------------------------------------------------------------------
+# one generation: what a request asks for, what it has produced, how it ends
+
+class Generation:
+    """One choice of one prompt. The engine appends tokens; the HTTP thread reads the text pieces
+    from `events` (None when it is finished) and may cancel it (a client that went away)."""
+
+    def __init__(self, prompt, params, tokenizer, index, seed, device):
+        self.prompt, self.params, self.index = prompt, params, index
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.tokens, self.text, self.sent = [], '', 0  # generated ids, their text, characters sent
+        self.finish_reason = None
+        self.events = queue.Queue()
+        self.cancelled = threading.Event()
+        self.printer = StreamPrinter(tokenizer, out=self, unprinted=prompt)  # whole characters only
+        self.stops = params['stop']
+        self.eot = tokenizer.encode('<|endoftext|>')[0] if tokenizer.name in ('gpt2', 'bpe') else None
+
+    def write(self, piece):  # StreamPrinter's output: the text grows by whole characters
+        self.text += piece
+
+    def flush(self):
+        pass
+
+    def add(self, token):
+        """Record a new token; returns True when this generation is finished."""
+        if token == self.eot:
+            self.finish_reason = 'stop'  # the model ended the text (a document end)
+        else:
+            self.tokens.append(token)
+            self.printer.add([token])
+            cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.finish_reason = self.text[:cut], 'stop'
+            elif len(self.tokens) >= self.params['max_tokens']:
+                self.finish_reason = 'length'
+        if self.finish_reason is None:
+            # hold back what may be the start of a stop string, so a stop is never half sent
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            ready = len(self.text) - hold
+        else:
+            ready = len(self.text)
+        if ready > self.sent:
+            self.events.put(self.text[self.sent:ready])
+            self.sent = ready
+        if self.finish_reason is not None:
+            self.events.put(None)
+        return self.finish_reason is not None
+
+
+# -----------------------------------------------------------------------------
+# the engine: one thread decodes every running generation together
+
+class Engine:
+    """Continuous batching on one KV cache: each running generation is a row of a batch cache
+    (rows of different lengths: KVCache with one position per row). A new request's prompt is
+    run alone (its prefill), its keys and values copied into a free row, and from the next step
+    on it decodes with the others; a finished or cancelled row is replaced by the last one."""
+
+    def __init__(self, model, tokenizer, dev, max_batch):
+        self.model, self.tokenizer, self.dev, self.max_batch = model, tokenizer, dev, max_batch
+        self.pending = queue.Queue()
+        self.rows = []  # the running generations, row i of the batch cache
+        self.cache = None  # KVCache with pos a (max_batch,) tensor, allocated at the first prefill
+        self.last = torch.zeros(max_batch, 1, dtype=torch.long, device=dev.device)  # each row's latest token
+        self.vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
+        self.stopping = False
+        self.finished = collections.Counter()  # generations ended, by finish_reason (/health)
+        self.generated = 0  # tokens sampled since the start (/health)
+        self.thread = threading.Thread(target=self.run, name='engine', daemon=True)
+
+    def submit(self, generations):
+        for g in generations:
+            self.pending.put(g)
+
+    def run(self):
+        while not self.stopping:
+            try:
+                self.admit()
+                if not self.rows:
+                    self.admit_wait()
+                    continue
+                self.step()
+            except Exception as e:  # a model error must not leave clients waiting forever
+                print(f"engine error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                for g in self.rows:
+                    g.finish_reason = 'error'
+                    g.events.put(None)
+                self.finished['error'] += len(self.rows)
+                self.rows = []
+
+    def admit_wait(self):
+        try:
+            g = self.pending.get(timeout=0.2)
+        except queue.Empty:
+            return
+        self.pending.put(g)  # admit() takes it in order
+
+    def admit(self):
+        while len(self.rows) < self.max_batch and not self.pending.empty():
+            g = self.pending.get()
+            if g.cancelled.is_set():
+                self.finished['cancelled'] += 1
+                continue
+            self.prefill(g)
+
+    @torch.inference_mode()
+    def prefill(self, g):
+        model, n = self.model, len(self.rows)
+        alone = KVCache(model.config.n_layer, model.config.block_size)
+        prompt = torch.tensor([g.prompt], dtype=torch.long, device=self.dev.device)
+        with self.dev.autocast():
+            hidden = model._hidden(prompt, alone, last_only=True)[:, -1]  # (1, C)
+        if self.cache is None:
+            self.cache = KVCache(model.config.n_layer, model.config.block_size)
+            self.cache.k = [torch.zeros((self.max_batch,) + k.shape[1:], dtype=k.dtype, device=k.device)
+                            for k in alone.k]  # (max_batch, nh, block_size, hs)
+            self.cache.v = [torch.zeros_like(k) for k in self.cache.k]
+            self.cache.pos = torch.zeros(self.max_batch, dtype=torch.long, device=self.dev.device)
+        T = len(g.prompt)
+        for layer in range(model.config.n_layer):
+            self.cache.k[layer][n, :, :T] = alone.k[layer][0, :, :T]
+            self.cache.v[layer][n, :, :T] = alone.v[layer][0, :, :T]
+        self.cache.pos[n] = T
+        self.rows.append(g)
+        self.sample(hidden, [n])  # its first token
+
+    @torch.inference_mode()
+    def step(self):
+        """One new token for every running row."""
+        n = len(self.rows)
+        view = KVCache(self.model.config.n_layer, self.model.config.block_size)
+        view.k, view.v = [k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v]
+        view.pos = self.cache.pos[:n]  # a view: the step advances the engine's positions too
+        with self.dev.autocast():
+            hidden = self.model._hidden(self.last[:n], view)[:, -1]  # (n, C)
+        self.sample(hidden, range(n))
+
+    def sample(self, hidden, rows):
+        with self.dev.autocast():
+            logits = self.model.softcap(self.model.lm_head(hidden))  # (len(rows), V)
+        if self.vocab_limit is not None:
+            logits = logits[:, :self.vocab_limit]
+        done = []
+        self.generated += len(rows)
+        for i, row in enumerate(rows):
+            g, p = self.rows[row], self.rows[row].params
+            token = sample_next(logits[i:i + 1], p['temperature'], p['top_k'], p['top_p'], g.generator)
+            self.last[row, 0] = token
+            full = int(self.cache.pos[row]) >= self.model.config.block_size  # no slot left to feed it
+            if g.add(int(token)) or g.cancelled.is_set() or full:
+                if g.finish_reason is None:
+                    g.finish_reason = 'length' if full else 'cancelled'
+                    g.events.put(None)
+                self.finished[g.finish_reason] += 1
+                done.append(row)
+        for row in sorted(done, reverse=True):
+            self.remove(row)
+
+    def remove(self, row):
+        """Drop a row; the last row moves into its place, so the running rows stay 0..n-1."""
+        last = len(self.rows) - 1
+        if row != last:
+            for k in self.cache.k + self.cache.v:
+                k[row] = k[last]
+            self.cache.pos[row] = self.cache.pos[last]
+            self.last[row] = self.last[last]
+            self.rows[row] = self.rows[last]
+        self.rows.pop()
+
+
+# -----------------------------------------------------------------------------
+# requests: OpenAI's completions schema, checked field by field
+
+FIELDS = {  # name: (type(s), default); None default = optional
+    'model': (str, None), 'prompt': ((str, list), None), 'max_tokens': (int, 16), 'temperature': ((int, float), 1.0),
+    'top_p': ((int, float), 1.0), 'top_k': (int, 0), 'n': (int, 1), 'stream': (bool, False), 'seed': (int, None),
+    'stop': ((str, list, type(None)), None), 'echo': (bool, False), 'user': (str, None),
+    'logprobs': (type(None), None), 'presence_penalty': ((int, float), 0), 'frequency_penalty': ((int, float), 0),
+    'stream_options': (dict, None), 'best_of': (int, 1), 'suffix': (type(None), None), 'logit_bias': (dict, None),
+}
+
+
+def read_request(body, server):
+    """The checked parameters of a completions request; RequestError for anything it cannot do."""
+    try:
+        request = json.loads(body or b'')
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("the body is not valid JSON; send a JSON object like {\"prompt\": \"Hello\"}") from None
+    if not isinstance(request, dict):
+        raise RequestError(f"the body must be a JSON object, got a JSON {type(request).__name__}")
+    for key, value in request.items():
+        if key not in FIELDS:
+            raise RequestError(f"unknown field {key!r}; known: {', '.join(FIELDS)}", param=key)
+        kinds = FIELDS[key][0]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds in (int, (int, float))):
+            want = ' or '.join('null' if k is type(None) else k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise RequestError(f"{key} must be {want}, got {type(value).__name__}", param=key)
+    p = {k: request.get(k, default) for k, (_, default) in FIELDS.items()}
+    if p['prompt'] is None:
+        raise RequestError("prompt is required (a string or a list of strings)", param='prompt')
+    prompts = [p['prompt']] if isinstance(p['prompt'], str) else p['prompt']
+    if not prompts or not all(isinstance(s, str) for s in prompts):
+        raise RequestError("prompt must be a string or a non-empty list of strings (token arrays are not "
+                           "supported)", param='prompt')
+    stops = [] if p['stop'] is None else [p['stop']] if isinstance(p['stop'], str) else p['stop']
+    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError("stop must be a non-empty string or a list of at most 4 of them", param='stop')
+    checks = [('max_tokens', 1 <= p['max_tokens'] <= server.max_tokens, f"between 1 and {server.max_tokens} "
+               f"(the model's context is {server.block_size} tokens)"),
+              ('temperature', 0 <= p['temperature'] <= 2, "between 0 and 2"), ('top_p', 0 < p['top_p'] <= 1, "in (0, 1]"),
+              ('top_k', p['top_k'] >= 0, ">= 0 (0: no limit)"), ('n', 1 <= p['n'] <= server.max_batch,
+                                                                 f"between 1 and {server.max_batch}"),
+              ('presence_penalty', p['presence_penalty'] == 0, "0 (penalties are not supported)"),
+              ('frequency_penalty', p['frequency_penalty'] == 0, "0 (penalties are not supported)"),
+              ('best_of', p['best_of'] == 1, "1 (best_of is not supported)"),
+              ('logit_bias', not p['logit_bias'], "empty (logit_bias is not supported)")]
+    for key, ok, want in checks:
+        if not ok:
+            raise RequestError(f"{key} must be {want}, got {request.get(key)!r}", param=key)
+    p.update(prompts=prompts, stop=stops, top_k=p['top_k'] or None, top_p=p['top_p'] if p['top_p'] < 1 else None,
+             temperature=float(p['temperature']))
+    return p
+
+
+
+def encode(text, tokenizer, drop_to):
+    """Token ids of a prompt, cut from the left to drop_to tokens; (ids, tokens dropped)."""
+    try:
+        ids = encode_prompt(text, tokenizer, 1 << 30, quiet=True)
+    except cli.ConfigError as e:
+        raise RequestError(e.message, param='prompt') from None
+    return ids[-drop_to:], max(0, len(ids) - drop_to)
+
+
+def start_generations(p, tokenizer, engine):
+    """Hand a checked request's choices to the engine; (generations, prompt tokens, tokens dropped)."""
+    room = engine.model.config.block_size - p['max_tokens']  # a prompt keeps its last `room` tokens
+    generations, used, dropped = [], 0, 0
+    for i, text in enumerate(p['prompts']):
+        ids, cut = encode(text, tokenizer, room)
+        used, dropped = used + len(ids), dropped + cut
+        for j in range(p['n']):
+            seed = p['seed'] + len(generations) if p['seed'] is not None else int.from_bytes(os.urandom(4), 'little')
+            generations.append(Generation(ids, p, tokenizer, i * p['n'] + j, seed, engine.dev.device))
+    engine.submit(generations)
+    return generations, used, dropped
+
+# -----------------------------------------------------------------------------
+# HTTP
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a connection thread never keeps the process alive at shutdown
+    request_queue_size = 128  # the listen backlog: at the default 5, a 16-client burst lost connections for a 1 s SYN retry
+
+    def __init__(self, address, engine, name, max_tokens):
+        super().__init__(address, Handler)
+        self.engine, self.name, self.tokenizer = engine, name, engine.tokenizer
+        self.block_size, self.max_batch = engine.model.config.block_size, engine.max_batch
+        self.max_tokens = max_tokens
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    server_version = 'gpt-serve/1'
+
+    problem = ''  # a failed request's message, for its log line
+
+    def log_message(self, fmt, *args):  # one line per request on stderr
+        print(f"{self.address_string()} {fmt % args}{self.problem}", file=sys.stderr, flush=True)
+        self.problem = ''
+
+    def send_json(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def fail(self, error):
+        self.problem = f": {error.message}"  # the access line says what was wrong
+        self.send_json(error.status, error.body())
+
+    def body(self):
+        size = int(self.headers.get('Content-Length') or 0)
+        if size > 1 << 20:
+            raise RequestError("the body is larger than 1 MiB", status=413)
+        return self.rfile.read(size)
+
+    def do_GET(self):
+        if self.path == '/':
+            page = (Path(__file__).resolve().parent / 'playground.html').read_bytes()
+            self.send_response(200)
+            self.send_header('Content-Type', 'text/html; charset=utf-8')
+            self.send_header('Content-Length', str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+        elif self.path == '/health':
+            engine = self.server.engine
+            self.send_json(200, {'status': 'ok', 'running': len(engine.rows), 'waiting': engine.pending.qsize(),
+                                 'finished': dict(engine.finished), 'tokens_generated': engine.generated})
+        elif self.path == '/v1/models':
+            self.send_json(200, {'object': 'list', 'data': [{'id': self.server.name, 'object': 'model',
+                                                              'created': 0, 'owned_by': 'you'}]})
+        else:
+            self.fail(RequestError(f"no such endpoint: GET {self.path}", status=404))
+
+    def do_POST(self):
+        try:
+            if self.path == '/v1/completions':
+                self.complete(read_request(self.body(), self.server))
+            elif self.path == '/v1/attention':
+                self.attention(self.body())
+            else:
+                raise RequestError(f"no such endpoint: POST {self.path}", status=404)
+        except RequestError as e:
+            self.fail(e)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away; its generations were cancelled below
+        except Exception as e:  # never take the server down
+            self.fail(RequestError(f"internal error: {type(e).__name__}: {e}", status=500, kind='server_error'))
+
+    def complete(self, p):
+        server, engine = self.server, self.server.engine
+        generations, used, dropped = start_generations(p, server.tokenizer, engine)
+        head = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object='text_completion', created=int(time.time()),
+                    model=server.name)
+        echo = [server.tokenizer.decode(g.prompt) if p['echo'] else '' for g in generations]
+        try:
+            if p['stream']:
+                self.stream(generations, head, echo)
+            else:
+                self.looked = time.time()  # when wait_for last looked at the connection
+                for g in generations:
+                    while self.wait_for(g) is not None:
+                        pass
+                choices = [dict(text=e + g.text, index=g.index, logprobs=None, finish_reason=g.finish_reason)
+                           for g, e in zip(generations, echo)]
+                completion = sum(len(g.tokens) for g in generations)
+                usage = dict(prompt_tokens=used * p['n'], completion_tokens=completion,
+                             total_tokens=used * p['n'] + completion, prompt_tokens_dropped=dropped)
+                self.send_json(200, dict(head, choices=choices, usage=usage))
+        finally:
+            for g in generations:  # a client that went away: its rows stop decoding
+                g.cancelled.set()
+
+    def wait_for(self, g):
+        """g's next event; raises ConnectionResetError once the client has hung up (looked at
+        every quarter second, so a long answer nobody waits for stops decoding)."""
+        while True:
+            if time.time() - self.looked > 0.25:
+                self.looked = time.time()
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):  # end of file: gone
+                    raise ConnectionResetError('the client went away')
+            try:
+                return g.events.get(timeout=0.25)
+            except queue.Empty:
+                pass
+
+    def stream(self, generations, head, echo):
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/event-stream')
+        self.send_header('Cache-Control', 'no-cache')
+        self.send_header('Connection', 'close')  # the end of the stream is the end of the connection
+        self.end_headers()
+        self.close_connection = True
+
+        def send(choices):
+            self.wfile.write(f"data: {json.dumps(dict(head, choices=choices))}\n\n".encode())
+            self.wfile.flush()
+        for g, e in zip(generations, echo):
+            if e:
+                send([dict(text=e, index=g.index, logprobs=None, finish_reason=None)])
+        merged = queue.Queue()  # (generation, piece) from every choice, in the order they come
+
+        def forward(g):
+            while True:
+                piece = g.events.get()
+                merged.put((g, piece))
+                if piece is None:
+                    return
+        for g in generations:
+            threading.Thread(target=forward, args=(g,), daemon=True).start()
+        left = len(generations)
+        while left:
+            g, piece = merged.get()
+            if piece is None:
+                left -= 1
+                send([dict(text='', index=g.index, logprobs=None, finish_reason=g.finish_reason)])
+            else:
+                send([dict(text=piece, index=g.index, logprobs=None, finish_reason=None)])
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def attention(self, body):
+        """The playground's heatmaps: {"text": ...} -> the tokens and every layer's and head's
+        attention probabilities (model.attention_maps), for at most the last 64 tokens."""
+        try:
+            text = json.loads(body).get('text')
+        except (ValueError, AttributeError):
+            text = None
+        if not isinstance(text, str) or not text:
+            raise RequestError('send {"text": "..."}: the text to draw the attention of', param='text')
+        ids, _ = encode(text, self.server.tokenizer, min(64, self.server.block_size))
+        engine = self.server.engine
+        with torch.inference_mode():
+            maps = engine.model.attention_maps(torch.tensor([ids], device=engine.dev.device))  # n_layer x (1, nh, T, T)
+        self.send_json(200, dict(tokens=[self.server.tokenizer.decode([i]) for i in ids],
+                                 maps=[[[[round(p, 4) for p in row] for row in head] for head in layer[0].float().tolist()]
+                                       for layer in maps]))
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def load(argv):
+    """The knobs and a ready engine (not started): (cfg, engine, model name, largest max_tokens, load info)."""
+    cfg = dict(DEFAULTS)
+    overrides = cli.load_config(DEFAULTS, argv)
+    cfg.update(overrides)
+    cli.check_knobs(cfg, RULES)
+    dev = hardware.setup_device(cfg['device'], cfg['dtype'])
+    if cfg['init_from'] == 'resume':
+        cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='serve')
+    model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+    tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
+    quantize_model(model, cfg['quantize'])
+    block_size = model.config.block_size
+    max_tokens = min(cfg['max_tokens_limit'] or block_size - 1, block_size - 1)
+    name = Path(cfg['out_dir']).name if cfg['init_from'] == 'resume' else cfg['init_from']
+    return cfg, Engine(model, tokenizer, dev, cfg['max_batch']), name, max_tokens, info
+
+
+def main(argv):
+    cfg, engine, name, max_tokens, info = load(argv)
+    tokenizer, block_size = engine.tokenizer, engine.model.config.block_size
+    try:
+        server = Server((cfg['host'], cfg['port']), engine, name, max_tokens)
+    except OSError as e:
+        cli.die(f"cannot listen on {cfg['host']}:{cfg['port']}: {e.strerror or e}; choose another --port")
+    engine.thread.start()
+    address = f"http://{cfg['host']}:{server.server_address[1]}"
+    print(f"serving {info['source']} ({tokenizer.name} tokenizer, context {block_size}) at {address}\n"
+          f"  playground: {address}/\n"
+          f"  try: curl {address}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 20}}'", flush=True)
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    engine.stopping = True
+    server.server_close()
+    print("stopped", flush=True)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

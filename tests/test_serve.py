@@ -1,0 +1,336 @@
+"""
+serve.py against a live server on 127.0.0.1 (an ephemeral port), started by the tests: the
+official openai client, the same tokens as sample.py, batching of concurrent requests, bad
+input that never takes the server down, a client that leaves mid-stream, a clean stop, and the
+playground page in a real headless browser (Debian's chromium).
+"""
+
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+import runs
+import sample
+from model import GPT, GPTConfig, KVCache
+from test_train import ENV, REPO
+
+CHARS = sorted(set("ROMEO: JULIET\nthe quick brown fox, jumps over lazy dogs.!?"))
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """A character model's run folder, saved the way train.py saves one (random weights)."""
+    root = tmp_path_factory.mktemp('serve')
+    data = root / 'data'
+    data.mkdir()
+    (data / 'meta.json').write_text(json.dumps({'vocab_size': len(CHARS), 'tokenizer': 'char', 'chars': CHARS}))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS), pos_emb='rope'))
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+                          'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,
+                          'config': {'dataset': 'chars', 'data_dir': str(data)}}, root / 'run' / 'ckpt.pt')
+    return root / 'run'
+
+
+class Server:
+    def __init__(self, *argv):
+        self.log = tempfile.TemporaryFile('w+')  # one line per request: a pipe nobody reads would fill up
+        self.proc = subprocess.Popen([sys.executable, 'serve.py', '--port=0', '--device=cpu', *map(str, argv)],
+                                     cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        for line in self.proc.stdout:
+            found = re.search(r"at (http://127\.0\.0\.1:(\d+))$", line.strip())
+            if found:
+                self.url, self.port = found.group(1), int(found.group(2))
+                break
+        else:
+            raise RuntimeError(self.errors())
+
+    def post(self, path, body, raw=False):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+        conn.request('POST', path, body if raw else json.dumps(body), {'Content-Type': 'application/json'})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    def get(self, path):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+        conn.request('GET', path)
+        r = conn.getresponse()
+        return r.status, r.read()
+
+    def errors(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out, self.errors()
+
+
+@pytest.fixture(scope='module')
+def server(run_dir):
+    s = Server(f'--out_dir={run_dir}', '--max_batch=8')
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+
+
+def sample_py(run_dir, *argv):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        sample.main([f'--out_dir={run_dir}', '--device=cpu', *argv])
+    return out.getvalue().split('\n' + sample.SEPARATOR)[0]
+
+
+def test_the_openai_client_gets_what_sample_py_prints(server, run_dir):
+    openai = pytest.importorskip('openai')
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not needed")
+    assert client.models.list().data[0].id == 'run'
+    greedy = client.completions.create(model='run', prompt='ROMEO:', max_tokens=20, temperature=0)
+    assert 'ROMEO:' + greedy.choices[0].text == sample_py(run_dir, '--start=ROMEO:', '--max_new_tokens=20',
+                                                          '--temperature=0')
+    assert greedy.choices[0].finish_reason == 'length'
+    assert (greedy.usage.prompt_tokens, greedy.usage.completion_tokens, greedy.usage.total_tokens) == (6, 20, 26)
+    seeded = client.completions.create(model='run', prompt='JULIET', max_tokens=15, temperature=0.9, seed=7)
+    assert 'JULIET' + seeded.choices[0].text == sample_py(run_dir, '--start=JULIET', '--max_new_tokens=15',
+                                                          '--temperature=0.9', '--seed=7', '--top_k=0')
+    streamed = client.completions.create(model='run', prompt='JULIET', max_tokens=15, temperature=0.9, seed=7,
+                                         stream=True)
+    chunks = list(streamed)
+    assert ''.join(c.choices[0].text for c in chunks) == seeded.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == 'length'
+
+
+def test_prompts_n_stop_echo_and_top_k(server):
+    status, r = server.post('/v1/completions', dict(prompt=['ROMEO', 'the'], n=2, max_tokens=5, seed=3))
+    assert status == 200 and sorted(c['index'] for c in r['choices']) == [0, 1, 2, 3]
+    assert r['choices'][0]['text'] != r['choices'][1]['text'] or r['choices'][0]['text'] == ''  # other seeds
+    status, full = server.post('/v1/completions', dict(prompt='the', max_tokens=30, temperature=0))
+    text = full['choices'][0]['text']
+    stop = text[5:7]
+    status, stopped = server.post('/v1/completions', dict(prompt='the', max_tokens=30, temperature=0, stop=[stop]))
+    assert stopped['choices'][0] == dict(text=text[:text.index(stop)], index=0, logprobs=None, finish_reason='stop')
+    status, echoed = server.post('/v1/completions', dict(prompt='the', max_tokens=3, temperature=0, echo=True))
+    assert echoed['choices'][0]['text'] == 'the' + text[:3]
+    status, r = server.post('/v1/completions', dict(prompt='the', max_tokens=5, top_k=1, temperature=1.5))
+    assert r['choices'][0]['text'] == text[:5]  # top_k=1 is greedy at any temperature
+
+
+@pytest.mark.parametrize('body, status, param, fragment', [
+    (b'{"prompt": "the"', 400, None, 'not valid JSON'),
+    (b'[1, 2]', 400, None, 'JSON object'),
+    ({'prompt': 'the', 'max_tokens': 'ten'}, 400, 'max_tokens', 'must be int'),
+    ({'prompt': 'the', 'temperature': True}, 400, 'temperature', 'must be'),
+    ({'prompt': 'the', 'colour': 'red'}, 400, 'colour', 'unknown field'),
+    ({'prompt': 'the', 'max_tokens': 64}, 400, 'max_tokens', 'between 1 and 63'),
+    ({'prompt': 'the', 'n': 9}, 400, 'n', 'between 1 and 8'),
+    ({'prompt': 'the', 'stop': ['a', 'b', 'c', 'd', 'e']}, 400, 'stop', 'at most 4'),
+    ({'prompt': 'the', 'presence_penalty': 0.5}, 400, 'presence_penalty', 'not supported'),
+    ({'prompt': 'Zebra ~'}, 400, 'prompt', "'Z'"),
+    ({'max_tokens': 5}, 400, 'prompt', 'required'),
+    ({'prompt': [1, 2]}, 400, 'prompt', 'list of strings'),
+])
+def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, body, status, param, fragment):
+    got, r = server.post('/v1/completions', body, raw=isinstance(body, bytes))
+    assert got == status and set(r['error']) >= {'message', 'type', 'param'}, r
+    assert r['error']['param'] == param and fragment in r['error']['message'], r
+    assert server.get('/health')[0] == 200
+    logged = [line for line in server.errors().splitlines() if r['error']['message'] in line]
+    assert len(logged) == 1 and f'" {status} ' in logged[0], logged  # one access line, with the reason
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_from_the_left_and_said(server):
+    status, r = server.post('/v1/completions', dict(prompt='the quick brown fox ' * 5, max_tokens=10))
+    assert status == 200
+    assert r['usage']['prompt_tokens'] == 64 - 10 and r['usage']['prompt_tokens_dropped'] == 100 - 54
+    assert server.get('/nowhere')[0] == 404
+
+
+@pytest.fixture(scope='module')
+def long_run_dir(tmp_path_factory, run_dir):
+    """The character model with room for 4,000 new tokens: a generation long enough to leave."""
+    root = tmp_path_factory.mktemp('serve_long')
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=4096, vocab_size=len(CHARS), pos_emb='rope'))
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+                          'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,
+                          'config': {'dataset': 'chars', 'data_dir': str(run_dir.parent / 'data')}},
+                         root / 'ckpt.pt')
+    return root
+
+
+def test_concurrent_requests_are_decoded_together(long_run_dir):
+    """Eight clients at once share the batch: the server reports several rows running together."""
+    server, seen, results = Server(f'--out_dir={long_run_dir}', '--max_batch=8'), [], []
+
+    def client(i):
+        results.append(server.post('/v1/completions', dict(prompt='the', max_tokens=600, seed=i))[0])
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        seen.append(json.loads(server.get('/health')[1])['running'])
+        time.sleep(0.005)
+    for t in threads:
+        t.join()
+    server.stop()
+    assert results == [200] * 8 and max(seen) > 1, seen
+
+
+def test_a_client_that_leaves_stops_its_generation(long_run_dir):
+    s = Server(f'--out_dir={long_run_dir}')
+    try:
+        def health():
+            return json.loads(s.get('/health')[1])
+
+        def ask(stream):
+            sock = socket.create_connection(('127.0.0.1', s.port))
+            body = json.dumps(dict(prompt='the', max_tokens=4000, stream=stream)).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            return sock
+
+        def settled(cancelled):
+            deadline = time.time() + 60
+            while (health()['running'] or health()['finished'].get('cancelled', 0) < cancelled) \
+                    and time.time() < deadline:
+                time.sleep(0.02)
+            return health()
+
+        sock = ask(stream=True)
+        got = b''
+        while b'data: ' not in got:  # the stream has started
+            got += sock.recv(4096)
+        sock.close()  # gone mid-stream
+        status, other = s.post('/v1/completions', dict(prompt='ROMEO', max_tokens=5))  # others go on
+        assert status == 200 and len(other['choices'][0]['text']) == 5
+        h = settled(1)
+        assert h['finished'] == {'cancelled': 1, 'length': 1}, h
+        before = h['tokens_generated']
+        assert before < 2000, h  # stopped long before its 4,000 tokens
+
+        sock = ask(stream=False)  # a client that waits for the whole answer, then hangs up
+        while health()['tokens_generated'] < before + 10:
+            time.sleep(0.01)
+        sock.close()
+        h = settled(2)
+        assert h['finished'] == {'cancelled': 2, 'length': 1}, h
+        assert h['tokens_generated'] - before < 2000, h
+    finally:
+        s.stop()
+
+
+def test_sigterm_stops_the_server_cleanly_and_bad_knobs_are_one_line(run_dir):
+    s = Server(f'--out_dir={run_dir}')
+    assert s.get('/health')[0] == 200
+    code, out, err = s.stop()
+    assert code == 0 and 'stopped' in out and 'Traceback' not in err
+    r = subprocess.run([sys.executable, 'serve.py', f'--out_dir={run_dir}', '--port=70000'], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == 'error: port must be 0..65535, got 70000'
+
+
+def test_batched_rows_of_different_lengths_compute_what_each_alone_does():
+    """KVCache with one position per row (serve.py's batch) against each row decoded alone."""
+    for pos_emb in ('learned', 'rope'):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50, pos_emb=pos_emb)).eval()
+        prompts = [torch.randint(0, 50, (1, n)) for n in (3, 7, 12)]
+        steps = [torch.randint(0, 50, (3, 1)) for _ in range(4)]
+        batch = KVCache(2, 32)
+        batch.k = [torch.zeros(3, 2, 32, 16) for _ in range(2)]
+        batch.v = [torch.zeros(3, 2, 32, 16) for _ in range(2)]
+        batch.pos = torch.tensor([3, 7, 12])
+        alone = []
+        with torch.no_grad():
+            for row, p in enumerate(prompts):
+                cache = KVCache(2, 32)
+                model._hidden(p, cache)
+                for layer in range(2):
+                    batch.k[layer][row, :, :p.size(1)] = cache.k[layer][0, :, :p.size(1)]
+                    batch.v[layer][row, :, :p.size(1)] = cache.v[layer][0, :, :p.size(1)]
+                alone.append(cache)
+            for tokens in steps:
+                together = model._hidden(tokens, batch)[:, -1]
+                each = torch.cat([model._hidden(tokens[row:row + 1], alone[row])[:, -1] for row in range(3)])
+                torch.testing.assert_close(together, each, atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# the playground, in Debian's chromium
+
+def chromium():
+    path = shutil.which('chromium') or shutil.which('chromium-browser')
+    if path is None:
+        return None, "no chromium here: apt-get install chromium (.ci/run installs it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return None, "playwright drives the browser: pip install playwright (in requirements-dev.txt)"
+    return path, None
+
+
+CHROMIUM, NO_CHROMIUM = chromium()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM or '')
+def test_the_playground_streams_text_and_draws_attention_in_a_real_browser(server, long_run_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+            '--disable-component-update', '--disable-sync'])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + '/')
+            page.fill('#prompt', 'ROMEO:')
+            page.fill('#max_tokens', '40')
+            page.fill('#seed', '5')
+            page.click('#generate')
+            # streaming, or already done: 40 tokens may take less than one poll of the page
+            page.wait_for_function("['streaming', 'done'].includes(document.body.dataset.state)", timeout=30000)
+            page.wait_for_function("document.body.dataset.state === 'done' && document.body.dataset.heatmap",
+                                   timeout=60000)
+            text = page.inner_text('#output')
+            assert text.startswith('ROMEO:') and len(text) > len('ROMEO:')
+            layer, head, tokens = page.evaluate("document.body.dataset.heatmap").split(',')
+            assert int(tokens) >= 7 and page.locator('#layer option').count() == 2
+            assert page.evaluate("document.getElementById('heatmap').width") > 100
+            page.select_option('#head', '1')
+            assert page.evaluate("document.body.dataset.heatmap").startswith('0,1,')
+            page.screenshot(path=str(tmp_path / 'playground.png'))
+            assert os.path.getsize(tmp_path / 'playground.png') > 10000
+            assert page.inner_text('#status') == 'done (length)'
+
+            long = Server(f'--out_dir={long_run_dir}')  # room for 4,000 tokens: time to press Stop
+            try:
+                page.goto(long.url + '/')
+                page.fill('#max_tokens', '4000')
+                page.click('#generate')
+                page.wait_for_function("document.getElementById('output').innerText.length > 20", timeout=30000)
+                page.click('#stop')
+                page.wait_for_function("document.body.dataset.state === 'done'", timeout=30000)
+                assert page.inner_text('#status') == 'stopped' and page.is_enabled('#generate')
+                deadline = time.time() + 30
+                while json.loads(long.get('/health')[1])['running'] and time.time() < deadline:
+                    time.sleep(0.05)
+                health = json.loads(long.get('/health')[1])
+                assert health['finished'] == {'cancelled': 1} and health['tokens_generated'] < 4000, health
+            finally:
+                long.stop()
+        finally:
+            browser.close()
