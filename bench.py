@@ -444,7 +444,7 @@ def main(argv):
         cli.die(f"hf_compare needs GPT-2's architecture: leave {', '.join(config.modern())} at the default")
     if cfg['lora_rank'] and cfg['nanogpt_dir']:
         cli.die(f"lora_rank cannot be combined with nanogpt_dir, got {cfg['lora_rank']}")
-    dev = hardware.setup_device(cfg['device'], cfg['dtype'])
+    dev = hardware.setup_device(cfg['device'], cfg['dtype'], width=cfg['n_embd'])
     torch.manual_seed(cfg['seed'])
     if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):
         cli.die(f"nanogpt_dir={cfg['nanogpt_dir']} is not a folder")

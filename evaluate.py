@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import hardware
 import prepare
 import runs
 from quantize import QUANTIZE, quantize_model
@@ -333,10 +332,9 @@ DEFAULTS = {
 
 def load_model(cfg):
     """(model, info, device setup) for init_from/out_dir: see runs.load_model."""
-    dev = hardware.setup_device(cfg['device'], cfg['dtype'])
     if cfg['init_from'] == 'resume':
         cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
-    model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+    model, info, dev = runs.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
     print(f"model: {info['source']}")
     quantize_model(model, cfg['quantize'])
     return model, info, dev

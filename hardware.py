@@ -57,12 +57,48 @@ def _cuda_has_native_bf16():
         return torch.cuda.is_bf16_supported()
 
 
-def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, default_reason=None):
+def cpu_bf16():
+    """'AMX' or 'AVX512-BF16' where this CPU computes bfloat16 in hardware, else None (there
+    torch emulates it, slower than float32). Asks torch, then the kernel's CPU flags."""
+    try:
+        if torch.cpu._is_amx_tile_supported():
+            return 'AMX'
+        if torch.cpu._is_avx512_bf16_supported():
+            return 'AVX512-BF16'
+        return None
+    except AttributeError:  # a torch without these probes
+        try:
+            flags = open('/proc/cpuinfo').read()
+        except OSError:
+            return None
+        return 'AMX' if ' amx_bf16' in flags else 'AVX512-BF16' if ' avx512_bf16' in flags else None
+
+
+# bfloat16 autocast on the CPU pays for its casts only on wide enough matrices: the narrowest
+# model width (n_embd) where it was measured faster than float32, per kind of hardware support
+# (docs/benchmarks.md, "bfloat16 on the CPU")
+CPU_BF16_MIN_WIDTH = {'AMX': 256, 'AVX512-BF16': 256}
+
+
+def _cpu_auto_dtype(width):
+    native = cpu_bf16()
+    if native is None:
+        return 'float32', "auto: this CPU has no bfloat16 hardware (AMX or AVX512-BF16)"
+    low = CPU_BF16_MIN_WIDTH[native]
+    if width is not None and width >= low:
+        return 'bfloat16', f"auto: this CPU has {native}, faster than float32 from {low} wide; this model is {width}"
+    model = "the model's width is unknown" if width is None else f"this model is {width}"
+    return 'float32', f"auto: this CPU has {native}, but bfloat16 is slower below {low} wide; {model}"
+
+
+def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, default_reason=None, width=None):
     """Pick the device and the compute dtype; print the choice and the reason once per process.
 
     device 'auto': cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu.
     dtype 'auto': bfloat16 on a CUDA GPU that supports it, float16 with a GradScaler on an
-    older CUDA GPU, float32 on CPU and MPS. An explicit dtype is honoured (bfloat16 on CPU works).
+    older CUDA GPU; on a CPU bfloat16 where it computes bfloat16 natively (cpu_bf16) and the
+    model is at least CPU_BF16_MIN_WIDTH wide (width: its n_embd), else float32; float32 on
+    MPS. An explicit dtype is honoured (bfloat16 on any CPU works, emulated where not native).
     default_reason: how to explain a fixed device/dtype that the user did not ask for (a script's
     own default), instead of "asked for".
     """
@@ -91,6 +127,8 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, def
             dtype, dtype_reason = 'bfloat16', "auto: this GPU supports bfloat16"
         elif device_type == 'cuda':
             dtype, dtype_reason = 'float16', "auto: no bfloat16 on this GPU, float16 with a GradScaler"
+        elif device_type == 'cpu':
+            dtype, dtype_reason = _cpu_auto_dtype(width)
         else:
             dtype, dtype_reason = 'float32', f"auto: full precision on {device_type}"
     elif dtype in PTDTYPES:

@@ -22,6 +22,14 @@ a constructor so that forward stays a straight line (measured in docs/modern_mod
 - qk_norm=True (GPT-2: False): RMS-normalised queries and keys (arXiv:2302.05442; nanochat)
 - tie_embeddings=False (GPT-2: True): a separate output head (nanochat, modded-nanogpt)
 - logit_softcap=c (GPT-2: 0, off): logits -> c tanh(logits / c) (Gemma 2; nanochat: 15)
+- value_embeds=True: a token embedding added to the values of every other block, the last
+  included (ResFormer's value residual, arXiv:2410.17897; modded-nanogpt, nanochat)
+- x0_mix=True: each block reads a x + b x0, x0 the embedding output, a and b learned per block
+  (modded-nanogpt's x0 lambdas; nanochat's resid/x0 lambdas)
+- zero_init_proj=True: the attention and MLP output projections start at zero, so every block
+  starts as the identity (modded-nanogpt, nanochat)
+- bigram_vocab=N (GPT-2: 0, off): an embedding of the hashed (previous, current) token pair,
+  N rows, zero at the start, added to the input (modded-nanogpt's bigram hash embedding)
 
 A new knob is a GPTConfig field plus the code that uses it: the scripts derive flags, checks
 and checkpoint records from the field (docs/hacking.md). Optimizers, LoRA, int8 and run files
@@ -148,8 +156,9 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = None  # set by GPT, indexes the KV cache
         self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
 
-    def forward(self, x, rope=None, cache=None, last_only=False):
-        """rope: (cos, sin) of x's positions for RoPE models, None for learned positions."""
+    def forward(self, x, rope=None, cache=None, last_only=False, ve=None):
+        """rope: (cos, sin) of x's positions for RoPE models, None for learned positions;
+        ve: the value embeddings of x's tokens (B, T, C), or None."""
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
         nh = self.n_head
@@ -158,7 +167,10 @@ class CausalSelfAttention(nn.Module):
         qk = self.rotate(self.qk_norm(qkv[:, :, :2 * nh]), rope)  # (B, T, 2 nh, hs)
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hs)
-        v = qkv[:, :, 2 * nh:].transpose(1, 2)  # (B, nh, T, hs)
+        v = qkv[:, :, 2 * nh:]  # (B, T, nh, hs)
+        if ve is not None:
+            v = v + ve.view(B, T, nh, hs)  # value embeddings: token identity straight into the values
+        v = v.transpose(1, 2)  # (B, nh, T, hs)
         mask = None  # the keys each row may see, when rows differ in length (KVCache)
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
@@ -228,9 +240,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        # x0_mix: the block reads lambdas[0] x + lambdas[1] x0 (the identity at the start)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
-    def forward(self, x, rope=None, cache=None, last_only=False):
-        a = self.attn(self.ln_1(x), rope, cache, last_only)  # (B, 1, C) when last_only
+    def forward(self, x, rope=None, cache=None, last_only=False, x0=None, ve=None):
+        if self.lambdas is not None:
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        a = self.attn(self.ln_1(x), rope, cache, last_only, ve)  # (B, 1, C) when last_only
         x = (x[:, -1:] if last_only else x) + a
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -265,9 +281,9 @@ class Dropout(nn.Module):
 
 @dataclass
 class GPTConfig:
-    """The model's knobs. Each annotation gives the allowed values (int: >= 1; float: finite
-    and >= 0 unless __post_init__ says otherwise; bool; Literal: the listed strings), checked
-    when a config is made."""
+    """The model's knobs. Each annotation gives the allowed values (int: >= 1, or >= 0 where
+    the default is 0, meaning off; float: finite and >= 0 unless __post_init__ says otherwise;
+    bool; Literal: the listed strings), checked when a config is made."""
     block_size: int = 1024  # longest sequence (context length)
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     n_layer: int = 12  # transformer blocks
@@ -283,6 +299,10 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding (GPT-2); False: a separate head
     logit_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0 = off (nanochat uses 15)
     rope_base: float = 10000.0  # RoPE's base, > 1 (RoFormer's value); used with pos_emb='rope' only
+    value_embeds: bool = False  # add a token embedding (zero at the start) to the values of every other block
+    x0_mix: bool = False  # each block's input is a x + b x0 (x0: the embedding), a = 1 and b = 0 at the start, learned
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero (blocks start as the identity)
+    bigram_vocab: int = 0  # rows of a hashed (previous, current) token-pair embedding added to the input; 0 = off
 
     def __post_init__(self):
         for f in fields(self):
@@ -293,7 +313,8 @@ class GPTConfig:
             elif kind is bool:
                 ok, want = isinstance(value, bool), "True or False"
             elif kind is int:
-                ok, want = number and isinstance(value, int) and value >= 1, "a positive int"
+                low = 0 if f.default == 0 else 1  # a default of 0 means off
+                ok, want = number and isinstance(value, int) and value >= low, f"an int >= {low}"
             elif f.name == "dropout":  # the floats with a narrower range than >= 0
                 ok, want = number and 0 <= value < 1, "in [0, 1)"
             elif f.name == "rope_base":
@@ -307,6 +328,8 @@ class GPTConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"GPTConfig.pos_emb='rope' needs an even head size, got n_embd {self.n_embd} / "
                              f"n_head {self.n_head} = {self.n_embd // self.n_head}")
+        if self.bigram_vocab == 1:  # row 0 is for the first token, the pairs need at least one more
+            raise ValueError("GPTConfig.bigram_vocab must be 0 (off) or >= 2, got 1")
 
     def modern(self):
         """The knobs set away from GPT-2's behaviour, {name: value}; {} for a GPT-2."""
@@ -347,6 +370,7 @@ class KVCache:
     together one token at a time (serve.py's batches): each row attends to its own keys only."""
 
     def __init__(self, n_layer, max_len, rolling=False):
+        self.prev = None  # each row's last token id, (B,): the bigram embedding's previous token
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.max_len = max_len
@@ -429,6 +453,11 @@ class GPT(nn.Module):
         # one table of angles for all layers; None with learned positions
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base) if rope else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # value embeddings for every other block, the last included: {block index: table}
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_embd)
+                                           for i in range(config.n_layer)
+                                           if config.value_embeds and (config.n_layer - 1 - i) % 2 == 0})
+        self.bigram = nn.Embedding(config.bigram_vocab, config.n_embd) if config.bigram_vocab else None
         if config.tie_embeddings:
             # weight tying (GPT-2 does it; https://paperswithcode.com/method/weight-tying)
             self.transformer.wte.weight = self.lm_head.weight
@@ -441,6 +470,11 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+        # the added embeddings start at zero: the model starts as the one without them
+        for table in [*self.value_embeds.values(), *([self.bigram] if self.bigram is not None else [])]:
+            torch.nn.init.zeros_(table.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -481,17 +515,34 @@ class GPT(nn.Module):
         self._check_idx(idx, longest if cache is None or not cache.rolling else min(longest, self.config.block_size - 1))
         T = idx.size(1)
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.bigram is not None:
+            x = x + self.bigram(self.bigram_rows(idx, cache))
         rope = None
         if self.rotary is None:  # learned positions (T, C), or one per row (B, 1, C)
             x = x + (self.transformer.wpe(past)[:, None] if torch.is_tensor(past) else self.transformer.wpe.weight[past:past + T])
         else:
             rope = self.rotary(past, T)  # angles of the absolute positions [past, past + T)
-        x = self.transformer.drop(x)
+        x = x0 = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache, last_only and i == len(self.transformer.h) - 1)
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, C)
+            x = block(x, rope, cache, last_only and i == len(self.transformer.h) - 1, x0, ve)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
+
+    def bigram_rows(self, idx, cache=None):
+        """Rows of the bigram table for idx (B, T): a hash of (previous, current) token, row 0
+        for a first token with no previous one (the cache remembers each row's last token)."""
+        prev = torch.roll(idx, 1, dims=1)  # (B, T): column 0 is fixed below
+        first = cache.prev if cache is not None and cache.prev is not None else None
+        prev[:, 0] = first if first is not None else -1
+        rows = (prev * 1_000_003 + idx) % (self.config.bigram_vocab - 1) + 1  # a large prime spreads the pairs
+        if cache is not None:
+            if cache.prev is None:
+                cache.prev = idx[:, -1].clone()
+            else:
+                cache.prev.copy_(idx[:, -1])  # in place: serve.py's batch views share it
+        return torch.where(prev < 0, 0, rows)
 
     def forward(self, idx, targets=None):
         """With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1.
@@ -594,17 +645,20 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= sum(m.weight.numel() for name, m in self.transformer.items() if name == "wpe")
+            n -= sum(p.numel() for p in self.value_embeds.parameters())  # lookup tables too
+            n -= self.bigram.weight.numel() if self.bigram is not None else 0
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
         return n
 
     def param_breakdown(self):
-        """Parameter counts by kind: embeddings (token + position + output head, a tied head
-        once), attention, mlp, norms (0 with the parameter-free RMSNorm), total."""
+        """Parameter counts by kind: embeddings (token, position, value, bigram, output head; a
+        tied head once), attention, mlp, norms (with x0_mix's scalars; 0 with the
+        parameter-free RMSNorm and no x0_mix), total."""
         counts = dict(embeddings=0, attention=0, mlp=0, norms=0)
         for name, p in self.named_parameters():  # named_parameters yields tied weights once
             kind = ("attention" if ".attn." in name else "mlp" if ".mlp." in name
-                    else "norms" if "ln_" in name else "embeddings")
+                    else "norms" if "ln_" in name or name.endswith("lambdas") else "embeddings")
             counts[kind] += p.numel()
         counts["total"] = sum(counts.values())
         return counts

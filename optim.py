@@ -15,32 +15,52 @@ import math
 import torch
 
 
+def role(name, p):
+    """Which AdamW learning rate a parameter gets: 'embedding' (token, position, value and
+    bigram tables), 'head' (an untied output head), 'scalar' (gains, biases, x0_mix's lambdas:
+    anything below 2-D) or 'matrix' (the blocks' matrices, when AdamW trains them)."""
+    if p.dim() < 2:
+        return "scalar"
+    if name.startswith(("transformer.wte", "transformer.wpe", "value_embeds.", "bigram.")):
+        return "embedding"
+    return "head" if name.startswith("lm_head.") else "matrix"
+
+
 def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                          muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5):
+                          muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5,
+                          role_lrs=None):
     """optimizer="adamw": AdamW with weight decay on matrices and embeddings (2-D) only, not on
     biases and norm gains; the fused kernel where this torch has it for device_type.
 
     optimizer="muon": Muon (see MuonAdamW) on the 2-D matrices inside the blocks, AdamW as above
-    on everything else (embeddings, lm_head, gains, biases)."""
+    on everything else (embeddings, lm_head, gains, biases).
+
+    role_lrs: {'embedding', 'head', 'scalar': peak lr} for AdamW's parameters of that role (see
+    role); a role left out, or 0, gets learning_rate."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if optimizer == "muon":
         hidden = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
         named = [(n, p) for n, p in named if not (n.startswith("transformer.h.") and p.dim() == 2)]
-    params = [p for _, p in named]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    if learning_rate <= 0:
+        raise ValueError(f"the lr_ratio of each group needs learning_rate > 0, got {learning_rate}")
+    # one group per (decayed?, lr): the 2 groups decayed and not, unless role_lrs splits them
+    buckets = {}
+    for decayed in (True, False):
+        for n, p in named:
+            if (p.dim() >= 2) == decayed:
+                lr = (role_lrs or {}).get(role(n, p)) or learning_rate
+                buckets.setdefault((decayed, lr), []).append(p)
+    groups = [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr,
+               "lr_ratio": lr / learning_rate} for (decayed, lr), params in buckets.items()]
+    decay = [p for (decayed, _), params in buckets.items() if decayed for p in params]
+    no_decay = [p for (decayed, _), params in buckets.items() if not decayed for p in params]
     n_decay = sum(p.numel() for p in decay)
     n_no_decay = sum(p.numel() for p in no_decay)
     print(f"optimizer: {len(decay)} decayed tensors ({n_decay:,} parameters), "
-          f"{len(no_decay)} non-decayed tensors ({n_no_decay:,} parameters) with AdamW")
+          f"{len(no_decay)} non-decayed tensors ({n_no_decay:,} parameters) with AdamW"
+          + "".join(f"; {kind} lr {lr:g}" for kind, lr in sorted((role_lrs or {}).items()) if lr))
     if optimizer == "muon":
-        if learning_rate <= 0:
-            raise ValueError(f"Muon's lr_ratio needs learning_rate > 0, got {learning_rate}")
-        adam = dict(kind="adamw", lr=learning_rate, lr_ratio=1.0, betas=betas, eps=1e-8)
+        adam = dict(kind="adamw", betas=betas, eps=1e-8)
         groups = [dict(adam, **g) for g in groups]
         groups.append(dict(kind="muon", params=hidden, lr=muon_lr, lr_ratio=muon_lr / learning_rate,
                            momentum=muon_momentum, weight_decay=muon_weight_decay, ns_steps=muon_ns_steps))

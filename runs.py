@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import hardware
 from cli import ConfigError, die
 from model import GPT, PRETRAINED, GPTConfig
 
@@ -366,6 +367,15 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
     model.to(device)
     model.eval()
     return model, info
+
+
+def load_model_on_device(init_from, out_dir, device='auto', dtype='auto'):
+    """(model, info, dev): load_model, on the device and dtype that hardware.setup_device picks
+    for this model (on a CPU, dtype 'auto' depends on the model's width, known once read)."""
+    hardware.setup_device(device, 'float32', verbose=False)  # a bad device fails before a long load
+    model, info = load_model(init_from, out_dir, 'cpu')
+    dev = hardware.setup_device(device, dtype, width=model.config.n_embd)
+    return model.to(dev.device), info, dev
 
 
 def load_base_model(base, dropout=None):

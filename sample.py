@@ -21,7 +21,6 @@ import cli  # first: a missing package is one line naming the fix, not a traceba
 
 import torch
 
-import hardware
 import runs
 from quantize import QUANTIZE, quantize_model
 
@@ -143,10 +142,9 @@ def main(argv):
     cli.check_knobs(cfg, RULES)
 
     with redirect_stdout(sys.stderr):  # status lines from the shared helpers go to stderr
-        dev = hardware.setup_device(cfg['device'], cfg['dtype'])
         if cfg['init_from'] == 'resume':  # no --out_dir and no out/ckpt.pt: the newest run folder here
             cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='sample from')
-        model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+        model, info, dev = runs.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
         tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
     notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
            f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} ids)")

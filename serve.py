@@ -33,7 +33,6 @@ import cli  # first: a missing package is one line naming the fix, not a traceba
 
 import torch
 
-import hardware
 import runs
 from model import KVCache, sample_next
 from quantize import QUANTIZE, quantize_model
@@ -187,11 +186,15 @@ class Engine:
                             for k in alone.k]  # (max_batch, nh, block_size, hs)
             self.cache.v = [torch.zeros_like(k) for k in self.cache.k]
             self.cache.pos = torch.zeros(self.max_batch, dtype=torch.long, device=self.dev.device)
+            if alone.prev is not None:  # bigram models: each row's last token
+                self.cache.prev = torch.zeros(self.max_batch, dtype=torch.long, device=self.dev.device)
         T = len(g.prompt)
         for layer in range(model.config.n_layer):
             self.cache.k[layer][n, :, :T] = alone.k[layer][0, :, :T]
             self.cache.v[layer][n, :, :T] = alone.v[layer][0, :, :T]
         self.cache.pos[n] = T
+        if alone.prev is not None:
+            self.cache.prev[n] = alone.prev[0]
         self.rows.append(g)
         self.sample(hidden, [n])  # its first token
 
@@ -202,6 +205,7 @@ class Engine:
         view = KVCache(self.model.config.n_layer, self.model.config.block_size)
         view.k, view.v = [k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v]
         view.pos = self.cache.pos[:n]  # a view: the step advances the engine's positions too
+        view.prev = self.cache.prev[:n] if self.cache.prev is not None else None  # and the bigram's last tokens
         with self.dev.autocast():
             hidden = self.model._hidden(self.last[:n], view)[:, -1]  # (n, C)
         self.sample(hidden, range(n))
@@ -234,6 +238,8 @@ class Engine:
             for k in self.cache.k + self.cache.v:
                 k[row] = k[last]
             self.cache.pos[row] = self.cache.pos[last]
+            if self.cache.prev is not None:
+                self.cache.prev[row] = self.cache.prev[last]
             self.last[row] = self.last[last]
             self.rows[row] = self.rows[last]
         self.rows.pop()
@@ -491,10 +497,9 @@ def load(argv):
     overrides = cli.load_config(DEFAULTS, argv)
     cfg.update(overrides)
     cli.check_knobs(cfg, RULES)
-    dev = hardware.setup_device(cfg['device'], cfg['dtype'])
     if cfg['init_from'] == 'resume':
         cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='serve')
-    model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+    model, info, dev = runs.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
     tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
     quantize_model(model, cfg['quantize'])
     block_size = model.config.block_size

@@ -72,6 +72,8 @@ data_dir = ''  # a folder with train.bin/val.bin/meta.json instead of data/<data
 gradient_accumulation_steps = 40  # micro-batches per optimizer step over ALL processes (5 per GPU on 8 GPUs)
 batch_size = 12  # sequences per micro-batch (per process)
 block_size = 1024  # tokens per sequence
+batch_warmup = 0  # steps over which the batch grows from 1/4 of batch_size to all of it (in eighths); 0 = off
+seq_warmup = 0  # steps over which sequences grow from 1/4 of block_size to all of it (in eighths); 0 = off
 # model: its shape here; every other GPTConfig field is a knob too, with GPT-2's default
 # (--pos_emb=rope, --qk_norm=True, ...: see model.py; `python train.py --help` lists them)
 n_layer = 12  # transformer blocks
@@ -97,6 +99,10 @@ muon_lr = 0.02  # Muon's peak learning rate; the schedule below scales it like l
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_weight_decay = 0.0  # Muon's decoupled weight decay on the blocks' matrices
 muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
+muon_momentum_warmup = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0 = off
+embedding_lr = 0.0  # AdamW's peak lr for the token, position, value and bigram embeddings; 0 = learning_rate
+head_lr = 0.0  # AdamW's peak lr for an untied output head (tie_embeddings=False); 0 = learning_rate
+scalar_lr = 0.0  # AdamW's peak lr for gains, biases and x0_mix's scalars; 0 = learning_rate
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True  # False keeps learning_rate constant
 warmup_iters = 2000  # warmup steps
@@ -114,9 +120,11 @@ seed = 1337  # seeds model init, batch sampling and dropout
 RULES = dict(
     eval_interval='>= 1', log_interval='>= 1', eval_iters='>= 1', gradient_accumulation_steps='>= 1',
     batch_size='>= 1', max_iters='>= 0', warmup_iters='>= 0', lr_decay_iters='>= 0', seed='>= 0',
-    hellaswag_interval='>= 0', checkpoint_interval_s='>= 0', keep_last='>= 1', learning_rate='> 0', min_lr='>= 0', weight_decay='>= 0', grad_clip='>= 0',
-    beta1='[0, 1)', beta2='[0, 1)', optimizer=('adamw', 'muon'), muon_lr='> 0', muon_momentum='[0, 1)',
-    muon_weight_decay='>= 0', muon_ns_steps='1..20', lora_rank='>= 0', lora_alpha='> 0', lora_dropout='[0, 1)',
+    hellaswag_interval='>= 0', checkpoint_interval_s='>= 0', keep_last='>= 1', learning_rate='> 0',
+    min_lr='>= 0', weight_decay='>= 0', grad_clip='>= 0', beta1='[0, 1)', beta2='[0, 1)',
+    optimizer=('adamw', 'muon'), muon_lr='> 0', muon_momentum='[0, 1)', muon_weight_decay='>= 0',
+    muon_ns_steps='1..20', muon_momentum_warmup='>= 0', embedding_lr='>= 0', head_lr='>= 0', scalar_lr='>= 0',
+    batch_warmup='>= 0', seq_warmup='>= 0', lora_rank='>= 0', lora_alpha='> 0', lora_dropout='[0, 1)',
     backend=('auto', 'nccl', 'gloo'), compile=(None, True, False),
 )
 # -----------------------------------------------------------------------------
@@ -161,7 +169,7 @@ ranks = hardware.ddp_ranks()  # None unless launched by torchrun
 ddp = ranks is not None
 rank, local_rank, world_size = ranks if ddp else (0, 0, 1)
 master_process = rank == 0  # only rank 0 prints, logs and writes files
-dev = hardware.setup_device(device, dtype, local_rank=local_rank if ddp else None, verbose=master_process)
+dev = hardware.setup_device(device, dtype, local_rank=local_rank if ddp else None, verbose=master_process, width=n_embd)
 if dev.device_type == 'cuda' and ':' in dev.device:
     torch.cuda.set_device(dev.device)  # so that nccl and new tensors use this process's GPU
 if ddp:
@@ -176,7 +184,28 @@ if gradient_accumulation_steps % world_size != 0:
     cli.die(f"gradient_accumulation_steps={gradient_accumulation_steps} is the global count and must "
             f"divide evenly over {world_size} processes; use a multiple of {world_size}")
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process per iteration
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # once the warmups are over
+
+
+def ramp(full, it, steps):
+    """full, or during the first `steps` iterations 2/8, 3/8, ... 7/8 of it (few shapes: few recompiles)."""
+    return full if it >= steps else max(1, full * (2 + 6 * it // steps) // 8)
+
+
+def batch_shape(it):
+    """(sequences per micro-batch, tokens per sequence) at iteration it (batch_warmup, seq_warmup)."""
+    return ramp(batch_size, it, batch_warmup), ramp(block_size, it, seq_warmup)
+
+
+warmup_tokens = [0]  # tokens of iterations [0, i) while a warmup lasts
+for _it in range(max(batch_warmup, seq_warmup)):
+    warmup_tokens.append(warmup_tokens[-1] + gradient_accumulation_steps * math.prod(batch_shape(_it)))
+
+
+def tokens_through(it):
+    """Tokens trained on in iterations [0, it)."""
+    ramped = min(it, len(warmup_tokens) - 1)
+    return warmup_tokens[ramped] + (it - ramped) * tokens_per_iter
 use_compile = (dev.device_type == 'cuda') if compile is None else compile
 if master_process:
     print(cli.config_summary(config, defaults, os.path.join(out_dir, 'config.json')))
@@ -195,11 +224,11 @@ meta_vocab_size = meta.get('vocab_size')
 token_bytes, no_bpb = token_bytes_of(meta, dataset_dir)
 tokenizer_info = tokenizer_record(meta, dataset_dir)  # what checkpoints keep of the tokenizer
 
-def get_batch(split, offsets):
+def get_batch(split, offsets, T=block_size):
     """Inputs and targets (B, T) for the sequences starting at offsets (B,)."""
     # A fresh memmap per batch keeps the process's memory flat on huge files.
     data = np.memmap(split_paths[split], dtype=np.uint16, mode='r')
-    tokens = data[offsets[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+    tokens = data[offsets[:, None] + np.arange(T + 1)]  # (B, T+1)
     if split in check_per_batch and tokens.max() >= meta_vocab_size:
         raise cli.ConfigError(f"{split_paths[split]} holds token id {int(tokens.max())} >= the vocab_size "
                               f"{meta_vocab_size} of {dataset_dir}/meta.json: the file is corrupt or from "
@@ -223,7 +252,8 @@ def iteration_plan(it):
     offsets = rng.integers(0, split_sizes['train'] - block_size, size=(gradient_accumulation_steps, batch_size))
     dropout_seeds = rng.integers(0, 2**62, size=gradient_accumulation_steps)
     first = rank * accum_steps
-    return offsets[first:first + accum_steps], dropout_seeds[first:first + accum_steps]
+    B = batch_shape(it)[0]  # a batch warmup takes the first B rows: the same draws either way
+    return offsets[first:first + accum_steps, :B], dropout_seeds[first:first + accum_steps]
 
 
 # A fixed evaluation set per split, so losses at different iterations are comparable.
@@ -292,7 +322,7 @@ if hellaswag_interval:
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
     print(model.param_table())
-    notice = small_data_notice(split_sizes['train'], model.get_num_params(), max_iters * tokens_per_iter)
+    notice = small_data_notice(split_sizes['train'], model.get_num_params(), tokens_through(max_iters))
     if notice:
         print(notice)
 
@@ -302,7 +332,8 @@ scaler = torch.amp.GradScaler(dev.device_type, enabled=dev.use_grad_scaler)  # n
 with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):  # it prints a summary
     # from here on `optimizer` is the optimizer object; config['optimizer'] keeps the knob
     optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), dev.device_type,
-                                     config['optimizer'], muon_lr, muon_momentum, muon_weight_decay, muon_ns_steps)
+                                     config['optimizer'], muon_lr, muon_momentum, muon_weight_decay, muon_ns_steps,
+                                     dict(embedding=embedding_lr, head=head_lr, scalar=scalar_lr))
 if checkpoint is not None:
     resume.restore_training_state(checkpoint, resume_path, optimizer, scaler, config['optimizer'], dev)
     crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too
@@ -332,6 +363,13 @@ def get_lr(it):
         return min_lr
     progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)  # 0 .. 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def get_muon_momentum(it):
+    """Muon's momentum: from 0.85 up to muon_momentum over muon_momentum_warmup steps (modded-nanogpt)."""
+    if it >= muon_momentum_warmup:
+        return muon_momentum
+    return 0.85 + (muon_momentum - 0.85) * it / muon_momentum_warmup
 
 
 def stop_requested():
@@ -463,13 +501,13 @@ def log_eval(**values):
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         for split in ('train', 'val'):
             log_jsonl(iter=iter_num, kind='eval', split=split, loss=losses[split], bpb=losses[f'{split}_bpb'], lr=lr,
-                      tokens=iter_num * tokens_per_iter)
+                      tokens=tokens_through(iter_num))
         wandb_values = {'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
                         **({'train/bpb': losses['train_bpb'], 'val/bpb': losses['val_bpb']} if bpb else {})}
     else:
         hs = values['hellaswag']
         print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
-        log_jsonl(iter=iter_num, kind='hellaswag', tokens=iter_num * tokens_per_iter, **hs)
+        log_jsonl(iter=iter_num, kind='hellaswag', tokens=tokens_through(iter_num), **hs)
         wandb_values = {'hellaswag/acc_norm': hs['acc_norm']}
     if plot.have_matplotlib():  # out_dir/loss.png, redrawn at every evaluation
         plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
@@ -510,6 +548,8 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's groups: muon_lr / learning_rate
+        if group.get('kind') == 'muon':
+            group['momentum'] = get_muon_momentum(iter_num)
 
     # evaluate, and checkpoint when val improved (or always_save_checkpoint)
     if (iter_num % eval_interval == 0 and (iter_num > 0 or eval_at_start)) or iter_num == max_iters or eval_only:
@@ -543,7 +583,7 @@ while True:
     log_now = iter_num % log_interval == 0
     offsets, dropout_seeds = iteration_plan(iter_num)
     for micro_step in range(accum_steps):
-        x, y = get_batch('train', offsets[micro_step])
+        x, y = get_batch('train', offsets[micro_step], batch_shape(iter_num)[1])
         torch.manual_seed(int(dropout_seeds[micro_step]))  # dropout masks fixed by (seed, iteration, micro-step)
         # gradients are all-reduced only after the last micro-step
         last = micro_step == accum_steps - 1
@@ -569,12 +609,12 @@ while True:
         loss_sum.zero_()
         now = time.time()
         dt = (now - t_log) / (iter_num - last_log_iter)  # seconds per iteration since the last log line
+        tokens_per_sec = (tokens_through(iter_num) - tokens_through(last_log_iter)) / (now - t_log)
         t_log, last_log_iter = now, iter_num
         if not math.isfinite(lossf):
             cli.die(f"training loss is not finite ({lossf}) at iteration {iter_num - 1}{last_good_state()} "
                     f"(try a lower learning_rate or grad_clip)")
         if master_process:
-            tokens_per_sec = tokens_per_iter / dt
             mfu = hardware.estimate_mfu(model, tokens_per_sec / world_size, device_name, dev.ptdtype)
             left = time_left.after_step(iter_num, dt)
             print(f"iter {iter_num - 1}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.2f}ms/iter, "
@@ -584,7 +624,7 @@ while True:
                 print(f"notice: at {time_left.pace:.2f} s per iteration, the {max_iters - iter_num:,} iterations left "
                       f"take about {cli.duration(left)}" + hardware.smaller_run_hint(dev.device_type, dataset))
             log_jsonl(iter=iter_num - 1, kind='train', split='train', loss=lossf, lr=lr,
-                      tokens=iter_num * tokens_per_iter, ms_per_iter=dt * 1000,
+                      tokens=tokens_through(iter_num), ms_per_iter=dt * 1000,
                       tokens_per_sec=tokens_per_sec, mfu=mfu)
             if wandb_log:
                 wandb.log({'iter': iter_num - 1, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu})
@@ -613,7 +653,7 @@ if stopped_in_eval:  # the model and optimizer hold the last finished step: save
             f"continue with: python train.py --init_from=resume --out_dir={out_dir}" if saved else "nothing to save yet"))
 if master_process and not eval_only:
     print(runs.summary(out_dir, dataset, iter_num - start_iter, time.time() - run_start, best_val_loss, best_val_bpb,
-                       iter_num * tokens_per_iter))
+                       tokens_through(iter_num)))
 run_lock.release()
 if wandb_log and master_process:
     wandb.finish()

@@ -39,11 +39,19 @@ def test_a_compiled_dropout_model_trains_and_evaluates_again_and_again():
             model.train()
 
 
-def test_train_py_compiles_a_dropout_model_on_the_cpu(tmp_path):
+EVERY_KNOB = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp_act=relu2', '--qk_norm=True', '--tie_embeddings=False',
+              '--logit_softcap=15', '--value_embeds=True', '--x0_mix=True', '--zero_init_proj=True',
+              '--bigram_vocab=64', '--optimizer=muon', '--muon_momentum_warmup=2', '--batch_warmup=2',
+              '--seq_warmup=2', '--embedding_lr=0.02', '--scalar_lr=0.02']
+
+
+@pytest.mark.parametrize('knobs', [[], EVERY_KNOB], ids=['gpt2', 'every-knob'])
+def test_train_py_compiles_a_dropout_model_on_the_cpu(tmp_path, knobs):
+    """Warmups change the batch's shape: compiled anew, still training."""
     data = make_dataset(tmp_path)
     out = tmp_path / 'out'
     r = subprocess.run([sys.executable, 'train.py', *TINY, f'--data_dir={data}', f'--out_dir={out}', '--device=cpu',
-                        '--compile=True', '--dropout=0.2', '--max_iters=4', '--eval_interval=2'],
+                        '--compile=True', '--dropout=0.2', '--max_iters=4', '--eval_interval=2', *knobs],
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     log = [json.loads(line) for line in open(out / 'log.jsonl')]

@@ -23,8 +23,12 @@ KNOBS = {
     "qk_norm": dict(qk_norm=True),
     "untied": dict(tie_embeddings=False),
     "softcap": dict(logit_softcap=0.05),  # init logits are ~0.1: a small cap really bends them
+    "value_embeds": dict(value_embeds=True),
+    "x0_mix": dict(x0_mix=True),
+    "zero_init_proj": dict(zero_init_proj=True),
+    "bigram": dict(bigram_vocab=37),
     "all": dict(pos_emb="rope", norm="rmsnorm", mlp_act="relu2", qk_norm=True, tie_embeddings=False,
-                logit_softcap=0.05),
+                logit_softcap=0.05, value_embeds=True, x0_mix=True, zero_init_proj=True, bigram_vocab=37),
 }
 
 
@@ -33,10 +37,12 @@ def tiny(**kw):
     cfg.update(kw)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**cfg)).eval()
-    with torch.no_grad():  # non-trivial gains and biases, so a skipped norm or bias cannot hide
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
+    with torch.no_grad():  # non-trivial gains, biases, mixing scalars and added tables (zero at
+        for name, p in model.named_parameters():  # init), so a skipped one cannot hide
+            if name.endswith(("bias", "lambdas")) or ".ln_" in name:
                 p.normal_(0.0, 0.3)
+            if name.startswith(("value_embeds.", "bigram.")) or (cfg.get("zero_init_proj") and "c_proj" in name):
+                p.normal_(0.0, 0.1)
     return model
 
 
@@ -78,6 +84,10 @@ def forward_ref(model, idx, window=None):
     B, T = idx.shape
     nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
     x = model.transformer.wte.weight[idx]
+    if cfg.bigram_vocab:  # row 0 for the first token, else the hash of (previous, current)
+        rows = [[0] + [(a * 1_000_003 + b) % (cfg.bigram_vocab - 1) + 1 for a, b in zip(r[:-1], r[1:])]
+                for r in idx.tolist()]
+        x = x + model.bigram.weight[torch.tensor(rows)]
     if cfg.pos_emb == "learned":
         x = x + model.transformer.wpe.weight[:T]
     pos = torch.arange(T)
@@ -85,9 +95,14 @@ def forward_ref(model, idx, window=None):
     if window is not None:
         allowed &= pos[:, None] - pos[None, :] < window
     atts = []
-    for block in model.transformer.h:
+    x0 = x
+    for i, block in enumerate(model.transformer.h):
+        if cfg.x0_mix:
+            x = block.lambdas[0] * x + block.lambdas[1] * x0
         h = norm_ref(x, block.ln_1, cfg)
         q, k, v = linear_ref(h, block.attn.c_attn).split(cfg.n_embd, dim=2)
+        if cfg.value_embeds and (cfg.n_layer - 1 - i) % 2 == 0:  # every other block, the last included
+            v = v + model.value_embeds[str(i)].weight[idx]
         q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cfg.qk_norm:
             q, k = rms_ref(q), rms_ref(k)
@@ -206,7 +221,7 @@ def test_forward_matches_the_hand_written_reference(knob):
 def test_default_config_is_gpt2():
     assert all(getattr(GPTConfig(), k) == v for k, v in dict(
         pos_emb="learned", norm="layernorm", mlp_act="gelu", qk_norm=False, tie_embeddings=True,
-        logit_softcap=0.0).items())
+        logit_softcap=0.0, value_embeds=False, x0_mix=False, zero_init_proj=False, bigram_vocab=0).items())
     with torch.device("meta"):  # shapes only
         model = GPT(GPTConfig(vocab_size=50257, block_size=1024, bias=True))
     assert model.get_num_params(non_embedding=False) == 124_439_808
@@ -216,12 +231,54 @@ def test_default_config_is_gpt2():
 @pytest.mark.parametrize("field,value,allowed", [
     ("pos_emb", "alibi", "'learned', 'rope'"), ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
     ("mlp_act", "swiglu", "'gelu', 'relu2'"), ("qk_norm", 1, "True or False"),
-    ("tie_embeddings", "yes", "True or False"), ("logit_softcap", -1.0, ">= 0"), ("rope_base", 0.5, "> 1")])
+    ("tie_embeddings", "yes", "True or False"), ("logit_softcap", -1.0, ">= 0"), ("rope_base", 0.5, "> 1"),
+    ("bigram_vocab", -3, "an int >= 0"), ("value_embeds", "yes", "True or False")])
 def test_bad_knob_values_name_the_field(field, value, allowed):
     with pytest.raises(ValueError, match=f"GPTConfig.{field} must .*{allowed}"):
         GPT(GPTConfig(n_layer=1, n_embd=8, n_head=2, block_size=4, vocab_size=5, **{field: value}))
+    with pytest.raises(ValueError, match="GPTConfig.n_layer must be an int >= 1"):  # 0 is no "off" for it
+        GPT(GPTConfig(n_layer=0, n_embd=8, n_head=2, block_size=4, vocab_size=5))
+    with pytest.raises(ValueError, match="bigram_vocab must be 0 .off. or >= 2, got 1"):
+        GPT(GPTConfig(n_layer=1, n_embd=8, n_head=2, block_size=4, vocab_size=5, bigram_vocab=1))
     with pytest.raises(ValueError, match="pos_emb='rope' needs an even head size"):
         GPT(GPTConfig(n_layer=1, n_embd=9, n_head=3, block_size=4, vocab_size=5, pos_emb="rope"))
+
+
+def test_added_parts_start_as_the_model_without_them():
+    """value_embeds, x0_mix and bigram_vocab start as the identity: same logits as GPT-2 with the
+    same seed; zero_init_proj starts every block as the identity, so the logits are the
+    embedding's alone."""
+    cfg = dict(block_size=16, vocab_size=53, n_layer=3, n_head=2, n_embd=24, dropout=0.0)
+    idx = torch.randint(0, 53, (2, 16))
+
+    torch.manual_seed(0)
+    gpt2 = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():
+        want = gpt2(idx, idx)[0]
+    for kw in (dict(value_embeds=True), dict(x0_mix=True), dict(bigram_vocab=37)):
+        model = GPT(GPTConfig(**cfg, **kw)).eval()
+        missing, unexpected = model.load_state_dict(gpt2.state_dict(), strict=False)
+        assert missing and not unexpected, kw  # GPT-2's weights, the knob's parts as initialized
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx, idx)[0], want, atol=0, rtol=0)
+    model = GPT(GPTConfig(**cfg, zero_init_proj=True))
+    assert all(not p.any() for n, p in model.named_parameters() if n.endswith("c_proj.weight"))
+    assert sorted(model.value_embeds) == [] and model.bigram is None
+    assert sorted(GPT(GPTConfig(**cfg, value_embeds=True)).value_embeds) == ["0", "2"]  # the last included
+    with torch.device("meta"):  # lookup tables are not counted as the model's size, as wpe is not
+        a, b = (GPT(GPTConfig(**cfg, **kw)).get_num_params() for kw in ({}, dict(value_embeds=True, bigram_vocab=99)))
+    assert a == b
+
+
+def test_bigram_rows_hash_the_previous_token_and_carry_across_cache_calls():
+    model = tiny(bigram_vocab=37)
+    idx = torch.tensor([[5, 9, 9, 2], [1, 1, 0, 52]])
+    rows = model.bigram_rows(idx)
+    assert rows[:, 0].tolist() == [0, 0]  # no previous token: row 0
+    assert rows[0, 1] == (5 * 1_000_003 + 9) % 36 + 1 and rows[1, 3] == (0 * 1_000_003 + 52) % 36 + 1
+    cache = KVCache(2, 16)
+    first, second = model.bigram_rows(idx[:, :2], cache), model.bigram_rows(idx[:, 2:], cache)
+    assert torch.equal(torch.cat([first, second], 1), rows)  # the cache remembers each row's last token
 
 
 # ------------------------------------------------------------------ every path sees the knobs
@@ -316,7 +373,8 @@ def test_kv_cache_matches_recomputation_within_block(knob, mode):
     assert torch.equal(ours, ref), (ours, ref)
 
 
-@pytest.mark.parametrize("knob", ["rmsnorm", "relu2", "qk_norm", "untied", "softcap"])
+@pytest.mark.parametrize("knob", ["rmsnorm", "relu2", "qk_norm", "untied", "softcap", "value_embeds", "x0_mix",
+                                  "zero_init_proj", "bigram"])
 def test_learned_positions_past_block_still_recompute(knob):
     model = tiny(**KNOBS[knob])
     idx = torch.randint(0, 53, (2, 4))
@@ -328,8 +386,10 @@ def test_learned_positions_past_block_still_recompute(knob):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("prompt_len", [3, 21], ids=["short-prompt", "long-prompt"])
 def test_rolling_cache_one_layer_equals_window_recomputation(prompt_len, mode):
-    """One layer: the rolled cache is exactly recomputation on the last block_size tokens."""
-    model = tiny(n_layer=1, **KNOBS["all"])
+    """One layer: the rolled cache is exactly recomputation on the last block_size tokens
+    (without the bigram embedding, whose first window token still sees its previous token in
+    the rolling cache, as in the sliding-window forward checked below)."""
+    model = tiny(n_layer=1, **dict(KNOBS["all"], bigram_vocab=0))
     idx = torch.randint(0, 53, (2, prompt_len))
     ours = model.generate(idx, 40, generator=torch.Generator().manual_seed(5), **MODES[mode])
     ref = generate_ref(recompute_window(model), idx, 40, torch.Generator().manual_seed(5), **MODES[mode])

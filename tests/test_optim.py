@@ -6,6 +6,7 @@ torch.optim.Muon configured alike (where this torch has it), and torch.optim.Ada
 AdamW groups. train.py runs as a subprocess with test_train.py's helpers.
 """
 
+import json
 import re
 
 import pytest
@@ -184,3 +185,43 @@ def test_configure_optimizers_decays_only_matrices(capsys):
     assert n == model.get_num_params(non_embedding=False)
     out = capsys.readouterr().out
     assert re.search(r"\d+ decayed tensors \([\d,]+ parameters\)", out) and "fused kernel" in out
+
+
+def test_role_learning_rates_split_adamw_groups():
+    """embedding_lr, head_lr and scalar_lr: each AdamW parameter gets its role's peak lr (lr_ratio
+    times the schedule's learning_rate); without them the two groups of GPT-2 stay as they were."""
+    from optim import role
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, tie_embeddings=False,
+                          value_embeds=True, x0_mix=True, bigram_vocab=11))
+    roles = {name: role(name, p) for name, p in model.named_parameters()}
+    assert roles['transformer.wte.weight'] == roles['value_embeds.1.weight'] == roles['bigram.weight'] == 'embedding'
+    assert roles['lm_head.weight'] == 'head' and roles['transformer.h.0.lambdas'] == 'scalar'
+    assert roles['transformer.h.0.ln_1.weight'] == 'scalar' and roles['transformer.h.0.mlp.c_fc.weight'] == 'matrix'
+    lrs = dict(embedding=0.3, head=0.002, scalar=0.05)
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', role_lrs=lrs)
+    group_of = {id(p): g for g in opt.param_groups for p in g['params']}
+    for name, p in model.named_parameters():
+        g = group_of[id(p)]
+        want = 0.02 if roles[name] == 'matrix' else lrs[roles[name]]  # Muon's default lr on the block matrices
+        assert g['lr'] == pytest.approx(want) and g['lr_ratio'] == pytest.approx(want / 1e-3), name
+        assert g['weight_decay'] == (0.1 if p.dim() >= 2 and g['kind'] == 'adamw' else 0.0), name
+    plain = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', role_lrs=dict(embedding=0, head=0, scalar=0))
+    assert [g['weight_decay'] for g in plain.param_groups] == [0.1, 0.0]  # 0: the learning_rate, one group each
+
+
+def test_batch_and_sequence_warmups_and_muon_momentum_warmup(tmp_path, data):
+    """batch_warmup and seq_warmup train on 2/8 .. 7/8 of the shape at first (the log's token
+    counts say so), then all of it; muon_momentum_warmup ends at muon_momentum; both resume exactly."""
+    args = [*MUON, f'--data_dir={data}', '--batch_warmup=4', '--seq_warmup=8', '--muon_momentum_warmup=6',
+            '--log_interval=1', '--eval_interval=5', '--batch_size=8']
+    straight, _ = assert_exact_resume(args, tmp_path, iters=10)
+    rows = [json.loads(line) for line in open(straight / 'log.jsonl')]
+    tokens = {r['iter']: r['tokens'] for r in rows if r['kind'] == 'train'}
+    # iteration i trains on B(i) x T(i) tokens: B = 8 * (2 + 6i // 4) // 8 while i < 4, T = 16 * (2 + 6i // 8) // 8 while i < 8
+    shapes = [(8 * (2 + 6 * i // 4) // 8 if i < 4 else 8, 16 * (2 + 6 * i // 8) // 8 if i < 8 else 16) for i in range(10)]
+    assert [tokens[i] for i in range(10)] == [sum(b * t for b, t in shapes[:i + 1]) for i in range(10)]
+    ckpt = torch.load(straight / 'ckpt.pt', map_location='cpu', weights_only=False)
+    muon = [g for g in ckpt['optimizer']['param_groups'] if g.get('kind') == 'muon']
+    assert muon and muon[0]['momentum'] == pytest.approx(0.95)
+    for knob in ('--batch_warmup=-1', '--seq_warmup=1.5', '--muon_momentum_warmup=-2', '--embedding_lr=-1'):
+        assert_one_line_error(run_train(*MUON, f'--data_dir={data}', knob), knob[2:].split('=')[0])

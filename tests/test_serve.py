@@ -269,6 +269,47 @@ def test_batched_rows_of_different_lengths_compute_what_each_alone_does():
                 torch.testing.assert_close(together, each, atol=1e-5, rtol=0)
 
 
+def test_engine_batches_every_knob_as_sample_py_decodes_alone(tmp_path):
+    """In process: a model with the state-carrying knobs (bigram embedding, value embeddings, x0
+    mix, RoPE) decodes three prompts of different lengths together, greedily; each equals
+    sample.py's text for it alone."""
+    import serve
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'meta.json').write_text(json.dumps({'vocab_size': len(CHARS), 'tokenizer': 'char', 'chars': CHARS}))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS), pos_emb='rope',
+                          bigram_vocab=97, value_embeds=True, x0_mix=True))
+    with torch.no_grad():  # the added parts start at zero: give them weight, so a mistake shows
+        for name, p in model.named_parameters():
+            if name.startswith(('bigram.', 'value_embeds.')) or name.endswith('lambdas'):
+                p.normal_(0.0, 0.5)
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+                          'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,
+                          'config': {'dataset': 'chars', 'data_dir': str(data)}}, tmp_path / 'run' / 'ckpt.pt')
+    _, engine, _, max_tokens, _ = serve.load([f'--out_dir={tmp_path / "run"}', '--device=cpu', '--max_batch=4'])
+
+    class Limits:
+        max_batch, block_size = 4, 64
+    Limits.max_tokens = max_tokens
+    prompts = ['ROMEO:', 'the quick brown fox', 'JULIET! over lazy dogs, the']
+    p = serve.read_request(json.dumps({'prompt': prompts, 'max_tokens': 25, 'temperature': 0}), Limits)
+    generations, _, _ = serve.start_generations(p, engine.tokenizer, engine)
+    engine.thread.start()
+    try:
+        for g in generations:
+            assert g.events.get(timeout=120) is not None or g.finish_reason
+            while g.events.get(timeout=120) is not None:
+                pass
+    finally:
+        engine.stopping = True
+        engine.thread.join(timeout=30)
+    assert engine.finished['length'] == 3
+    for prompt, g in zip(prompts, generations):
+        assert prompt + g.text == sample_py(tmp_path / 'run', f'--start={prompt}', '--max_new_tokens=25',
+                                            '--temperature=0')
+
+
 # -----------------------------------------------------------------------------
 # the playground, in Debian's chromium
 
