@@ -314,7 +314,7 @@ class GPTConfig:
                 ok, want = isinstance(value, bool), "True or False"
             elif kind is int:
                 low = 0 if f.default == 0 else 1  # a default of 0 means off
-                ok, want = number and isinstance(value, int) and value >= low, f"an int >= {low}"
+                ok, want = number and isinstance(value, int) and value >= low, "an int >= 0" if low == 0 else "a positive int"
             elif f.name == "dropout":  # the floats with a narrower range than >= 0
                 ok, want = number and 0 <= value < 1, "in [0, 1)"
             elif f.name == "rope_base":

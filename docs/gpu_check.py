@@ -11,7 +11,8 @@ reaches the target. Writes only into a temporary folder. Run from the repository
 nanoGPT's checkout beside it (or NANOGPT_DIR=...) and data/shakespeare_char prepared:
 
     python docs/gpu_check.py                        # prints a markdown table for docs/benchmarks.md
-    python docs/gpu_check.py --device=cpu --cap=60 --target=2.5 --skip_bench   # a smoke test of this script
+    python docs/gpu_check.py --device=cpu --target=4 --skip_bench \
+        --extra="--batch_size=4 --eval_iters=2 --eval_interval=5 --max_iters=10 --compile=False"   # this script, on a CPU
 """
 
 import argparse
@@ -60,6 +61,7 @@ def main():
     ap.add_argument('--cap', type=float, default=150, help='seconds at most per baby GPT run')
     ap.add_argument('--target', type=float, default=1.4697, help='val loss the baby GPTs race to')
     ap.add_argument('--skip_bench', action='store_true', help='leave out the GPT-2 124M benchmark')
+    ap.add_argument('--extra', default='', help='flags added to every training run (both train.py take --key=value)')
     args = ap.parse_args()
     data = ROOT / 'data' / 'shakespeare_char'
     if not (data / 'train.bin').is_file():
@@ -87,10 +89,12 @@ def main():
             ("nanoGPT: its config/train_shakespeare_char.py", work,
              [py, 'train.py', 'config/train_shakespeare_char.py', f'--device={args.device}', f'--out_dir={tmp}/nano'],
              args.cap, args.target),
-            ('ours: speedrun recipe (config/speedrun_shakespeare_char_cpu.py) on the GPU', ROOT,
+            (f'ours: speedrun recipe (config/speedrun_shakespeare_char_cpu.py) on {args.device}', ROOT,
              [py, 'train.py', 'config/speedrun_shakespeare_char_cpu.py', f'--device={args.device}',
               f'--out_dir={tmp}/speedrun'], 90, None),
         ]
+        extra = args.extra.split()
+        runs = [(name, cwd, cmd + extra, cap, target) for name, cwd, cmd, cap, target in runs]
         print(f"| run | seconds to val {args.target} | last val loss | seconds run |\n|---|---|---|---|")
         for name, cwd, cmd, cap, target in runs:
             hit, last, secs, tail = timed_run(cmd, cwd, cap, target)

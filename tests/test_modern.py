@@ -236,7 +236,7 @@ def test_default_config_is_gpt2():
 def test_bad_knob_values_name_the_field(field, value, allowed):
     with pytest.raises(ValueError, match=f"GPTConfig.{field} must .*{allowed}"):
         GPT(GPTConfig(n_layer=1, n_embd=8, n_head=2, block_size=4, vocab_size=5, **{field: value}))
-    with pytest.raises(ValueError, match="GPTConfig.n_layer must be an int >= 1"):  # 0 is no "off" for it
+    with pytest.raises(ValueError, match="GPTConfig.n_layer must be a positive int"):  # 0 is no "off" for it
         GPT(GPTConfig(n_layer=0, n_embd=8, n_head=2, block_size=4, vocab_size=5))
     with pytest.raises(ValueError, match="bigram_vocab must be 0 .off. or >= 2, got 1"):
         GPT(GPTConfig(n_layer=1, n_embd=8, n_head=2, block_size=4, vocab_size=5, bigram_vocab=1))
