@@ -534,8 +534,7 @@ class GPT(nn.Module):
         """Rows of the bigram table for idx (B, T): a hash of (previous, current) token, row 0
         for a first token with no previous one (the cache remembers each row's last token)."""
         prev = torch.roll(idx, 1, dims=1)  # (B, T): column 0 is fixed below
-        first = cache.prev if cache is not None and cache.prev is not None else None
-        prev[:, 0] = first if first is not None else -1
+        prev[:, 0] = cache.prev if cache is not None and cache.prev is not None else -1
         rows = (prev * 1_000_003 + idx) % (self.config.bigram_vocab - 1) + 1  # a large prime spreads the pairs
         if cache is not None:
             if cache.prev is None:
