@@ -77,7 +77,7 @@ def cpu_bf16():
 # bfloat16 autocast on the CPU pays for its casts only on wide enough matrices: the narrowest
 # model width (n_embd) where it was measured faster than float32, per kind of hardware support
 # (docs/faster_cpu.md, "bfloat16 on the CPU")
-CPU_BF16_MIN_WIDTH = {'AMX': 256, 'AVX512-BF16': 256}
+CPU_BF16_MIN_WIDTH = {'AMX': 192, 'AVX512-BF16': 192}
 
 
 def _cpu_auto_dtype(width):

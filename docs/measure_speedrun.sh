@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The speedrun side by side: nanoGPT's README CPU recipe, then ours, one after the other, each timed
-# by /usr/bin/time as a whole process (imports, data, evaluations included). Prints the final val
-# loss and the wall time of each run. Writes only into a temporary folder (removed at the end).
+# The speedrun (or the quick start) side by side: nanoGPT's README CPU recipe, then ours, one after
+# the other, each timed by /usr/bin/time as a whole process (imports, data, evaluations included).
+# Prints the final val loss and the wall time of each run. Writes only into a temporary folder.
 #
 #   bash docs/measure_speedrun.sh                         # nanoGPT from /tmp/nanogpt, once each
 #   NANOGPT_DIR=~/src/nanoGPT REPEATS=3 PYTHON=.venv/bin/python bash docs/measure_speedrun.sh
+#   RECIPE=quickstart bash docs/measure_speedrun.sh       # config/train_shakespeare_char_cpu.py instead
+#   EXTRA=--seed=2 RECIPE=quickstart bash docs/measure_speedrun.sh   # flags added to our run
 #
 # nanoGPT needs its data prepared first: (cd $NANOGPT_DIR && python data/shakespeare_char/prepare.py);
 # ours: python prepare.py shakespeare_char. Run it on an otherwise idle machine.
@@ -12,6 +14,11 @@ set -euo pipefail
 NANOGPT_DIR=${NANOGPT_DIR:-/tmp/nanogpt}
 PYTHON=${PYTHON:-python}
 REPEATS=${REPEATS:-1}
+case ${RECIPE:=speedrun} in
+  speedrun) CONFIG=config/speedrun_shakespeare_char_cpu.py ;;
+  quickstart) CONFIG=config/train_shakespeare_char_cpu.py ;;
+  *) echo "error: RECIPE=$RECIPE: say RECIPE=speedrun or RECIPE=quickstart" >&2; exit 1 ;;
+esac
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -31,10 +38,11 @@ run() {  # run NAME DIR ARGS...: time one training process, print its last val l
   echo "$name: val loss $val, wall $wall s, peak RSS $((rss / 1024)) MB"
 }
 
-echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $("$PYTHON" -c 'import torch; print("torch", torch.__version__)')"
+echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $("$PYTHON" -c 'import torch; print("torch", torch.__version__)'), load $(cut -d' ' -f1-3 /proc/loadavg)"
 for i in $(seq "$REPEATS"); do
   run "nanogpt-$i" "$NANOGPT_DIR" train.py config/train_shakespeare_char.py --device=cpu --compile=False \
       --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \
       --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
-  run "speedrun-$i" "$HERE" train.py config/speedrun_shakespeare_char_cpu.py
+  # shellcheck disable=SC2086
+  run "$RECIPE-$i" "$HERE" train.py $CONFIG ${EXTRA:-}
 done
