@@ -50,3 +50,23 @@ def test_readme_pictures_and_numbers_come_from_the_current_quick_start_config():
         run = described['runs'][0]
         assert {k: run['config'][k] for k in recipe} == recipe, f"assets/{name} was drawn from another recipe"
     assert f"{run['best_val_loss']:.4f} after {run['iterations']:,} steps" in readme
+
+
+def test_markdown_links_point_at_files_in_the_repository():
+    """Every local link and picture in README.md and docs/*.md names a file git tracks (in a
+    clean clone: a file that exists), so a picture kept out by .gitignore cannot go unnoticed."""
+    import subprocess
+    git = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True)
+    tracked = set(git.stdout.split()) if git.returncode == 0 and git.stdout else None
+    missing = []
+    for md in [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]:
+        for target in re.findall(r'\]\(([^)\s]+)\)', md.read_text()):
+            if re.match(r'[a-z]+:', target) or target.startswith('#'):
+                continue  # a web address or an anchor on the same page
+            path = (md.parent / target.split('#')[0]).resolve()
+            rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else None
+            known = path.exists() if tracked is None else (
+                rel in tracked or any(t.startswith(f'{rel}/') for t in tracked))
+            if not known:
+                missing.append(f'{md.relative_to(ROOT)}: {target}')
+    assert not missing, missing
