@@ -10,11 +10,8 @@
 #   ROWS="1 2" STEPS="700 600" bash docs/measure_ablation.sh  # stop rows 1, 2 at those steps
 #   EXTRA="--max_iters=40 --lr_decay_iters=40 --eval_interval=20" bash docs/measure_ablation.sh  # a smoke test
 set -euo pipefail
-PYTHON=${PYTHON:-python}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-[ -f "$HERE/data/shakespeare_char/train.bin" ] || { echo "error: run python prepare.py shakespeare_char first" >&2; exit 1; }
+. "$(dirname "$0")/measure_lib.sh"  # PYTHON, HERE, TMP; need, machine, row_to_188
+need "run python prepare.py shakespeare_char first" "$HERE/data/shakespeare_char/train.bin"
 
 # nanoGPT's README CPU recipe (its config/train_shakespeare_char.py with these flags), evaluated every 100 steps
 RECIPE="config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=100
@@ -29,7 +26,7 @@ ROWS=${ROWS:-"0 1 2 3 4 5 6 7"}
 # step 2,000, so a row stopped at its step to 1.88 times exactly that part of the full run, cheaply.
 read -r -a STOP <<< "${STEPS:-}"
 
-echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $("$PYTHON" -c 'import torch; print("torch", torch.__version__)'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+machine
 printf '| %-40s | %-13s | %-16s | %-9s | %-9s |\n' row "steps to 1.88" "time to 1.88 (s)" "final val" "wall (s)"
 echo "|---|---|---|---|---|"
 flags=""
@@ -40,14 +37,5 @@ for i in "${!NAMES[@]}"; do
   stop=""
   if [ ${#STOP[@]} -gt 0 ]; then stop="--max_iters=${STOP[0]}"; STOP=("${STOP[@]:1}"); fi
   # shellcheck disable=SC2086
-  (cd "$HERE" && /usr/bin/time -f '%e' -o "$out.time" "$PYTHON" train.py $RECIPE $flags $stop ${EXTRA:-} --out_dir="$out" \
-     > "$out.log" 2>&1) || { echo "error: row $i failed, see its log:" >&2; tail -5 "$out.log" >&2; exit 1; }
-  "$PYTHON" - "$out/log.jsonl" "${NAMES[$i]}" "$(cat "$out.time")" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-val = [r for r in rows if r['kind'] == 'eval' and r['split'] == 'val']
-hit = next((r for r in val if r['loss'] <= 1.88), None)
-steps, secs = (f"{hit['iter']}", f"{hit['time']:.1f}") if hit else ("never", "-")
-print(f"| {sys.argv[2]:<40} | {steps:<13} | {secs:<16} | {val[-1]['loss']:<9.4f} | {float(sys.argv[3]):<9.1f} |")
-PY
+  row_to_188 "${NAMES[$i]}" 40 "$out" $RECIPE $flags $stop ${EXTRA:-}
 done

@@ -10,14 +10,10 @@
 # nanoGPT needs its data prepared first: (cd $NANOGPT_DIR && python data/shakespeare_char/prepare.py)
 set -euo pipefail
 NANOGPT_DIR=${NANOGPT_DIR:-../nanoGPT}
-PYTHON=${PYTHON:-python}
 REPEATS=${REPEATS:-2}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-for f in "$NANOGPT_DIR/train.py" "$NANOGPT_DIR/data/shakespeare_char/train.bin" "$HERE/data/shakespeare_char/train.bin"; do
-  [ -f "$f" ] || { echo "error: no $f (set NANOGPT_DIR, prepare both datasets)" >&2; exit 1; }
-done
+. "$(dirname "$0")/measure_lib.sh"  # PYTHON, HERE, TMP; need, machine, row_to_188
+need "set NANOGPT_DIR, prepare both datasets" "$NANOGPT_DIR/train.py" "$NANOGPT_DIR/data/shakespeare_char/train.bin" \
+  "$HERE/data/shakespeare_char/train.bin"
 STEPS="--batch_size=12 --max_iters=21 --lr_decay_iters=5000 --log_interval=1 --eval_interval=1000 --eval_iters=2"
 median() {  # median of the ms of steps 6-20 in a log: ours "iter N: ... NNNms", nanoGPT "iter N: ... time NNms"
   "$PYTHON" - "$1" <<'PY'
@@ -27,7 +23,7 @@ steps = [ms[i] for i in range(6, 21) if i in ms]
 print(f"median {statistics.median(steps):.0f} ms/step (min {min(steps):.0f}, max {max(steps):.0f}, {len(steps)} steps)")
 PY
 }
-echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $("$PYTHON" -c 'import torch; print("torch", torch.__version__)')"
+machine
 for i in $(seq "$REPEATS"); do
   # shellcheck disable=SC2086
   (cd "$HERE" && "$PYTHON" train.py config/train_shakespeare_char.py --device=cpu $STEPS ${EXTRA_OURS:-} \

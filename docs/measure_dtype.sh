@@ -7,15 +7,12 @@
 #   VARIANTS="compile bf16compile" REPS=1 bash docs/measure_dtype.sh
 #   NAMES=baby bash docs/measure_dtype.sh
 set -euo pipefail
-PYTHON=${PYTHON:-python}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+. "$(dirname "$0")/measure_lib.sh"  # PYTHON, HERE, TMP; need, machine, row_to_188
 declare -A R
 R[speedrun]="config/speedrun_shakespeare_char_cpu.py"
 R[quick]="config/train_shakespeare_char_cpu.py"
 R[baby]="config/train_shakespeare_char.py --device=cpu --compile=False --batch_size=12"
-echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $("$PYTHON" -c 'import torch; print("torch", torch.__version__)')"
+machine
 for rep in ${REPS:-1 2}; do
   for name in ${NAMES:-speedrun quick baby}; do
     for variant in ${VARIANTS:-float32 bfloat16}; do

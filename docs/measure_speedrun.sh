@@ -12,20 +12,15 @@
 # ours: python prepare.py shakespeare_char. Run it on an otherwise idle machine.
 set -euo pipefail
 NANOGPT_DIR=${NANOGPT_DIR:-/tmp/nanogpt}
-PYTHON=${PYTHON:-python}
 REPEATS=${REPEATS:-1}
 case ${RECIPE:=speedrun} in
   speedrun) CONFIG=config/speedrun_shakespeare_char_cpu.py ;;
   quickstart) CONFIG=config/train_shakespeare_char_cpu.py ;;
   *) echo "error: RECIPE=$RECIPE: say RECIPE=speedrun or RECIPE=quickstart" >&2; exit 1 ;;
 esac
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-
-for f in "$NANOGPT_DIR/train.py" "$NANOGPT_DIR/data/shakespeare_char/train.bin" "$HERE/data/shakespeare_char/train.bin"; do
-  [ -f "$f" ] || { echo "error: no $f (set NANOGPT_DIR, prepare both datasets)" >&2; exit 1; }
-done
+. "$(dirname "$0")/measure_lib.sh"  # PYTHON, HERE, TMP; need, machine, row_to_188
+need "set NANOGPT_DIR, prepare both datasets" "$NANOGPT_DIR/train.py" "$NANOGPT_DIR/data/shakespeare_char/train.bin" \
+  "$HERE/data/shakespeare_char/train.bin"
 
 run() {  # run NAME DIR ARGS...: time one training process, print its last val loss and its wall time
   local name=$1 dir=$2
@@ -38,7 +33,7 @@ run() {  # run NAME DIR ARGS...: time one training process, print its last val l
   echo "$name: val loss $val, wall $wall s, peak RSS $((rss / 1024)) MB"
 }
 
-echo "$(date -u '+%F %T UTC'), $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $("$PYTHON" -c 'import torch; print("torch", torch.__version__)'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+machine
 for i in $(seq "$REPEATS"); do
   run "nanogpt-$i" "$NANOGPT_DIR" train.py config/train_shakespeare_char.py --device=cpu --compile=False \
       --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \
