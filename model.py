@@ -179,13 +179,16 @@ class CausalSelfAttention(nn.Module):
             q = q[:, :, -1:]  # (B, nh, 1, hs)
         Tq, Tk = q.size(2), k.size(2)  # query i (of the last Tq positions) sees keys [0, Tk - Tq + i]
 
-        # SDPA has no fused dropout on CPU (it falls back to the same explicit math with a
-        # slower mask), and attention_maps needs the probabilities: compute them here
-        cpu_dropout = self.training and self.dropout > 0.0 and x.device.type == "cpu"
-        if self.attn_record is not None or cpu_dropout:
+        # Explicit attention where attention_maps needs the probabilities, and when training on
+        # the CPU with dropout (SDPA has no fused dropout there: it falls back to the same math
+        # with a slower mask) or in bfloat16 (torch's CPU flash backward in bfloat16 is ~2x
+        # slower than these matmuls, docs/faster_cpu.md)
+        cpu_training = self.training and x.device.type == "cpu"
+        if self.attn_record is not None or (cpu_training and (self.dropout > 0.0 or q.dtype == torch.bfloat16)):
             # Causal queries never see later keys: in chunks, each block of queries scores only
-            # the keys up to its own end (4 chunks do 5/8 of the full Tq x Tk work)
-            n_chunks = 1 if self.attn_record is not None else max(1, min(4, Tq // 64))
+            # the keys up to its own end (4 chunks do 5/8 of the full Tq x Tk work; below 128
+            # queries a chunk, the extra calls cost more than the skipped work saves)
+            n_chunks = 1 if self.attn_record is not None else max(1, min(4, Tq // 128))
             bounds = [Tq * i // n_chunks for i in range(n_chunks + 1)]
             ys = [self.explicit_attention(q[:, :, a:b], k[:, :, :Tk - Tq + b], v[:, :, :Tk - Tq + b])
                   for a, b in zip(bounds, bounds[1:])]

@@ -28,7 +28,7 @@ def role(name, p):
 
 def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                           muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5,
-                          role_lrs=None):
+                          role_lrs=None, dtype=torch.float32):
     """optimizer="adamw": AdamW with weight decay on matrices and embeddings (2-D) only, not on
     biases and norm gains; the fused kernel where this torch has it for device_type.
 
@@ -36,7 +36,10 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     on everything else (embeddings, lm_head, gains, biases).
 
     role_lrs: {'embedding', 'head', 'scalar': peak lr} for AdamW's parameters of that role (see
-    role); a role left out, or 0, gets learning_rate."""
+    role); a role left out, or 0, gets learning_rate.
+
+    dtype: the training's compute dtype (hardware.setup_device's choice); Muon's Newton-Schulz
+    runs in bfloat16 when it is bfloat16, else in float32."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if optimizer == "muon":
         hidden = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
@@ -64,8 +67,10 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
         groups = [dict(adam, **g) for g in groups]
         groups.append(dict(kind="muon", params=hidden, lr=muon_lr, lr_ratio=muon_lr / learning_rate,
                            momentum=muon_momentum, weight_decay=muon_weight_decay, ns_steps=muon_ns_steps))
-        # bfloat16 matmuls are native on GPUs; CPUs without AMX emulate them (much slower than float32)
-        ns_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+        # bfloat16 as in Keller Jordan's Muon when training in bfloat16 (so where the device has
+        # it, or was asked for it): 1.7x faster than float32 on the CPU quick start's matrices
+        # (AVX512-BF16, docs/faster_cpu.md); --dtype=float32 keeps everything in float32
+        ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         print(f"optimizer: Muon on {len(hidden)} block matrices ({sum(p.numel() for p in hidden):,} "
               f"parameters), Newton-Schulz in {str(ns_dtype).replace('torch.', '')}")
         return MuonAdamW(groups, ns_dtype=ns_dtype)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, sample_next
+from model import GPT, CausalSelfAttention, GPTConfig, KVCache, sample_next
 from optim import configure_optimizers
 
 ROOT = Path(__file__).resolve().parent
@@ -223,12 +223,12 @@ def test_cpu_dropout_has_the_right_distribution():
     assert torch.equal(drop.eval()(x), x)
 
 
-@pytest.mark.parametrize("T", [16, 203], ids=["one-chunk", "four-chunks"])
+@pytest.mark.parametrize("T", [16, 515], ids=["one-chunk", "four-chunks"])
 def test_explicit_attention_matches_sdpa(T):
     """The explicit (chunked for long sequences) CPU attention used under dropout equals
     the fused kernel when nothing is dropped: switch the rates after construction to take
     both paths, forward and backward."""
-    model = tiny(dropout=0.1, block_size=256).train()
+    model = tiny(dropout=0.1, block_size=520).train()
     idx = torch.randint(0, 53, (2, T))
     for block in model.transformer.h:
         block.attn.attn_dropout.p = 0.0  # explicit path, no dropping
@@ -246,6 +246,34 @@ def test_explicit_attention_matches_sdpa(T):
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_bfloat16_training_attention_is_as_accurate_as_sdpa(monkeypatch):
+    """Training in bfloat16 on the CPU takes the explicit attention (torch's flash backward is
+    slower there); against float32 its logits and gradients err no more than SDPA's bfloat16."""
+    calls = []
+    explicit_attention = CausalSelfAttention.explicit_attention
+    monkeypatch.setattr(CausalSelfAttention, "explicit_attention",
+                        lambda self, *a: calls.append(1) or explicit_attention(self, *a))
+    model = tiny(block_size=256, n_embd=64, n_head=4, pos_emb="rope", qk_norm=True)
+    idx = torch.randint(0, 53, (4, 200))
+
+    def run(training, dtype):
+        model.train(training).zero_grad()
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits, loss = model(idx, idx)
+        loss.backward()
+        return [logits.float()] + [p.grad.clone() for p in model.parameters()], len(calls)
+
+    reference, n_reference = run(True, torch.float32)  # float32 trains through SDPA
+    explicit, n_explicit = run(True, torch.bfloat16)
+    fused, n_fused = run(False, torch.bfloat16)  # eval mode keeps SDPA (dropout is 0: same function)
+    assert (n_reference, n_explicit, n_fused) == (0, 2, 0)
+    for ref, a, b in zip(reference, explicit, fused):
+        err_explicit, err_fused = [((x - ref).norm() / ref.norm()).item() for x in (a, b)]
+        assert err_explicit < 0.02  # bfloat16 keeps 8 bits: ~0.4% per rounding
+        assert err_explicit <= 1.25 * err_fused + 1e-3, (err_explicit, err_fused)
 
 
 def test_dropout_only_in_training():

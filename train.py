@@ -333,7 +333,7 @@ with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(
     # from here on `optimizer` is the optimizer object; config['optimizer'] keeps the knob
     optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), dev.device_type,
                                      config['optimizer'], muon_lr, muon_momentum, muon_weight_decay, muon_ns_steps,
-                                     dict(embedding=embedding_lr, head=head_lr, scalar=scalar_lr))
+                                     dict(embedding=embedding_lr, head=head_lr, scalar=scalar_lr), dev.ptdtype)
 if checkpoint is not None:
     resume.restore_training_state(checkpoint, resume_path, optimizer, scaler, config['optimizer'], dev)
     crop_optimizer_state(optimizer)  # a cropped position embedding: its moments are cropped too

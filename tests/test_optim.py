@@ -117,6 +117,22 @@ def test_configure_optimizers_puts_block_matrices_in_muon():
         configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', 'adam')
 
 
+
+def test_newton_schulz_runs_in_bfloat16_only_when_training_does():
+    """The training's dtype picks Newton-Schulz's (bfloat16 is native there, or was asked for),
+    and a bfloat16 orthogonalization stays within bfloat16's rounding of the float32 one."""
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    for dtype, ns_dtype in [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                            (torch.bfloat16, torch.bfloat16)]:
+        opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', dtype=dtype)
+        assert opt.ns_dtype == ns_dtype, dtype
+    assert configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon').ns_dtype == torch.float32
+    torch.manual_seed(0)
+    g = torch.randn(192, 576)
+    full, half = orthogonalize(g, 5, torch.float32), orthogonalize(g, 5, torch.bfloat16)
+    assert half.dtype == torch.float32  # returned in the gradient's dtype
+    assert ((half - full).norm() / full.norm()).item() < 0.02  # bfloat16 keeps 8 bits: ~0.4% per rounding
+
 # -----------------------------------------------------------------------------
 # train.py with --optimizer=muon
 
