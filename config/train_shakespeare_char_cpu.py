@@ -1,11 +1,11 @@
 # The CPU quick start: a small character-level GPT on Shakespeare with the modern recipe (Muon,
 # RoPE, QK-norm; docs/speedrun.md), 192 wide with weight decay on Muon's matrices (docs/faster_cpu.md).
 # Val loss (fixed seed and batches; 2026-12-05, torch 2.13.0 CPU, 2 threads, bfloat16 picked by
-# dtype=auto on an AMD EPYC with AVX512-BF16): 1.7159 at step 500, 1.5711 at 1000, 1.5010 at 1500.
-# 1.8M parameters. Wall time on a quiet 2-core VM: 380 s, whole process, peak RSS 546 MB, where
-# nanoGPT's README CPU recipe took 106 s (3.6x). Without bfloat16 hardware it trains in float32,
-# ~1.5x slower per step; --n_embd=128 --muon_weight_decay=0 is the previous recipe (val ~1.54 in
-# about two thirds of the time).
+# dtype=auto on an AMD EPYC with AVX512-BF16): 1.7201 at step 500, 1.5639 at 1000, 1.4989 at 1500.
+# 1.8M parameters. Wall time on a quiet 2-core VM: 271-281 s, whole process, peak RSS 563 MB,
+# where nanoGPT's README CPU recipe took 80 s (3.4x). Without bfloat16 hardware it trains in
+# float32, ~1.7x slower per step; --n_embd=128 --muon_weight_decay=0 is the previous recipe (val
+# ~1.54 in about the time this one takes with bfloat16).
 # python prepare.py shakespeare_char && python train.py config/train_shakespeare_char_cpu.py
 
 out_dir = 'out-shakespeare-char-cpu'  # where ckpt.pt, config.json and log.jsonl go
@@ -22,7 +22,7 @@ block_size = 256  # 256 characters of context (val -0.03 against 16 x 128, ~5% m
 
 n_layer = 4  # transformer blocks
 n_head = 4  # attention heads
-n_embd = 192  # embedding width (128: val 1.54 in 2/3 of the time; 192 needs bfloat16 hardware to stay within 4x nanoGPT)
+n_embd = 192  # embedding width (128 in float32: val 1.54 in about the time 192 takes in bfloat16; 192 needs bfloat16 hardware to stay within 4x nanoGPT)
 dropout = 0.0  # the train/val gap is mostly val being other plays, not overfitting (docs/speedrun.md)
 pos_emb = 'rope'  # rotary positions (helped in the ablation, docs/speedrun.md)
 qk_norm = True  # RMS-normalised queries and keys (helped in the ablation)
