@@ -62,14 +62,17 @@ def main():
     ap.add_argument('--target', type=float, default=1.4697, help='val loss the baby GPTs race to')
     ap.add_argument('--skip_bench', action='store_true', help='leave out the GPT-2 124M benchmark')
     ap.add_argument('--extra', default='', help='flags added to every training run (both train.py take --key=value)')
+    ap.add_argument('--data_dir', default=str(ROOT / 'data' / 'shakespeare_char'),
+                    help='the character dataset both train.py read (default data/shakespeare_char)')
     args = ap.parse_args()
-    data = ROOT / 'data' / 'shakespeare_char'
-    if not (data / 'train.bin').is_file():
-        sys.exit("error: data/shakespeare_char is missing; run python prepare.py shakespeare_char first")
+    data = Path(args.data_dir).resolve()
+    if not (data / 'train.bin').is_file() or not (data / 'meta.json').is_file():
+        sys.exit(f"error: no dataset at {data} (train.bin, meta.json); run python prepare.py shakespeare_char "
+                 "first or pass --data_dir=PATH")
     nano = Path(args.nanogpt)
     if not (nano / 'train.py').is_file():
         sys.exit(f"error: no nanoGPT checkout at {nano}; clone karpathy/nanoGPT there or pass --nanogpt=PATH")
-    py, rows = sys.executable, []
+    py, failed = sys.executable, []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # nanoGPT reads data/shakespeare_char/ from its own folder: a copy of ours (train.bin,
@@ -84,14 +87,15 @@ def main():
                         str(data / 'meta.json'), str(work / 'data' / 'shakespeare_char' / 'meta.pkl')], check=True)
         runs = [
             ('ours: baby GPT, config/train_shakespeare_char.py', ROOT,
-             [py, 'train.py', 'config/train_shakespeare_char.py', f'--device={args.device}', f'--out_dir={tmp}/ours'],
+             [py, 'train.py', 'config/train_shakespeare_char.py', f'--device={args.device}', f'--out_dir={tmp}/ours',
+              f'--data_dir={data}'],
              args.cap, args.target),
             ("nanoGPT: its config/train_shakespeare_char.py", work,
              [py, 'train.py', 'config/train_shakespeare_char.py', f'--device={args.device}', f'--out_dir={tmp}/nano'],
              args.cap, args.target),
             (f'ours: speedrun recipe (config/speedrun_shakespeare_char_cpu.py) on {args.device}', ROOT,
              [py, 'train.py', 'config/speedrun_shakespeare_char_cpu.py', f'--device={args.device}',
-              f'--out_dir={tmp}/speedrun'], 90, None),
+              f'--out_dir={tmp}/speedrun', f'--data_dir={data}'], 90, None),
         ]
         extra = args.extra.split()
         runs = [(name, cwd, cmd + extra, cap, target) for name, cwd, cmd, cap, target in runs]
@@ -100,16 +104,20 @@ def main():
             hit, last, secs, tail = timed_run(cmd, cwd, cap, target)
             if last is None:
                 print(f"| {name} | failed, see below | - | {secs:.0f} |\n\n```\n{tail}\n```\n")
+                failed.append(name)
                 continue
-            rows.append((name, hit, last, secs))
-            print(f"| {name} | {'not within the cap' if hit is None else f'{hit:.1f}'} | {last:.4f} | {secs:.0f} |",
-                  flush=True)
+            to_target = '- (runs to its end)' if target is None else 'not within the cap' if hit is None else f'{hit:.1f}'
+            print(f"| {name} | {to_target} | {last:.4f} | {secs:.0f} |", flush=True)
     if not args.skip_bench:
         r = subprocess.run([py, 'bench.py', 'config/bench_gpt2.py', f'--device={args.device}', '--compile=True',
                             '--dtype=bfloat16'], cwd=ROOT, capture_output=True, text=True, timeout=240)
         lines = [line for line in r.stdout.splitlines() if 'MFU' in line] or (r.stdout + r.stderr).splitlines()[-10:]
         print("\nGPT-2 124M, bench.py config/bench_gpt2.py --compile=True --dtype=bfloat16:\n")
         print('\n'.join(lines))
+        if r.returncode != 0:
+            failed.append('bench.py')
+    if failed:
+        sys.exit(f"error: {', '.join(failed)} failed (output above); fix that and run this check again")
 
 
 if __name__ == '__main__':
