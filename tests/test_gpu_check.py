@@ -5,14 +5,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_train import make_dataset
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+from test_train import ENV, REPO, make_dataset
 
 
 def gpu_check(*args, timeout=300):

@@ -117,7 +117,6 @@ def test_configure_optimizers_puts_block_matrices_in_muon():
         configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', 'adam')
 
 
-
 def test_newton_schulz_runs_in_bfloat16_only_when_training_does():
     """The training's dtype picks Newton-Schulz's (bfloat16 is native there, or was asked for),
     and a bfloat16 orthogonalization stays within bfloat16's rounding of the float32 one."""
@@ -132,6 +131,7 @@ def test_newton_schulz_runs_in_bfloat16_only_when_training_does():
     full, half = orthogonalize(g, 5, torch.float32), orthogonalize(g, 5, torch.bfloat16)
     assert half.dtype == torch.float32  # returned in the gradient's dtype
     assert ((half - full).norm() / full.norm()).item() < 0.02  # bfloat16 keeps 8 bits: ~0.4% per rounding
+
 
 # -----------------------------------------------------------------------------
 # train.py with --optimizer=muon
