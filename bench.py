@@ -25,18 +25,17 @@ import sys
 import tempfile
 import time
 
-import cli  # first: a missing package is one line naming the fix, not a traceback
+from lib import cli  # first: a missing package is one line naming the fix, not a traceback
 
 import numpy as np
 import torch
 
-import hardware
-import runs
-from lora import apply_lora
+from lib import hardware, runs
+from lib.lora import apply_lora
+from lib.optim import configure_optimizers
+from lib.quantize import QUANTIZE, quantize_model
+from lib.tokenfiles import PrepareError, open_tokens
 from model import GPT, GPT2_FIELDS, GPTConfig
-from optim import configure_optimizers
-from prepare import PrepareError, open_tokens
-from quantize import QUANTIZE, quantize_model
 
 # -----------------------------------------------------------------------------
 # defaults; config files (config/bench_*.py) and --key=value flags change them

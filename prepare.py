@@ -20,16 +20,11 @@ as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for e
 Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
 PATH instead of data/; --force prepares again a dataset that is already prepared; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
 
-In code (what train.py, sample.py and evaluation use):
-    import prepare
-    tok = prepare.load_tokenizer(prepare.DATA_DIR / "shakespeare_char")
-    tok.decode(tok.encode("To be")) == "To be"
+What the other scripts read of a prepared dataset (tokenizers, token files) is in lib/.
 """
 import difflib
-import hashlib
 import json
 import os
-import pickle
 import random
 import signal
 import sys
@@ -46,22 +41,11 @@ except ModuleNotFoundError as e:
     raise SystemExit(f"error: no module named {e.name!r}: activate the project's virtual environment "
                      f"(. .venv/bin/activate), or install the packages: README, Quick start") from None
 
-# data/ beside this file, not the working directory, so scripts run from anywhere agree
-DATA_DIR = Path(__file__).resolve().parent / "data"
-# uint16 halves disk and memmap traffic versus int32 and still holds GPT-2's 50,257 ids
-TOKEN_DTYPE = np.uint16
-SMALL_DATA = 100_000  # training tokens below which prepare.py warns of memorization (Tiny Shakespeare: 1M)
-MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids 0..65535
-GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
-
-
-class PrepareError(Exception):
-    """A problem the user can fix; main() prints it as one line, no traceback."""
-    exit_code = 1  # data problems (missing, empty, not UTF-8, offline)
-
-
-class Offline(PrepareError):
-    """No network: a download failed to connect at all (name lookup, refused, unreachable)."""
+from lib import bpe
+from lib.download import Offline, download, progress, request_problem
+from lib.tokenfiles import (DATA_DIR, GPT2_EOT, MAX_VOCAB, SMALL_DATA, TOKEN_DTYPE, PrepareError, sha256_of,
+                            write_json, write_tokens)
+from lib.tokenizers import char_tokenizer, counting_tokenizer, gpt2_tokenizer, tiktoken_tokenizer
 
 
 class UsageError(PrepareError):
@@ -69,329 +53,7 @@ class UsageError(PrepareError):
     exit_code = 2
 
 
-# ----------------------------------------------------------------------------- tokenizers
-
-class Tokenizer:
-    """encode(str) -> list[int], decode(list[int]) -> str, vocab_size, name.
-
-    encode_batch(list[str]) -> list[list[int]] is the data-preparation path; for GPT-2 it runs
-    tiktoken's threaded batch encoder and treats special-token text as plain text.
-    """
-
-    # One class holding functions rather than a class per kind: the three tokenizers differ
-    # only in these four callables, and callers never need to know which one they got.
-    def __init__(self, name, vocab_size, encode, decode, encode_batch=None, token_bytes=None):
-        self.name = name
-        self.vocab_size = vocab_size
-        self.encode = encode
-        self.decode = decode
-        self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
-        # UTF-8 bytes of the text each id stands for (0 for <|endoftext|>), for bits per byte;
-        # None where tokens are not text (the counting task)
-        self.token_bytes = token_bytes
-
-    def __repr__(self):
-        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
-
-
-def char_tokenizer(chars):
-    """Id i is chars[i]; chars is sorted so the same text always gives the same ids."""
-    stoi = {ch: i for i, ch in enumerate(chars)}
-
-    def encode(text):
-        try:
-            return [stoi[ch] for ch in text]
-        except KeyError as e:  # a prompt with a character the training text never had
-            raise PrepareError(f"character {e.args[0]!r} is not in this dataset's vocabulary "
-                               f"of {len(chars)} characters") from None
-
-    return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids),
-                     token_bytes=[len(c.encode("utf-8")) for c in chars])
-
-
-def gpt2_tokenizer(num_threads=None):
-    """tiktoken's 'gpt2' encoding (50,257 ids); encode_batch spreads over num_threads cores."""
-    import tiktoken  # imported here so char-only users never load the BPE files
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline without a cache tiktoken fails deep inside requests
-        raise PrepareError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); offline, "
-                           "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache") from None
-    return tiktoken_tokenizer("gpt2", enc, num_threads)
-
-
-def tiktoken_tokenizer(name, enc, num_threads=None):
-    """A Tokenizer over a tiktoken.Encoding (GPT-2's, or an own BPE's from bpe.py)."""
-    threads = num_threads or os.cpu_count() or 1
-    special = set(enc.special_tokens_set)
-    return Tokenizer(
-        name, enc.n_vocab,
-        # prompts may spell <|endoftext|> on purpose; data files are encoded "ordinary" (as nanoGPT)
-        lambda text: enc.encode(text, allowed_special=special),
-        enc.decode,
-        lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads),
-        token_bytes=[0 if i in {enc.eot_token} else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
-
-
-def bpe_tokenizer(folder, meta):
-    """The tokenizer an own-BPE dataset was made with (bpe.py), from the ranks file meta.json names."""
-    import bpe
-    info = meta.get("bpe") or {}
-    path = Path(folder) / info.get("file", "tokenizer.tiktoken")
-    if not path.is_file():
-        raise PrepareError(f"{path} is missing: it holds this dataset's BPE tokenizer; prepare the dataset again")
-    if info.get("sha256") and sha256_of(path) != info["sha256"]:
-        raise PrepareError(f"{path} is not the tokenizer this dataset was made with (its sha256 differs from "
-                           f"meta.json's); prepare the dataset again")
-    try:
-        return tiktoken_tokenizer("bpe", bpe.load_encoding(path, int(meta["vocab_size"])))
-    except (ValueError, KeyError) as e:
-        raise PrepareError(f"{path}: {e}") from None
-
-
-def counting_tokenizer(vocab_size=101):
-    """Token i is the number i; the last id separates sequences and reads as a newline."""
-    sep = vocab_size - 1
-
-    def encode(text):
-        # lines are sequences; whitespace inside a line only separates numbers
-        ids = []
-        for line_no, line in enumerate(text.split("\n")):
-            if line_no:
-                ids.append(sep)
-            for word in line.split():
-                if not (word.isascii() and word.isdigit()) or int(word) >= sep:
-                    raise PrepareError(f"counting tokenizer: {word!r} is not a number in 0..{sep - 1}")
-                ids.append(int(word))
-        return ids
-
-    def decode(ids):
-        # numbers joined by single spaces, no space around the newline, so encode(decode(x)) == x
-        out = []
-        for i in ids:
-            word = "\n" if i == sep else str(i)
-            out.append(word if i == sep or not out or out[-1] == "\n" else " " + word)
-        return "".join(out)
-
-    return Tokenizer("counting", vocab_size, encode, decode)
-
-
-def token_bytes_of(meta, folder):
-    """(UTF-8 bytes per token id, None) of a dataset whose tokens are text, for bits per byte;
-    (None, why not) where they are not (the counting task) or the tokenizer is unknown."""
-    name = meta.get("tokenizer") or ("char" if ("chars" in meta or "itos" in meta) else "gpt2" if not meta else None)
-    if name is None:
-        return None, "the metadata names no tokenizer"
-    if name == "counting":
-        return None, "the counting task's tokens are numbers, not text: per-token loss only"
-    try:
-        return get_tokenizer({**meta, "tokenizer": name}, folder).token_bytes, None
-    except PrepareError as e:
-        return None, str(e)
-
-
-def tokenizer_record(meta, folder):
-    """What a checkpoint keeps of its data's tokenizer, so sample.py and evaluate.py rebuild it
-    even when the data folder is gone or elsewhere: the name, vocab_size, the characters of a
-    char vocabulary, the ranks (tiktoken's text format) of an own BPE."""
-    record = {"tokenizer": meta.get("tokenizer"), "vocab_size": meta.get("vocab_size"), "folder": str(folder)}
-    if meta.get("chars"):
-        record["chars"] = list(meta["chars"])
-    if meta.get("tokenizer") == "bpe":
-        path = Path(folder) / (meta.get("bpe") or {}).get("file", "tokenizer.tiktoken")
-        try:
-            record["bpe_ranks"] = path.read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError):
-            pass  # sample.py will then need the data folder, and says so
-    return record
-
-
-def tokenizer_from_record(record):
-    """The Tokenizer a checkpoint's tokenizer_record describes."""
-    if record.get("tokenizer") == "bpe":
-        import bpe
-        return tiktoken_tokenizer("bpe", bpe.load_encoding("the checkpoint's BPE", int(record["vocab_size"]),
-                                                           text=record["bpe_ranks"]))
-    return get_tokenizer(record, record.get("folder"))
-
-
-def get_tokenizer(meta, folder=None):
-    """Tokenizer described by metadata (meta.json or nanoGPT meta.pkl) of the dataset in folder
-    (an own BPE's ranks are a file there); GPT-2 when meta is empty."""
-    name = meta.get("tokenizer")
-    if name is None:  # nanoGPT's meta.pkl has only vocab_size, itos, stoi
-        name = "char" if ("itos" in meta or "chars" in meta) else "gpt2"
-    if name == "char":
-        if "chars" in meta:
-            chars = list(meta["chars"])
-        elif "itos" in meta:  # nanoGPT: {id: char}, ids 0..n-1
-            chars = [meta["itos"][i] for i in range(len(meta["itos"]))]
-        else:
-            raise PrepareError("char metadata has no 'chars' (or 'itos'); re-run prepare.py")
-        return char_tokenizer(chars)
-    if name == "gpt2":
-        return gpt2_tokenizer()
-    if name == "counting":  # vocab_size = numbers + separator, so --numbers changes it
-        return counting_tokenizer(int(meta.get("vocab_size", 101)))
-    if name == "bpe":
-        if folder is None:
-            raise PrepareError("an own-BPE dataset's tokenizer is read from its folder: pass the folder")
-        return bpe_tokenizer(folder, meta)
-    raise PrepareError(f"unknown tokenizer {name!r} in metadata; known: char, gpt2, bpe, counting")
-
-
-# ----------------------------------------------------------------------------- metadata
-
-class _PlainUnpickler(pickle.Unpickler):
-    # Plain dicts, lists, strings and numbers need no class lookup; anything that does
-    # (os.system in a __reduce__, any custom object) is refused before it can run.
-    def find_class(self, module, name):
-        raise PrepareError(f"meta.pkl wants {module}.{name}; refused: only plain dicts, lists, "
-                           "strings and numbers are read (an arbitrary pickle can run code)")
-
-
-def read_meta(dataset_dir):
-    """meta.json, else nanoGPT's meta.pkl (restricted unpickler), else {}."""
-    dataset_dir = Path(dataset_dir)
-    # JSON first: it is what we write, readable by eye, and loading it runs nothing
-    path = dataset_dir / "meta.json"
-    if path.exists():
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise PrepareError(f"{path} is not valid JSON ({e}); re-run prepare.py") from None
-        if not isinstance(meta, dict):
-            raise PrepareError(f"{path} holds a JSON {type(meta).__name__}, expected an object; re-run prepare.py")
-        return meta
-    path = dataset_dir / "meta.pkl"
-    if path.exists():
-        with open(path, "rb") as f:
-            try:
-                meta = _PlainUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:  # truncated or not a pickle
-                raise PrepareError(f"{path} is not a readable pickle ({e})") from None
-        if not isinstance(meta, dict):
-            raise PrepareError(f"{path} holds a {type(meta).__name__}, expected a dict")
-        return meta
-    return {}
-
-
-def load_tokenizer(dataset_dir):
-    """The tokenizer a prepared folder was made with (GPT-2 when it has no metadata, as nanoGPT)."""
-    return get_tokenizer(read_meta(dataset_dir), dataset_dir)
-
-
 # ----------------------------------------------------------------------------- files
-
-_last_draw = [0.0]
-_drawn = [False]  # a line of the current job was shown (in a log, its last line is then shown too)
-
-
-def progress(label, done, total=None, final=False, count=None):
-    """Own one-line progress on stderr (no tqdm dependency): a bar redrawn in place on a
-    terminal, a plain line every 10 s otherwise (logs, CI). done/total set the bar; count is
-    the text shown for the amount (default 'done/total'), e.g. tokens written so far."""
-    now = time.monotonic()
-    tty = sys.stderr.isatty()
-    if not final and now - _last_draw[0] < (0.2 if tty else 10.0):  # per-block redraws would flood logs
-        return
-    if final and not tty and not _drawn[0]:
-        return  # quick work in a log: the summary that follows says it all
-    _drawn[0] = not final
-    _last_draw[0] = now
-    count = count or (f"{done:,}/{total:,}" if total else f"{done:,}")
-    if total:
-        frac = min(done / total, 1.0)
-        bar = f"[{'#' * int(30 * frac):<30}] " if tty else ""
-        text = f"{label} {bar}{100 * frac:5.1f}% {count}"
-    else:
-        text = f"{label} {count}"
-    if tty:
-        sys.stderr.write("\r" + text + ("\n" if final else ""))
-    else:
-        sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def request_problem(error, url, timeout):
-    """A failed request as a short phrase (never cut mid-word or mid-URL), and whether it is worth
-    retrying: no connection at all means offline (fails at once), a timeout, a cut transfer or a
-    server error (5xx) may pass."""
-    host = url.split('/')[2] if '://' in url else url
-    if isinstance(error, requests.Timeout):
-        return f"no answer from {host} within {timeout} s", True
-    offline = ("Name or service not known", "name resolution", "NameResolutionError", "nodename nor servname",
-               "Failed to establish a new connection", "Network is unreachable", "Connection refused")
-    if isinstance(error, requests.ConnectionError) and any(o in str(error) for o in offline):
-        return f"cannot connect to {host}: no network, or it is blocked", False
-    if isinstance(error, requests.HTTPError) and error.response is not None:
-        status = error.response.status_code
-        return f"HTTP {status} {error.response.reason or ''}".strip(), status >= 500
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text if len(text) <= 100 else text[:100].rsplit(' ', 1)[0] + ' ...'}", True
-
-
-def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
-    """Fetch url into dest (reused when present and matching), via a temp name; returns sha256."""
-    dest = Path(dest)
-    if dest.exists():  # a previous run (or the user) already put it there
-        digest = sha256_of(dest)
-        if sha256 is None or digest == sha256:
-            return digest
-        print(f"{dest} has the wrong sha256; downloading again", file=sys.stderr)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # the final name appears only once the bytes are complete and verified, so a killed
-    # download is never mistaken for the real file on the next run
-    tmp = dest.with_name(dest.name + ".part")
-    problem = None
-    for attempt in range(1, retries + 1):
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as r:
-                r.raise_for_status()
-                total = int(r.headers.get("content-length") or 0) or None  # absent when compressed
-                h, done = hashlib.sha256(), 0
-                with open(tmp, "wb") as f:
-                    for block in r.iter_content(chunk_size=1 << 16):
-                        f.write(block)
-                        h.update(block)
-                        done += len(block)
-                        progress(f"downloading {dest.name}", done, total, count=f"{done:,} bytes" + (f" of {total:,}" if total else ""))
-                    f.flush()
-                    os.fsync(f.fileno())
-                progress(f"downloading {dest.name}", done, total, final=True, count=f"{done:,} bytes")
-            digest = h.hexdigest()
-            # a mismatch is retried too: proxies and captive portals return wrong bytes with 200
-            if sha256 is not None and digest != sha256:
-                problem = f"sha256 mismatch (got {digest[:12]}..., expected {sha256[:12]}...)"
-            else:
-                os.replace(tmp, dest)
-                return digest
-        except requests.RequestException as e:  # offline, DNS, timeout, HTTP 4xx/5xx
-            problem, worth_retrying = request_problem(e, url, timeout)
-            if not worth_retrying:
-                tmp.unlink(missing_ok=True)
-                raise (Offline if isinstance(e, requests.ConnectionError) else PrepareError)(
-                    f"could not download {url} ({problem}); put the file at {dest} or pass --input=PATH "
-                    f"to a local copy") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if tmp.exists():
-            tmp.unlink()
-        if attempt < retries:
-            print(f"download of {url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
-            time.sleep(backoff * attempt)  # linear backoff: a blip passes, a dead network fails fast
-    raise PrepareError(f"could not download {url} ({problem}); put the file at {dest} or pass --input=PATH "
-                       f"to a local copy")
-
 
 def read_text(path):
     """A UTF-8 file, or every .txt file under a folder (sorted), as one string."""
@@ -423,129 +85,6 @@ def read_text_files(path):
     return parts
 
 
-def token_count(path, allow_empty=True):
-    """The number of uint16 tokens in a token file, after checking that it is one: an odd byte
-    size (or, with allow_empty=False, an empty file) is a PrepareError."""
-    try:
-        n_bytes = os.path.getsize(path)
-    except OSError as e:
-        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
-    if n_bytes % 2 or (n_bytes == 0 and not allow_empty):
-        raise PrepareError(f"{path} has {'an odd size' if n_bytes else 'no tokens'} ({n_bytes:,} bytes) but should "
-                           f"hold uint16 tokens: it is truncated or not a token file; prepare the dataset again")
-    return n_bytes // 2
-
-
-def open_tokens(path):
-    """np.memmap of a uint16 token file that holds tokens (token_count's checks) instead of
-    numpy's ValueError."""
-    token_count(path, allow_empty=False)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-
-
-def check_token_ids(path, vocab_size, chunk=1 << 24):
-    """PrepareError naming path and the largest id if a uint16 token file holds an id >=
-    vocab_size. Reads the file in chunks of 16M tokens (about 0.05 s each), so memory stays flat."""
-    data = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-    for start in range(0, len(data), chunk):
-        largest = int(data[start:start + chunk].max())
-        if largest >= vocab_size:
-            largest = max(largest, *(int(data[i:i + chunk].max()) for i in range(start, len(data), chunk)))
-            raise PrepareError(f"{path} holds token id {largest} but vocab_size is {vocab_size} (meta.json): the "
-                               f"file is corrupt or from another tokenizer; prepare the dataset again")
-
-
-def check_dataset(folder, split_paths, block_size, name):
-    """Check a prepared dataset before training: each split exists and holds more than block_size
-    tokens, the metadata's vocab_size fits uint16, and every token id is below it. Files up to
-    256 MiB are scanned now (well under a second). Returns (tokens per split, metadata, the
-    splits too big to scan, which the caller checks batch by batch)."""
-    sizes = {}
-    for split, path in split_paths.items():
-        if not os.path.isfile(path):
-            prepared = {p.name for p in DATA_DIR.iterdir() if (p / "meta.json").is_file()} if DATA_DIR.is_dir() else set()
-            nearest = difflib.get_close_matches(name, sorted(set(DATASETS) | prepared), n=1, cutoff=0.6)
-            if Path(folder) == DATA_DIR / name and name not in DATASETS and nearest:  # a typo, not an unprepared set
-                raise PrepareError(f"no dataset {name!r}: did you mean --dataset={nearest[0]}? "
-                                   f"(python prepare.py --list shows them)")
-            command = name if name in DATASETS else f"text --input=YOUR_TEXT --name={name}"
-            raise PrepareError(f"no {path}: prepare the dataset first with `python prepare.py {command}` "
-                               f"(or point --data_dir at a folder with train.bin and val.bin)")
-        sizes[split] = token_count(path)  # an empty split fails the block_size check below
-        if sizes[split] < block_size + 1:
-            raise PrepareError(f"{path} has {sizes[split]} tokens but block_size={block_size} needs at least "
-                               f"{block_size + 1}; use a smaller --block_size or a bigger dataset")
-    meta = read_meta(folder)  # meta.json, or nanoGPT's meta.pkl
-    vocab = meta.get("vocab_size")
-    if vocab is not None and (not isinstance(vocab, int) or not 0 < vocab <= MAX_VOCAB):
-        raise PrepareError(f"{folder}: vocab_size {vocab!r} in the metadata is not a uint16 vocabulary size; "
-                           f"prepare the dataset again")
-    big = {split for split in split_paths if vocab is not None and sizes[split] > 2**27}
-    for split in split_paths:
-        if vocab is not None and split not in big:
-            check_token_ids(split_paths[split], vocab)
-    return sizes, meta, big
-
-
-def small_data_notice(train_tokens, n_params, tokens_to_read):
-    """A notice when a run will memorize its training split, else None: read more than 100 times,
-    or under 0.01 tokens per parameter (nanoGPT's baby GPT: 82 times, 0.09 per parameter)."""
-    reads, per_parameter = tokens_to_read / train_tokens, train_tokens / n_params
-    if reads <= 100 and per_parameter >= 0.01:
-        return None
-    return (f"notice: the training split holds {train_tokens:,} tokens for {n_params:,} parameters "
-            f"({per_parameter:.3g} per parameter) and the run reads it ~{reads:,.0f} times: expect the model to "
-            f"memorize it (val loss rising); README, 'Train on your own text'")
-
-
-def write_tokens(path, arrays, vocab_size):
-    """Stream id arrays into path's temp name ('.NAME.tmp', same folder, fsynced); returns (tmp, count).
-
-    The caller renames with os.replace only after every split is complete, so an interrupted
-    run never leaves a truncated .bin behind; on any failure the temp file is removed here.
-    """
-    # same folder as the target so os.replace is a rename on one filesystem (atomic);
-    # a fixed name means a run killed with SIGKILL leaves at most one stale file per split
-    tmp = path.with_name(f".{path.name}.tmp")
-    count = 0
-    try:
-        with open(tmp, "wb") as f:
-            for ids in arrays:
-                ids = np.asarray(ids, dtype=np.int64)
-                # checked before the cast: astype(uint16) would silently wrap 70000 to 4464
-                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                    bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
-                    raise PrepareError(f"token id {bad} out of range for vocab_size {vocab_size} "
-                                       f"while writing {path.name}; the tokenizer and metadata disagree")
-                f.write(ids.astype(TOKEN_DTYPE).tobytes())
-                count += ids.size
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, or a crash could expose zeros
-    except OSError as e:  # disk full, read-only folder: one line naming the file
-        tmp.unlink(missing_ok=True)
-        raise PrepareError(f"cannot write {path}: {e.strerror or e} (nothing half-written was kept)") from None
-    except BaseException:  # KeyboardInterrupt too: nothing half-written survives
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, count
-
-
-def write_json(path, obj):
-    """Atomic like the .bin files; meta.json is written last, so its presence means complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise PrepareError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -1256,7 +795,7 @@ def resolve_options(name, overrides):
     if "tokenizer" in opts:
         if opts["tokenizer"] not in TOKENIZERS:
             raise UsageError(f"--tokenizer must be char, gpt2 or bpe, got {opts['tokenizer']!r}")
-        import bpe
+
         if opts["tokenizer"] == "bpe" and not bpe.MIN_VOCAB <= opts["vocab_size"] <= bpe.MAX_VOCAB:
             raise UsageError(f"--tokenizer=bpe needs --vocab_size between {bpe.MIN_VOCAB} (the 256 bytes and "
                              f"{bpe.EOT}) and {bpe.MAX_VOCAB:,} (uint16 ids), got {opts['vocab_size']:,}")
@@ -1322,7 +861,7 @@ def _prepare(dataset, opts, folder, out_dir):
     elif kind == "gpt2":
         tokenizer = gpt2_tokenizer(opts.get("num_threads") or None)
     elif kind == "bpe":  # learned from the train split only: val stays unseen
-        import bpe
+
         try:
             ranks = bpe.train_bpe(raw.splits["train"], opts["vocab_size"], label=f"{folder}: training a "
                                   f"{opts['vocab_size']:,}-token BPE on the train split")

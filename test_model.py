@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache, sample_next
-from optim import configure_optimizers
+from lib.optim import configure_optimizers
 
 ROOT = Path(__file__).resolve().parent
 

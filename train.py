@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-import cli  # first: a missing package is one line naming the fix, not a traceback
+from lib import cli  # first: a missing package is one line naming the fix, not a traceback
 
 import numpy as np
 import torch
@@ -36,14 +36,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import hardware
-import plot  # loss curves; matplotlib is imported only when drawing
-import resume
-import runs
-from lora import apply_lora, check_lora_knobs, lora_state_dict
+from lib import hardware, plotting, resume, runs
+from lib.lora import apply_lora, check_lora_knobs, lora_state_dict
+from lib.optim import configure_optimizers, crop_optimizer_state
+from lib.tokenfiles import DATA_DIR, PrepareError, check_dataset, small_data_notice
+from lib.tokenizers import token_bytes_of, tokenizer_record
 from model import GPT, PRETRAINED
-from optim import configure_optimizers, crop_optimizer_state
-from prepare import DATA_DIR, PrepareError, check_dataset, small_data_notice, token_bytes_of, tokenizer_record
 
 # -----------------------------------------------------------------------------
 # defaults: a GPT-2 (124M) on OpenWebText; config/*.py and --key=value change them
@@ -317,8 +315,8 @@ if lora is not None and master_process:
 model.train()  # loaded bases come in eval mode; dropout must run from the first step
 model.to(dev.device)
 if hellaswag_interval:
-    import evaluate  # each rank scores its share of the examples; the counts are summed
-    hellaswag = evaluate.HellaSwagDuringTraining(meta, hellaswag_input, model.config.vocab_size, rank, world_size)
+    from lib.evaluation import HellaSwagDuringTraining  # each rank scores its share; the counts are summed
+    hellaswag = HellaSwagDuringTraining(meta, hellaswag_input, model.config.vocab_size, rank, world_size)
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
     print(model.param_table())
@@ -509,8 +507,8 @@ def log_eval(**values):
         print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
         log_jsonl(iter=iter_num, kind='hellaswag', tokens=tokens_through(iter_num), **hs)
         wandb_values = {'hellaswag/acc_norm': hs['acc_norm']}
-    if plot.have_matplotlib():  # out_dir/loss.png, redrawn at every evaluation
-        plot.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
+    if plotting.have_matplotlib():  # out_dir/loss.png, redrawn at every evaluation
+        plotting.plot_loss([out_dir], os.path.join(out_dir, 'loss.png'))
     if wandb_log:
         wandb.log({'iter': iter_num, **wandb_values})
 

@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bpe
-import evaluate
+from lib import bpe
 import prepare
+from lib import tokenizers
+from lib import tokenfiles
+from lib import evaluation
 from local_data import NO_SHAKESPEARE, SHAKESPEARE
 from model import GPT, GPTConfig
-from test_train import ENV, REPO, TINY, read_log, run_train
+from helpers import ENV, REPO, TINY, read_log, run_train
 
 pytest.importorskip('rustbpe', reason='training a BPE needs rustbpe (pip install rustbpe)')
 
@@ -41,7 +43,7 @@ def test_any_utf8_text_round_trips_byte_for_byte(tmp_path):
     folder = tmp_path / 'data' / 'mine'
     meta = json.loads((folder / 'meta.json').read_text())
     assert meta['tokenizer'] == 'bpe' and meta['vocab_size'] == 300 and meta['bpe']['file'] == 'tokenizer.tiktoken'
-    tok = prepare.load_tokenizer(folder)
+    tok = tokenizers.load_tokenizer(folder)
     ids = np.concatenate([np.fromfile(folder / f'{s}.bin', dtype=np.uint16) for s in ('train', 'val')]).tolist()
     assert tok.decode(ids) == MIXED  # the data decodes to the text exactly
     # text the tokenizer never saw, every script, control characters: no unknown token, exact
@@ -96,8 +98,8 @@ def test_a_changed_tokenizer_file_is_refused(tmp_path):
     path = tmp_path / 'data' / 'mine' / 'tokenizer.tiktoken'
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1] + [lines[-1].split()[0] + " 5"]) + "\n")
-    with pytest.raises(prepare.PrepareError, match='sha256'):
-        prepare.load_tokenizer(tmp_path / 'data' / 'mine')
+    with pytest.raises(tokenfiles.PrepareError, match='sha256'):
+        tokenizers.load_tokenizer(tmp_path / 'data' / 'mine')
 
 
 @pytest.mark.skipif(SHAKESPEARE is None, reason=NO_SHAKESPEARE)
@@ -106,7 +108,7 @@ def test_a_builtin_text_gets_its_own_bpe_folder(tmp_path):
                         f'--input={SHAKESPEARE}', f'--data_dir={tmp_path}'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / 'shakespeare_bpe512' / 'tokenizer.tiktoken').is_file() and not (tmp_path / 'shakespeare').exists()
-    tok = prepare.load_tokenizer(tmp_path / 'shakespeare_bpe512')
+    tok = tokenizers.load_tokenizer(tmp_path / 'shakespeare_bpe512')
     val = np.fromfile(tmp_path / 'shakespeare_bpe512' / 'val.bin', dtype=np.uint16).tolist()
     text = SHAKESPEARE.read_text(encoding='utf-8')
     assert tok.decode(val) == text[int(len(text) * 0.9):]
@@ -116,11 +118,11 @@ def test_a_builtin_text_gets_its_own_bpe_folder(tmp_path):
 # bits per byte
 
 def test_perplexity_bits_per_byte_match_an_independent_count():
-    """evaluate.perplexity's bpb: the scored tokens' negative log-likelihood in bits over the
+    """evaluation.perplexity's bpb: the scored tokens' negative log-likelihood in bits over the
     UTF-8 bytes of the text they decode to, computed here in one plain forward pass; the
     <|endoftext|> target is left out of both."""
     chars = sorted(set("abc αβγ 中文🎉\n"))
-    tok = prepare.char_tokenizer(chars)
+    tok = tokenizers.char_tokenizer(chars)
     text = "abc αβγ 中文🎉\n" * 3
     ids = tok.encode(text)
     eot = len(chars)  # a vocabulary with one more id, standing for a document end
@@ -128,7 +130,7 @@ def test_perplexity_bits_per_byte_match_an_independent_count():
     token_bytes = tok.token_bytes + [0]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=eot + 1, n_layer=1, n_head=2, n_embd=16)).eval()
-    r = evaluate.perplexity(model, np.array(tokens), token_bytes=token_bytes)
+    r = evaluation.perplexity(model, np.array(tokens), token_bytes=token_bytes)
     x, y = torch.tensor([tokens[:-1]]), torch.tensor(tokens[1:])
     with torch.no_grad():
         nats = F.cross_entropy(model(x, x)[0][0], y, reduction='none')

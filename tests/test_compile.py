@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from test_train import ENV, REPO, TINY, make_dataset
+from helpers import ENV, REPO, TINY, make_dataset
 
 pytestmark = pytest.mark.slow
 

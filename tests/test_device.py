@@ -6,8 +6,8 @@ AVX512-BF16) and the model is wide enough for it to be faster; the scripts that 
 import pytest
 import torch
 
-import hardware
-import runs
+from lib import hardware
+from lib import runs
 from model import GPT, GPTConfig
 
 

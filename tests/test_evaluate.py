@@ -12,11 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
-import runs
+from lib import cli
+from lib import runs
 import evaluate
 import plot
 import prepare
+from lib import tokenfiles
+from lib import plotting
+from lib import evaluation
 from model import GPT, GPTConfig
 
 
@@ -54,7 +57,7 @@ def reference_loss(model, tokens, stride):
 def test_perplexity_matches_plain_cross_entropy(n_tokens, stride, batch_size):
     model = tiny_gpt(block_size=16)
     tokens = np.random.default_rng(n_tokens + stride).integers(0, 50, size=n_tokens).astype(np.uint16)
-    r = evaluate.perplexity(model, tokens, stride=stride, batch_size=batch_size)
+    r = evaluation.perplexity(model, tokens, stride=stride, batch_size=batch_size)
     ref_loss, ref_count = reference_loss(model, tokens, stride)
     assert r['tokens'] == ref_count == n_tokens - 1
     assert r['loss'] == pytest.approx(ref_loss, rel=1e-5)
@@ -64,7 +67,7 @@ def test_perplexity_matches_plain_cross_entropy(n_tokens, stride, batch_size):
 def test_perplexity_of_a_split_shorter_than_the_block():
     model = tiny_gpt(block_size=32)
     tokens = np.arange(20, dtype=np.uint16) % 50  # 19 targets, fewer than block_size
-    r = evaluate.perplexity(model, tokens, stride=8)
+    r = evaluation.perplexity(model, tokens, stride=8)
     data = torch.tensor(tokens.astype(np.int64))
     logits, _ = model(data[None, :-1], data[None, 1:])
     expected = F.cross_entropy(logits[0], data[1:]).item()  # the whole split in one window
@@ -76,7 +79,7 @@ def test_perplexity_of_a_split_shorter_than_the_block():
     (2, 4, 1), (5, 4, 4), (6, 4, 4), (100, 16, 16), (100, 16, 1), (101, 16, 7), (1000, 64, 48)])
 def test_window_plan_scores_every_token_exactly_once(n_tokens, block_size, stride):
     times_scored = np.zeros(n_tokens, dtype=int)
-    for begin, length, skip in evaluate.window_plan(n_tokens, block_size, stride):
+    for begin, length, skip in evaluation.window_plan(n_tokens, block_size, stride):
         assert length == min(block_size, n_tokens - 1)  # full windows: they batch without padding
         assert 0 <= skip < length
         times_scored[begin + 1 + skip:begin + 1 + length] += 1  # target positions
@@ -86,9 +89,9 @@ def test_window_plan_scores_every_token_exactly_once(n_tokens, block_size, strid
 
 def test_window_plan_rejects_bad_input():
     with pytest.raises(ValueError, match='at least 2 tokens'):
-        evaluate.window_plan(1, 16, 8)
+        evaluation.window_plan(1, 16, 8)
     with pytest.raises(ValueError, match='stride'):
-        evaluate.window_plan(100, 16, 17)
+        evaluation.window_plan(100, 16, 17)
 
 
 # -----------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def test_window_plan_rejects_bad_input():
 @pytest.mark.slow
 def test_counting_reaches_full_accuracy_after_short_training(tmp_path, capsys):
     prepare.prepare('counting', data_dir=tmp_path, num_train=4000, num_val=100)
-    meta = prepare.read_meta(tmp_path / 'counting')
+    meta = tokenfiles.read_meta(tmp_path / 'counting')
     data = np.fromfile(tmp_path / 'counting' / 'train.bin', dtype=np.uint16).astype(np.int64)
     model = tiny_gpt(block_size=32, vocab_size=meta['vocab_size'], n_layer=1, n_embd=32)
     model.train()
@@ -113,7 +116,7 @@ def test_counting_reaches_full_accuracy_after_short_training(tmp_path, capsys):
         optimizer.step()
     model.eval()
     assert 1 in meta['val_starts'] and 10 in meta['val_starts']  # held out of training
-    results, accuracy = evaluate.counting_accuracy(model, [1, 10], meta['separator'])
+    results, accuracy = evaluation.counting_accuracy(model, [1, 10], meta['separator'])
     assert [r['generated'] for r in results] == [[4, 5, 6, 7, 8], [13, 14, 15, 16, 17]]
     assert accuracy == 1.0
 
@@ -129,7 +132,7 @@ def test_counting_accuracy_counts_from_the_prompt():
             assert temperature == 0.0  # greedy
             return torch.cat([idx, torch.full((idx.size(0), max_new_tokens), 5)], dim=1)
 
-    results, accuracy = evaluate.counting_accuracy(AlwaysFive(), [1, 10], separator=100)
+    results, accuracy = evaluation.counting_accuracy(AlwaysFive(), [1, 10], separator=100)
     assert results[0] == dict(prompt=[1, 2, 3], generated=[5, 5, 5, 5, 5], correct=1)
     assert results[1]['correct'] == 0
     assert accuracy == pytest.approx(1 / 10)
@@ -161,7 +164,7 @@ def test_loss_plot_of_several_runs_has_the_asked_size(tmp_path, mpimg):
     write_log(tmp_path / 'run-a')
     write_log(tmp_path / 'run-b', iters=3)
     path = tmp_path / 'loss.png'
-    fig = plot.plot_loss([tmp_path / 'run-a', tmp_path / 'run-b'], path)
+    fig = plotting.plot_loss([tmp_path / 'run-a', tmp_path / 'run-b'], path)
     image = mpimg.imread(path)
     assert image.shape[:2] == (600, 1200)  # rows, columns
     assert image.std() > 0  # something was drawn
@@ -181,7 +184,7 @@ def test_loss_plot_against_time(tmp_path, mpimg):
     path = tmp_path / 'loss.png'
     assert plot.main(['loss', str(tmp_path / 'run'), '--x=time', f'--out={path}']) == 0
     assert mpimg.imread(path).shape[:2] == (600, 1200)
-    fig = plot.plot_loss([tmp_path / 'run'], path, x='time')
+    fig = plotting.plot_loss([tmp_path / 'run'], path, x='time')
     right = fig.axes[1]
     assert right.get_xlabel() == 'seconds since training started'
     steps = [line for line in right.get_lines() if line.get_label() == 'run train (every logged step)'][0]
@@ -192,7 +195,7 @@ def test_loss_plot_against_time(tmp_path, mpimg):
 
 def test_loss_plot_names_a_missing_log(tmp_path):
     with pytest.raises(SystemExit, match='log.jsonl'):
-        plot.plot_loss([tmp_path], tmp_path / 'loss.png')
+        plotting.plot_loss([tmp_path], tmp_path / 'loss.png')
 
 
 def test_attention_grid_has_a_panel_per_layer_and_head(tmp_path, mpimg):
@@ -200,7 +203,7 @@ def test_attention_grid_has_a_panel_per_layer_and_head(tmp_path, mpimg):
     ids = [1, 2, 3, 4, 5, 6]
     labels = ['a', ' b', '\n', 'd$', 'e', 'f']
     path = tmp_path / 'attention.png'
-    fig = plot.plot_attention(model, ids, labels, path)
+    fig = plotting.plot_attention(model, ids, labels, path)
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 3 * 2
     # each panel shows the model's own attention probabilities for that layer and head
@@ -223,7 +226,7 @@ def test_attention_labels_without_a_font_show_code_points_and_no_glyph_warnings(
             and all(ord(c) in FT2Font(f.fname).get_charmap() for c in chinese)]
     model = tiny_gpt(block_size=16, n_layer=1, n_head=2)
     labels = list(chinese) + ['a', 'é']
-    fig = plot.plot_attention(model, list(range(len(labels))), labels, tmp_path / 'a.png', title=f"attention: {chinese}")
+    fig = plotting.plot_attention(model, list(range(len(labels))), labels, tmp_path / 'a.png', title=f"attention: {chinese}")
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert not [w for w in recwarn if 'Glyph' in str(w.message)]
     err = capsys.readouterr().err
@@ -245,7 +248,7 @@ def test_glyph_font_finds_an_installed_font_that_has_the_characters():
     only_stix = sorted(c for c in stix - default if chr(c).isprintable() and not chr(c).isspace())[:3]
     assert only_stix, "STIX has characters that DejaVu Sans Mono lacks"
     text = ''.join(map(chr, only_stix))
-    font, texts = plot.glyph_font([text])
+    font, texts = plotting.glyph_font([text])
     assert texts == [text]
     assert not set(only_stix) - set(FT2Font(font_manager.findfont(font)).get_charmap())
 
@@ -272,7 +275,7 @@ def test_perplexity_cli_prints_the_numbers_of_the_function(tmp_path, capsys):
     assert evaluate.main(['perplexity', f'--out_dir={out_dir}', f'--data_dir={data_dir}', '--split=val',
                           '--stride=4', '--batch_size=16', '--device=cpu']) == 0
     tokens = np.fromfile(data_dir / 'val.bin', dtype=np.uint16)
-    r = evaluate.perplexity(model, tokens, stride=4)
+    r = evaluation.perplexity(model, tokens, stride=4)
     out = capsys.readouterr().out
     assert f"{r['tokens']:,} tokens scored" in out and f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}" in out
 
@@ -356,7 +359,7 @@ def test_hellaswag_matches_transformers_gpt2(tmp_path, capsys):
 
     ours = GPT.from_pretrained(str(tmp_path / 'hf')).eval()
     for batch_size in (1, 2, 16):  # padding to the longest row must not change any score
-        assert evaluate.hellaswag_counts(ours, evaluate.read_hellaswag(path), enc.encode_ordinary,
+        assert evaluation.hellaswag_counts(ours, evaluation.read_hellaswag(path), enc.encode_ordinary,
                                          batch_size) == (len(lines), len(lines), agree)
     assert evaluate.main(['hellaswag', f'--init_from={tmp_path / "hf"}', f'--input={path}', '--device=cpu',
                           '--batch_size=3']) == 0
@@ -376,6 +379,6 @@ def test_hellaswag_refuses_a_char_model_and_bad_files(tmp_path, capsys):
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"ctx": "a", "endings": ["b"], "label": 0}\n')
     with pytest.raises(cli.ConfigError, match='line 1: expected 4 endings'):
-        evaluate.read_hellaswag(bad)
+        evaluation.read_hellaswag(bad)
     with pytest.raises(cli.ConfigError, match='is not a file'):
-        evaluate.hellaswag_path(str(tmp_path / 'missing.jsonl'))
+        evaluation.hellaswag_path(str(tmp_path / 'missing.jsonl'))

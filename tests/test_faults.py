@@ -30,12 +30,14 @@ import pytest
 import torch
 
 import bench
-import cli
+from lib import cli
 import evaluate
 import plot
 import prepare
-import runs
-from test_train import ENV, REPO, TINY, make_dataset, read_log, run_train
+from lib import runs
+from lib import tokenfiles
+from lib import plotting
+from helpers import ENV, REPO, TINY, make_dataset, read_log, run_train
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -286,7 +288,7 @@ def test_plot_loss_skips_garbled_lines_with_one_notice(tmp_path):
     (run / 'log.jsonl').write_bytes(('\n'.join(lines) + '\n').encode('utf-8', 'surrogateescape'))
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        records = plot.read_log(run)
+        records = plotting.read_log(run)
     assert records == good
     assert err.getvalue().count('notice:') == 1 and '4 unreadable line(s)' in err.getvalue()
     pytest.importorskip('matplotlib')
@@ -328,9 +330,9 @@ def test_check_token_ids_names_the_largest_id(tmp_path):
     tokens = np.zeros(100, dtype=np.uint16)
     tokens[[10, 70]] = [20, 99]
     tokens.tofile(path)
-    prepare.check_token_ids(path, 100, chunk=16)  # all ids fit
-    with pytest.raises(prepare.PrepareError, match=r'x.bin holds token id 99 but vocab_size is 50'):
-        prepare.check_token_ids(path, 50, chunk=16)  # the largest, also when it is in a later chunk
+    tokenfiles.check_token_ids(path, 100, chunk=16)  # all ids fit
+    with pytest.raises(tokenfiles.PrepareError, match=r'x.bin holds token id 99 but vocab_size is 50'):
+        tokenfiles.check_token_ids(path, 50, chunk=16)  # the largest, also when it is in a later chunk
 
 
 @pytest.mark.parametrize('size, fragment', [(9, 'odd size'), (0, 'no tokens')])
@@ -886,7 +888,7 @@ def test_plot_loss_of_a_log_without_losses_is_one_line(tmp_path, log):
 def test_ddp_exit_keeps_the_status_and_message_python_would_give(body, code, stderr):
     """hardware.ddp_exit() (a torchrun worker's last call, skipping finalization) exits with the status
     and prints the one line (or traceback) of the exception in flight, and flushes buffered output."""
-    script = (f"import atexit, cli, hardware\natexit.register(lambda: print('atexit ran'))\n"
+    script = (f"import atexit\nfrom lib import cli, hardware\natexit.register(lambda: print('atexit ran'))\n"
               f"try:\n    {body}\nfinally:\n    hardware.ddp_exit()\n")
     proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == code, proc.stderr
@@ -901,7 +903,7 @@ def test_ddp_exit_keeps_the_status_and_message_python_would_give(body, code, std
 # third pass (a new user's first hour, round two): the message names the fix the user needs
 
 def test_a_misspelled_dataset_names_the_nearest_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, 'DATA_DIR', tmp_path / 'data')
+    monkeypatch.setattr(tokenfiles, 'DATA_DIR', tmp_path / 'data')
     (tmp_path / 'data' / 'shakespeare_char').mkdir(parents=True)
     (tmp_path / 'data' / 'shakespeare_char' / 'meta.json').write_text('{}')
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""docs/gpu_check.py, the GPU check of issue 19, on its CPU twin: the same races on a tiny dataset
+"""dev/gpu_check.py, the GPU check of issue 19, on its CPU twin: the same races on a tiny dataset
 and tiny flags (needs nanoGPT's checkout, NANOGPT_DIR), and its one-line errors (always)."""
 
 import os
@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from test_train import ENV, REPO, make_dataset
+from helpers import ENV, REPO, make_dataset
 
 
 def gpu_check(*args, timeout=300):
-    return subprocess.run([sys.executable, 'docs/gpu_check.py', *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, 'dev/gpu_check.py', *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=ENV)
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from test_train import ENV, REPO, TINY, make_dataset, read_log
+from helpers import ENV, REPO, TINY, make_dataset, read_log
 
 
 def worked_example_diff():
@@ -35,7 +35,7 @@ def test_the_worked_example_touches_model_py_only_in_four_lines():
 def test_a_new_knob_works_everywhere_after_the_four_line_diff(tmp_path):
     repo = tmp_path / 'repo'
     repo.mkdir()
-    for path in list(REPO.glob('*.py')) + [REPO / 'config']:
+    for path in list(REPO.glob('*.py')) + [REPO / 'config', REPO / 'lib']:
         (shutil.copytree if path.is_dir() else shutil.copy)(path, repo / path.name)
     (tmp_path / 'knob.diff').write_text(worked_example_diff())
     applied = subprocess.run(['git', 'apply', str(tmp_path / 'knob.diff')], cwd=repo, capture_output=True, text=True)

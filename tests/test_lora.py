@@ -9,12 +9,11 @@ import copy
 import pytest
 import torch
 
-import runs
-from lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
+from lib import runs
+from lib.lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
 from model import GPT, GPTConfig
-from optim import configure_optimizers
-from test_train import (TINY, assert_exact_resume, assert_one_line_error, assert_same_losses, make_dataset, read_log,
-                        run_train, torchrun)
+from lib.optim import configure_optimizers
+from helpers import TINY, assert_exact_resume, assert_one_line_error, assert_same_losses, make_dataset, read_log, run_train, torchrun
 
 ALL = 'c_attn,c_proj,c_fc,mlp.c_proj'
 
@@ -204,7 +203,7 @@ def test_lora_on_a_run_checkpoint_exact_resume_and_ddp(tmp_path):
 def test_lora_merge_and_int8_with_the_modern_knobs():
     """The adapters and int8 weights wrap the same Linear layers under rope, rmsnorm, relu2, qk_norm,
     an untied head and a logit soft-cap: B = 0 is exact, merging keeps the logits, int8 stays close."""
-    from quantize import quantize_int8
+    from lib.quantize import quantize_int8
     model = tiny_gpt(vocab_size=64, block_size=32, pos_emb='rope', norm='rmsnorm', mlp_act='relu2', qk_norm=True,
                      tie_embeddings=False, logit_softcap=15.0).eval()
     idx = torch.randint(0, 64, (2, 20))

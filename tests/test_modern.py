@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import runs
+from lib import runs
 from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, sample_next
-from optim import configure_optimizers
+from lib.optim import configure_optimizers
 
 # float32 through two implementations of the same arithmetic agrees to ~1e-6
 ATOL = 1e-5

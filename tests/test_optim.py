@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optim import NS_COEFFICIENTS, MuonAdamW, configure_optimizers, orthogonalize
-from test_train import (REPO, TINY, assert_ddp_matches_single_process, assert_exact_resume,  # noqa: F401
-                        assert_one_line_error, assert_same_losses, data, read_log, run_train, torchrun)
+from lib.optim import NS_COEFFICIENTS, MuonAdamW, configure_optimizers, orthogonalize
+from helpers import REPO, TINY, assert_ddp_matches_single_process, assert_exact_resume, assert_one_line_error, read_log, run_train
 
 
 def ns_on_singular_values(s, steps):
@@ -206,7 +205,7 @@ def test_configure_optimizers_decays_only_matrices(capsys):
 def test_role_learning_rates_split_adamw_groups():
     """embedding_lr, head_lr and scalar_lr: each AdamW parameter gets its role's peak lr (lr_ratio
     times the schedule's learning_rate); without them the two groups of GPT-2 stay as they were."""
-    from optim import role
+    from lib.optim import role
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, tie_embeddings=False,
                           value_embeds=True, x0_mix=True, bigram_vocab=11))
     roles = {name: role(name, p) for name, p in model.named_parameters()}

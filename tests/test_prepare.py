@@ -15,6 +15,8 @@ import pytest
 import requests
 
 import prepare
+from lib import tokenizers
+from lib import tokenfiles
 from local_data import NO_SHAKESPEARE, NO_WIKITEXT, ROOT, SHAKESPEARE, WIKITEXT
 
 needs_shakespeare = pytest.mark.skipif(SHAKESPEARE is None, reason=NO_SHAKESPEARE)
@@ -32,8 +34,8 @@ def read_bin(path):
 
 def gpt2():
     try:
-        return prepare.gpt2_tokenizer()
-    except prepare.PrepareError as e:
+        return tokenizers.gpt2_tokenizer()
+    except tokenfiles.PrepareError as e:
         pytest.skip(str(e))
 
 
@@ -50,9 +52,9 @@ def test_shakespeare_char_counts_bins_and_metadata(tmp_path):
     assert train.dtype == np.uint16 and len(train) == 1_003_854 and len(val) == 111_540
     assert (out / "train.bin").stat().st_size == 2 * 1_003_854
     # metadata round trip: what is on disk is what prepare returned, and it decodes the text back
-    assert prepare.read_meta(out) == meta
+    assert tokenfiles.read_meta(out) == meta
     assert meta["source_sha256"] == {"input.txt": hashlib.sha256(SHAKESPEARE.read_bytes()).hexdigest()}
-    tok = prepare.load_tokenizer(out)
+    tok = tokenizers.load_tokenizer(out)
     text = SHAKESPEARE.read_text(encoding="utf-8")
     assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == text
     assert tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
@@ -93,7 +95,7 @@ def test_wikitext2_prepares_available_splits_and_names_the_missing_one(tmp_path)
     r = run_cli("wikitext2", f"--input={WIKITEXT}", f"--data_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "train split missing" in r.stderr and "train.txt" in r.stderr
-    meta = prepare.read_meta(tmp_path / "wikitext2")
+    meta = tokenfiles.read_meta(tmp_path / "wikitext2")
     assert meta["splits"] == {"val": 258_659, "test": 295_877}
     assert meta["missing_splits"] == ["train"]
     assert (tmp_path / "wikitext2" / "test.bin").exists() and not (tmp_path / "wikitext2" / "train.bin").exists()
@@ -105,16 +107,16 @@ def test_tokenizer_round_trips():
     text = "Hello, world!\n\nTo be, or not to be: <|endoftext|> ünïcode 42"
     tok = gpt2()
     assert tok.decode(tok.encode(text)) == text
-    assert tok.encode("<|endoftext|>") == [prepare.GPT2_EOT]  # prompts may ask for it
-    char = prepare.char_tokenizer(sorted(set(text)))
+    assert tok.encode("<|endoftext|>") == [tokenfiles.GPT2_EOT]  # prompts may ask for it
+    char = tokenizers.char_tokenizer(sorted(set(text)))
     assert char.decode(char.encode(text)) == text
-    with pytest.raises(prepare.PrepareError, match="not in this dataset's vocabulary"):
+    with pytest.raises(tokenfiles.PrepareError, match="not in this dataset's vocabulary"):
         char.encode("Z")
-    count = prepare.get_tokenizer({"tokenizer": "counting", "vocab_size": 101})
+    count = tokenizers.get_tokenizer({"tokenizer": "counting", "vocab_size": 101})
     assert count.encode("10 11 12") == [10, 11, 12]
     assert count.decode([10, 11, 12]) == "10 11 12"
     assert count.decode(count.encode("1 2 3\n40 41\n")) == "1 2 3\n40 41\n"
-    with pytest.raises(prepare.PrepareError, match="not a number"):
+    with pytest.raises(tokenfiles.PrepareError, match="not a number"):
         count.encode("100")
 
 
@@ -147,7 +149,7 @@ def test_counting_is_deterministic_and_val_starts_are_unseen(tmp_path):
     train, val = starts_and_check(out / "train.bin"), starts_and_check(out / "val.bin")
     assert {1, 10} <= val and not (train & val)
     assert set(a["val_starts"]) >= val
-    tok = prepare.load_tokenizer(out)
+    tok = tokenizers.load_tokenizer(out)
     assert tok.encode("10 11 12") == [10, 11, 12] and tok.decode([1, 2, 3]) == "1 2 3"
 
 
@@ -157,10 +159,10 @@ def test_nanogpt_meta_pkl_is_read(tmp_path):
     chars = sorted(set("hello world\n"))
     meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
-    assert prepare.read_meta(tmp_path) == meta
-    tok = prepare.load_tokenizer(tmp_path)
+    assert tokenfiles.read_meta(tmp_path) == meta
+    tok = tokenizers.load_tokenizer(tmp_path)
     assert tok.name == "char" and tok.decode(tok.encode("hello world")) == "hello world"
-    assert prepare.read_meta(tmp_path / "nothing_here") == {}
+    assert tokenfiles.read_meta(tmp_path / "nothing_here") == {}
 
 
 class _Evil:
@@ -175,10 +177,10 @@ def test_malicious_meta_pkl_is_refused_without_running_it(tmp_path):
     """A plain pickle.load would run `touch marker` while loading; ours must refuse first."""
     marker = tmp_path / "pwned"
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "x": _Evil(marker)}))
-    with pytest.raises(prepare.PrepareError, match="refused"):
-        prepare.read_meta(tmp_path)
-    with pytest.raises(prepare.PrepareError):
-        prepare.load_tokenizer(tmp_path)
+    with pytest.raises(tokenfiles.PrepareError, match="refused"):
+        tokenfiles.read_meta(tmp_path)
+    with pytest.raises(tokenfiles.PrepareError):
+        tokenizers.load_tokenizer(tmp_path)
     assert not marker.exists()
 
 
@@ -226,7 +228,7 @@ def test_download_retries_checks_sha256_and_reuses(tmp_path, monkeypatch):
     assert len(calls) == 3
     # a body that never matches is an error, and nothing is kept
     monkeypatch.setattr(prepare.requests, "get", lambda url, stream, timeout: FakeResponse(b"bad"))
-    with pytest.raises(prepare.PrepareError, match="sha256 mismatch"):
+    with pytest.raises(tokenfiles.PrepareError, match="sha256 mismatch"):
         prepare.download("https://example.org/other.txt", tmp_path / "other.txt", sha, backoff=0)
     assert not list(tmp_path.glob("other.txt*"))
 
@@ -301,10 +303,10 @@ def test_interrupted_prepare_leaves_no_bin(tmp_path, monkeypatch):
 
 
 def test_token_id_out_of_range_is_an_error(tmp_path):
-    with pytest.raises(prepare.PrepareError, match="token id 70000 out of range"):
-        prepare.write_tokens(tmp_path / "train.bin", [np.array([1, 2]), np.array([70000])], 50257)
-    with pytest.raises(prepare.PrepareError, match="token id 65 out of range"):
-        prepare.write_tokens(tmp_path / "train.bin", [[3, 65]], 65)
+    with pytest.raises(tokenfiles.PrepareError, match="token id 70000 out of range"):
+        tokenfiles.write_tokens(tmp_path / "train.bin", [np.array([1, 2]), np.array([70000])], 50257)
+    with pytest.raises(tokenfiles.PrepareError, match="token id 65 out of range"):
+        tokenfiles.write_tokens(tmp_path / "train.bin", [[3, 65]], 65)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -336,8 +338,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 
 def test_char_vocabulary_over_uint16_is_an_error(tmp_path):
     big = tmp_path / "big.txt"
-    big.write_text("".join(chr(0x10000 + i) for i in range(prepare.MAX_VOCAB + 1)), encoding="utf-8")
-    with pytest.raises(prepare.PrepareError, match="do not fit uint16"):
+    big.write_text("".join(chr(0x10000 + i) for i in range(tokenfiles.MAX_VOCAB + 1)), encoding="utf-8")
+    with pytest.raises(tokenfiles.PrepareError, match="do not fit uint16"):
         prepare.prepare("text", input=big, tokenizer="char", data_dir=tmp_path)
 
 
@@ -347,7 +349,7 @@ def test_text_folder_and_list(tmp_path):
     (folder / "a.txt").write_text("first file, first line\n" * 20)
     (folder / "b.txt").write_text("second file without newline")
     meta = prepare.prepare("text", input=folder, tokenizer="char", name="mydata", data_dir=tmp_path / "d")
-    tok = prepare.load_tokenizer(tmp_path / "d" / "mydata")
+    tok = tokenizers.load_tokenizer(tmp_path / "d" / "mydata")
     ids = np.concatenate([read_bin(tmp_path / "d" / "mydata" / f"{s}.bin") for s in ("train", "val")])
     assert tok.decode(ids.tolist()) == "first file, first line\n" * 20 + "second file without newline"
     assert sum(meta["splits"].values()) == len(ids)
@@ -392,13 +394,13 @@ def test_openwebtext_streaming_writer_on_small_documents(tmp_path):
     long_doc = "A long document, cut into pieces for the batch encoder. " * 3000  # > one 64k piece
     docs = ["Hello world.", "", "Second\n\ndocument with <|endoftext|> as plain text.", long_doc, "end"]
     # a generator (no len) in batches far smaller than the documents: many chunks are appended
-    arrays = prepare.encode_documents((d for d in docs), tok, eot=prepare.GPT2_EOT, batch_chars=1000)
-    tmp, count = prepare.write_tokens(tmp_path / "train.bin", arrays, tok.vocab_size)
+    arrays = prepare.encode_documents((d for d in docs), tok, eot=tokenfiles.GPT2_EOT, batch_chars=1000)
+    tmp, count = tokenfiles.write_tokens(tmp_path / "train.bin", arrays, tok.vocab_size)
     os.replace(tmp, tmp_path / "train.bin")
     ids = read_bin(tmp_path / "train.bin").tolist()
     expected = [len(tok.encode_batch([d])[0]) + 1 for d in docs]
     assert count == len(ids) == sum(expected)
-    eot_at = [i for i, t in enumerate(ids) if t == prepare.GPT2_EOT]
+    eot_at = [i for i, t in enumerate(ids) if t == tokenfiles.GPT2_EOT]
     assert eot_at == list(np.cumsum(expected) - 1)  # exactly one eot after each document
     pieces, start = [], 0
     for end in eot_at:
@@ -432,7 +434,7 @@ def corpus_docs(n_shards=2, per_shard=40):
 def split_by_eot(ids):
     out, start = [], 0
     for i, t in enumerate(ids):
-        if t == prepare.GPT2_EOT:
+        if t == tokenfiles.GPT2_EOT:
             out.append(ids[start:i])
             start = i + 1
     assert start == len(ids)  # the last document ends with eot too
@@ -511,7 +513,7 @@ def test_parquet_errors_are_one_line(tmp_path, monkeypatch):
     # pyarrow missing: the install hint, before anything is downloaded
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(prepare.PrepareError, match="pip install pyarrow"):
+    with pytest.raises(tokenfiles.PrepareError, match="pip install pyarrow"):
         prepare.prepare("fineweb_edu", data_dir=tmp_path / "out")
 
 
@@ -629,7 +631,7 @@ def test_download_resumable_resumes_a_part_file_and_rejects_wrong_bytes(tmp_path
         assert hub.requests[0][1] == "bytes=1000-" and not (tmp_path / "y.parquet.part").exists()
         # the right size but the wrong sha256: refused, nothing kept
         shard = prepare.Shard("x.parquet", url, len(data), "0" * 64)
-        with pytest.raises(prepare.PrepareError, match="sha256 mismatch"):
+        with pytest.raises(tokenfiles.PrepareError, match="sha256 mismatch"):
             prepare.download_resumable(shard, tmp_path / "x.parquet", retries=2)
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.part").exists()
 
@@ -662,10 +664,10 @@ def test_pretokenized_fineweb_shards_are_copied_exactly(tmp_path, monkeypatch):
     assert train == parts["fineweb_train_000001.bin"].tolist() + parts["fineweb_train_000002.bin"].tolist()
     # a shard with another magic number or fewer tokens than its header says is refused
     llmc_shard(src / "fineweb_train_000001.bin", [1, 2, 3], magic=20240801)
-    with pytest.raises(prepare.PrepareError, match="not an llm.c token shard"):
+    with pytest.raises(tokenfiles.PrepareError, match="not an llm.c token shard"):
         prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "c")
     llmc_shard(src / "fineweb_train_000001.bin", [1, 2, 3])
     (src / "fineweb_train_000001.bin").write_bytes((src / "fineweb_train_000001.bin").read_bytes()[:-2])
-    with pytest.raises(prepare.PrepareError, match="truncated"):
+    with pytest.raises(tokenfiles.PrepareError, match="truncated"):
         prepare.prepare("fineweb10B_gpt2", input=src, data_dir=tmp_path / "c")
     assert not list((tmp_path / "c").rglob("*.bin"))

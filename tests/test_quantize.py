@@ -14,11 +14,11 @@ import pytest
 import local_data  # noqa: F401  (TIKTOKEN_CACHE_DIR for offline GPT-2 BPE files)
 import torch
 
-import quantize
+from lib import quantize
 from model import GPT, GPTConfig, KVCache
-from quantize import (Int8Linear, huge_page_buffer, int8_kernel_available, pack_int8_weights, quantize_int8,
+from lib.quantize import (Int8Linear, huge_page_buffer, int8_kernel_available, pack_int8_weights, quantize_int8,
                       quantize_per_channel)
-from test_train import ENV, REPO
+from helpers import ENV, REPO
 
 KERNEL = int8_kernel_available('cpu')
 

@@ -86,7 +86,7 @@ def copy_repo(tmp_path):
     for path in ROOT.glob('*.py'):
         if not path.name.startswith('test_'):
             shutil.copy(path, repo / path.name)
-    shutil.copy(ROOT / 'playground.html', repo / 'playground.html')
+    shutil.copytree(ROOT / 'lib', repo / 'lib', ignore=shutil.ignore_patterns('__pycache__'))
     shutil.copytree(ROOT / 'config', repo / 'config')
     return repo
 

@@ -27,7 +27,7 @@ def test_runtime_requirements_are_the_four_packages():
 
 def test_torch_floor_is_stated_once_and_enforced():
     """requirements.txt's torch floor is cli.MIN_TORCH, and an older torch gets one clear line."""
-    import cli
+    from lib import cli
     floor = re.search(r"^torch>=([0-9.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
     assert tuple(int(x) for x in floor.split(".")) == cli.MIN_TORCH
     assert "too old" in cli.torch_too_old("2.2.2+cu121") and "pip install -U torch" in cli.torch_too_old("2.1.0")
@@ -41,8 +41,8 @@ def test_readme_pictures_and_numbers_come_from_the_current_quick_start_config():
     state that run's val loss and steps. Changing the recipe without redrawing fails here."""
     import json
     Image = __import__('pytest').importorskip('PIL.Image')
-    import cli
-    from test_train import train_defaults
+    from lib import cli
+    from helpers import train_defaults
     recipe = cli.load_config(train_defaults(), [str(ROOT / 'config' / 'train_shakespeare_char_cpu.py')])
     readme = (ROOT / 'README.md').read_text()
     for name in ('loss.png', 'attention.png'):

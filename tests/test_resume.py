@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import runs
-from test_train import ENV, REPO, TINY, assert_one_line_error, assert_same_losses, make_dataset, read_log, run_train
+from lib import runs
+from helpers import ENV, REPO, TINY, assert_one_line_error, assert_same_losses, make_dataset, read_log, run_train
 
 # a run whose checkpoints come often: every 2 iterations, plus every step by time
 ARGS = [*TINY, '--eval_interval=2', '--max_iters=8']

@@ -20,10 +20,12 @@ import pytest
 import local_data  # noqa: F401  (TIKTOKEN_CACHE_DIR for offline GPT-2 BPE files)
 import torch
 
-import cli
-import runs
+from lib import cli
+from lib import runs
 import prepare
 import sample
+from lib import tokenizers
+from lib import sampling
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +83,7 @@ def test_seeded_samples_repeat_and_match_model_generate(char_run, capsys):
             '--temperature=0.9', '--top_k=10')
     first = run_sample(capsys, *args)
     assert first == run_sample(capsys, *args)
-    tok = prepare.char_tokenizer(CHARS)
+    tok = tokenizers.char_tokenizer(CHARS)
     assert first == expected_samples(model, tok, 'ROMEO:', 3, 20, 5, temperature=0.9, top_k=10)
     assert first.count(sample.SEPARATOR) == 3
     assert first != run_sample(capsys, *args[:-3], '--seed=6', *args[-2:])
@@ -92,7 +94,7 @@ def test_streaming_prints_what_batch_generation_prints(char_run, capsys):
     args = (f'--out_dir={out_dir}', '--start=JULIET', '--max_new_tokens=25', '--top_p=0.9')
     streamed = run_sample(capsys, *args)
     assert streamed == run_sample(capsys, *args, '--stream=False')
-    tok = prepare.char_tokenizer(CHARS)
+    tok = tokenizers.char_tokenizer(CHARS)
     assert streamed == expected_samples(model, tok, 'JULIET', 1, 25, sample.DEFAULTS['seed'],
                                         temperature=0.8, top_k=200, top_p=0.9)
 
@@ -100,12 +102,12 @@ def test_streaming_prints_what_batch_generation_prints(char_run, capsys):
 def test_stream_printer_holds_back_half_characters():
     # GPT-2 BPE splits many non-ASCII characters over several tokens; the printed pieces
     # must never contain a replacement character and must add up to the full decode
-    tok = prepare.gpt2_tokenizer()
+    tok = tokenizers.gpt2_tokenizer()
     text = "naïve café — 日本語 🙂 ok"
     ids = tok.encode(text)
     assert any('\ufffd' in tok.decode([i]) for i in ids)  # the case under test really occurs
     buf = io.StringIO()
-    printer = sample.StreamPrinter(tok, buf)
+    printer = sampling.StreamPrinter(tok, buf)
     pieces = []
     for i in ids:
         before = buf.tell()
@@ -118,7 +120,7 @@ def test_stream_printer_holds_back_half_characters():
     greek = tok.encode("Καλημέρα κόσμε· τι κάνεις;")
     for ids in (greek, torch.randint(0, 50257, (400,), generator=torch.Generator().manual_seed(0)).tolist()):
         buf = io.StringIO()
-        printer = sample.StreamPrinter(tok, buf)
+        printer = sampling.StreamPrinter(tok, buf)
         for i in ids:
             printer.add([i])
         printer.finish()
@@ -218,7 +220,7 @@ def test_nanogpt_checkpoint_with_meta_pkl_loads_and_samples(tmp_path, monkeypatc
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
     out = run_sample(capsys, '--out_dir=out-shakespeare-char', '--start=ROMEO:', '--max_new_tokens=10', '--seed=3')
-    tok = prepare.char_tokenizer(CHARS)
+    tok = tokenizers.char_tokenizer(CHARS)
     assert out == expected_samples(model, tok, 'ROMEO:', 1, 10, 3, temperature=0.8, top_k=200)
 
 
@@ -231,7 +233,7 @@ def test_hugging_face_folder_samples(tmp_path, capsys):
     out = run_sample(capsys, f'--init_from={tmp_path / "hf"}', '--start=Hello, world', '--max_new_tokens=8',
                      '--seed=1')
     ours = GPT.from_pretrained(str(tmp_path / 'hf'))
-    assert out == expected_samples(ours, prepare.gpt2_tokenizer(), 'Hello, world', 1, 8, 1,
+    assert out == expected_samples(ours, tokenizers.gpt2_tokenizer(), 'Hello, world', 1, 8, 1,
                                    temperature=0.8, top_k=200)
     for extra in ([], ['--num_samples=2']):  # streamed, and as a batch
         sample.main(['--device=cpu', f'--init_from={tmp_path / "hf"}', '--max_new_tokens=2', *extra])

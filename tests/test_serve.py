@@ -23,10 +23,11 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-import runs
+from lib import runs
 import sample
+from lib import serving
 from model import GPT, GPTConfig, KVCache
-from test_train import ENV, REPO
+from helpers import ENV, REPO
 
 CHARS = sorted(set("ROMEO: JULIET\nthe quick brown fox, jumps over lazy dogs.!?"))
 
@@ -293,8 +294,8 @@ def test_engine_batches_every_knob_as_sample_py_decodes_alone(tmp_path):
         max_batch, block_size = 4, 64
     Limits.max_tokens = max_tokens
     prompts = ['ROMEO:', 'the quick brown fox', 'JULIET! over lazy dogs, the']
-    p = serve.read_request(json.dumps({'prompt': prompts, 'max_tokens': 25, 'temperature': 0}), Limits)
-    generations, _, _ = serve.start_generations(p, engine.tokenizer, engine)
+    p = serving.read_request(json.dumps({'prompt': prompts, 'max_tokens': 25, 'temperature': 0}), Limits)
+    generations, _, _ = serving.start_generations(p, engine.tokenizer, engine)
     engine.thread.start()
     try:
         for g in generations:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from lib import cli
 import evaluate
 import prepare
-import runs
+from lib import runs
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

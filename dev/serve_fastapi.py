@@ -5,7 +5,7 @@ file is kept so the comparison can be run again). POST /v1/completions (streamed
 with serve.py's request checks, engine and knobs.
 
     pip install fastapi uvicorn
-    python docs/serve_fastapi.py --out_dir=out-shakespeare-char-cpu --port=8001
+    python dev/serve_fastapi.py --out_dir=out-shakespeare-char-cpu --port=8001
 """
 
 import asyncio
@@ -17,14 +17,15 @@ import uuid
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
+from lib import cli  # noqa: E402
 
-hint = "docs/serve_fastapi.py needs FastAPI and uvicorn: pip install fastapi uvicorn"
+hint = "dev/serve_fastapi.py needs FastAPI and uvicorn: pip install fastapi uvicorn"
 fastapi = cli.optional_import('fastapi', hint)
 uvicorn = cli.optional_import('uvicorn', hint)
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 import serve  # noqa: E402
+from lib import serving  # noqa: E402
 
 
 def app_for(engine, name, max_tokens):
@@ -40,9 +41,9 @@ def app_for(engine, name, max_tokens):
     @app.post('/v1/completions')
     async def completions(request: fastapi.Request):
         try:
-            p = serve.read_request(await request.body(), limits)
-            generations, used, dropped = serve.start_generations(p, engine.tokenizer, engine)
-        except serve.RequestError as e:
+            p = serving.read_request(await request.body(), limits)
+            generations, used, dropped = serving.start_generations(p, engine.tokenizer, engine)
+        except serving.RequestError as e:
             return JSONResponse(e.body(), status_code=e.status)
         head = {'id': f"cmpl-{uuid.uuid4().hex[:24]}", 'object': 'text_completion', 'created': int(time.time()),
                 'model': name}

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
-from cli import ConfigError, die
+from lib import cli
+from lib.cli import ConfigError, die
 from model import GPT, GPTConfig
-from runs import load_checkpoint, load_lora_model, model_state_dict, older_checkpoints
+from lib.runs import load_checkpoint, load_lora_model, model_state_dict, older_checkpoints
 
 def check_resumable(ckpt, path):
     """One line naming what is wrong with a damaged or foreign checkpoint, before anything is

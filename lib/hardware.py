@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import ConfigError
+from lib.cli import ConfigError
 
 # -----------------------------------------------------------------------------
 # device and dtype
@@ -189,7 +189,7 @@ def _leave_after_error():
 
     The error also goes to torchrun's error file, on every rank: torchrun's failure summary then
     shows it even when torchrun stopped rank 0 before rank 0 could print its line."""
-    import cli
+    from lib import cli
     error = getattr(sys, 'last_value', None)  # an uncaught exception; None after SystemExit
     message = f"{type(error).__name__}: {error}" if error is not None else cli.last_error and f"error: {cli.last_error}"
     if message and os.environ.get('TORCHELASTIC_ERROR_FILE'):

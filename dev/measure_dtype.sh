@@ -3,9 +3,9 @@
 # bfloat16 autocast, eager or compiled; the first step's seconds (a compile's cost) and the val
 # loss at step 21. Writes only into a temporary folder. Run it on an otherwise idle machine:
 #
-#   bash docs/measure_dtype.sh                                   # speedrun, quick start, baby GPT; 2 rounds
-#   VARIANTS="compile bf16compile" REPS=1 bash docs/measure_dtype.sh
-#   NAMES=baby bash docs/measure_dtype.sh
+#   bash dev/measure_dtype.sh                                   # speedrun, quick start, baby GPT; 2 rounds
+#   VARIANTS="compile bf16compile" REPS=1 bash dev/measure_dtype.sh
+#   NAMES=baby bash dev/measure_dtype.sh
 set -euo pipefail
 . "$(dirname "$0")/measure_lib.sh"  # PYTHON, HERE, TMP; need, machine, row_to_188
 declare -A R

@@ -1,4 +1,4 @@
-# Sourced by docs/measure_*.sh, not run: the temporary folder they write into (removed at the
+# Sourced by dev/measure_*.sh, not run: the temporary folder they write into (removed at the
 # end), the check that a run's inputs exist, the line naming the machine, and one timed row of
 # a time-to-1.88 table.
 PYTHON=${PYTHON:-python}

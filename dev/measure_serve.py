@@ -1,11 +1,11 @@
 """
-Concurrent clients against serve.py (or docs/serve_fastapi.py): total tokens/s, and p50/p95 time
+Concurrent clients against serve.py (or dev/serve_fastapi.py): total tokens/s, and p50/p95 time
 to first token and per request, for 1, 4, 8 and 16 clients. The server is started here on
 127.0.0.1 and the machine should be otherwise idle; used for docs/serve.md.
 
-    python docs/measure_serve.py --model=baby                   # the quick start's trained run
-    python docs/measure_serve.py --model=gpt2 --quantize=int8   # GPT-2 124M shape, random weights
-    python docs/measure_serve.py --model=gpt2 --server=fastapi  # the same engine behind FastAPI + uvicorn
+    python dev/measure_serve.py --model=baby                   # the quick start's trained run
+    python dev/measure_serve.py --model=gpt2 --quantize=int8   # GPT-2 124M shape, random weights
+    python dev/measure_serve.py --model=gpt2 --server=fastapi  # the same engine behind FastAPI + uvicorn
 
 Each level sends the same requests (streamed, max_tokens new tokens, temperature 1, one seed
 each); a fixed number of client threads take them from a queue, one at a time each. Tokens are
@@ -63,7 +63,7 @@ else:  # GPT-2 124M's shape with random weights (the weights are not needed to t
 with socket.socket() as s:  # a free port for the server
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-script = 'serve.py' if args['server'] == 'stdlib' else 'docs/serve_fastapi.py'
+script = 'serve.py' if args['server'] == 'stdlib' else 'dev/serve_fastapi.py'
 server = subprocess.Popen([sys.executable, script, f'--out_dir={run}', f'--port={port}', '--device=cpu',
                            f"--quantize={args['quantize']}", '--max_batch=16'], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -4,8 +4,8 @@
 # (--device=cpu --compile=False), alternating, batch 12. Prints the median ms per step of steps
 # 6-20 for each run. Writes only into a temporary folder. Run it on an otherwise idle machine:
 #
-#   NANOGPT_DIR=~/nanoGPT bash docs/measure_baby_step.sh          # 2 rounds
-#   REPEATS=3 EXTRA_OURS="--dtype=float32" bash docs/measure_baby_step.sh
+#   NANOGPT_DIR=~/nanoGPT bash dev/measure_baby_step.sh          # 2 rounds
+#   REPEATS=3 EXTRA_OURS="--dtype=float32" bash dev/measure_baby_step.sh
 #
 # nanoGPT needs its data prepared first: (cd $NANOGPT_DIR && python data/shakespeare_char/prepare.py)
 set -euo pipefail

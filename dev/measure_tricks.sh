@@ -5,17 +5,17 @@
 # evaluations included), the final val loss and the whole process's wall time. Writes only into
 # a temporary folder. Run it on an otherwise idle machine:
 #
-#   bash docs/measure_tricks.sh speedrun        # config/speedrun_shakespeare_char_cpu.py, ~4 min on 2 cores
-#   bash docs/measure_tricks.sh quickstart      # config/train_shakespeare_char_cpu.py, ~45 min
-#   ROWS="0 3" bash docs/measure_tricks.sh speedrun          # some rows
-#   EXTRA="--max_iters=20 --lr_decay_iters=20" bash docs/measure_tricks.sh speedrun   # a smoke test
+#   bash dev/measure_tricks.sh speedrun        # config/speedrun_shakespeare_char_cpu.py, ~4 min on 2 cores
+#   bash dev/measure_tricks.sh quickstart      # config/train_shakespeare_char_cpu.py, ~45 min
+#   ROWS="0 3" bash dev/measure_tricks.sh speedrun          # some rows
+#   EXTRA="--max_iters=20 --lr_decay_iters=20" bash dev/measure_tricks.sh speedrun   # a smoke test
 set -euo pipefail
 . "$(dirname "$0")/measure_lib.sh"  # PYTHON, HERE, TMP; need, machine, row_to_188
 need "run python prepare.py shakespeare_char first" "$HERE/data/shakespeare_char/train.bin"
 case "${1:-}" in
   speedrun) RECIPE="config/speedrun_shakespeare_char_cpu.py --eval_interval=20"; W=44 ;;   # 220 steps
   quickstart) RECIPE="config/train_shakespeare_char_cpu.py --eval_interval=100"; W=300 ;;  # 1,500 steps
-  *) echo "error: say which recipe: bash docs/measure_tricks.sh speedrun|quickstart" >&2; exit 1 ;;
+  *) echo "error: say which recipe: bash dev/measure_tricks.sh speedrun|quickstart" >&2; exit 1 ;;
 esac
 # warmups of about a fifth of the run (modded-nanogpt: momentum warmup 300 of ~1,700 steps)
 NAMES=("the recipe" "+ value embeddings" "+ x0 shortcut (learned mix)" "+ zero-init projections"

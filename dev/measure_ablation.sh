@@ -5,10 +5,10 @@
 # training loop started, evaluations included) and the final val loss after 2,000 steps. Writes
 # only into a temporary folder (removed at the end). Run it on an otherwise idle machine:
 #
-#   bash docs/measure_ablation.sh                  # all rows, ~12 min on 2 cores
-#   PYTHON=.venv/bin/python ROWS="0 1" bash docs/measure_ablation.sh   # some rows
-#   ROWS="1 2" STEPS="700 600" bash docs/measure_ablation.sh  # stop rows 1, 2 at those steps
-#   EXTRA="--max_iters=40 --lr_decay_iters=40 --eval_interval=20" bash docs/measure_ablation.sh  # a smoke test
+#   bash dev/measure_ablation.sh                  # all rows, ~12 min on 2 cores
+#   PYTHON=.venv/bin/python ROWS="0 1" bash dev/measure_ablation.sh   # some rows
+#   ROWS="1 2" STEPS="700 600" bash dev/measure_ablation.sh  # stop rows 1, 2 at those steps
+#   EXTRA="--max_iters=40 --lr_decay_iters=40 --eval_interval=20" bash dev/measure_ablation.sh  # a smoke test
 set -euo pipefail
 . "$(dirname "$0")/measure_lib.sh"  # PYTHON, HERE, TMP; need, machine, row_to_188
 need "run python prepare.py shakespeare_char first" "$HERE/data/shakespeare_char/train.bin"

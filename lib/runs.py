@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-import hardware
-from cli import ConfigError, die
+from lib import hardware
+from lib.cli import ConfigError, die
 from model import GPT, PRETRAINED, GPTConfig
 
 # Marks checkpoints written by this repository, so model_state_dict can tell them from nanoGPT's.
@@ -392,7 +392,7 @@ def load_lora_model(ckpt, path, dropout=None, merge=True, lora_dropout=None):
     """The model of a LoRA checkpoint: its base (ckpt['lora']['base']) cropped to the run's
     block_size, with the saved adapters; merged into plain Linear layers unless merge=False
     (train.py resumes the adapters themselves). lora_dropout None keeps the run's value."""
-    from lora import apply_lora, merge_lora
+    from lib.lora import apply_lora, merge_lora
     lora = ckpt['lora']
     try:
         model = load_base_model(lora['base'], dropout)
@@ -472,7 +472,7 @@ def _find_data_dir(data_dir, dataset):
     this repository's root the last two are the same folder."""
     candidates = [data_dir] if data_dir else []
     if dataset:
-        candidates += [Path('data') / dataset, Path(__file__).resolve().parent / 'data' / dataset]
+        candidates += [Path('data') / dataset, Path(__file__).resolve().parent.parent / 'data' / dataset]
     for folder in candidates:
         if (Path(folder) / 'meta.json').is_file() or (Path(folder) / 'meta.pkl').is_file():
             return str(folder)
@@ -480,29 +480,29 @@ def _find_data_dir(data_dir, dataset):
 
 
 def load_tokenizer_for(info, data_dir=None):
-    """The tokenizer a loaded model was trained with (prepare.Tokenizer).
+    """The tokenizer a loaded model was trained with (lib.tokenizers.Tokenizer).
 
     From data_dir if given, else info['data_dir'] (meta.json, or nanoGPT's meta.pkl read by a
     restricted unpickler); GPT-2 BPE when there is no metadata, as for pretrained GPT-2. A model
     whose vocabulary is too small for GPT-2 and has no metadata is an error, not gibberish.
     """
-    import prepare
+    from lib import tokenizers
     folder = data_dir or info.get('data_dir')
     try:
         if folder:
             if not Path(folder).is_dir():
                 raise ConfigError(f"data_dir {folder} is not a folder")
-            tokenizer = prepare.load_tokenizer(folder)
+            tokenizer = tokenizers.load_tokenizer(folder)
         elif (info.get('tokenizer_record') or {}).get('tokenizer'):  # the data folder is gone or elsewhere
-            tokenizer = prepare.tokenizer_from_record(info['tokenizer_record'])
+            tokenizer = tokenizers.tokenizer_from_record(info['tokenizer_record'])
         else:
             if info.get('vocab_size', 50257) < 50257:
                 where = f"data/{info['dataset']}/" if info.get('dataset') else "the dataset folder"
                 raise ConfigError(f"the model has vocab_size {info['vocab_size']} but no tokenizer metadata was "
                                   f"found (meta.json or meta.pkl in {where}); prepare the dataset again "
                                   f"or pass --data_dir=FOLDER")
-            tokenizer = prepare.gpt2_tokenizer()
-    except prepare.PrepareError as e:
+            tokenizer = tokenizers.gpt2_tokenizer()
+    except tokenizers.PrepareError as e:
         raise ConfigError(str(e)) from None
     if tokenizer.vocab_size > info.get('vocab_size', tokenizer.vocab_size):
         raise ConfigError(f"the tokenizer ({tokenizer.name}, {tokenizer.vocab_size} ids) does not fit the "

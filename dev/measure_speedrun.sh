@@ -3,10 +3,10 @@
 # the other, each timed by /usr/bin/time as a whole process (imports, data, evaluations included).
 # Prints the final val loss and the wall time of each run. Writes only into a temporary folder.
 #
-#   bash docs/measure_speedrun.sh                         # nanoGPT from /tmp/nanogpt, once each
-#   NANOGPT_DIR=~/src/nanoGPT REPEATS=3 PYTHON=.venv/bin/python bash docs/measure_speedrun.sh
-#   RECIPE=quickstart bash docs/measure_speedrun.sh       # config/train_shakespeare_char_cpu.py instead
-#   EXTRA=--seed=2 RECIPE=quickstart bash docs/measure_speedrun.sh   # flags added to our run
+#   bash dev/measure_speedrun.sh                         # nanoGPT from /tmp/nanogpt, once each
+#   NANOGPT_DIR=~/src/nanoGPT REPEATS=3 PYTHON=.venv/bin/python bash dev/measure_speedrun.sh
+#   RECIPE=quickstart bash dev/measure_speedrun.sh       # config/train_shakespeare_char_cpu.py instead
+#   EXTRA=--seed=2 RECIPE=quickstart bash dev/measure_speedrun.sh   # flags added to our run
 #
 # nanoGPT needs its data prepared first: (cd $NANOGPT_DIR && python data/shakespeare_char/prepare.py);
 # ours: python prepare.py shakespeare_char. Run it on an otherwise idle machine.

@@ -10,8 +10,8 @@ Each run is a child process with a time cap; a training run stops as soon as an 
 reaches the target. Writes only into a temporary folder. Run from the repository root, with
 nanoGPT's checkout beside it (or NANOGPT_DIR=...) and data/shakespeare_char prepared:
 
-    python docs/gpu_check.py                        # prints a markdown table for docs/benchmarks.md
-    python docs/gpu_check.py --device=cpu --target=4 --skip_bench \
+    python dev/gpu_check.py                        # prints a markdown table for docs/benchmarks.md
+    python dev/gpu_check.py --device=cpu --target=4 --skip_bench \
         --extra="--batch_size=4 --eval_iters=2 --eval_interval=5 --max_iters=10 --compile=False"   # this script, on a CPU
 """
 

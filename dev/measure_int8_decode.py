@@ -1,8 +1,8 @@
 """
 Where a decoded token's time goes, float32 vs int8, GPT-2 124M shape (random weights), batch 1.
 
-    python docs/measure_int8_decode.py            # 5 rounds, ~1 minute on a 2-core CPU
-    python docs/measure_int8_decode.py --rounds=9
+    python dev/measure_int8_decode.py            # 5 rounds, ~1 minute on a 2-core CPU
+    python dev/measure_int8_decode.py --rounds=9
 
 Three models in one process, timed in rounds (each once per round, so passing load hits all):
 float32, int8 as quantize_int8 leaves it (weights in one buffer on 2 MiB pages, where the OS
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
-from quantize import Int8Linear, quantize_int8  # noqa: E402
+from lib.quantize import Int8Linear, quantize_int8  # noqa: E402
 
 rounds = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rounds=")), 5))
 new_tokens = 100

@@ -117,7 +117,7 @@ def load_config(defaults, argv, usage=None):
     return overrides
 
 
-MODEL_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'model.py')
+MODEL_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'model.py')
 
 
 def model_knobs(script_knobs, leave_out=('vocab_size',)):
