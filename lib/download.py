@@ -1,6 +1,7 @@
 """
 Downloads with retries, a sha256 check and a progress line, written under a temporary name so a
 killed download never looks complete; failures become one line (offline, HTTP status, timeout).
+Big files (a corpus's data files) resume where a cut connection or a killed run stopped.
 """
 import hashlib
 import os
@@ -119,3 +120,55 @@ def download(url, dest, sha256=None, retries=3, timeout=30, backoff=2.0):
     raise PrepareError(f"could not download {url} ({problem}); put the file at {dest} or pass --input=PATH "
                        f"to a local copy")
 
+
+DOWNLOAD_BLOCK = 1 << 20  # bytes per write; a cut connection loses at most the block in flight
+
+
+def download_resumable(url, dest, size=None, sha256=None, retries=5, timeout=60, backoff=2.0):
+    """Fetch url into dest via dest.part, resuming with an HTTP Range request after an
+    interruption (also across runs); checked by size and sha256 where known. Returns dest."""
+    dest = Path(dest)
+    if dest.exists() and (size is None or dest.stat().st_size == size):
+        return dest  # verified when it was downloaded; re-hashing 27 GB on every run costs minutes
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")  # kept on failure: the next try asks for the rest only
+    problem = None
+    for attempt in range(1, retries + 1):
+        have = tmp.stat().st_size if tmp.exists() else 0
+        if size is not None and have > size:  # not this file's prefix
+            tmp.unlink()
+            have = 0
+        try:
+            if size is None or have < size:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+                    r.raise_for_status()
+                    if have and r.status_code != 206:  # the server ignored Range: start over
+                        have = 0
+                    done = have
+                    with open(tmp, "ab" if have else "wb") as f:
+                        for block in r.iter_content(chunk_size=DOWNLOAD_BLOCK):
+                            f.write(block)
+                            done += len(block)
+                            progress(f"downloading {dest.name} (bytes)", done, size)
+                        f.flush()
+                        os.fsync(f.fileno())
+                progress(f"downloading {dest.name} (bytes)", done, size, final=True)
+            got = tmp.stat().st_size
+            if size is not None and got != size:
+                problem = f"got {got:,} bytes of {size:,}"
+            elif sha256 and sha256_of(tmp) != sha256:
+                tmp.unlink()  # wrong bytes, not a short read: resuming would keep them
+                problem = "sha256 mismatch"
+            else:
+                os.replace(tmp, dest)
+                return dest
+        except requests.RequestException as e:  # offline, timeout, cut connection, HTTP 4xx/5xx
+            problem, worth_retrying = request_problem(e, url, timeout)
+            if not worth_retrying:
+                break
+        if attempt < retries:
+            print(f"\ndownload of {url} failed ({problem}); retry {attempt}/{retries - 1}", file=sys.stderr)
+            time.sleep(backoff * attempt)
+    raise PrepareError(f"could not download {url} ({problem}); a re-run resumes from {tmp}, "
+                       f"or pass --input=FOLDER with the {dest.suffix} files")

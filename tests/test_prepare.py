@@ -15,7 +15,7 @@ import pytest
 import requests
 
 import prepare
-from lib import tokenizers
+from lib import corpora, download, tokenizers
 from lib import tokenfiles
 from local_data import NO_SHAKESPEARE, NO_WIKITEXT, ROOT, SHAKESPEARE, WIKITEXT
 
@@ -83,7 +83,7 @@ def test_safe_pieces_match_whole_encoding_on_awkward_text():
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     text = ("word's  it'll  \n\n\n  42 3.14 'quote' é ünïcode   tabs\t\tend\n" * 300) + "tail"
-    pieces = list(prepare.safe_pieces(text, size=97))
+    pieces = list(corpora.safe_pieces(text, size=97))
     assert "".join(pieces) == text and len(pieces) > 10
     ids = [i for p in tok.encode_batch(pieces) for i in p]
     assert ids == enc.encode_ordinary(text)
@@ -218,18 +218,18 @@ def test_download_retries_checks_sha256_and_reuses(tmp_path, monkeypatch):
             raise answer
         return FakeResponse(answer)
 
-    monkeypatch.setattr(prepare.requests, "get", fake_get)
+    monkeypatch.setattr(download.requests, "get", fake_get)
     dest = tmp_path / "x" / "file.txt"
-    assert prepare.download("https://example.org/file.txt", dest, sha, backoff=0) == sha
+    assert download.download("https://example.org/file.txt", dest, sha, backoff=0) == sha
     assert dest.read_bytes() == good and len(calls) == 3
     assert not (dest.parent / "file.txt.part").exists()
     # a file already there with the right sha256 is reused: no request at all
-    assert prepare.download("https://example.org/file.txt", dest, sha, backoff=0) == sha
+    assert download.download("https://example.org/file.txt", dest, sha, backoff=0) == sha
     assert len(calls) == 3
     # a body that never matches is an error, and nothing is kept
-    monkeypatch.setattr(prepare.requests, "get", lambda url, stream, timeout: FakeResponse(b"bad"))
+    monkeypatch.setattr(download.requests, "get", lambda url, stream, timeout: FakeResponse(b"bad"))
     with pytest.raises(tokenfiles.PrepareError, match="sha256 mismatch"):
-        prepare.download("https://example.org/other.txt", tmp_path / "other.txt", sha, backoff=0)
+        download.download("https://example.org/other.txt", tmp_path / "other.txt", sha, backoff=0)
     assert not list(tmp_path.glob("other.txt*"))
 
 
@@ -237,8 +237,8 @@ def test_offline_failure_names_address_and_path(tmp_path, monkeypatch, capsys):
     def no_network(*args, **kwargs):
         raise requests.ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(prepare.requests, "get", no_network)
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)  # skip the retry backoff
+    monkeypatch.setattr(download.requests, "get", no_network)
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)  # skip the retry backoff
     code = prepare.main(["the_verdict", f"--data_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 1
@@ -258,7 +258,7 @@ def test_offline_is_found_in_one_try_and_said_in_one_whole_line(tmp_path, monkey
         raise requests.ConnectionError(f"HTTPSConnectionPool(host='raw.githubusercontent.com', port=443): Max retries "
                                        f"exceeded with url: {url} (Caused by NameResolutionError(\"Failed to resolve\"))")
 
-    monkeypatch.setattr(prepare.requests, "get", no_network)
+    monkeypatch.setattr(download.requests, "get", no_network)
     assert prepare.main(["wikitext2", f"--data_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert len(calls) == 1 and len(err.strip().splitlines()) == 1, err
@@ -271,21 +271,21 @@ def test_offline_is_found_in_one_try_and_said_in_one_whole_line(tmp_path, monkey
 @needs_shakespeare
 def test_interrupted_prepare_leaves_no_bin(tmp_path, monkeypatch):
     """Ctrl-C after the first chunk: nothing is left, and an older complete prepare survives."""
-    real = prepare.encode_documents
+    real = corpora.encode_documents
 
     def dies_midway(*args, **kwargs):
         gen = real(*args, **kwargs)
         yield next(gen)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "encode_documents", dies_midway)
+    monkeypatch.setattr(corpora, "encode_documents", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
     out = tmp_path / "shakespeare_char"
     assert not out.exists() and tmp_path.is_dir()  # no .bin, no temp file, no meta.json, and the
     # folder this run made is gone again; tmp_path, there before, stays
     # a complete earlier preparation survives a later interrupted one untouched
-    monkeypatch.setattr(prepare, "encode_documents", real)
+    monkeypatch.setattr(corpora, "encode_documents", real)
     prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
@@ -296,7 +296,7 @@ def test_interrupted_prepare_leaves_no_bin(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "encode_documents", val_dies)
+    monkeypatch.setattr(corpora, "encode_documents", val_dies)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("shakespeare_char", input=SHAKESPEARE, data_dir=tmp_path)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -394,7 +394,7 @@ def test_openwebtext_streaming_writer_on_small_documents(tmp_path):
     long_doc = "A long document, cut into pieces for the batch encoder. " * 3000  # > one 64k piece
     docs = ["Hello world.", "", "Second\n\ndocument with <|endoftext|> as plain text.", long_doc, "end"]
     # a generator (no len) in batches far smaller than the documents: many chunks are appended
-    arrays = prepare.encode_documents((d for d in docs), tok, eot=tokenfiles.GPT2_EOT, batch_chars=1000)
+    arrays = corpora.encode_documents((d for d in docs), tok, eot=tokenfiles.GPT2_EOT, batch_chars=1000)
     tmp, count = tokenfiles.write_tokens(tmp_path / "train.bin", arrays, tok.vocab_size)
     os.replace(tmp, tmp_path / "train.bin")
     ids = read_bin(tmp_path / "train.bin").tolist()
@@ -460,7 +460,7 @@ def test_parquet_corpus_from_input_folder_is_exact(tmp_path, monkeypatch):
     assert meta["shards"] == ["000_00000.parquet", "001_00000.parquet"] and "k % 10 == 0" in meta["val_rule"]
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
-    monkeypatch.setattr(prepare, "PARQUET_BATCH_ROWS", 3)  # in-process below: row groups read in pieces
+    monkeypatch.setattr(corpora, "PARQUET_BATCH_ROWS", 3)  # in-process below: row groups read in pieces
     # --shards=1: the first file only; --max_tokens: stops at the first document boundary past N
     one = prepare.prepare("fineweb_edu", input=tmp_path / "src", data_dir=tmp_path / "s1", val_every=10, shards=1,
                           num_proc=1)
@@ -479,13 +479,13 @@ def test_parquet_corpus_from_input_folder_is_exact(tmp_path, monkeypatch):
 def test_parquet_interrupted_tokenization_leaves_nothing_usable(tmp_path, monkeypatch):
     gpt2()
     parquet_corpus(tmp_path / "src", corpus_docs())
-    real = prepare.parquet_tasks
+    real = corpora.parquet_tasks
 
     def dies_after_first_row_group(path):
         yield real(path)[0]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "parquet_tasks", dies_after_first_row_group)
+    monkeypatch.setattr(corpora, "parquet_tasks", dies_after_first_row_group)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("openwebtext", input=tmp_path / "src", data_dir=tmp_path / "d", num_proc=1)
     assert not (tmp_path / "d").exists()  # no .bin, no temp file, no meta.json: the folders it made are gone
@@ -591,8 +591,8 @@ def test_parquet_download_resumes_with_range_and_matches_local_input(tmp_path, m
     the result is byte-identical to preparing the same files with --input."""
     gpt2()
     files = parquet_corpus(tmp_path / "src", corpus_docs())
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
-    monkeypatch.setattr(prepare, "DOWNLOAD_BLOCK", 1024)  # small files still arrive in several blocks
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    monkeypatch.setattr(download, "DOWNLOAD_BLOCK", 1024)  # small files still arrive in several blocks
     with HubServer(tmp_path / "src", "HuggingFaceFW/fineweb-edu", "sample/10BT") as hub:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
         meta = prepare.prepare("fineweb_edu", data_dir=tmp_path / "d", val_every=10, num_proc=1)
@@ -621,18 +621,17 @@ def test_parquet_download_resumes_with_range_and_matches_local_input(tmp_path, m
 def test_download_resumable_resumes_a_part_file_and_rejects_wrong_bytes(tmp_path, monkeypatch):
     files = parquet_corpus(tmp_path / "src", corpus_docs(n_shards=1))
     data = files[0].read_bytes()
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
     with HubServer(tmp_path / "src", "o/r", "p") as hub:
         url = f"http://127.0.0.1:{hub.port}/datasets/o/r/resolve/main/p/{files[0].name}"
         # a .part left by an earlier, killed run: the first request asks only for the rest
         (tmp_path / "y.parquet.part").write_bytes(data[:1000])
-        shard = prepare.Shard("y.parquet", url, len(data), hashlib.sha256(data).hexdigest())
-        assert prepare.download_resumable(shard, tmp_path / "y.parquet").read_bytes() == data
+        got = download.download_resumable(url, tmp_path / "y.parquet", len(data), hashlib.sha256(data).hexdigest())
+        assert got.read_bytes() == data
         assert hub.requests[0][1] == "bytes=1000-" and not (tmp_path / "y.parquet.part").exists()
         # the right size but the wrong sha256: refused, nothing kept
-        shard = prepare.Shard("x.parquet", url, len(data), "0" * 64)
         with pytest.raises(tokenfiles.PrepareError, match="sha256 mismatch"):
-            prepare.download_resumable(shard, tmp_path / "x.parquet", retries=2)
+            download.download_resumable(url, tmp_path / "x.parquet", len(data), "0" * 64, retries=2)
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.part").exists()
 
 def llmc_shard(path, tokens, magic=20240520):
@@ -656,7 +655,7 @@ def test_pretokenized_fineweb_shards_are_copied_exactly(tmp_path, monkeypatch):
     assert read_bin(out / "val.bin").tolist() == parts["fineweb_val_000000.bin"].tolist()
     assert read_bin(out / "train.bin").tolist() == parts["fineweb_train_000001.bin"].tolist()
     assert meta["splits"] == {"val": 300, "train": 500} and meta["tokenizer"] == "gpt2"
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
     with HubServer(src, "kjj0/fineweb10B-gpt2", "") as hub:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
         prepare.prepare("fineweb10B_gpt2", data_dir=tmp_path / "b")
