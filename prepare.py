@@ -1,26 +1,32 @@
 """
-Turn a corpus into data/NAME/train.bin, val.bin (and test.bin where the corpus has one)
-as uint16 token ids, plus data/NAME/meta.json. One registry, one mechanism for every dataset.
+Turn a corpus (a body of text) into what train.py reads: data/NAME/train.bin and val.bin (and
+test.bin where the corpus has one) hold the text as token ids, the numbers a model reads and
+writes, 2 bytes each; data/NAME/meta.json records how they were made.
 
     python prepare.py --list                            # every dataset, its source, prepared or not
-    python prepare.py shakespeare_char                  # Tiny Shakespeare, 65 characters
-    python prepare.py shakespeare                       # Tiny Shakespeare, GPT-2 BPE
-    python prepare.py the_verdict                       # 20k-character story, GPT-2 BPE
+    python prepare.py shakespeare_char                  # Tiny Shakespeare, one token per character
+    python prepare.py shakespeare                       # Tiny Shakespeare, GPT-2's tokenizer
+    python prepare.py the_verdict                       # a 20k-character story, GPT-2's tokenizer
     python prepare.py wikitext2 --input=wikitext-2/     # a local copy: train/valid/test.txt
-    python prepare.py counting --seed=1337              # synthetic "x x+1 x+2 ..." sequences
-    python prepare.py fineweb_edu --max_tokens=100_000_000   # FineWeb-Edu sample-10BT prefix (parquet, network)
-    python prepare.py fineweb_edu                       # all ~10B tokens (~20 GB of .bin, ~27 GB of parquet)
-    python prepare.py openwebtext                       # OpenWebText from the Hub's parquet files
+    python prepare.py counting --seed=1337              # made-up "x x+1 x+2 ..." sequences
+    python prepare.py fineweb_edu --max_tokens=100_000_000   # FineWeb-Edu's first 100M tokens (download)
+    python prepare.py fineweb_edu                       # all ~10B tokens (~20 GB of .bin, ~27 GB download)
+    python prepare.py openwebtext                       # OpenWebText, nanoGPT's GPT-2 corpus (download)
     python prepare.py fineweb_edu --input=shards/       # local .parquet files with a `text` column, offline
     python prepare.py fineweb10B_gpt2 --shards=8        # FineWeb already in GPT-2 tokens: no tokenizing
     python prepare.py text --input=notes/ --tokenizer=char --name=mydata
-    python prepare.py text --input=notes/ --tokenizer=bpe --vocab_size=4096 --name=mine   # own BPE (bpe.py)
+    python prepare.py text --input=notes/ --tokenizer=bpe --vocab_size=4096 --name=mine   # own tokenizer
     python prepare.py shakespeare --tokenizer=bpe --vocab_size=1024   # into data/shakespeare_bpe1024/
 
-Options: --input=PATH uses a local copy instead of downloading; --data_dir=PATH writes under
-PATH instead of data/; --force prepares again a dataset that is already prepared; `python prepare.py NAME --help` lists the dataset's other --key=value knobs.
+Words: a tokenizer cuts text into tokens. GPT-2's is a BPE (byte-pair encoding): 50,257 tokens,
+frequent pieces of words learned from web text; --tokenizer=bpe learns such pieces from your own
+text instead. Parquet is the table format the Hugging Face Hub keeps datasets in; a shard is one
+of the many files a big corpus is stored in. Validation (val) is the held-out text a run measures
+its loss on.
 
-What the other scripts read of a prepared dataset (tokenizers, token files) is in lib/.
+Every dataset takes --input=PATH (a local copy instead of a download), --data_dir=PATH (write under
+PATH instead of data/) and --force (prepare again a dataset that is already prepared).
+`python prepare.py NAME --help` lists that dataset's options, what each does and its default.
 """
 import difflib
 import json
@@ -28,6 +34,7 @@ import os
 import random
 import signal
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -356,49 +363,93 @@ class Dataset:
     source: str
     tokenizer: str  # 'char' | 'gpt2' | 'counting' | 'choose' (text: --tokenizer)
     read: Callable  # (opts, out_dir) -> Raw
-    options: dict  # this dataset's --key=value knobs and their defaults
+    options: dict  # this dataset's --key=value options and their defaults
+    option_help: dict = field(default_factory=dict)  # what an option means here, where OPTION_HELP differs
 
 
 FINEWEB_EDU = HubFiles("HuggingFaceFW/fineweb-edu", [("main", "sample/10BT")])
 # the dataset repo holds a loading script and tarballs; its parquet files are the Hub's conversion
 OPENWEBTEXT = HubFiles("Skylion007/openwebtext", [("main", ""), ("refs/convert/parquet", "")])
-# val_every=2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
-# num_proc=0: a tokenizer process per core
 # modded-nanogpt's FineWeb 10B (not -Edu) in GPT-2 tokens: 1 val + 103 train shards of ~100M tokens
 FINEWEB10B_GPT2 = HubFiles("kjj0/fineweb10B-gpt2", [("main", "")], suffix=".bin")
 PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_proc": 0}
+PARQUET_HELP = {"input": "a local folder (or one file) of .parquet files (the Hub's table format) with a `text` "
+                         "column, used instead of downloading"}
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
-# text datasets: GPT-2's BPE, one token per character, or a BPE trained on the text (bpe.py);
-# vocab_size for bpe only; an own BPE goes to its own folder (--name, default NAME_bpeVOCAB)
 TEXT_OPTIONS = {"input": None, "tokenizer": "gpt2", "vocab_size": 0, "name": None, "num_threads": 0}
 TOKENIZERS = ("char", "gpt2", "bpe")
-# num_threads=0 means every core; counting's defaults give ~212k train and ~10k val tokens
-DATASETS = {
-    "shakespeare_char": Dataset("Tiny Shakespeare, 65-character vocabulary, 90/10 split",
-                                SHAKESPEARE.url, "char", single_file_source(SHAKESPEARE), {"input": None}),
-    "shakespeare": Dataset("Tiny Shakespeare, GPT-2 BPE (or --tokenizer=bpe), 90/10 split",
-                           SHAKESPEARE.url, "choose", single_file_source(SHAKESPEARE), dict(TEXT_OPTIONS)),
-    "the_verdict": Dataset("Edith Wharton's The Verdict (20k characters), GPT-2 BPE (or --tokenizer=bpe), 90/10 split",
-                           VERDICT.url, "choose", single_file_source(VERDICT), dict(TEXT_OPTIONS)),
-    "wikitext2": Dataset("WikiText-2, GPT-2 BPE (or --tokenizer=bpe), its own train/valid/test splits (perplexity)",
-                         WIKITEXT_URL, "choose", read_wikitext2, dict(TEXT_OPTIONS)),
-    "counting": Dataset("synthetic counting sequences over numbers 0..99, held-out start values in val",
-                        "generated from --seed", "counting", read_counting,
-                        {"seed": 1337, "numbers": 100, "min_len": 4, "max_len": 16,
-                         "num_train": 20000, "num_val": 1000, "val_starts": 8}),
-    "fineweb_edu": Dataset("FineWeb-Edu sample-10BT (~10B tokens, GPT-2 124M reproductions), GPT-2 BPE, "
-                           "eot after each document", FINEWEB_EDU.page + " (sample/10BT)", "gpt2",
-                           parquet_source(FINEWEB_EDU), dict(PARQUET_OPTIONS)),
-    "openwebtext": Dataset("OpenWebText (nanoGPT's GPT-2 corpus, ~9B tokens) from the Hub's parquet files, "
-                           "GPT-2 BPE, eot after each document", OPENWEBTEXT.page, "gpt2",
-                           parquet_source(OPENWEBTEXT), dict(PARQUET_OPTIONS)),
-    "fineweb10B_gpt2": Dataset("FineWeb 10B already in GPT-2 tokens (modded-nanogpt's llm.c shards), copied, "
-                               "not tokenized; val is its first shard (~100M tokens)", FINEWEB10B_GPT2.page, "gpt2",
-                               llmc_source(FINEWEB10B_GPT2), {"input": None, "shards": 0}),
-    "text": Dataset("any local .txt file or folder of them, 90/10 split (--input, --tokenizer, --name)",
-                    "--input=PATH", "choose", read_text_source, dict(TEXT_OPTIONS)),
+# what each option does, for `python prepare.py NAME --help`; a Dataset's option_help overrides
+OPTION_HELP = {
+    "data_dir": "write into PATH/NAME/ instead of data/NAME/",
+    "input": "a local copy of the text file, used instead of downloading it",
+    "tokenizer": "how text becomes tokens: gpt2 (GPT-2's 50,257 word pieces), char (one token per "
+                 "character) or bpe (word pieces learned from this text's training part; set --vocab_size)",
+    "vocab_size": f"with --tokenizer=bpe (and only then): how many tokens it learns, {bpe.MIN_VOCAB} to "
+                  f"{bpe.MAX_VOCAB:,}",
+    "name": "the folder to write under data/ (default: the dataset's name, or NAME_bpeVOCAB with "
+            "--tokenizer=bpe, so it never replaces the GPT-2 version)",
+    "num_threads": "threads that tokenize (0: one per CPU core); any number gives the same tokens",
+    # counting's defaults give ~212k training and ~10k validation tokens
+    "seed": "random seed: the same seed gives the same sequences",
+    "numbers": "count with the numbers 0 to N-1; each number is one token",
+    "min_len": "the fewest numbers in a sequence",
+    "max_len": "the most numbers in a sequence",
+    "num_train": "sequences in the training split",
+    "num_val": "sequences in the validation split",
+    "val_starts": "how many start values only validation uses (besides 1 and 10, always held out), so it "
+                  "measures counting from starts training never saw",
+    "max_tokens": "stop at the end of the document that reaches this many tokens, e.g. 100_000_000 (0: the "
+                  "whole corpus); only the files it needs are downloaded",
+    "shards": "use only the first N files of the corpus (0: all)",
+    # 2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
+    "val_every": "every N-th document goes to validation, whole; the rest to training",
+    "num_proc": "processes that tokenize (0: one per CPU core); any number gives the same tokens",
 }
-
+SPLIT_90_10 = "90% training, 10% validation"
+DATASETS = {
+    "shakespeare_char": Dataset(
+        f"Tiny Shakespeare, one token per character (65), {SPLIT_90_10}",
+        SHAKESPEARE.url, "char", single_file_source(SHAKESPEARE), {"input": None}),
+    "shakespeare": Dataset(
+        f"Tiny Shakespeare, GPT-2's tokenizer (or --tokenizer=bpe), {SPLIT_90_10}",
+        SHAKESPEARE.url, "choose", single_file_source(SHAKESPEARE), dict(TEXT_OPTIONS)),
+    "the_verdict": Dataset(
+        f"Edith Wharton's The Verdict (20k characters), GPT-2's tokenizer (or --tokenizer=bpe), {SPLIT_90_10}",
+        VERDICT.url, "choose", single_file_source(VERDICT), dict(TEXT_OPTIONS)),
+    "wikitext2": Dataset(
+        "WikiText-2 (Wikipedia articles), GPT-2's tokenizer (or --tokenizer=bpe), its own train/valid/test "
+        "splits, for comparing perplexity (how well a model predicts text it never saw)",
+        WIKITEXT_URL, "choose", read_wikitext2, dict(TEXT_OPTIONS),
+        {"input": "a local folder holding train.txt, valid.txt and test.txt, used instead of downloading"}),
+    "counting": Dataset(
+        "made-up counting sequences over the numbers 0..99; validation starts from numbers training never "
+        "starts from",
+        "generated from --seed", "counting", read_counting,
+        {"seed": 1337, "numbers": 100, "min_len": 4, "max_len": 16, "num_train": 20000, "num_val": 1000,
+         "val_starts": 8}),
+    "fineweb_edu": Dataset(
+        "FineWeb-Edu sample-10BT (~10B tokens of educational web pages, enough to reproduce GPT-2 small), "
+        "GPT-2's tokenizer, an end-of-text token after each document",
+        FINEWEB_EDU.page + " (sample/10BT)", "gpt2", parquet_source(FINEWEB_EDU), dict(PARQUET_OPTIONS),
+        PARQUET_HELP),
+    "openwebtext": Dataset(
+        "OpenWebText (nanoGPT's GPT-2 corpus, ~9B tokens of web pages) from the Hub's parquet files (a table "
+        "format), GPT-2's tokenizer, "
+        "an end-of-text token after each document",
+        OPENWEBTEXT.page, "gpt2", parquet_source(OPENWEBTEXT), dict(PARQUET_OPTIONS), PARQUET_HELP),
+    "fineweb10B_gpt2": Dataset(
+        "FineWeb 10B already in GPT-2 tokens (modded-nanogpt's files in llm.c's format), copied, not "
+        "tokenized; validation is its first file (~100M tokens)",
+        FINEWEB10B_GPT2.page, "gpt2", llmc_source(FINEWEB10B_GPT2), {"input": None, "shards": 0},
+        {"input": "a local folder of fineweb_val_*.bin and fineweb_train_*.bin files, used instead of "
+                  "downloading",
+         "shards": "copy only the first N training files, ~100M tokens each (0: all)"}),
+    "text": Dataset(
+        f"any local .txt file or folder of them, {SPLIT_90_10} (--input, --tokenizer, --name)",
+        "--input=PATH", "choose", read_text_source, dict(TEXT_OPTIONS),
+        {"input": "the text to prepare: a UTF-8 .txt file, or a folder of them (needed)",
+         "name": "the folder to write under data/ (default: text)"}),
+}
 
 def resolve_options(name, overrides):
     """Defaults of dataset `name` updated with overrides; unknown keys and bad values are errors."""
@@ -654,6 +705,35 @@ def parse_args(argv):
     return name, overrides
 
 
+def option_flag(key, default):
+    """--key=default as the help shows it; an option without a default shows what it takes."""
+    return f"--{key}={default if default is not None else 'NAME' if key == 'name' else 'PATH'}"
+
+
+def general_help():
+    """`python prepare.py --help`: the usage, the examples and every dataset's options."""
+    rows = "\n".join(textwrap.fill(" ".join(option_flag(k, v) for k, v in spec.options.items()), 100,
+                                   initial_indent=f"  {name:<17} ", subsequent_indent=" " * 20)
+                     for name, spec in DATASETS.items())
+    return (f"usage: python prepare.py NAME [--key=value ...] [--force] | --list\n{__doc__.strip()}\n\n"
+            f"the datasets and their options (--key=default):\n{rows}")
+
+
+def dataset_help(name):
+    """`python prepare.py NAME --help`: what the dataset is, where it comes from, and each option: what
+    it does and its default."""
+    spec = DATASETS[name]
+    rows = [(option_flag(key, default), spec.option_help.get(key) or OPTION_HELP[key])
+            for key, default in resolve_options(name, {}).items()]
+    rows.append(("--force", "prepare it again even when it is already prepared with these options"))
+    width = max(len(flag) for flag, _ in rows) + 2
+    lines = [f"usage: python prepare.py {name} [--key=value ...] [--force]", textwrap.fill(spec.description, 100),
+             f"source: {spec.source}", "", "options (--key=default):"]
+    lines += [textwrap.fill(text, 100, initial_indent=f"  {flag:<{width}}", subsequent_indent=" " * (width + 2))
+              for flag, text in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     """Command line entry; returns the exit code (0 ok, 1 data problem, 2 usage, 130 Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -663,20 +743,12 @@ def main(argv=None):
         if action == "--list":
             if name:
                 raise UsageError(f"--list takes no dataset name (got {name!r}); python prepare.py {name} --help "
-                                 "shows that dataset's knobs")
+                                 "shows that dataset's options")
             print(list_datasets(overrides.get("data_dir")))
             return 0
         force = overrides.pop("__force", False)
-        if action and name:  # `NAME --help`: that dataset's knobs and their defaults
-            opts = resolve_options(name, {})
-            print(f"usage: python prepare.py {name} [--key=value ...] [--force]\n"
-                  f"{DATASETS[name].description}\noptions: " + " ".join(f"--{k}={v}" for k, v in opts.items()))
-            return 0
         if action:
-            knobs = "\n".join(f"  {n:<17} " + " ".join(f"--{k}={v}" for k, v in {**COMMON_OPTIONS, **d.options}.items())
-                              for n, d in DATASETS.items())
-            print(f"usage: python prepare.py NAME [--key=value ...] [--force] | --list\n{__doc__.strip()}\n\n"
-                  f"knobs of each dataset (--key=default):\n{knobs}")
+            print(dataset_help(name) if name else general_help())
             return 0
         if name is None:
             raise UsageError("name a dataset; python prepare.py --list shows them, --help the usage")
@@ -689,6 +761,8 @@ def main(argv=None):
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        raise  # stdout's reader went away (`| head`): not a data problem; ended quietly below
     except OSError as e:  # disk full, read-only data_dir: the temporary files are already removed
         where = e.filename or "the data folder"
         print(f"error: cannot write {where}: {e.strerror or e} (nothing half-written was kept)", file=sys.stderr)

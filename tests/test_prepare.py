@@ -336,6 +336,45 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert not list((tmp_path / "out").rglob("*.bin"))
 
 
+# words a newcomer may not know: the help may use them only beside their plain meaning
+HELP_JARGON = {"BPE": "byte-pair encoding", "parquet": "table format", "perplexity": "predicts"}
+# notes for developers and code words, which belong in comments, not in --help
+NOT_IN_HELP = ("registry", "mechanism", "lib/", "In code", "bpe.py", "knob", "eot", "uint16", "None")
+
+
+def test_help_says_what_every_option_does_in_plain_words(capsys):
+    assert prepare.main(["--help"]) == 0
+    texts = {"--help": capsys.readouterr().out}
+    for name in prepare.DATASETS:
+        assert prepare.main([name, "--help"]) == 0
+        texts[name] = capsys.readouterr().out
+    for name, spec in prepare.DATASETS.items():
+        # one row per option, in order, each with a description: `  --key=default  what it does`
+        rows = [line.split(None, 1) for line in texts[name].splitlines() if line.startswith("  --")]
+        assert [row[0].split("=")[0] for row in rows] == ["--data_dir", *(f"--{k}" for k in spec.options), "--force"]
+        assert all(len(row) == 2 and len(row[1].split()) >= 3 for row in rows), (name, rows)
+        assert spec.description.split()[0] in texts[name]
+    for where, text in texts.items():
+        assert not [note for note in NOT_IN_HELP if note in text], where
+        assert not [word for word, plain in HELP_JARGON.items() if word in text and plain not in text], where
+    # the usage examples stay, one command a line
+    examples = [line for line in texts["--help"].splitlines() if line.startswith("    python prepare.py ")]
+    assert len(examples) >= 14 and "    python prepare.py fineweb_edu --max_tokens=100_000_000" in texts["--help"]
+
+
+def test_help_and_list_into_a_closed_pipe_end_quietly(tmp_path):
+    """`python prepare.py --list | head -1`: no 'error: cannot write the data folder: Broken pipe'."""
+    for args in (["--list"], ["--help"], ["counting", "--help"]):
+        read, write = os.pipe()
+        os.close(read)  # nobody reads: the first write to stdout fails
+        try:
+            r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args, f"--data_dir={tmp_path}"],
+                               stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write)
+        assert r.returncode == 0 and r.stderr == "", (args, r.stderr)
+
+
 def test_char_vocabulary_over_uint16_is_an_error(tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("".join(chr(0x10000 + i) for i in range(tokenfiles.MAX_VOCAB + 1)), encoding="utf-8")
