@@ -50,14 +50,25 @@ def char_tokenizer(chars):
                      token_bytes=[len(c.encode("utf-8")) for c in chars])
 
 
+# fills a tiktoken cache: tiktoken downloads vocab.bpe and encoder.json into TIKTOKEN_CACHE_DIR,
+# each named by the sha1 of its web address, and reads them from there from then on
+FILL_TIKTOKEN_CACHE = ("TIKTOKEN_CACHE_DIR=tiktoken_cache python -c "
+                       "\"import tiktoken; tiktoken.get_encoding('gpt2')\"")
+
+
 def gpt2_tokenizer(num_threads=None):
     """tiktoken's 'gpt2' encoding (50,257 ids); encode_batch spreads over num_threads cores."""
     import tiktoken  # imported here so char-only users never load the BPE files
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline without a cache tiktoken fails deep inside requests
-        raise PrepareError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); offline, "
-                           "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache") from None
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        why = (f"TIKTOKEN_CACHE_DIR={cache} does not hold them" if cache else
+               "tiktoken downloads them on first use")
+        copy = (f"the files of that tiktoken_cache folder into {cache}" if cache else
+                "that tiktoken_cache folder here and set TIKTOKEN_CACHE_DIR=/path/to/tiktoken_cache")
+        raise PrepareError(f"cannot load the GPT-2 BPE files ({type(e).__name__}): {why}; offline, run "
+                           f"{FILL_TIKTOKEN_CACHE} on a machine with network, then copy {copy}") from None
     return tiktoken_tokenizer("gpt2", enc, num_threads)
 
 

@@ -7,8 +7,12 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +122,48 @@ def test_tokenizer_round_trips():
     assert count.decode(count.encode("1 2 3\n40 41\n")) == "1 2 3\n40 41\n"
     with pytest.raises(tokenfiles.PrepareError, match="not a number"):
         count.encode("100")
+
+
+def test_offline_gpt2_error_says_how_to_fill_the_tiktoken_cache(tmp_path, monkeypatch):
+    """Offline without GPT-2's files: one line naming the command that fills a tiktoken cache and
+    where to copy it. That command reads the files from a copied cache with no network, and with an
+    empty folder it is the one that downloads them."""
+    import tiktoken.registry
+    gpt2()  # skips where this machine has no GPT-2 files to copy
+    filled = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or Path(tempfile.gettempdir()) / "data-gym-cache")
+    if not filled.is_dir():
+        pytest.skip(f"GPT-2's files are not in a tiktoken cache folder here ({filled})")
+
+    def no_network(*args, **kwargs):
+        raise requests.ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget the encoding loaded so far
+    monkeypatch.setattr(requests, "get", no_network)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(tokenfiles.PrepareError) as error:
+        tokenizers.gpt2_tokenizer()
+    line = str(error.value)
+    assert "\n" not in line and f"TIKTOKEN_CACHE_DIR={tmp_path / 'empty'} does not hold them" in line
+    assert line.endswith(f"copy the files of that tiktoken_cache folder into {tmp_path / 'empty'}")
+    command = re.search(r"run (TIKTOKEN_CACHE_DIR=tiktoken_cache python -c \"[^\"]+\") on a machine with network",
+                        line).group(1)
+    # no TIKTOKEN_CACHE_DIR: tiktoken's default folder (DATA_GYM_CACHE_DIR here) is empty too
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(tokenfiles.PrepareError, match="set TIKTOKEN_CACHE_DIR=/path/to/tiktoken_cache$"):
+        tokenizers.gpt2_tokenizer()
+
+    # the command as a user runs it, in a shell, every request refused (a dead proxy)
+    dead = {name: "http://127.0.0.1:9" for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}
+    env = dict(os.environ, **dead, NO_PROXY="", no_proxy="",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    shutil.copytree(filled, tmp_path / "tiktoken_cache")
+    copied = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert copied.returncode == 0, copied.stderr
+    shutil.rmtree(tmp_path / "tiktoken_cache")
+    empty = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert empty.returncode != 0 and "127.0.0.1" in empty.stderr, empty.stderr
 
 
 def test_counting_is_deterministic_and_val_starts_are_unseen(tmp_path):
