@@ -86,8 +86,6 @@ def read_text_files(path):
     return parts
 
 
-
-
 # ----------------------------------------------------------------------------- sources
 
 @dataclass
@@ -224,7 +222,49 @@ def read_counting(opts, out_dir):
                       "counting": {k: opts[k] for k in COUNTING_KNOBS}})
 
 
-# ----------------------------------------------------------------------------- parquet corpora
+def read_text_source(opts, out_dir):
+    if not opts["input"]:
+        raise UsageError("text needs --input=PATH (a .txt file or a folder of them)")
+    path = Path(opts["input"])
+    # an own BPE has <|endoftext|> between the files (documents); the others join them by newlines
+    bpe = opts["tokenizer"] == "bpe"
+    splits = split_documents_90_10(read_text_files(path)) if bpe else split_90_10(read_text(path))
+    return Raw(splits, source=str(path.resolve()), sha256={path.name: sha256_of(path)} if path.is_file() else {},
+               eot=bpe, eot_between=True, extra={"inputs": input_manifest(path)})
+
+
+def split_documents_90_10(documents):
+    """The first 90% of the characters, document by document, for train (the document at the cut
+    is cut in two), the rest for val."""
+    cut = int(sum(map(len, documents)) * 0.9)
+    splits, seen = {"train": [], "val": []}, 0
+    for doc in documents:
+        head = max(0, min(len(doc), cut - seen))
+        splits["train"] += [doc[:head]] if head else []
+        splits["val"] += [doc[head:]] if head < len(doc) else []
+        seen += len(doc)
+    return splits
+
+
+def input_manifest(path):
+    """{file: [bytes, sha256]} of the text files read from --input (names relative to a folder):
+    what a prepared dataset was made from, so a different input is noticed."""
+    path = Path(path)
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    return {(str(f.relative_to(path)) if path.is_dir() else f.name): [f.stat().st_size, sha256_of(f)] for f in files}
+
+
+def input_differences(recorded, current):
+    """What changed between two input manifests, in words ('' when nothing did)."""
+    added = sorted(set(current) - set(recorded))
+    removed = sorted(set(recorded) - set(current))
+    changed = sorted(f for f in set(current) & set(recorded) if list(current[f]) != list(recorded[f]))
+    parts = [f"{what} {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}"
+             for what, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------ big corpora, file by file (lib/corpora.py)
 
 def parquet_source(hub):
     """Source for a corpus of parquet files: --input=FOLDER (or one file), else the Hub's shards,
@@ -304,48 +344,6 @@ def llmc_source(hub):
     return read
 
 
-def read_text_source(opts, out_dir):
-    if not opts["input"]:
-        raise UsageError("text needs --input=PATH (a .txt file or a folder of them)")
-    path = Path(opts["input"])
-    # an own BPE has <|endoftext|> between the files (documents); the others join them by newlines
-    bpe = opts["tokenizer"] == "bpe"
-    splits = split_documents_90_10(read_text_files(path)) if bpe else split_90_10(read_text(path))
-    return Raw(splits, source=str(path.resolve()), sha256={path.name: sha256_of(path)} if path.is_file() else {},
-               eot=bpe, eot_between=True, extra={"inputs": input_manifest(path)})
-
-
-def split_documents_90_10(documents):
-    """The first 90% of the characters, document by document, for train (the document at the cut
-    is cut in two), the rest for val."""
-    cut = int(sum(map(len, documents)) * 0.9)
-    splits, seen = {"train": [], "val": []}, 0
-    for doc in documents:
-        head = max(0, min(len(doc), cut - seen))
-        splits["train"] += [doc[:head]] if head else []
-        splits["val"] += [doc[head:]] if head < len(doc) else []
-        seen += len(doc)
-    return splits
-
-
-def input_manifest(path):
-    """{file: [bytes, sha256]} of the text files read from --input (names relative to a folder):
-    what a prepared dataset was made from, so a different input is noticed."""
-    path = Path(path)
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    return {(str(f.relative_to(path)) if path.is_dir() else f.name): [f.stat().st_size, sha256_of(f)] for f in files}
-
-
-def input_differences(recorded, current):
-    """What changed between two input manifests, in words ('' when nothing did)."""
-    added = sorted(set(current) - set(recorded))
-    removed = sorted(set(recorded) - set(current))
-    changed = sorted(f for f in set(current) & set(recorded) if list(current[f]) != list(recorded[f]))
-    parts = [f"{what} {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}"
-             for what, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
-    return "; ".join(parts)
-
-
 # ----------------------------------------------------------------------------- registry
 
 SHAKESPEARE = RawFile("input.txt", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -373,8 +371,8 @@ OPENWEBTEXT = HubFiles("Skylion007/openwebtext", [("main", ""), ("refs/convert/p
 # modded-nanogpt's FineWeb 10B (not -Edu) in GPT-2 tokens: 1 val + 103 train shards of ~100M tokens
 FINEWEB10B_GPT2 = HubFiles("kjj0/fineweb10B-gpt2", [("main", "")], suffix=".bin")
 PARQUET_OPTIONS = {"input": None, "max_tokens": 0, "shards": 0, "val_every": 2000, "num_proc": 0}
-PARQUET_HELP = {"input": "a local folder (or one file) of .parquet files (the Hub's table format) with a `text` "
-                         "column, used instead of downloading"}
+PARQUET_HELP = {"input": "a local folder (or one file) of .parquet files (the Hub's table format) with a "
+                         "`text` column, used instead of downloading"}
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
 TEXT_OPTIONS = {"input": None, "tokenizer": "gpt2", "vocab_size": 0, "name": None, "num_threads": 0}
 TOKENIZERS = ("char", "gpt2", "bpe")
@@ -414,7 +412,8 @@ DATASETS = {
         f"Tiny Shakespeare, GPT-2's tokenizer (or --tokenizer=bpe), {SPLIT_90_10}",
         SHAKESPEARE.url, "choose", single_file_source(SHAKESPEARE), dict(TEXT_OPTIONS)),
     "the_verdict": Dataset(
-        f"Edith Wharton's The Verdict (20k characters), GPT-2's tokenizer (or --tokenizer=bpe), {SPLIT_90_10}",
+        f"Edith Wharton's The Verdict (20k characters), GPT-2's tokenizer (or --tokenizer=bpe), "
+        f"{SPLIT_90_10}",
         VERDICT.url, "choose", single_file_source(VERDICT), dict(TEXT_OPTIONS)),
     "wikitext2": Dataset(
         "WikiText-2 (Wikipedia articles), GPT-2's tokenizer (or --tokenizer=bpe), its own train/valid/test "
@@ -666,6 +665,7 @@ def already_prepared(name, overrides):
     counts = ", ".join(f"{split} {count:,}" for split, count in meta["splits"].items())
     return f"{folder} is already prepared ({counts} tokens, from {meta.get('source', '?')})"
 
+# ----------------------------------------------------------------------------- command line
 
 def list_datasets(data_dir=None):
     """The --list table: name, prepared or not (meta.json present), description, source."""
@@ -727,10 +727,10 @@ def dataset_help(name):
             for key, default in resolve_options(name, {}).items()]
     rows.append(("--force", "prepare it again even when it is already prepared with these options"))
     width = max(len(flag) for flag, _ in rows) + 2
-    lines = [f"usage: python prepare.py {name} [--key=value ...] [--force]", textwrap.fill(spec.description, 100),
-             f"source: {spec.source}", "", "options (--key=default):"]
-    lines += [textwrap.fill(text, 100, initial_indent=f"  {flag:<{width}}", subsequent_indent=" " * (width + 2))
-              for flag, text in rows]
+    lines = [f"usage: python prepare.py {name} [--key=value ...] [--force]",
+             textwrap.fill(spec.description, 100), f"source: {spec.source}", "", "options (--key=default):"]
+    lines += [textwrap.fill(text, 100, initial_indent=f"  {flag:<{width}}",
+                            subsequent_indent=" " * (width + 2)) for flag, text in rows]
     return "\n".join(lines)
 
 

@@ -717,7 +717,11 @@ def test_download_resumable_resumes_a_part_file_and_rejects_wrong_bytes(tmp_path
         # the right size but the wrong sha256: refused, nothing kept
         with pytest.raises(tokenfiles.PrepareError, match="sha256 mismatch"):
             download.download_resumable(url, tmp_path / "x.parquet", len(data), "0" * 64, retries=2)
+        # the way out names the files --input takes: llm.c shards are .bin files, not .parquet
+        with pytest.raises(tokenfiles.PrepareError, match=r"pass --input=FOLDER with the \.bin files"):
+            download.download_resumable(url, tmp_path / "x.bin", len(data), "0" * 64, retries=1)
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.part").exists()
+    assert not list(tmp_path.glob("x.bin*"))
 
 def llmc_shard(path, tokens, magic=20240520):
     header = np.zeros(256, dtype="<i4")
