@@ -52,7 +52,8 @@ def check_messages(messages, need_assistant=True):
         raise ValueError(f'no "messages" list (a non-empty list of messages); {FORMAT}')
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"message {i} is a {type(message).__name__}, not an object with a role and a content")
+            raise ValueError(f"message {i} is a {type(message).__name__}, "
+                             "not an object with a role and a content")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i} has role {role!r}; use system, user or assistant")
@@ -113,8 +114,9 @@ def chat_tokenizer(base, entry=None):
                            f"{len(special)} chat tokens in uint16 token files; use a vocab_size of at most "
                            f"{MAX_VOCAB - len(special):,}")
     if entry is not None and entry.get("special_tokens") != special:
-        raise PrepareError(f"the chat tokens {entry.get('special_tokens')} recorded with the data do not follow the "
-                           f"{base.name} tokenizer's {base.vocab_size:,} ids; prepare the dataset again")
+        raise PrepareError(f"the chat tokens {entry.get('special_tokens')} recorded with the data do not "
+                           f"follow the {base.name} tokenizer's {base.vocab_size:,} ids; "
+                           "prepare the dataset again")
     marker_of = {i: m for m, i in special.items()}
 
     def decode(ids):
@@ -145,8 +147,8 @@ def base_vocab_size(entry):
     ids = entry.get("special_tokens") if isinstance(entry, dict) else None
     if not isinstance(ids, dict) or list(ids) != list(SPECIAL_TOKENS) or \
             not all(isinstance(i, int) and not isinstance(i, bool) for i in ids.values()):
-        raise PrepareError(f"the chat entry {entry!r} in the metadata is not {{'special_tokens': {{marker: id}}}} "
-                           f"for {', '.join(SPECIAL_TOKENS)}; prepare the dataset again")
+        raise PrepareError(f"the chat entry {entry!r} in the metadata is not {{'special_tokens': "
+                           f"{{marker: id}}}} for {', '.join(SPECIAL_TOKENS)}; prepare the dataset again")
     return min(ids.values())
 
 
@@ -164,7 +166,8 @@ def read_conversations(path):
     elif path.is_file():
         files = [path]
     else:
-        raise PrepareError(f"no file or folder {path}; pass a .jsonl file of conversations or a folder of them")
+        raise PrepareError(f"no file or folder {path}; pass a .jsonl file of conversations "
+                           "or a folder of them")
     conversations = []
     for file in files:
         try:
@@ -209,14 +212,15 @@ def split_conversations(conversations, val_fraction=0.1, seed=0):
         text = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
         return hashlib.sha256(f"{seed}\n{text}".encode()).hexdigest()
     keys = [key(m) for m in conversations]
-    want, val_keys = max(1, round(len(conversations) * val_fraction)), set()
     counts = {}
     for k in keys:
         counts[k] = counts.get(k, 0) + 1
+    want, taken, val_keys = max(1, round(len(conversations) * val_fraction)), 0, set()
     for k in sorted(counts):  # hash order: a seeded shuffle that keeps copies together
-        if sum(counts[v] for v in val_keys) >= want:
+        if taken >= want:
             break
         val_keys.add(k)
+        taken += counts[k]
     train = [c for c, k in zip(conversations, keys) if k not in val_keys]
     val = [c for c, k in zip(conversations, keys) if k in val_keys]
     if not train:
@@ -252,17 +256,17 @@ def grow_vocab(model, vocab_size):
     get new rows, each the mean of the existing rows, so a new token starts as an average token
     and the old ids' logits do not change. Every other weight is untouched; config.vocab_size
     follows. Returns False (and does nothing) when the model already has that many ids, as GPT-2's
-    padded 50,304 has for its 50,257 + 4. Build the optimizer (and LoRA) after this."""
+    padded 50,304 has for its 50,257 + 4. Build the optimizer, LoRA and torch.compile after."""
     import torch  # here, so prepare.py reads conversations without loading torch
     old = model.config.vocab_size
     if vocab_size <= old:
         return False
 
     def grow(embedding_or_linear):
-        weight = embedding_or_linear.weight.detach()  # (old, C)
-        extra = weight.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)  # (new - old, C)
-        embedding_or_linear.weight = torch.nn.Parameter(torch.cat([weight, extra]),
-                                                        requires_grad=embedding_or_linear.weight.requires_grad)
+        weight = embedding_or_linear.weight  # (old, C)
+        extra = weight.detach().mean(dim=0, keepdim=True).expand(vocab_size - old, -1)  # (new - old, C)
+        grown = torch.cat([weight.detach(), extra])  # (new, C)
+        embedding_or_linear.weight = torch.nn.Parameter(grown, requires_grad=weight.requires_grad)
     tied = model.lm_head.weight is model.transformer.wte.weight
     grow(model.transformer.wte)
     model.transformer.wte.num_embeddings = vocab_size
@@ -288,14 +292,17 @@ def reversal_task(n_train, n_val, seed=0):
     """(train, val) conversations of the word-reversal task: user "reverse: wodnik", assistant
     "kindow", with random lowercase words of 3-8 letters. Its answers are exact and need the
     skill, not recall: no val word, nor its reverse, is a training question, and val depends on
-    seed and n_val only, so runs with more training data are scored on the same questions."""
+    seed and n_val only, so runs with more training data are scored on the same questions.
+    Chosen over counting letters (answered in words) because a guess almost never scores (26^k
+    possible answers of k letters, against a handful of number words), and because copying
+    characters back in reverse order is a skill a small character model can learn."""
     rng = random.Random(seed)
 
     def words(n, unseen):
         out = []
         while len(out) < n:
             word = "".join(rng.choices(LETTERS, k=rng.randint(3, 8)))
-            if word not in unseen and word[::-1] not in unseen:
+            if word not in unseen:
                 unseen.add(word)
                 out.append(word)
         return out
@@ -326,10 +333,10 @@ def chitchat_conversations():
     except ImportError:
         raise PrepareError("the chitchat corpus needs its package: pip install chitchat-dataset") from None
     conversations = []
-    for chat in chitchat_dataset.Dataset().values():
+    for record in chitchat_dataset.Dataset().values():
         # a turn is a list of utterances by one sender; senders alternate (checked for all 7,168)
         messages = []
-        for i, turn in enumerate(chat["messages"]):
+        for i, turn in enumerate(record["messages"]):
             text = "\n".join(u["text"].strip() for u in turn if u["text"].strip())
             if not text:
                 break
