@@ -7,6 +7,7 @@ What the scripts at the root share and a user does not run, one job per file:
     resume.py       continuing a run exactly: which checkpoint, its knobs, optimizer and RNG state
     tokenfiles.py   prepared data on disk: uint16 token files and meta.json, written and checked
     tokenizers.py   characters, GPT-2 BPE, an own BPE and the counting task behind one Tokenizer
+    chat.py         the chat template: conversations in, token ids and a loss mask out
     download.py     downloads with retries, a checksum and a progress line; big ones resume
     corpora.py      big corpora streamed into token files: Hub listings, parquet, llm.c shards
     sampling.py     prompts in, streamed text out (sample.py and serve.py)

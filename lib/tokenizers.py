@@ -17,16 +17,20 @@ class Tokenizer:
 
     encode_batch(list[str]) -> list[list[int]] is the data-preparation path; for GPT-2 it runs
     tiktoken's threaded batch encoder and treats special-token text as plain text.
+    encode_ordinary(str) treats special-token text as plain text too (lib/chat.py's tokens can
+    then come only from its template, never from what a user typed).
     """
 
     # One class holding functions rather than a class per kind: the three tokenizers differ
     # only in these four callables, and callers never need to know which one they got.
-    def __init__(self, name, vocab_size, encode, decode, encode_batch=None, token_bytes=None):
+    def __init__(self, name, vocab_size, encode, decode, encode_batch=None, token_bytes=None,
+                 encode_ordinary=None):
         self.name = name
         self.vocab_size = vocab_size
         self.encode = encode
         self.decode = decode
         self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
+        self.encode_ordinary = encode_ordinary or encode  # the same but for tiktoken's
         # UTF-8 bytes of the text each id stands for (0 for <|endoftext|>), for bits per byte;
         # None where tokens are not text (the counting task)
         self.token_bytes = token_bytes
@@ -82,7 +86,8 @@ def tiktoken_tokenizer(name, enc, num_threads=None):
         lambda text: enc.encode(text, allowed_special=special),
         enc.decode,
         lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads),
-        token_bytes=[0 if i in {enc.eot_token} else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
+        token_bytes=[0 if i in {enc.eot_token} else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+        encode_ordinary=enc.encode_ordinary)
 
 
 def bpe_tokenizer(folder, meta):
@@ -149,6 +154,8 @@ def tokenizer_record(meta, folder):
     record = {"tokenizer": meta.get("tokenizer"), "vocab_size": meta.get("vocab_size"), "folder": str(folder)}
     if meta.get("chars"):
         record["chars"] = list(meta["chars"])
+    if meta.get("chat"):
+        record["chat"] = meta["chat"]
     if meta.get("tokenizer") == "bpe":
         path = Path(folder) / (meta.get("bpe") or {}).get("file", "tokenizer.tiktoken")
         try:
@@ -160,6 +167,8 @@ def tokenizer_record(meta, folder):
 
 def tokenizer_from_record(record):
     """The Tokenizer a checkpoint's tokenizer_record describes."""
+    if record.get("chat"):
+        return _with_chat_tokens(record, tokenizer_from_record)
     if record.get("tokenizer") == "bpe":
         from lib import bpe
         return tiktoken_tokenizer("bpe", bpe.load_encoding("the checkpoint's BPE", int(record["vocab_size"]),
@@ -169,7 +178,10 @@ def tokenizer_from_record(record):
 
 def get_tokenizer(meta, folder=None):
     """Tokenizer described by metadata (meta.json or nanoGPT meta.pkl) of the dataset in folder
-    (an own BPE's ranks are a file there); GPT-2 when meta is empty."""
+    (an own BPE's ranks are a file there); GPT-2 when meta is empty; with the chat tokens added
+    (lib/chat.py) when meta has a "chat" entry."""
+    if meta.get("chat"):
+        return _with_chat_tokens(meta, lambda base_meta: get_tokenizer(base_meta, folder))
     name = meta.get("tokenizer")
     if name is None:  # nanoGPT's meta.pkl has only vocab_size, itos, stoi
         name = "char" if ("itos" in meta or "chars" in meta) else "gpt2"
@@ -191,6 +203,14 @@ def get_tokenizer(meta, folder=None):
         return bpe_tokenizer(folder, meta)
     raise PrepareError(f"unknown tokenizer {name!r} in metadata; known: char, gpt2, bpe, counting")
 
+
+def _with_chat_tokens(meta, build):
+    """A chat dataset's tokenizer: build(the metadata of its base tokenizer) plus the chat
+    template's special tokens, whose ids meta["chat"] records (lib/chat.py)."""
+    from lib import chat  # lib/chat.py imports this file
+    base_meta = {k: v for k, v in meta.items() if k != "chat"}
+    base_meta["vocab_size"] = chat.base_vocab_size(meta["chat"])
+    return chat.chat_tokenizer(build(base_meta), meta["chat"])
 
 
 def load_tokenizer(dataset_dir):

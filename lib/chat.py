@@ -1,0 +1,348 @@
+"""
+The chat template and chat data: conversations in, token ids and a loss mask out, in one way
+shared by training, sampling, serving, evaluation and export.
+
+    tok = chat_tokenizer(load_tokenizer("data/shakespeare_char"))   # 65 characters + 4 chat ids
+    messages = [{"role": "user", "content": "reverse: wodnik"}, {"role": "assistant", "content": "kindow"}]
+    ids, mask = render(messages, tok)      # mask 1 where the model learns: the assistant's reply
+    prompt = render_prompt(messages[:1], tok)   # ... + <|assistant|>; generate until <|end|>
+
+The template: each message is <|ROLE|> + content + <|end|>, nothing added between (no newlines).
+Its four markers are special tokens added after a base tokenizer's ids (characters: len(chars)..;
+own BPE: vocab_size..; GPT-2: 50257..50260, inside the padded 50304 model). Text never encodes to
+them: a user who types "<|user|>" gets those characters, so only the template can open a turn.
+JINJA_TEMPLATE is the same template for Hugging Face and GGUF exports.
+
+Also here: reading conversations (OpenAI's messages format, .jsonl), splitting them into train
+and val, fitting them to block_size, growing a model's vocabulary for the new ids, a synthetic
+task with exact answers (reversing words), and the chitchat corpus as conversations.
+"""
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from lib.tokenfiles import MAX_VOCAB, PrepareError
+from lib.tokenizers import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"  # closes every message; generation stops when the model writes it
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END)  # in id order, after the base ids
+FORMAT = ('one conversation per line: {"messages": [{"role": "user", "content": "..."}, '
+          '{"role": "assistant", "content": "..."}]}')
+
+# The same template for Hugging Face's apply_chat_template and llama.cpp (--jinja): the variables
+# they pass are messages and add_generation_prompt. One line, so trim_blocks changes nothing.
+JINJA_TEMPLATE = ("{% for message in messages %}"
+                  "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                  "{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def marker(role):
+    return f"<|{role}|>"
+
+
+# ----------------------------------------------------------------------------- the template
+
+def check_messages(messages, need_assistant=True):
+    """ValueError naming the problem and the fix unless messages is a list of {"role": one of
+    ROLES, "content": str} (other keys are ignored), with an assistant message if need_assistant."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'no "messages" list (a non-empty list of messages); {FORMAT}')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is a {type(message).__name__}, "
+                             "not an object with a role and a content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i} has role {role!r}; use system, user or assistant")
+        if not isinstance(content, str):
+            what = "no content" if content is None else f"a content of type {type(content).__name__}"
+            raise ValueError(f"message {i} ({role}) has {what}; the content must be one string of text")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("the conversation has no assistant message, so there is no reply to learn; "
+                         "add the assistant's reply or leave the conversation out")
+
+
+def render_text(messages, add_generation_prompt=False):
+    """The template as text (what JINJA_TEMPLATE renders): for reading and exports. Its tokens
+    come from render(), never from encoding this text, which would spell the markers."""
+    text = "".join(marker(m["role"]) + m["content"] + END for m in messages)
+    return text + (marker("assistant") if add_generation_prompt else "")
+
+
+def render(messages, tokenizer):
+    """(ids, mask) of a conversation: mask[i] is 1 where ids[i] is a token the model learns to
+    predict (the assistant's content and its <|end|>), 0 elsewhere (markers, system and user
+    content). Messages are encoded one by one, as render_prompt does at inference."""
+    special = _special_ids(tokenizer)
+    check_messages(messages, need_assistant=False)
+    ids, mask = [], []
+    for m in messages:
+        content = tokenizer.encode_ordinary(m["content"])
+        learn = int(m["role"] == "assistant")
+        ids += [special[marker(m["role"])], *content, special[END]]
+        mask += [0] + [learn] * (len(content) + 1)
+    return ids, mask
+
+
+def render_prompt(messages, tokenizer):
+    """Token ids asking for the next assistant message: messages + <|assistant|>."""
+    return render(messages, tokenizer)[0] + [_special_ids(tokenizer)[marker("assistant")]]
+
+
+def _special_ids(tokenizer):
+    special = getattr(tokenizer, "special_ids", None)
+    if special is None:
+        raise ValueError(f"{tokenizer} has no chat tokens: use lib.chat.chat_tokenizer(tokenizer)")
+    return special
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+def chat_tokenizer(base, entry=None):
+    """base (a lib.tokenizers.Tokenizer) with SPECIAL_TOKENS added at ids base.vocab_size...;
+    .special_ids maps each marker to its id. encode() never produces them (special-token text is
+    plain text, <|endoftext|> too); decode() writes them as their markers. entry: the "chat" entry
+    of a meta.json or checkpoint, whose ids must be the ones given here."""
+    if getattr(base, "special_ids", None):
+        raise ValueError(f"{base} already has the chat tokens")
+    special = {m: base.vocab_size + i for i, m in enumerate(SPECIAL_TOKENS)}
+    if base.vocab_size + len(special) > MAX_VOCAB:
+        raise PrepareError(f"the {base.name} tokenizer's {base.vocab_size:,} ids leave no room for the "
+                           f"{len(special)} chat tokens in uint16 token files; use a vocab_size of at most "
+                           f"{MAX_VOCAB - len(special):,}")
+    if entry is not None and entry.get("special_tokens") != special:
+        raise PrepareError(f"the chat tokens {entry.get('special_tokens')} recorded with the data do not "
+                           f"follow the {base.name} tokenizer's {base.vocab_size:,} ids; "
+                           "prepare the dataset again")
+    marker_of = {i: m for m, i in special.items()}
+
+    def decode(ids):
+        out, run = [], []  # runs of base ids decode together (a BPE character may span tokens)
+        for i in ids:
+            if i in marker_of:
+                out += [base.decode(run), marker_of[i]] if run else [marker_of[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + ([base.decode(run)] if run else []))
+
+    token_bytes = None if base.token_bytes is None else [*base.token_bytes, *[0] * len(special)]
+    tok = Tokenizer(base.name, base.vocab_size + len(special), base.encode_ordinary, decode,
+                    encode_batch=base.encode_batch, token_bytes=token_bytes,  # (encode_batch: ordinary too)
+                    encode_ordinary=base.encode_ordinary)
+    tok.special_ids = special
+    return tok
+
+
+def chat_entry(tokenizer):
+    """What meta.json (and so a checkpoint's tokenizer record) keeps under "chat": the ids."""
+    return {"special_tokens": dict(_special_ids(tokenizer))}
+
+
+def base_vocab_size(entry):
+    """The base tokenizer's vocab_size in a "chat" entry: its first special id."""
+    ids = entry.get("special_tokens") if isinstance(entry, dict) else None
+    if not isinstance(ids, dict) or list(ids) != list(SPECIAL_TOKENS) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in ids.values()):
+        raise PrepareError(f"the chat entry {entry!r} in the metadata is not {{'special_tokens': "
+                           f"{{marker: id}}}} for {', '.join(SPECIAL_TOKENS)}; prepare the dataset again")
+    return min(ids.values())
+
+
+# ----------------------------------------------------------------------------- conversation files
+
+def read_conversations(path):
+    """The conversations (lists of messages) of a .jsonl file, or of the .jsonl files in a folder
+    (sorted by name): one {"messages": [...]} per line, blank lines skipped. A PrepareError names
+    the file, the line and the fix for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        if not files:
+            raise PrepareError(f"{path} holds no .jsonl files; put conversations in FILE.jsonl, {FORMAT}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise PrepareError(f"no file or folder {path}; pass a .jsonl file of conversations "
+                           "or a folder of them")
+    conversations = []
+    for file in files:
+        try:
+            lines = file.read_bytes().splitlines()
+        except OSError as e:
+            raise PrepareError(f"cannot read {file}: {e.strerror}") from None
+        count = len(conversations)
+        for n, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PrepareError(f"{file}:{n}: not UTF-8 text; save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise PrepareError(f"{file}:{n}: not valid JSON ({getattr(e, 'msg', e)}, column "
+                                   f"{getattr(e, 'colno', '?')}); {FORMAT}") from None
+            try:
+                messages = record.get("messages") if isinstance(record, dict) else None
+                check_messages(messages)
+            except ValueError as e:
+                raise PrepareError(f"{file}:{n}: {e}") from None
+            conversations.append(messages)
+        if len(conversations) == count:
+            raise PrepareError(f"{file} holds no conversations; {FORMAT}")
+    return conversations
+
+
+def split_conversations(conversations, val_fraction=0.1, seed=0):
+    """(train, val): whole conversations, about val_fraction of them (at least one) in val, each
+    split in the input's order. Deterministic: which ones go to val depends on their contents and
+    seed, not on their order, and copies of one conversation stay together, so no val
+    conversation is also a training one."""
+    if len(conversations) < 2:
+        raise PrepareError(f"{len(conversations)} conversation(s): train and val need at least 2")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+    def key(messages):
+        text = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+        return hashlib.sha256(f"{seed}\n{text}".encode()).hexdigest()
+    keys = [key(m) for m in conversations]
+    counts = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    want, taken, val_keys = max(1, round(len(conversations) * val_fraction)), 0, set()
+    for k in sorted(counts):  # hash order: a seeded shuffle that keeps copies together
+        if taken >= want:
+            break
+        val_keys.add(k)
+        taken += counts[k]
+    train = [c for c, k in zip(conversations, keys) if k not in val_keys]
+    val = [c for c, k in zip(conversations, keys) if k in val_keys]
+    if not train:
+        raise PrepareError("all conversations are copies of one: train and val need different ones")
+    return train, val
+
+
+def fit_to_block(rendered, block_size, long="cut"):
+    """Rendered conversations [(ids, mask)] that fit a training row of block_size + 1 tokens
+    (block_size inputs, each predicting the next token), and counts {"kept", "cut", "skipped"} to
+    report. A longer one is cut to its first block_size + 1 tokens (long="cut") or left out
+    ("skip"); a cut one that keeps no token to learn is left out too."""
+    if long not in ("cut", "skip"):
+        raise ValueError(f"long must be 'cut' or 'skip', got {long!r}")
+    kept, counts, row = [], {"kept": 0, "cut": 0, "skipped": 0}, block_size + 1
+    for ids, mask in rendered:
+        if len(ids) <= row:
+            kept.append((ids, mask))
+            counts["kept"] += 1
+        elif long == "cut" and any(mask[1:row]):  # mask[0] is never a target
+            kept.append((ids[:row], mask[:row]))
+            counts["cut"] += 1
+        else:
+            counts["skipped"] += 1
+    return kept, counts
+
+
+# ----------------------------------------------------------------------------- the model
+
+def grow_vocab(model, vocab_size):
+    """Give a GPT vocab_size token ids (model.py's GPT, in place) before training the new ones:
+    the token embedding, the output head when untied (tied stays tied) and the value embeddings
+    get new rows, each the mean of the existing rows, so a new token starts as an average token
+    and the old ids' logits do not change. Every other weight is untouched; config.vocab_size
+    follows. Returns False (and does nothing) when the model already has that many ids, as GPT-2's
+    padded 50,304 has for its 50,257 + 4. Build the optimizer, LoRA and torch.compile after."""
+    import torch  # here, so prepare.py reads conversations without loading torch
+    old = model.config.vocab_size
+    if vocab_size <= old:
+        return False
+
+    def grow(embedding_or_linear):
+        weight = embedding_or_linear.weight  # (old, C)
+        extra = weight.detach().mean(dim=0, keepdim=True).expand(vocab_size - old, -1)  # (new - old, C)
+        grown = torch.cat([weight.detach(), extra])  # (new, C)
+        embedding_or_linear.weight = torch.nn.Parameter(grown, requires_grad=weight.requires_grad)
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    grow(model.transformer.wte)
+    model.transformer.wte.num_embeddings = vocab_size
+    if tied:
+        model.lm_head.weight = model.transformer.wte.weight
+    else:
+        grow(model.lm_head)
+    model.lm_head.out_features = vocab_size
+    for table in model.value_embeds.values():
+        grow(table)
+        table.num_embeddings = vocab_size
+    model.config.vocab_size = vocab_size
+    return True
+
+
+# ----------------------------------------------------------------------------- a synthetic task
+
+REVERSE = "reverse: "  # the question's prefix: letters, ':' and ' ' are all in Tiny Shakespeare
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def reversal_task(n_train, n_val, seed=0):
+    """(train, val) conversations of the word-reversal task: user "reverse: wodnik", assistant
+    "kindow", with random lowercase words of 3-8 letters. Its answers are exact and need the
+    skill, not recall: no val word, nor its reverse, is a training question, and val depends on
+    seed and n_val only, so runs with more training data are scored on the same questions.
+    Chosen over counting letters (answered in words) because a guess almost never scores (26^k
+    possible answers of k letters, against a handful of number words), and because copying
+    characters back in reverse order is a skill a small character model can learn."""
+    rng = random.Random(seed)
+
+    def words(n, unseen):
+        out = []
+        while len(out) < n:
+            word = "".join(rng.choices(LETTERS, k=rng.randint(3, 8)))
+            if word not in unseen:
+                unseen.add(word)
+                out.append(word)
+        return out
+    val = words(n_val, set())
+    train = words(n_train, set(val) | {w[::-1] for w in val})
+
+    def conversation(word):
+        return [{"role": "user", "content": REVERSE + word}, {"role": "assistant", "content": word[::-1]}]
+    return [conversation(w) for w in train], [conversation(w) for w in val]
+
+
+def score_answer(answer, expected):
+    """1.0 if the model's answer (its text up to <|end|>) is the expected one, whitespace at the
+    ends aside, else 0.0: exact match, no partial credit."""
+    return float(answer.strip() == expected.strip())
+
+
+# ----------------------------------------------------------------------------- a real corpus
+
+def chitchat_conversations():
+    """The chitchat-dataset corpus (BYU PCC lab, MIT licence; `pip install chitchat-dataset`):
+    7,168 two-person chats as conversations, in the package's order. The first speaker is the
+    user, the second the assistant; the lines of one turn are joined by newlines. A chat is cut
+    before its first empty turn and after its last assistant turn; 4,017 chats remain (the 3,150
+    where nobody answered have one speaker)."""
+    try:
+        import chitchat_dataset
+    except ImportError:
+        raise PrepareError("the chitchat corpus needs its package: pip install chitchat-dataset") from None
+    conversations = []
+    for record in chitchat_dataset.Dataset().values():
+        # a turn is a list of utterances by one sender; senders alternate (checked for all 7,168)
+        messages = []
+        for i, turn in enumerate(record["messages"]):
+            text = "\n".join(u["text"].strip() for u in turn if u["text"].strip())
+            if not text:
+                break
+            messages.append({"role": ("user", "assistant")[i % 2], "content": text})
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()
+        if messages:
+            conversations.append(messages)
+    return conversations
