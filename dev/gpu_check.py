@@ -1,4 +1,4 @@
-"""The GPU check (issue 19): on one GPU, in under 8 minutes,
+"""The GPU check: on one GPU, in under 8 minutes,
 
   1. our baby GPT (config/train_shakespeare_char.py) against nanoGPT's train.py with its own
      config/train_shakespeare_char.py: seconds to val loss 1.4697 (nanoGPT's README result
@@ -10,7 +10,7 @@ Each run is a child process with a time cap; a training run stops as soon as an 
 reaches the target. Writes only into a temporary folder. Run from the repository root, with
 nanoGPT's checkout beside it (or NANOGPT_DIR=...) and data/shakespeare_char prepared:
 
-    python dev/gpu_check.py                        # prints a markdown table for docs/benchmarks.md
+    python dev/gpu_check.py                        # prints a markdown table for dev/LOG.md
     python dev/gpu_check.py --device=cpu --target=4 --skip_bench \
         --extra="--batch_size=4 --eval_iters=2 --eval_interval=5 --max_iters=10 --compile=False"   # this script, on a CPU
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablation on nanoGPT's README CPU recipe (issue 9): the recipe's flags in our train.py, then
+# The ablation on nanoGPT's README CPU recipe: the recipe's flags in our train.py, then
 # one knob added per row (cumulative). Each row prints: steps to val 1.88 (first evaluation at or
 # below it; evaluations every 100 steps), the wall time to that evaluation (seconds since the
 # training loop started, evaluations included) and the final val loss after 2,000 steps. Writes

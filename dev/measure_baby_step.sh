@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The baby GPT's step time side by side (issue 19): our train.py with config/train_shakespeare_char.py
+# The baby GPT's step time side by side: our train.py with config/train_shakespeare_char.py
 # and its README's CPU flags (default dtype and compile), then nanoGPT's with its README's
 # (--device=cpu --compile=False), alternating, batch 12. Prints the median ms per step of steps
 # 6-20 for each run. Writes only into a temporary folder. Run it on an otherwise idle machine:

@@ -10,7 +10,7 @@ grants them) and the same int8 layers without that packing step (one tensor per 
 ordinary 4 KiB pages). Prints the
 median decode time per token and the median per-round ratio to float32, then the time spent
 inside each kind of Linear (forward hooks: they add ~2 us per call) and everything else
-(attention, norms, sampling, embeddings). Used for docs/lora_int8.md.
+(attention, norms, sampling, embeddings). Results: dev/LOG.md.
 """
 
 import copy

@@ -1,7 +1,7 @@
 """
 Concurrent clients against serve.py (or dev/serve_fastapi.py): total tokens/s, and p50/p95 time
 to first token and per request, for 1, 4, 8 and 16 clients. The server is started here on
-127.0.0.1 and the machine should be otherwise idle; used for docs/serve.md.
+127.0.0.1 and the machine should be otherwise idle; results: dev/LOG.md.
 
     python dev/measure_serve.py --model=baby                   # the quick start's trained run
     python dev/measure_serve.py --model=gpt2 --quantize=int8   # GPT-2 124M shape, random weights

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The anchors' tricks, one at a time, on a CPU recipe (issue 19): the recipe's config, then the
+# The anchors' tricks, one at a time, on a CPU recipe: the recipe's config, then the
 # recipe plus one knob per row (not cumulative). Each row prints the steps and the seconds to
 # val 1.88 (first evaluation at or below it; seconds since the training loop started,
 # evaluations included), the final val loss and the whole process's wall time. Writes only into

@@ -1,6 +1,6 @@
 """
 serve.py's engine behind FastAPI + uvicorn instead of the standard library's ThreadingHTTPServer:
-the alternative measured for docs/serve.md (the project serves with the standard library; this
+the alternative measured in dev/LOG.md (the project serves with the standard library; this
 file is kept so the comparison can be run again). POST /v1/completions (streamed or whole) and GET /health only,
 with serve.py's request checks, engine and knobs.
 

@@ -1,7 +1,8 @@
 """The README's commands work exactly as written, where they can run on a CPU in seconds.
 
 The scripts and configs are copied into a temporary folder and every `python ...` command of
-the README's sh blocks runs there in README order (commands joined by && are split), so runs,
+the README's sh blocks runs there in README order (one command per line; a line continued with a
+backslash is joined, commands joined by && are split), so runs,
 data and pictures land under tmp_path, never in the checkout. Commands that cannot run here
 (installs, GPUs, downloads, the test suite itself) are skipped by the rules in SKIP; long ones
 run as written plus flags that make them short (SHORTEN), which the scripts apply last.
@@ -51,12 +52,16 @@ SHORTEN = [
 ]
 
 
+def readme_sh_blocks():
+    """The text of every ```sh block of README.md, in order."""
+    return re.findall(r"```sh\n(.*?)```", (ROOT / 'README.md').read_text(), re.S)
+
+
 def readme_commands():
     """Every command of the README's ```sh blocks, in order, split at &&, comments removed."""
-    text = (ROOT / 'README.md').read_text()
     commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+    for block in readme_sh_blocks():
+        for line in block.replace('\\\n', ' ').splitlines():
             for part in line.split(' && '):
                 words = shlex.split(part, comments=True, posix=False)
                 if words:
@@ -130,7 +135,7 @@ def run(command, cwd):
 
 def test_the_readme_lists_the_commands_a_new_user_needs():
     commands = readme_commands()
-    assert commands[0].startswith('python3 -m venv')  # the quick start: one line from nothing to samples
+    assert commands[0].startswith('python3 -m venv')  # the quick start comes first, from nothing
     assert 'python prepare.py shakespeare_char' in commands
     assert 'python train.py config/train_shakespeare_char_cpu.py' in commands
     assert 'python sample.py --start="ROMEO:"' in commands  # no --out_dir: the newest run folder
@@ -149,6 +154,20 @@ def test_the_readme_lists_the_commands_a_new_user_needs():
     for command in commands:
         for folder in re.findall(r"--out_dir=(\S+)", command) + re.findall(r"plot.py loss (\S+)", command):
             assert folder in made, f"{command!r} reads {folder}, which no README command creates"
+
+
+def test_the_quick_start_is_one_block_from_nothing_to_samples():
+    """The first sh block sets up, prepares, trains and samples: one copy-paste, one command per
+    line (no && chain, no continuation), in that order."""
+    lines = [line.strip() for line in readme_sh_blocks()[0].splitlines() if line.strip()]
+    assert lines[0] == 'python3 -m venv .venv', lines
+    assert lines[-1] == 'python sample.py --start="ROMEO:"', lines  # no --out_dir: the newest run
+    assert not [line for line in lines if '&&' in line or line.endswith('\\')], lines
+    order = ['. .venv/bin/activate', 'python prepare.py shakespeare_char',
+             'python train.py config/train_shakespeare_char_cpu.py']
+    assert all(step in lines for step in order), lines
+    assert [lines.index(step) for step in order] == sorted(lines.index(step) for step in order), lines
+    assert any(line.startswith('pip install torch') for line in lines[:lines.index(order[1])]), lines
 
 
 @pytest.mark.parametrize('script', SCRIPTS)

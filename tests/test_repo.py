@@ -53,13 +53,13 @@ def test_readme_pictures_and_numbers_come_from_the_current_quick_start_config():
 
 
 def test_markdown_links_point_at_files_in_the_repository():
-    """Every local link and picture in README.md and docs/*.md names a file git tracks (in a
+    """Every local link and picture in README.md, docs/*.md and dev/*.md names a file git tracks (in a
     clean clone: a file that exists), so a picture kept out by .gitignore cannot go unnoticed."""
     import subprocess
     git = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True)
     tracked = set(git.stdout.split()) if git.returncode == 0 and git.stdout else None
     missing = []
-    for md in [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]:
+    for md in [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md')), *sorted((ROOT / 'dev').glob('*.md'))]:
         for target in re.findall(r'\]\(([^)\s]+)\)', md.read_text()):
             if re.match(r'[a-z]+:', target) or target.startswith('#'):
                 continue  # a web address or an anchor on the same page
@@ -70,3 +70,63 @@ def test_markdown_links_point_at_files_in_the_repository():
             if not known:
                 missing.append(f'{md.relative_to(ROOT)}: {target}')
     assert not missing, missing
+
+
+# Where the text of the repository lives: what a reader or a contributor opens.
+TEXT_SUFFIXES = {'.py', '.md', '.sh', '.html', '.txt', '.ini', '.toml', '.cfg', '.yml', '.yaml'}
+SKIP_DIRS = {'.git', '.venv', 'venv', 'data', '__pycache__', '.pytest_cache'}
+
+
+def repository_text_files():
+    """The tracked text files (every text file outside data and environments without git)."""
+    import subprocess
+    git = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True)
+    if git.returncode == 0 and git.stdout:
+        paths = [ROOT / line for line in git.stdout.splitlines()]
+    else:
+        paths = [p for p in ROOT.rglob('*') if not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
+    return sorted(p for p in paths if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.parent.name == '.ci'))
+
+
+# The word issue followed by a number (with or without '#'), or a bare number after '#' in
+# parentheses: a tracker's number means nothing to a reader of a clone, and goes stale.
+ISSUE_NUMBER = re.compile(r"\bissues? #?\d+|\(#\d+\)", re.I)
+
+
+def test_no_issue_numbers_in_readme_docs_code_or_tests():
+    """README, docs/, dev/, the code and the tests say what a thing is and why, never which
+    tracker issue asked for it."""
+    found = []
+    for path in repository_text_files():
+        for n, line in enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), 1):
+            if ISSUE_NUMBER.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}")
+    assert not found, "issue numbers (say what and why instead):\n" + "\n".join(found)
+
+
+def test_docs_holds_guides_not_scripts():
+    """docs/ is for reading; a script that measures or compares lives in dev/ beside the lab
+    notebook (dev/LOG.md)."""
+    scripts = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / 'docs').rglob('*')
+                     if p.suffix in ('.py', '.sh') or (p.is_file() and p.read_bytes()[:2] == b'#!'))
+    assert not scripts, f"scripts in docs/ (move them to dev/): {scripts}"
+
+
+def test_readme_stays_short():
+    """README is a newcomer's first page: at most 250 lines; details belong in docs/, measurements
+    in docs/benchmarks.md and dev/LOG.md."""
+    lines = (ROOT / 'README.md').read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move details to docs/"
+
+
+def test_lab_notebook_entries_are_dated_newest_first():
+    """dev/LOG.md: every entry is a '## YYYY-MM-DD...' heading, newest first."""
+    import datetime
+    headings = re.findall(r"^## (.*)$", (ROOT / 'dev' / 'LOG.md').read_text(), re.M)
+    assert headings
+    dates = []
+    for heading in headings:
+        match = re.match(r"(\d{4}-\d{2}-\d{2})\b", heading)
+        assert match, f"dev/LOG.md entry without a date first: {heading!r}"
+        dates.append(datetime.date.fromisoformat(match.group(1)))
+    assert dates == sorted(dates, reverse=True), [str(d) for d in dates]
