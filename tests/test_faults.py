@@ -1,5 +1,5 @@
 """
-The fault matrix (issue 11): every bad input and fault gets one `error:` line (or a notice), no
+The fault matrix: every bad input and fault gets one `error:` line (or a notice), no
 traceback, and a run's files stay consistent: nothing lost, nothing half-written, no temp files.
 
 Kinds covered: bad knobs of every script, unknown subcommands, corrupt and mismatched data,

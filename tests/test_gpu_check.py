@@ -1,4 +1,4 @@
-"""dev/gpu_check.py, the GPU check of issue 19, on its CPU twin: the same races on a tiny dataset
+"""dev/gpu_check.py, the GPU check of the CPU speed targets, on its CPU twin: the same races on a tiny dataset
 and tiny flags (needs nanoGPT's checkout, NANOGPT_DIR), and its one-line errors (always)."""
 
 import os

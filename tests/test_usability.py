@@ -1,4 +1,4 @@
-"""The first hour of a new user (issue 12): help text, the run folder chosen without --out_dir,
+"""The first hour of a new user: help text, the run folder chosen without --out_dir,
 progress lines, the changed-knobs line, prepare's already-prepared answer, evaluate's default
 dataset and the GPT-2 weights message. Everything writes under tmp_path."""
 
