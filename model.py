@@ -10,27 +10,24 @@ so its weights map key for key (OpenAI's code: https://github.com/openai/gpt-2/b
     out = model.generate(idx, max_new_tokens=100)  # KV-cached sampling
     model = GPT.from_pretrained(folder)            # a local Hugging Face GPT-2 folder
 
-GPTConfig's defaults are GPT-2 exactly. Each modern knob is an opt-in field, chosen once in a
-constructor (a module, or a function that is `keep`, the identity, when off), so no forward has
-an `if` on a knob (measured in docs/modern_model.md). Knob (GPT-2's value): what, source:
-- pos_emb='rope' ('learned'): rotary positions, no wpe (RoFormer, arXiv:2104.09864); each position
-  scheme is a class of POSITIONS, built as transformer.wpe; rope_base (10000.0): RoPE's base
+GPTConfig's defaults are GPT-2 exactly. Each modern knob is an opt-in field (its comment says what
+it does), chosen once in a constructor: a module, or a function that is `keep` (the identity) when
+off, so forward stays a straight line (docs/modern_model.md). Knob (GPT-2's value), source:
+- pos_emb='rope' ('learned'), rope_base: rotary positions (RoFormer, arXiv:2104.09864); a position
+  scheme is one class of POSITIONS, built as transformer.wpe
 - norm='rmsnorm' ('layernorm'): RMSNorm without gain (arXiv:1910.07467; nanochat)
 - mlp_act='relu2' ('gelu'): relu(x)^2 (Primer, arXiv:2109.08668; modded-nanogpt)
 - qk_norm=True (False): RMS-normalised queries and keys (arXiv:2302.05442; nanochat)
 - tie_embeddings=False (True): a separate output head (nanochat, modded-nanogpt)
 - logit_softcap=c (0, off): logits -> c tanh(logits / c) (Gemma 2; nanochat: 15)
-- value_embeds=True (False): a token embedding added to the values of every other block, the
-  last included (ResFormer's value residual, arXiv:2410.17897; modded-nanogpt, nanochat)
-- x0_mix=True (False): each block reads a x + b x0, x0 the embedding output, a and b learned per
-  block (modded-nanogpt's x0 lambdas; nanochat's resid/x0 lambdas)
-- zero_init_proj=True (False): attention and MLP output projections start at zero, every block
-  as the identity (modded-nanogpt, nanochat)
-- bigram_vocab=N (0, off): an N-row embedding of the hashed (previous, current) token pair, zero
-  at the start, added to the input (modded-nanogpt's bigram hash embedding)
-Forward branches on its input and the hardware only: a KV cache or none, the last position only,
-and two CPU speed paths, each in one place (Dropout's cheaper mask; CausalSelfAttention.attend's
-explicit attention when training on a CPU with dropout or in bfloat16, or for attention_maps).
+- value_embeds=True (False): ResFormer's value residual (arXiv:2410.17897; modded-nanogpt, nanochat)
+- x0_mix=True (False): modded-nanogpt's x0 lambdas (nanochat's resid/x0 lambdas)
+- zero_init_proj=True (False): every block starts as the identity (modded-nanogpt, nanochat)
+- bigram_vocab=N (0, off): modded-nanogpt's bigram hash embedding
+No forward has an `if` on a modern knob. What forward does branch on, and why: its input (a KV
+cache or none, the last position only) and, in two CPU speed paths each kept in one place, the
+hardware and the dropout rate: Dropout's cheaper mask, and CausalSelfAttention.attend's explicit
+attention when training on a CPU with dropout or in bfloat16 (also used by attention_maps).
 A new knob is a GPTConfig field plus the code that uses it; the scripts derive flags, checks and
 checkpoint records from the field (docs/hacking.md). This file imports no other project file.
 """
@@ -51,18 +48,6 @@ def keep(x, *_):  # the identity, for a knob that is off (chosen once: forward n
     return x
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (torch.nn.LayerNorm has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):  # eps 1e-5 is GPT-2's layer_norm_epsilon
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 def rms_norm(x, eps=1e-6):
     """x / sqrt(mean(x^2, last dim) + eps), statistics in float32, result in x's dtype.
     eps 1e-6 as in Llama's RMSNorm (torch.nn.functional.rms_norm needs torch 2.4)."""
@@ -78,8 +63,8 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
-    """The norm module of ln_1, ln_2 and ln_f for config.norm."""
-    return LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
+    """The norm module of ln_1, ln_2 and ln_f for config.norm (eps 1e-5 is GPT-2's)."""
+    return nn.LayerNorm(config.n_embd, 1e-5, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
 
 
 # ---------------------------------------------------------------- positions and added embeddings
@@ -263,7 +248,7 @@ class CausalSelfAttention(nn.Module):
         bfloat16 is ~2x slower than these matmuls, docs/faster_cpu.md)."""
         Tq, Tk = q.size(2), k.size(2)  # query i (of the last Tq positions) sees keys [0, Tk - Tq + i]
         cpu_training = self.training and q.device.type == "cpu"
-        if self.attn_record is not None or (cpu_training and (self.dropout > 0.0 or q.dtype == torch.bfloat16)):
+        if self.attn_record is not None or (cpu_training and (self.dropout > 0 or q.dtype == torch.bfloat16)):
             # Causal queries never see later keys: in chunks, each block of queries scores only
             # the keys up to its own end (4 chunks do 5/8 of the full Tq x Tk work; below 128
             # queries a chunk, the extra calls cost more than the skipped work saves)
@@ -371,7 +356,8 @@ class GPTConfig:
             elif kind is bool:
                 ok, want = isinstance(value, bool), "True or False"
             elif kind is int:
-                ok, want = number and isinstance(value, int) and value >= low, ["a positive int", "an int >= 0"][low == 0]
+                ok = number and isinstance(value, int) and value >= low
+                want = "an int >= 0" if low == 0 else "a positive int"
             elif f.name == "dropout":  # the floats with a narrower range than >= 0
                 ok, want = number and 0 <= value < 1, "in [0, 1)"
             elif f.name == "rope_base":
@@ -502,8 +488,9 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # per block, its value embeddings (value_embeds.<block>.weight) or an Absent stand-in
-        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd)
-                                           if config.has_value_embeds(i) else Absent() for i in range(config.n_layer)])
+        self.value_embeds = nn.ModuleList([
+            nn.Embedding(config.vocab_size, config.n_embd) if config.has_value_embeds(i) else Absent()
+            for i in range(config.n_layer)])
         self.bigram = BigramHash(config.bigram_vocab, config.n_embd) if config.bigram_vocab else keep
         if config.tie_embeddings:  # weight tying, as GPT-2 does
             self.transformer.wte.weight = self.lm_head.weight
@@ -625,7 +612,8 @@ class GPT(nn.Module):
         try:
             cache = KVCache(self.config.n_layer, block_size, rolling=rolling)
             start = 0 if rolling else max(0, T - block_size)  # a rolling cache takes the whole prompt
-            hidden = self._hidden(seq[:, start:min(T, start + block_size)], cache, last_only=True)[:, -1]  # (B, C)
+            prompt = seq[:, start:min(T, start + block_size)]
+            hidden = self._hidden(prompt, cache, last_only=True)[:, -1]  # (B, C)
             for t in range(start + block_size, T):  # the rest of a long prompt, one by one (rolling)
                 hidden = self._hidden(seq[:, t:t + 1], cache)[:, -1]
             for step in range(max_new_tokens):
@@ -711,15 +699,14 @@ class GPT(nn.Module):
             raise ValueError(f"override_args may only set 'dropout', got {sorted(unknown)}")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder"
-                                    if os.path.isdir(folder) else f"{folder!r} is not a folder (the GPT-2 "
-                                    f"names: lib/runs.py's pretrained_folder finds their Hugging Face folder)")
+                                    if os.path.isdir(folder) else f"{folder!r} is not a folder (for a GPT-2 "
+                                    f"name, lib/runs.py's pretrained_folder finds its folder)")
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{folder}: activation_function {hf['activation_function']!r} is not GPT-2's "
-                             f"tanh GELU; this model cannot represent it")
-        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-            raise ValueError(f"{folder}: n_inner {hf['n_inner']} is not 4 * n_embd; this model cannot represent it")
+        act, inner = hf.get("activation_function", "gelu_new"), hf.get("n_inner")
+        if act not in ("gelu_new", "gelu_pytorch_tanh") or inner not in (None, 4 * hf["n_embd"]):
+            raise ValueError(f"{folder}: activation_function {act!r} and n_inner {inner} are not GPT-2's "
+                             f"(tanh GELU, 4 * n_embd); this model cannot represent them")
         model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                               n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
                               dropout=override_args.get("dropout", 0.0)))
@@ -727,7 +714,8 @@ class GPT(nn.Module):
         # GPT2LMHeadModel prefixes "transformer."; a bare GPT2Model does not; the causal-mask
         # buffers of older transformers versions are not weights
         hf_sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
-                 for k, v in _read_weights(folder).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+                 for k, v in _read_weights(folder).items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         hf_sd.setdefault("lm_head.weight", hf_sd.get("transformer.wte.weight"))  # tied
         missing, unexpected = sorted(set(sd) - set(hf_sd)), sorted(set(hf_sd) - set(sd))
         if missing or unexpected:
