@@ -33,9 +33,9 @@ def tiny(**kw):
     cfg.update(kw)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**cfg)).eval()
-    with torch.no_grad():  # non-trivial gains, biases, mixing scalars and added tables (zero at
-        for name, p in model.named_parameters():  # init), so a skipped one cannot hide
-            if name.endswith(("bias", "lambdas")) or ".ln_" in name:
+    with torch.no_grad():  # non-trivial gains, biases, mixing scalars (every 1-D parameter, a new
+        for name, p in model.named_parameters():  # knob's too) and added tables (zero at init),
+            if p.dim() < 2:                       # so a skipped one cannot hide
                 p.normal_(0.0, 0.3)
             if name.startswith(("value_embeds.", "bigram.")) or (cfg.get("zero_init_proj") and "c_proj" in name):
                 p.normal_(0.0, 0.1)
