@@ -1,7 +1,8 @@
 """
 The GPT-2 language model, and only the model, in one file, leaf first: norms -> positions (learned,
 rotary) and the added embeddings -> Dropout -> attention -> MLP -> Block -> GPTConfig -> KV cache
-and sampling -> GPT (forward, generation, sizes, Hugging Face GPT-2 import; export: lib/export.py).
+and sampling -> GPT (forward, generation, sizes, Hugging Face GPT-2 import) -> replace_modules
+(how lib/lora.py and lib/quantize.py wrap layers). Export to Hugging Face: lib/export.py.
 Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn, mlp.c_fc, c_proj)
 so its weights map key for key (OpenAI's code: https://github.com/openai/gpt-2/blob/master/src/model.py).
 
