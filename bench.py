@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lib import hardware, runs
+from lib.export import save_hf
 from lib.lora import apply_lora
 from lib.optim import configure_optimizers
 from lib.quantize import QUANTIZE, quantize_model
@@ -144,7 +145,7 @@ def build_models(cfg, vocab, dev, impls):
     if 'hf' in impls:
         import transformers
         with tempfile.TemporaryDirectory() as tmp:
-            ours.save_pretrained(tmp)
+            save_hf(ours, tmp)
             models['hf'] = transformers.GPT2LMHeadModel.from_pretrained(tmp)
     return to_device(models, dev)
 

@@ -1,39 +1,36 @@
 """
-The GPT-2 language model, and only the model, in one file, leaf first:
-norms and rotary -> attention -> MLP -> Block -> GPTConfig -> GPT.
+The GPT-2 language model, and only the model, in one file, leaf first: norms -> positions (learned,
+rotary) and the added embeddings -> Dropout -> attention -> MLP -> Block -> GPTConfig -> KV cache
+and sampling -> GPT (forward, generation, sizes, Hugging Face GPT-2 import) -> replace_modules
+(how lib/lora.py and lib/quantize.py wrap layers). Export to Hugging Face: lib/export.py.
+Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn, mlp.c_fc, c_proj)
+so its weights map key for key (OpenAI's code: https://github.com/openai/gpt-2/blob/master/src/model.py).
 
-Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn,
-mlp.c_fc, c_proj) so pretrained weights map key for key. References:
-1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
-2) Hugging Face's PyTorch port: transformers/models/gpt2/modeling_gpt2.py
-
-    from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
-    logits, loss = model(idx, targets)            # training
+    logits, loss = model(idx, targets)             # training
     out = model.generate(idx, max_new_tokens=100)  # KV-cached sampling
-    model = GPT.from_pretrained("gpt2")            # Hugging Face weights (local cache or folder)
+    model = GPT.from_pretrained(folder)            # a local Hugging Face GPT-2 folder
 
-GPTConfig's defaults are GPT-2 exactly. Each modern change is an opt-in field, chosen once in
-a constructor so that forward stays a straight line (measured in docs/modern_model.md):
-- pos_emb='rope' (GPT-2: 'learned'): rotary positions, no wpe (RoFormer, arXiv:2104.09864)
-- rope_base (10000.0, RoFormer's): RoPE's base; used with pos_emb='rope' only
-- norm='rmsnorm' (GPT-2: 'layernorm'): RMSNorm without gain (arXiv:1910.07467; nanochat)
-- mlp_act='relu2' (GPT-2: 'gelu'): relu(x)^2 (Primer, arXiv:2109.08668; modded-nanogpt)
-- qk_norm=True (GPT-2: False): RMS-normalised queries and keys (arXiv:2302.05442; nanochat)
-- tie_embeddings=False (GPT-2: True): a separate output head (nanochat, modded-nanogpt)
-- logit_softcap=c (GPT-2: 0, off): logits -> c tanh(logits / c) (Gemma 2; nanochat: 15)
-- value_embeds=True: a token embedding added to the values of every other block, the last
-  included (ResFormer's value residual, arXiv:2410.17897; modded-nanogpt, nanochat)
-- x0_mix=True: each block reads a x + b x0, x0 the embedding output, a and b learned per block
-  (modded-nanogpt's x0 lambdas; nanochat's resid/x0 lambdas)
-- zero_init_proj=True: the attention and MLP output projections start at zero, so every block
-  starts as the identity (modded-nanogpt, nanochat)
-- bigram_vocab=N (GPT-2: 0, off): an embedding of the hashed (previous, current) token pair,
-  N rows, zero at the start, added to the input (modded-nanogpt's bigram hash embedding)
-
-A new knob is a GPTConfig field plus the code that uses it: the scripts derive flags, checks
-and checkpoint records from the field (docs/hacking.md). Optimizers, LoRA, int8 and run files
-live in files that import this one; this one reads only weight files and keeps no globals.
+GPTConfig's defaults are GPT-2 exactly. Each modern knob is an opt-in field (its comment says what
+it does), chosen once in a constructor: a module, or a function that is `keep` (the identity) when
+off, so forward stays a straight line (docs/modern_model.md). Knob (GPT-2's value), source:
+- pos_emb='rope' ('learned'), rope_base: rotary positions (RoFormer, arXiv:2104.09864); a position
+  scheme is one class of POSITIONS, built as transformer.wpe
+- norm='rmsnorm' ('layernorm'): RMSNorm without gain (arXiv:1910.07467; nanochat)
+- mlp_act='relu2' ('gelu'): relu(x)^2 (Primer, arXiv:2109.08668; modded-nanogpt)
+- qk_norm=True (False): RMS-normalised queries and keys (arXiv:2302.05442; nanochat)
+- tie_embeddings=False (True): a separate output head (nanochat, modded-nanogpt)
+- logit_softcap=c (0, off): logits -> c tanh(logits / c) (Gemma 2; nanochat: 15)
+- value_embeds=True (False): ResFormer's value residual (arXiv:2410.17897; modded-nanogpt, nanochat)
+- x0_mix=True (False): modded-nanogpt's x0 lambdas (nanochat's resid/x0 lambdas)
+- zero_init_proj=True (False): every block starts as the identity (modded-nanogpt, nanochat)
+- bigram_vocab=N (0, off): modded-nanogpt's bigram hash embedding
+No forward has an `if` on a modern knob. What forward does branch on, and why: its input (a KV
+cache or none, the last position only) and, in two CPU speed paths each kept in one place, the
+hardware and the dropout rate: Dropout's cheaper mask, and CausalSelfAttention.attend's explicit
+attention when training on a CPU with dropout or in bfloat16 (also used by attention_maps).
+A new knob is a GPTConfig field plus the code that uses it; the scripts derive flags, checks and
+checkpoint records from the field (docs/hacking.md). This file imports no other project file.
 """
 
 import functools
@@ -48,24 +45,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (torch.nn.LayerNorm has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        # eps 1e-5 is GPT-2's layer_norm_epsilon
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class RMSNorm(nn.Module):
-    """Parameter-free RMSNorm: no gain, no bias, no mean subtraction (see rms_norm)."""
-
-    def forward(self, x):
-        return rms_norm(x)
+def keep(x, *_):  # the identity, for a knob that is off (chosen once: forward needs no branch)
+    return x
 
 
 def rms_norm(x, eps=1e-6):
@@ -75,22 +56,67 @@ def rms_norm(x, eps=1e-6):
     return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x)
 
 
-def keep(x, *_):
-    """The identity, for the knobs that are off (chosen once, no branch in forward)."""
-    return x
+class RMSNorm(nn.Module):
+    """Parameter-free RMSNorm: no gain, no bias, no mean subtraction (see rms_norm)."""
+
+    def forward(self, x):
+        return rms_norm(x)
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding, half-split layout: channel j of a head pairs with channel
-    j + hs/2 and the pair turns by angle pos * base^(-2j/hs). Angles of positions below
+def make_norm(config):
+    """The norm module of ln_1, ln_2 and ln_f for config.norm (eps 1e-5 is GPT-2's)."""
+    return nn.LayerNorm(config.n_embd, 1e-5, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
+
+
+# ---------------------------------------------------------------- positions and added embeddings
+# A position scheme is the module transformer.wpe, a class of POSITIONS picked by pos_emb:
+# forward(x, past) -> (x with positions added, angles); rotate(qk, angles) for attention's queries
+# and keys; rolls: may the KV cache roll past block_size (scores depend on offsets only) or must
+# generation recompute the window; crop(block_size).
+
+class LearnedPositions(nn.Embedding):
+    """GPT-2's positions: a learned vector per position (transformer.wpe.weight, as in GPT-2),
+    added to the token embeddings. Past block_size every position shifts each step: no rolling."""
+    rolls = False
+    rotate = staticmethod(keep)  # no angles
+
+    def __init__(self, config):
+        super().__init__(config.block_size, config.n_embd)
+
+    def forward(self, x, past):
+        """x (B, T, C) plus positions [past, past + T), or one per row (past a (B,) tensor, T = 1)."""
+        if torch.is_tensor(past):
+            return x + self.weight[past][:, None], None  # (B, 1, C)
+        return x + self.weight[past:past + x.size(1)], None  # (T, C), the same for every row
+
+    def crop(self, block_size):
+        self.weight = nn.Parameter(self.weight[:block_size].detach().clone())
+        self.num_embeddings = block_size
+
+
+def apply_rotary(x, angles):
+    """Rotate x (B, T, nh, hs) by angles = RotaryPositions.angles(start, T): the pair (x1, x2) =
+    (x[..., j], x[..., j + hs/2]) becomes (x1 cos - x2 sin, x1 sin + x2 cos), i.e. (x1 + i x2) *
+    e^(i angle), written as x * (cos, cos) + (x2, x1) * (-sin, sin): the same float results."""
+    cos, sin = angles[0].to(x.dtype), angles[1].to(x.dtype)
+    swapped = x.roll(x.size(-1) // 2, dims=-1)  # (x2, x1)
+    return x * cos + swapped * sin  # (B, T, nh, hs)
+
+
+class RotaryPositions(nn.Module):
+    """Rotary positions (RoPE), half-split layout: channel j of a head pairs with channel j + hs/2
+    and the pair turns by angle pos * base^(-2j/hs). No weights: angles of positions below
     block_size are cached, later ones (the rolling KV cache) computed alike (float64, then
     float32). Full-width tables, (cos, cos) and (-sin, sin), make apply_rotary one multiply-add:
     4 ops per call instead of 10, which decoding notices (~12 calls per token)."""
+    rolls = True  # each key keeps the rotation of its absolute position
+    rotate = staticmethod(apply_rotary)
 
-    def __init__(self, head_size, block_size, base):
+    def __init__(self, config):
         super().__init__()
-        self.inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
-        cos, sin = self.table(0, block_size)
+        hs = config.n_embd // config.n_head
+        self.inv_freq = config.rope_base ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
+        cos, sin = self.table(0, config.block_size)
         self.register_buffer("cos", cos, persistent=False)  # (block_size, 1, hs), not a weight
         self.register_buffer("sin", sin, persistent=False)
 
@@ -100,7 +126,10 @@ class Rotary(nn.Module):
         # (T, 1, hs): broadcasts over the heads of x (B, T, nh, hs)
         return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
-    def forward(self, start, T):
+    def forward(self, x, past):
+        return x, self.angles(past, x.size(1))  # nothing added to the embeddings
+
+    def angles(self, start, T):
         """(cos, sin), each (T, 1, hs), for positions [start, start + T); (B, 1, 1, hs) for one
         position per row (start a (B,) tensor, T = 1)."""
         if torch.is_tensor(start):
@@ -110,149 +139,36 @@ class Rotary(nn.Module):
         cos, sin = self.table(start, T)
         return cos.to(self.cos.device), sin.to(self.cos.device)
 
-
-def apply_rotary(x, rope):
-    """Rotate x (B, T, nh, hs) by the angles of rope = Rotary(...)(start, T): the pair
-    (x1, x2) = (x[..., j], x[..., j + hs/2]) becomes (x1 cos - x2 sin, x1 sin + x2 cos),
-    i.e. (x1 + i x2) * e^(i angle). Written as x * (cos, cos) + (x2, x1) * (-sin, sin):
-    the same products and sums, so the same float results."""
-    cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
-    swapped = x.roll(x.size(-1) // 2, dims=-1)  # (x2, x1)
-    return x * cos + swapped * sin  # (B, T, nh, hs)
+    def crop(self, block_size):
+        pass  # no weights: the cached angles past block_size simply go unused
 
 
-def gelu_tanh(x):  # GPT-2's GELU is the tanh approximation ("gelu_new" in Hugging Face)
-    return F.gelu(x, approximate="tanh")
+POSITIONS = {"learned": LearnedPositions, "rope": RotaryPositions}  # GPTConfig.pos_emb's values
 
 
-def relu_squared(x):
-    return F.relu(x).square()
+class BigramHash(nn.Embedding):
+    """bigram_vocab: row hash(previous token, token) of N rows, row 0 for a first token with no
+    previous one, added to the token embeddings; a KV cache remembers each row's last token."""
+
+    def forward(self, x, idx, cache=None):
+        return x + super().forward(self.rows(idx, cache))  # (B, T, C)
+
+    def rows(self, idx, cache=None):
+        prev = torch.roll(idx, 1, dims=1)  # (B, T): column 0 is fixed below
+        prev[:, 0] = cache.prev if cache is not None and cache.prev is not None else -1
+        rows = (prev * 1_000_003 + idx) % (self.num_embeddings - 1) + 1  # a large prime spreads the pairs
+        if cache is not None and cache.prev is None:
+            cache.prev = idx[:, -1].clone()
+        elif cache is not None:
+            cache.prev.copy_(idx[:, -1])  # in place: serve.py's batch views share it
+        return torch.where(prev < 0, 0, rows)
 
 
-def softcap(logits, cap):  # near the identity for |logits| << cap, bounded by +-cap
-    return cap * torch.tanh(logits / cap)
+class Absent(nn.Module):
+    """Stands in for the value embeddings of a block that has none: no weights, looks up None."""
 
-
-def make_norm(config):
-    """The norm module of ln_1, ln_2 and ln_f for config.norm."""
-    return LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
-
-
-class CausalSelfAttention(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        # key, query, value projections for all heads in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = Dropout(config.dropout)
-        self.attn_dropout = Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
-        # the knobs, chosen once: parameter-free RMS norm of q and k per head, and RoPE
-        self.qk_norm = rms_norm if config.qk_norm else keep
-        self.rotate = apply_rotary if config.pos_emb == "rope" else keep
-        self.layer_idx = None  # set by GPT, indexes the KV cache
-        self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
-
-    def forward(self, x, rope=None, cache=None, last_only=False, ve=None):
-        """rope: (cos, sin) of x's positions for RoPE models, None for learned positions;
-        ve: the value embeddings of x's tokens (B, T, C), or None."""
-        B, T, C = x.size()  # batch, sequence length, n_embd
-        hs = C // self.n_head
-        nh = self.n_head
-        qkv = self.c_attn(x).view(B, T, 3 * nh, hs)  # (B, T, 3 nh, hs): q, k, v heads
-        # norm and rotate queries and keys in one call each (same per-head arithmetic, half the ops)
-        qk = self.rotate(self.qk_norm(qkv[:, :, :2 * nh]), rope)  # (B, T, 2 nh, hs)
-        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
-        k = qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hs)
-        v = qkv[:, :, 2 * nh:]  # (B, T, nh, hs)
-        if ve is not None:
-            v = v + ve.view(B, T, nh, hs)  # value embeddings: token identity straight into the values
-        v = v.transpose(1, 2)  # (B, nh, T, hs)
-        mask = None  # the keys each row may see, when rows differ in length (KVCache)
-        if cache is not None:
-            k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
-        if last_only:
-            # inference wants the last position only: one query row, all keys and values
-            q = q[:, :, -1:]  # (B, nh, 1, hs)
-        Tq, Tk = q.size(2), k.size(2)  # query i (of the last Tq positions) sees keys [0, Tk - Tq + i]
-
-        # Explicit attention where attention_maps needs the probabilities, and when training on
-        # the CPU with dropout (SDPA has no fused dropout there: it falls back to the same math
-        # with a slower mask) or in bfloat16 (torch's CPU flash backward in bfloat16 is ~2x
-        # slower than these matmuls, docs/faster_cpu.md)
-        cpu_training = self.training and x.device.type == "cpu"
-        if self.attn_record is not None or (cpu_training and (self.dropout > 0.0 or q.dtype == torch.bfloat16)):
-            # Causal queries never see later keys: in chunks, each block of queries scores only
-            # the keys up to its own end (4 chunks do 5/8 of the full Tq x Tk work; below 128
-            # queries a chunk, the extra calls cost more than the skipped work saves)
-            n_chunks = 1 if self.attn_record is not None else max(1, min(4, Tq // 128))
-            bounds = [Tq * i // n_chunks for i in range(n_chunks + 1)]
-            ys = [self.explicit_attention(q[:, :, a:b], k[:, :, :Tk - Tq + b], v[:, :, :Tk - Tq + b])
-                  for a, b in zip(bounds, bounds[1:])]
-            y = ys[0] if n_chunks == 1 else torch.cat(ys, dim=2)  # (B, nh, Tq, hs)
-        else:
-            # flash / memory-efficient kernels where the hardware has them
-            if mask is not None:
-                causal = dict(attn_mask=mask)
-            elif Tq == Tk or Tq == 1:
-                causal = dict(is_causal=Tq > 1)  # plain causal, or one query that sees every key
-            else:
-                causal = dict(attn_mask=torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - Tq))
-            dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, Tq, hs)
-        y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
-
-    def explicit_attention(self, q, k, v):
-        """softmax(q k^T / sqrt(hs) + causal mask) @ v with dropout on the probabilities, where
-        q (B, nh, Tq, hs) are the last Tq of the Tk positions in k, v (B, nh, Tk, hs)."""
-        B, nh, Tq, hs = q.shape
-        Tk = k.size(2)
-        # scores plus 0 where allowed and -inf in the future, in one fused call
-        future = torch.full((Tq, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(diagonal=Tk - Tq + 1)
-        att = torch.baddbmm(future, q.reshape(B * nh, Tq, hs), k.reshape(B * nh, Tk, hs).transpose(1, 2),
-                            alpha=1.0 / math.sqrt(hs)).view(B, nh, Tq, Tk).softmax(dim=-1)
-        if self.attn_record is not None:
-            self.attn_record.append(att)  # test_model.py checks this path against SDPA
-        return self.attn_dropout(att) @ v  # (B, nh, Tq, hs)
-
-
-class MLP(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
-        self.act = gelu_tanh if config.mlp_act == "gelu" else relu_squared
-
-    def forward(self, x):
-        h = self.act(self.c_fc(x))
-        return self.dropout(self.c_proj(h))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
-        # x0_mix: the block reads lambdas[0] x + lambdas[1] x0 (the identity at the start)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
-
-    def forward(self, x, rope=None, cache=None, last_only=False, x0=None, ve=None):
-        if self.lambdas is not None:
-            x = self.lambdas[0] * x + self.lambdas[1] * x0
-        a = self.attn(self.ln_1(x), rope, cache, last_only, ve)  # (B, 1, C) when last_only
-        x = (x[:, -1:] if last_only else x) + a
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, idx):
+        return None
 
 
 class Dropout(nn.Module):
@@ -282,6 +198,130 @@ class Dropout(nn.Module):
         return x * mask.to(x.dtype)
 
 
+def add_values(v, ve):  # value embeddings: token identity straight into the values
+    return v + ve.view_as(v)  # (B, T, nh, hs)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        # key, query, value projections for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.layer_idx = layer_idx  # indexes the KV cache
+        # the knobs, chosen once: RMS norm of q and k per head, the position scheme's rotation,
+        # and whether this block adds value embeddings (GPT looks them up)
+        self.qk_norm = rms_norm if config.qk_norm else keep
+        self.rotate = POSITIONS[config.pos_emb].rotate
+        self.add_values = add_values if config.has_value_embeds(layer_idx) else keep
+        self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
+
+    def forward(self, x, angles=None, cache=None, last_only=False, ve=None):
+        """angles: the position scheme's for x; ve: value embeddings of x's tokens (B, T, C) or None;
+        last_only: attend from the last position only (inference), returning (B, 1, C)."""
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.c_attn(x).view(B, T, 3 * nh, hs)  # (B, T, 3 nh, hs): q, k, v heads
+        # norm and rotate queries and keys in one call each (same per-head arithmetic, half the ops)
+        qk = self.rotate(self.qk_norm(qkv[:, :, :2 * nh]), angles)  # (B, T, 2 nh, hs)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hs)
+        v = self.add_values(qkv[:, :, 2 * nh:], ve).transpose(1, 2)  # (B, nh, T, hs)
+        mask = None  # the keys each row may see, when rows differ in length (KVCache)
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
+        if last_only:
+            q = q[:, :, -1:]  # (B, nh, 1, hs): one query row, all keys and values
+        y = self.attend(q, k, v, mask)  # (B, nh, Tq, hs)
+        y = y.transpose(1, 2).contiguous().view(B, q.size(2), C)  # (B, Tq, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, mask=None):
+        """Causal attention of queries q (B, nh, Tq, hs), the last Tq of the Tk positions of k, v
+        (B, nh, Tk, hs). The fused kernel (SDPA), except on two explicit paths: for attention_maps,
+        and when training on the CPU with dropout (SDPA has no fused dropout there: it falls back
+        to the same math with a slower mask) or in bfloat16 (torch's CPU flash backward in
+        bfloat16 is ~2x slower than these matmuls, docs/faster_cpu.md)."""
+        Tq, Tk = q.size(2), k.size(2)  # query i (of the last Tq positions) sees keys [0, Tk - Tq + i]
+        cpu_training = self.training and q.device.type == "cpu"
+        if self.attn_record is not None or (cpu_training and (self.dropout > 0 or q.dtype == torch.bfloat16)):
+            # Causal queries never see later keys: in chunks, each block of queries scores only
+            # the keys up to its own end (4 chunks do 5/8 of the full Tq x Tk work; below 128
+            # queries a chunk, the extra calls cost more than the skipped work saves)
+            n_chunks = 1 if self.attn_record is not None else max(1, min(4, Tq // 128))
+            bounds = [Tq * i // n_chunks for i in range(n_chunks + 1)]
+            ys = [self.explicit_attention(q[:, :, a:b], k[:, :, :Tk - Tq + b], v[:, :, :Tk - Tq + b])
+                  for a, b in zip(bounds, bounds[1:])]
+            return ys[0] if n_chunks == 1 else torch.cat(ys, dim=2)  # (B, nh, Tq, hs)
+        if mask is None and Tq not in (1, Tk):  # a chunk after a cached prefix: causal, offset
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        # flash / memory-efficient kernels where the hardware has them; one query sees every key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+    def explicit_attention(self, q, k, v):
+        """softmax(q k^T / sqrt(hs) + causal mask) @ v with dropout on the probabilities, where
+        q (B, nh, Tq, hs) are the last Tq of the Tk positions in k, v (B, nh, Tk, hs)."""
+        B, nh, Tq, hs = q.shape
+        Tk = k.size(2)
+        # scores plus 0 where allowed and -inf in the future, in one fused call
+        future = torch.full((Tq, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(diagonal=Tk - Tq + 1)
+        att = torch.baddbmm(future, q.reshape(B * nh, Tq, hs), k.reshape(B * nh, Tk, hs).transpose(1, 2),
+                            alpha=1.0 / math.sqrt(hs)).view(B, nh, Tq, Tk).softmax(dim=-1)
+        if self.attn_record is not None:
+            self.attn_record.append(att)  # test_model.py checks this path against SDPA
+        return self.attn_dropout(att) @ v  # (B, nh, Tq, hs)
+
+
+def gelu_tanh(x):  # GPT-2's GELU is the tanh approximation ("gelu_new" in Hugging Face)
+    return F.gelu(x, approximate="tanh")
+
+
+def relu_squared(x):
+    return F.relu(x).square()
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = Dropout(config.dropout)
+        self.act = gelu_tanh if config.mlp_act == "gelu" else relu_squared
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def mix_x0(x, x0, lambdas):  # x0_mix: the block reads lambdas[0] x + lambdas[1] x0
+    return lambdas[0] * x + lambdas[1] * x0
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None  # the identity
+        self.mix = mix_x0 if config.x0_mix else keep
+
+    def forward(self, x, x0, ve=None, angles=None, cache=None, last_only=False):
+        x = self.mix(x, x0, self.lambdas)
+        a = self.attn(self.ln_1(x), angles, cache, last_only, ve)  # (B, 1, C) when last_only
+        x = (x[:, -1:] if last_only else x) + a
+        return x + self.mlp(self.ln_2(x))
+
+
 @dataclass
 class GPTConfig:
     """The model's knobs. Each annotation gives the allowed values (int: >= 1, or >= 0 where
@@ -295,7 +335,7 @@ class GPTConfig:
     dropout: float = 0.0  # in [0, 1): 0 for pretraining, try 0.1+ for finetuning
     bias: bool = True  # biases in Linear and LayerNorm, like GPT-2; False is a bit better and faster
     # modern opt-in knobs (the module docstring gives their sources); the defaults are GPT-2
-    pos_emb: Literal["learned", "rope"] = "learned"  # positions: 'learned' (GPT-2's wpe) or 'rope' (rotary, no wpe)
+    pos_emb: Literal[tuple(POSITIONS)] = "learned"  # positions: 'learned' (GPT-2's wpe) or 'rope' (rotary, no wpe)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
     mlp_act: Literal["gelu", "relu2"] = "gelu"  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
@@ -311,13 +351,14 @@ class GPTConfig:
         for f in fields(self):
             value, kind = getattr(self, f.name), f.type
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            low = 0 if f.default == 0 else 1  # an int default of 0 means off
             if get_origin(kind) is Literal:
                 ok, want = value in get_args(kind), "one of " + ", ".join(map(repr, get_args(kind)))
             elif kind is bool:
                 ok, want = isinstance(value, bool), "True or False"
             elif kind is int:
-                low = 0 if f.default == 0 else 1  # a default of 0 means off
-                ok, want = number and isinstance(value, int) and value >= low, "an int >= 0" if low == 0 else "a positive int"
+                ok = number and isinstance(value, int) and value >= low
+                want = "an int >= 0" if low == 0 else "a positive int"
             elif f.name == "dropout":  # the floats with a narrower range than >= 0
                 ok, want = number and 0 <= value < 1, "in [0, 1)"
             elif f.name == "rope_base":
@@ -334,6 +375,9 @@ class GPTConfig:
         if self.bigram_vocab == 1:  # row 0 is for the first token, the pairs need at least one more
             raise ValueError("GPTConfig.bigram_vocab must be 0 (off) or >= 2, got 1")
 
+    def has_value_embeds(self, layer_idx):  # every other block, the last included
+        return self.value_embeds and (self.n_layer - 1 - layer_idx) % 2 == 0
+
     def modern(self):
         """The knobs set away from GPT-2's behaviour, {name: value}; {} for a GPT-2."""
         return {f.name: getattr(self, f.name) for f in fields(self)
@@ -347,38 +391,25 @@ class GPTConfig:
 
 # The fields GPT-2 and nanoGPT's GPTConfig have; every other field is a modern opt-in knob.
 GPT2_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
-
-# Hugging Face names of the four OpenAI GPT-2 checkpoints and their shapes
-# (from the GPT-2 paper, table 2; all use vocab 50257 and context 1024).
-PRETRAINED = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
-
+# Hugging Face names of OpenAI's GPT-2 checkpoints, 124M to 1558M parameters (lib/runs.py finds them)
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Hugging Face GPT-2 stores these Linear layers as Conv1D, weight shape (in, out): transpose.
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class KVCache:
     """Keys and values of every layer for positions [0, pos), up to max_len, allocated on the
     first write in the dtype the attention produces (bfloat16 under autocast, else float32).
-
-    rolling (RoPE models only): once full, a new position overwrites the oldest slot (a ring
-    buffer, no copy) and the query attends to the last max_len keys; their order does not
-    matter, as RoPE already rotated each key by its own absolute position.
-
+    rolling (position schemes that roll): once full, a new position overwrites the oldest slot (a
+    ring buffer, no copy) and the query attends to the last max_len keys in any order.
     pos may also be a (B,) tensor, one length per row, to decode rows of different lengths
     together one token at a time (serve.py's batches): each row attends to its own keys only."""
 
     def __init__(self, n_layer, max_len, rolling=False):
         self.prev = None  # each row's last token id, (B,): the bigram embedding's previous token
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-        self.max_len = max_len
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.max_len, self.rolling = max_len, rolling
         self.pos = 0  # number of positions already fed (the next one's absolute position)
-        self.rolling = rolling
 
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at [pos, pos+T); return the keys and values to attend to and
@@ -440,44 +471,41 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
+def softcap(logits, cap):  # near the identity for |logits| << cap, bounded by +-cap
+    return cap * torch.tanh(logits / cap)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        rope = config.pos_emb == "rope"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            **({} if rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
+            wpe=POSITIONS[config.pos_emb](config),  # the position scheme
             drop=Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
-        # one table of angles for all layers; None with learned positions
-        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base) if rope else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # value embeddings for every other block, the last included: {block index: table}
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_embd)
-                                           for i in range(config.n_layer)
-                                           if config.value_embeds and (config.n_layer - 1 - i) % 2 == 0})
-        self.bigram = nn.Embedding(config.bigram_vocab, config.n_embd) if config.bigram_vocab else None
-        if config.tie_embeddings:
-            # weight tying (GPT-2 does it; https://paperswithcode.com/method/weight-tying)
+        # per block, its value embeddings (value_embeds.<block>.weight) or an Absent stand-in
+        self.value_embeds = nn.ModuleList([
+            nn.Embedding(config.vocab_size, config.n_embd) if config.has_value_embeds(i) else Absent()
+            for i in range(config.n_layer)])
+        self.bigram = BigramHash(config.bigram_vocab, config.n_embd) if config.bigram_vocab else keep
+        if config.tie_embeddings:  # weight tying, as GPT-2 does
             self.transformer.wte.weight = self.lm_head.weight
         c = config.logit_softcap
         self.softcap = functools.partial(softcap, cap=float(c)) if c > 0 else keep
-        for i, block in enumerate(self.transformer.h):
-            block.attn.layer_idx = i
         self.apply(self._init_weights)
-        # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(N), N = 2 per block
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
+                # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(N), N = 2 per block
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
                 if config.zero_init_proj:
                     torch.nn.init.zeros_(p)
-        # the added embeddings start at zero: the model starts as the one without them
-        for table in [*self.value_embeds.values(), *([self.bigram] if self.bigram is not None else [])]:
-            torch.nn.init.zeros_(table.weight)
+            if name.startswith(("value_embeds.", "bigram.")):
+                torch.nn.init.zeros_(p)  # the added embeddings start at zero: the model without them
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -490,61 +518,43 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def _check_idx(self, idx, past=0):
-        if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex \
+                or idx.dtype == torch.bool:
             what = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise TypeError(f"idx must be an integer tensor of token ids, got {what}; use torch.long")
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}")
-        T = idx.size(1)
-        if past + T > self.config.block_size:
+        T, block_size, V = idx.size(1), self.config.block_size, self.config.vocab_size
+        if past + T > block_size:
             raise ValueError(f"cannot forward a sequence of length {past + T}: block_size is "
-                             f"{self.config.block_size}; crop the input to its last {self.config.block_size} tokens")
+                             f"{block_size}; crop the input to its last {block_size} tokens")
         if T == 0:
             raise ValueError("idx is empty: need at least one token per row")
         # Range check costs a device sync, so CUDA training skips it (its data was checked
         # when prepared) and compiled graphs skip it (data-dependent branches break graphs).
         if not torch.compiler.is_compiling() and not (idx.is_cuda and self.training):
-            lo, hi = torch.aminmax(idx)
-            if lo.item() < 0 or hi.item() >= self.config.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {lo.item()} "
-                                 f"max {hi.item()}; the data or prompt does not match this model's vocabulary")
+            lo, hi = (t.item() for t in torch.aminmax(idx))
+            if lo < 0 or hi >= V:
+                raise ValueError(f"token ids must be in [0, {V}), got min {lo} max {hi}; the data "
+                                 f"or prompt does not match this model's vocabulary")
 
     def _hidden(self, idx, cache=None, last_only=False):
-        """Final-LayerNorm hidden states (B, T, C) of idx placed after the cache's positions;
+        """Final-norm hidden states (B, T, C) of idx placed after the cache's positions;
         last_only: of the last position only, (B, 1, C), sparing the last block the rest."""
         past = cache.pos if cache is not None else 0  # an int, or one per row (B,)
         longest = int(past.max()) if torch.is_tensor(past) else past
-        # a rolling cache (RoPE) holds the last block_size positions however many came before
-        self._check_idx(idx, longest if cache is None or not cache.rolling else min(longest, self.config.block_size - 1))
-        T = idx.size(1)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.bigram is not None:
-            x = x + self.bigram(self.bigram_rows(idx, cache))
-        rope = None
-        if self.rotary is None:  # learned positions (T, C), or one per row (B, 1, C)
-            x = x + (self.transformer.wpe(past)[:, None] if torch.is_tensor(past) else self.transformer.wpe.weight[past:past + T])
-        else:
-            rope = self.rotary(past, T)  # angles of the absolute positions [past, past + T)
+        # a rolling cache holds the last block_size positions however many came before
+        rolled = cache is not None and cache.rolling
+        self._check_idx(idx, min(longest, self.config.block_size - 1) if rolled else longest)
+        x = self.bigram(self.transformer.wte(idx), idx, cache)  # (B, T, C)
+        x, angles = self.transformer.wpe(x, past)  # positions [past, past + T)
         x = x0 = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, C)
-            x = block(x, rope, cache, last_only and i == len(self.transformer.h) - 1, x0, ve)
+        last = len(self.transformer.h) - 1
+        for i, (block, ve) in enumerate(zip(self.transformer.h, self.value_embeds)):
+            x = block(x, x0, ve(idx), angles, cache, last_only and i == last)
         if cache is not None:
-            cache.pos += T
+            cache.pos += idx.size(1)
         return self.transformer.ln_f(x)
-
-    def bigram_rows(self, idx, cache=None):
-        """Rows of the bigram table for idx (B, T): a hash of (previous, current) token, row 0
-        for a first token with no previous one (the cache remembers each row's last token)."""
-        prev = torch.roll(idx, 1, dims=1)  # (B, T): column 0 is fixed below
-        prev[:, 0] = cache.prev if cache is not None and cache.prev is not None else -1
-        rows = (prev * 1_000_003 + idx) % (self.config.bigram_vocab - 1) + 1  # a large prime spreads the pairs
-        if cache is not None:
-            if cache.prev is None:
-                cache.prev = idx[:, -1].clone()
-            else:
-                cache.prev.copy_(idx[:, -1])  # in place: serve.py's batch views share it
-        return torch.where(prev < 0, 0, rows)
 
     def forward(self, idx, targets=None):
         """With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1.
@@ -561,17 +571,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, idx):
-        """Attention probabilities of every layer for idx: a list of n_layer tensors (B, nh, T, T).
-
-        They are the weights the forward pass itself multiplies the values with: each
-        attention layer switches from the fused kernel to its explicit softmax path."""
-        was_training = self.training
-        self.eval()
-        records = []
+        """Attention probabilities of every layer for idx: a list of n_layer tensors (B, nh, T, T),
+        the weights the forward pass itself multiplies the values with (the explicit path)."""
+        was_training, records = self.training, []
+        for block in self.transformer.h:
+            block.attn.attn_record = records
         try:
-            for block in self.transformer.h:
-                block.attn.attn_record = records
-            self._hidden(idx)
+            self.eval()._hidden(idx)
         finally:
             for block in self.transformer.h:
                 block.attn.attn_record = None
@@ -587,16 +593,17 @@ class GPT(nn.Module):
         one forward over the prompt fills a KV cache, then each step feeds one token.
         vocab_limit: only ids below it are sampled (the tokenizer's size when vocab_size is
         padded, e.g. 50257 for 50304). Past block_size, learned positions (GPT-2) recompute the
-        last block_size tokens every step, exactly as without a cache; RoPE rolls the cache
-        (one token per step), which equals sliding-window causal attention over the whole
-        sequence (docs/modern_model.md), and feeds a long prompt the same way."""
+        last block_size tokens every step, exactly as without a cache; a scheme that rolls (RoPE)
+        rolls the cache (one token per step), which equals sliding-window causal attention over
+        the whole sequence (docs/modern_model.md), and feeds a long prompt the same way."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if vocab_limit is not None and not 0 < vocab_limit <= self.config.vocab_size:
             raise ValueError(f"vocab_limit must be in [1, {self.config.vocab_size}], got {vocab_limit}")
         if isinstance(idx, torch.Tensor) and idx.dim() == 1:
-            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}; use idx[None] for one prompt")
-        block_size = self.config.block_size
+            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}; "
+                             f"use idx[None] for one prompt")
+        block_size, rolling = self.config.block_size, self.transformer.wpe.rolls
         B, T = idx.shape
         # the running sequence; only its last block_size tokens are ever looked at
         seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
@@ -604,29 +611,24 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # generation never uses dropout
         try:
-            rolling = self.rotary is not None  # see the docstring
             cache = KVCache(self.config.n_layer, block_size, rolling=rolling)
-            if rolling:
-                hidden = self._hidden(seq[:, :min(T, block_size)], cache, last_only=True)[:, -1, :]  # (B, C)
-                for t in range(block_size, T):  # the rest of a long prompt through the rolling cache
-                    hidden = self._hidden(seq[:, t:t + 1], cache)[:, -1, :]
-            else:
-                start = max(0, T - block_size)
-                hidden = self._hidden(seq[:, start:T], cache, last_only=True)[:, -1, :]  # (B, C)
+            start = 0 if rolling else max(0, T - block_size)  # a rolling cache takes the whole prompt
+            prompt = seq[:, start:min(T, start + block_size)]
+            hidden = self._hidden(prompt, cache, last_only=True)[:, -1]  # (B, C)
+            for t in range(start + block_size, T):  # the rest of a long prompt, one by one (rolling)
+                hidden = self._hidden(seq[:, t:t + 1], cache)[:, -1]
             for step in range(max_new_tokens):
                 logits = self.softcap(self.lm_head(hidden))  # (B, V)
-                if vocab_limit is not None:
-                    logits = logits[:, :vocab_limit]
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                nxt = sample_next(logits[:, :vocab_limit], temperature, top_k, top_p, generator)  # (B,)
                 L = T + step + 1  # sequence length including nxt
                 seq[:, L - 1] = nxt
                 yield nxt
                 if step == max_new_tokens - 1:
                     break
                 if L <= block_size or rolling:
-                    hidden = self._hidden(nxt[:, None], cache)[:, -1, :]  # one new position
+                    hidden = self._hidden(nxt[:, None], cache)[:, -1]  # one new position
                 else:
-                    hidden = self._hidden(seq[:, L - block_size:L], last_only=True)[:, -1, :]  # sliding window
+                    hidden = self._hidden(seq[:, L - block_size:L], last_only=True)[:, -1]  # sliding window
         finally:
             self.train(was_training)
 
@@ -642,15 +644,13 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         """Parameter count, tied weights once. non_embedding leaves out the lookup tables:
-        the position embeddings (none with RoPE), and the token embedding only when the
-        head is untied (tied, it is also the lm_head's matmul)."""
+        positions (none with RoPE), value and bigram tables, and the token embedding only when
+        the head is untied (tied, it is also the lm_head's matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= sum(m.weight.numel() for name, m in self.transformer.items() if name == "wpe")
-            n -= sum(p.numel() for p in self.value_embeds.parameters())  # lookup tables too
-            n -= self.bigram.weight.numel() if self.bigram is not None else 0
-            if not self.config.tie_embeddings:
-                n -= self.transformer.wte.weight.numel()
+            lookups = ("transformer.wpe.", "value_embeds.", "bigram.")
+            n -= sum(p.numel() for name, p in self.named_parameters() if name.startswith(lookups))
+            n -= 0 if self.config.tie_embeddings else self.transformer.wte.weight.numel()
         return n
 
     def param_breakdown(self):
@@ -685,94 +685,64 @@ class GPT(nn.Module):
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"block_size must be in [1, {self.config.block_size}], got {block_size}")
         self.config.block_size = block_size
-        if self.rotary is None:
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
-        # RoPE has no weights to crop: its cached angles simply go unused past block_size
+        self.transformer.wpe.crop(block_size)
 
-    # ---------------------------------------------------------------- Hugging Face GPT-2
+    # ---------------------------------------------------------------- Hugging Face GPT-2 import
 
     @classmethod
-    def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2 weights from Hugging Face: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
-        (from the local Hugging Face cache, downloaded when online and huggingface_hub is
-        installed), or a local folder with config.json and model.safetensors or
-        pytorch_model.bin. override_args may set dropout only."""
+    def from_pretrained(cls, folder, override_args=None):
+        """GPT-2 from a local Hugging Face folder: config.json and model.safetensors or
+        pytorch_model.bin (lib/runs.py's pretrained_folder finds 'gpt2', 'gpt2-medium', ... in
+        the Hugging Face cache). override_args may set dropout only."""
         override_args = dict(override_args or {})
         unknown = set(override_args) - {"dropout"}
         if unknown:
             raise ValueError(f"override_args may only set 'dropout', got {sorted(unknown)}")
-        folder = _pretrained_folder(name_or_path)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder"
+                                    if os.path.isdir(folder) else f"{folder!r} is not a folder (for a GPT-2 "
+                                    f"name, lib/runs.py's pretrained_folder finds its folder)")
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{folder}: activation_function {hf['activation_function']!r} is not GPT-2's "
-                             f"tanh GELU; this model cannot represent it")
-        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-            raise ValueError(f"{folder}: n_inner {hf['n_inner']} is not 4 * n_embd; this model cannot represent it")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
-                           dropout=override_args.get("dropout", 0.0))
-        model = cls(config)
-        hf_sd = _read_weights(folder)
+        act, inner = hf.get("activation_function", "gelu_new"), hf.get("n_inner")
+        if act not in ("gelu_new", "gelu_pytorch_tanh") or inner not in (None, 4 * hf["n_embd"]):
+            raise ValueError(f"{folder}: activation_function {act!r} and n_inner {inner} are not GPT-2's "
+                             f"(tanh GELU, 4 * n_embd); this model cannot represent them")
+        model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                              n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                              dropout=override_args.get("dropout", 0.0)))
         sd = model.state_dict()
-        # GPT2LMHeadModel prefixes "transformer."; a bare GPT2Model does not
+        # GPT2LMHeadModel prefixes "transformer."; a bare GPT2Model does not; the causal-mask
+        # buffers of older transformers versions are not weights
         hf_sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
-                 for k, v in hf_sd.items()}
-        # causal-mask buffers of older transformers versions are not weights
-        hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+                 for k, v in _read_weights(folder).items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         hf_sd.setdefault("lm_head.weight", hf_sd.get("transformer.wte.weight"))  # tied
-        missing = sorted(set(sd) - set(hf_sd))
-        unexpected = sorted(set(hf_sd) - set(sd))
+        missing, unexpected = sorted(set(sd) - set(hf_sd)), sorted(set(hf_sd) - set(sd))
         if missing or unexpected:
             raise ValueError(f"{folder}: weights do not match GPT-2: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
         with torch.no_grad():
             for k, target in sd.items():
-                w = hf_sd[k]
-                if k.endswith(_CONV1D):
-                    w = w.t()
+                w = hf_sd[k].t() if k.endswith(HF_CONV1D) else hf_sd[k]
                 if w.shape != target.shape:
                     raise ValueError(f"{folder}: {k} has shape {tuple(w.shape)}, expected {tuple(target.shape)}")
                 target.copy_(w)
         return model
 
-    def save_pretrained(self, folder, state_dict=None):
-        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads with the
-        same logits. Models without biases get zero biases (the same function). Only GPT-2
-        models export: a modern knob (pos_emb, norm, ...) has no GPT-2 equivalent.
-        state_dict: the weights to write, default this model's (lora.py passes merged ones)."""
-        cfg = self.config
-        for name, value in cfg.modern().items():
-            default = GPTConfig.__dataclass_fields__[name].default
-            raise ValueError(f"save_pretrained exports GPT-2 only, and GPT-2 has no {name}={value!r} "
-                             f"(it needs {name}={default!r}); keep this model as a train.py checkpoint")
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-            "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
-            "bos_token_id": min(50256, cfg.vocab_size - 1), "eos_token_id": min(50256, cfg.vocab_size - 1),
-        }
-        out = {}
-        for k, v in (self.state_dict() if state_dict is None else state_dict).items():
-            if k == "lm_head.weight":
-                continue  # tied to transformer.wte.weight; transformers re-ties it on load
-            out[k] = (v.t() if k.endswith(_CONV1D) else v).detach().to("cpu", torch.float32).contiguous()
-        if not cfg.bias:
-            for k, v in list(out.items()):
-                if k.endswith(".weight") and (".c_" in k or ".ln_" in k or k.startswith("transformer.ln_f")):
-                    n = v.shape[1] if k.endswith(_CONV1D) else v.shape[0]
-                    out[k[:-len("weight")] + "bias"] = torch.zeros(n)
-        os.makedirs(folder, exist_ok=True)
-        _write_replacing(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
+
+def _read_weights(folder):
+    """The state dict in a Hugging Face folder: model.safetensors, else pytorch_model.bin."""
+    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(st):
         try:
-            from safetensors.torch import save
+            from safetensors.torch import load_file
         except ImportError:
-            _write_replacing(os.path.join(folder, "pytorch_model.bin"), lambda f: torch.save(out, f))
-        else:
-            _write_replacing(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(out, {"format": "pt"})))
+            raise ImportError(f"{st} needs the safetensors package: pip install safetensors") from None
+        return load_file(st)
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
 def replace_modules(model, kind, make):
@@ -785,39 +755,3 @@ def replace_modules(model, kind, make):
                 setattr(module, child_name, make(child))
                 n += 1
     return n
-
-
-def _write_replacing(path, write):
-    """Write through a temporary name, then rename: a crash never leaves a half-written file."""
-    with open(f"{path}.tmp", "wb") as f:
-        write(f)
-    os.replace(f"{path}.tmp", path)
-
-
-def _pretrained_folder(name_or_path):
-    """A folder holding config.json and weights: the path itself, or for a GPT-2 name the
-    Hugging Face cache's copy (downloaded if missing; runs.pretrained_folder explains failures)."""
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise FileNotFoundError(f"{name_or_path} has no config.json: not a Hugging Face model folder")
-        return name_or_path
-    if name_or_path not in PRETRAINED:
-        raise FileNotFoundError(f"{name_or_path!r} is neither a folder nor one of {sorted(PRETRAINED)}")
-    from huggingface_hub import snapshot_download  # pip install huggingface_hub
-    return snapshot_download(name_or_path, allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"])
-
-
-def _read_weights(folder):
-    """The state dict in a Hugging Face folder: model.safetensors, else pytorch_model.bin."""
-    st = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(st):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{st} needs the safetensors package: pip install safetensors") from None
-        return load_file(st)
-    pt = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-

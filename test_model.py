@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache, sample_next
+from lib.export import save_hf
 from lib.optim import configure_optimizers
 
 ROOT = Path(__file__).resolve().parent
@@ -82,7 +83,7 @@ def test_export_loads_in_transformers(cfg, bias, tmp_path):
         for name, p in ours.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
                 p.normal_(0.0, 0.3)
-    ours.save_pretrained(tmp_path)
+    save_hf(ours, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, cfg["vocab_size"], (2, cfg["n_positions"]))
     with torch.no_grad():
@@ -108,8 +109,10 @@ def test_from_pretrained_pytorch_bin_and_bare_gpt2model(tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a folder nor one of"):
+    with pytest.raises(FileNotFoundError, match="'gpt3' is not a folder"):
         GPT.from_pretrained("gpt3")
+    with pytest.raises(FileNotFoundError, match="'gpt2' is not a folder .*pretrained_folder"):
+        GPT.from_pretrained("gpt2")  # a name: lib/runs.py resolves it, model.py reads folders only
     with pytest.raises(FileNotFoundError, match="no config.json"):
         GPT.from_pretrained(str(tmp_path))
     hf = hf_model(HF_CONFIGS[0])

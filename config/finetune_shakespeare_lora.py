@@ -5,7 +5,7 @@
 # Any base: --init_from=path/to/hf_folder or --init_from=out-other-run/ckpt.pt
 #
 # CPU demo without GPT-2 weights (docs/lora_int8.md has the full recipe): a 4-layer, 128-wide GPT-2-shaped
-# base (7.2M params) trained ~9 min on WikiText-2 text, exported with GPT.save_pretrained to /tmp/lora2/base_hf, then
+# base (7.2M params) trained ~9 min on WikiText-2 text, exported with lib.export.save_hf to /tmp/lora2/base_hf, then
 # (data: python prepare.py shakespeare) python train.py config/finetune_shakespeare_lora.py --init_from=/tmp/lora2/base_hf --device=cpu --block_size=128 \
 #   --batch_size=8 --gradient_accumulation_steps=1 --max_iters=30 --eval_interval=15 --eval_iters=10 --learning_rate=3e-3
 # Measured (2 shared CPU cores, load ~6-8, times noisy): val loss 10.26 -> 8.32 after 30 steps

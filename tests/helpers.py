@@ -117,3 +117,37 @@ def train_defaults():
                 pass  # not a knob (e.g. config_keys)
     from lib import cli
     return {**defaults, **cli.model_knobs(defaults)}
+
+
+def modern_knobs(**numbers):
+    """[(id, {knob: value})]: every value away from GPT-2's of each modern GPTConfig knob (every
+    field but GPT-2's), derived from the fields so that a new knob is covered with no edit here:
+    the other options of a Literal, the other bool, and for a number numbers[knob] if given, else
+    twice its default (37 for an int whose default 0 means off, 0.5 for such a float)."""
+    from dataclasses import fields
+    from typing import Literal, get_args, get_origin
+
+    from model import GPT2_FIELDS, GPTConfig
+    knobs = []
+    for f in fields(GPTConfig):
+        if f.name in GPT2_FIELDS:
+            continue
+        if get_origin(f.type) is Literal:
+            values = [v for v in get_args(f.type) if v != f.default]
+        elif f.type is bool:
+            values = [not f.default]
+        elif f.name in numbers:
+            values = [numbers[f.name]]
+        else:
+            values = [f.type(2 * f.default if f.default else 37 if f.type is int else 0.5)]
+        knobs += [(f"{f.name}={v}", {f.name: v}) for v in values]
+    return knobs
+
+
+def every_knob(**numbers):
+    """Every modern knob away from GPT-2 at once: the first value modern_knobs gives each."""
+    merged = {}
+    for _, kw in modern_knobs(**numbers):
+        for name, value in kw.items():
+            merged.setdefault(name, value)
+    return merged

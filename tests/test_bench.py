@@ -96,7 +96,7 @@ def test_modern_knobs_run_and_bad_ones_are_refused():
         args.append(f"--nanogpt_dir={os.environ['NANOGPT_DIR']}")
     results, _ = run_bench(*args)
     assert results[0]['impl'] == 'ours' and results[0]['model']['pos_emb'] == 'rope'
-    for argv, message in [(['--pos_emb=alibi'], "error: pos_emb must be one of 'learned', 'rope'"),
+    for argv, message in [(['--pos_emb=not-a-scheme'], "error: pos_emb must be one of 'learned', 'rope'"),
                           (['--norm=rmsnorm', '--hf_compare=True'], 'hf_compare needs GPT-2')]:
         r = subprocess.run([sys.executable, str(ROOT / 'bench.py'), *TINY, *argv], capture_output=True, text=True,
                            cwd=ROOT, timeout=300)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from helpers import ENV, REPO, TINY, make_dataset
+from helpers import ENV, REPO, TINY, every_knob, make_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +39,10 @@ def test_a_compiled_dropout_model_trains_and_evaluates_again_and_again():
             model.train()
 
 
-EVERY_KNOB = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp_act=relu2', '--qk_norm=True', '--tie_embeddings=False',
-              '--logit_softcap=15', '--value_embeds=True', '--x0_mix=True', '--zero_init_proj=True',
-              '--bigram_vocab=64', '--optimizer=muon', '--muon_momentum_warmup=2', '--batch_warmup=2',
-              '--seq_warmup=2', '--embedding_lr=0.02', '--scalar_lr=0.02']
+# every model knob away from GPT-2 (from GPTConfig, so a new one joins), and train.py's modern recipe
+EVERY_KNOB = [f'--{k}={v}' for k, v in every_knob(logit_softcap=15, bigram_vocab=64).items()] + [
+    '--optimizer=muon', '--muon_momentum_warmup=2', '--batch_warmup=2', '--seq_warmup=2', '--embedding_lr=0.02',
+    '--scalar_lr=0.02']
 
 
 @pytest.mark.parametrize('knobs', [[], EVERY_KNOB], ids=['gpt2', 'every-knob'])

@@ -1,6 +1,6 @@
 """
 Tests for LoRA fine-tuning: lora.py's LoRALinear / apply_lora / merge_lora, train.py's lora_*
-knobs and adapter-only checkpoints, and loading them back (runs.load_model, save_pretrained).
+knobs and adapter-only checkpoints, and loading them back (runs.load_model, export.save_hf).
 Tiny models on CPU; train.py runs as a subprocess like in test_train.py.
 """
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lib import runs
+from lib.export import save_hf
 from lib.lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
 from model import GPT, GPTConfig
 from lib.optim import configure_optimizers
@@ -114,13 +115,13 @@ def test_lora_cached_generation_equals_recomputation():
     assert torch.equal(out, seq)
 
 
-def test_save_pretrained_writes_the_merged_model_transformers_loads(tmp_path):
+def test_save_hf_writes_the_merged_model_transformers_loads(tmp_path):
     transformers = pytest.importorskip('transformers')
     model = tiny_gpt(vocab_size=64, block_size=32, bias=True)
     apply_lora(model, 4, 16.0, 0.0, ALL)
     randomize_adapters(model)
     model.eval()
-    GPT.save_pretrained(merge_lora(copy.deepcopy(model)), tmp_path / 'hf')  # the adapters folded in
+    save_hf(merge_lora(copy.deepcopy(model)), tmp_path / 'hf')  # the adapters folded in
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').eval()
     idx = torch.randint(0, 64, (2, 32))
     with torch.no_grad():
@@ -137,7 +138,7 @@ LORA = ['--lora_rank=4', '--lora_alpha=8', f'--lora_targets={ALL}', '--learning_
 def base_folder(tmp_path):
     """A local Hugging Face folder holding a small GPT-2-shaped model (the base to adapt)."""
     folder = tmp_path / 'base'
-    GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=2, n_head=2, n_embd=32)).save_pretrained(folder)
+    save_hf(GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=2, n_head=2, n_embd=32)), folder)
     return folder
 
 

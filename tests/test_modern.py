@@ -1,35 +1,31 @@
-"""Tests of the modern opt-in GPTConfig knobs (pos_emb, norm, mlp_act, qk_norm,
-tie_embeddings, logit_softcap) against plain references: the formulas, a direct complex
+"""Tests of the modern opt-in GPTConfig knobs (every field but GPT-2's, taken from GPTConfig, so
+a new knob joins these tests by itself) against plain references: the formulas, a direct complex
 rotation for RoPE, a hand-written forward pass with sliding-window attention for the rolling
 KV cache, and full recomputation for generation. Tiny models, CPU, float32."""
 
 import math
+from dataclasses import fields
+from typing import get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import every_knob, modern_knobs
 from lib import runs
-from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, sample_next
+from lib.export import save_hf
+from model import (GPT, GPT2_FIELDS, POSITIONS, GPTConfig, KVCache, LearnedPositions, RMSNorm, apply_rotary,
+                   sample_next)
 from lib.optim import configure_optimizers
 
 # float32 through two implementations of the same arithmetic agrees to ~1e-6
 ATOL = 1e-5
 
-KNOBS = {
-    "rope": dict(pos_emb="rope"),
-    "rmsnorm": dict(norm="rmsnorm"),
-    "relu2": dict(mlp_act="relu2"),
-    "qk_norm": dict(qk_norm=True),
-    "untied": dict(tie_embeddings=False),
-    "softcap": dict(logit_softcap=0.05),  # init logits are ~0.1: a small cap really bends them
-    "value_embeds": dict(value_embeds=True),
-    "x0_mix": dict(x0_mix=True),
-    "zero_init_proj": dict(zero_init_proj=True),
-    "bigram": dict(bigram_vocab=37),
-    "all": dict(pos_emb="rope", norm="rmsnorm", mlp_act="relu2", qk_norm=True, tie_embeddings=False,
-                logit_softcap=0.05, value_embeds=True, x0_mix=True, zero_init_proj=True, bigram_vocab=37),
-}
+# every value away from GPT-2 of every modern knob, alone ("pos_emb=rope", ...), and all at once;
+# init logits are ~0.1: a small soft-cap really bends them
+NUMBERS = dict(logit_softcap=0.05, bigram_vocab=37)
+KNOBS = {**dict(modern_knobs(**NUMBERS)), "all": every_knob(**NUMBERS)}
+ROPE = dict(pos_emb="rope")
 
 
 def tiny(**kw):
@@ -37,9 +33,9 @@ def tiny(**kw):
     cfg.update(kw)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**cfg)).eval()
-    with torch.no_grad():  # non-trivial gains, biases, mixing scalars and added tables (zero at
-        for name, p in model.named_parameters():  # init), so a skipped one cannot hide
-            if name.endswith(("bias", "lambdas")) or ".ln_" in name:
+    with torch.no_grad():  # non-trivial gains, biases, mixing scalars (every 1-D parameter, a new
+        for name, p in model.named_parameters():  # knob's too) and added tables (zero at init),
+            if p.dim() < 2:                       # so a skipped one cannot hide
                 p.normal_(0.0, 0.3)
             if name.startswith(("value_embeds.", "bigram.")) or (cfg.get("zero_init_proj") and "c_proj" in name):
                 p.normal_(0.0, 0.1)
@@ -102,7 +98,7 @@ def forward_ref(model, idx, window=None):
         h = norm_ref(x, block.ln_1, cfg)
         q, k, v = linear_ref(h, block.attn.c_attn).split(cfg.n_embd, dim=2)
         if cfg.value_embeds and (cfg.n_layer - 1 - i) % 2 == 0:  # every other block, the last included
-            v = v + model.value_embeds[str(i)].weight[idx]
+            v = v + model.value_embeds[i].weight[idx]
         q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cfg.qk_norm:
             q, k = rms_ref(q), rms_ref(k)
@@ -169,13 +165,14 @@ def test_rope_is_a_complex_rotation_and_relative():
     x = torch.randn(2, 40, 2, 16)  # (B, T, nh, hs), as the attention rotates them
     pos = torch.arange(5, 45)  # past block_size 16: the rolling cache's positions
     expected = rope_ref(x.transpose(1, 2), pos).transpose(1, 2)  # rope_ref wants (..., T, hs)
-    torch.testing.assert_close(apply_rotary(x, model.rotary(5, 40)), expected, atol=ATOL, rtol=0)
+    rotary = model.transformer.wpe  # the position scheme
+    torch.testing.assert_close(apply_rotary(x, rotary.angles(5, 40)), expected, atol=ATOL, rtol=0)
     # the cached table and the on-demand one are the same numbers
-    inside, beyond = model.rotary(3, 10), model.rotary.table(3, 10)
+    inside, beyond = rotary.angles(3, 10), rotary.table(3, 10)
     assert torch.equal(inside[0], beyond[0]) and torch.equal(inside[1], beyond[1])
     # scores depend on the offset only: q at m, k at n equals q at m+s, k at n+s
     q, k = torch.randn(16), torch.randn(16)
-    rot = lambda t, p: apply_rotary(t.view(1, 1, 1, 16), model.rotary(p, 1)).flatten()
+    rot = lambda t, p: apply_rotary(t.view(1, 1, 1, 16), rotary.angles(p, 1)).flatten()
     assert abs(rot(q, 9) @ rot(k, 4) - rot(q, 109) @ rot(k, 104)) < 1e-4
     assert abs(rot(q, 9) @ rot(k, 4) - rot(q, 9) @ rot(k, 5)) > 1e-3  # and the offset matters
 
@@ -219,18 +216,25 @@ def test_forward_matches_the_hand_written_reference(knob):
 
 
 def test_default_config_is_gpt2():
-    assert all(getattr(GPTConfig(), k) == v for k, v in dict(
-        pos_emb="learned", norm="layernorm", mlp_act="gelu", qk_norm=False, tie_embeddings=True,
-        logit_softcap=0.0, value_embeds=False, x0_mix=False, zero_init_proj=False, bigram_vocab=0).items())
+    gpt2 = dict(pos_emb="learned", norm="layernorm", mlp_act="gelu", qk_norm=False, tie_embeddings=True,
+                logit_softcap=0.0, rope_base=10000.0, value_embeds=False, x0_mix=False, zero_init_proj=False,
+                bigram_vocab=0)
+    knobs = [f.name for f in fields(GPTConfig) if f.name not in GPT2_FIELDS]
+    assert sorted(gpt2) == sorted(knobs), f"state GPT-2's value of {sorted(set(knobs) - set(gpt2))} here"
+    assert all(getattr(GPTConfig(), k) == v for k, v in gpt2.items())
     with torch.device("meta"):  # shapes only
         model = GPT(GPTConfig(vocab_size=50257, block_size=1024, bias=True))
     assert model.get_num_params(non_embedding=False) == 124_439_808
-    assert model.rotary is None and "wpe" in model.transformer
+    assert isinstance(model.transformer.wpe, LearnedPositions) and "transformer.wpe.weight" in model.state_dict()
+
+
+def allowed(field):  # a Literal's options as the error lists them
+    return ", ".join(map(repr, get_args(GPTConfig.__dataclass_fields__[field].type)))
 
 
 @pytest.mark.parametrize("field,value,allowed", [
-    ("pos_emb", "alibi", "'learned', 'rope'"), ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
-    ("mlp_act", "swiglu", "'gelu', 'relu2'"), ("qk_norm", 1, "True or False"),
+    ("pos_emb", "not-a-scheme", allowed("pos_emb")), ("norm", "not-a-norm", allowed("norm")),
+    ("mlp_act", "not-an-activation", allowed("mlp_act")), ("qk_norm", 1, "True or False"),
     ("tie_embeddings", "yes", "True or False"), ("logit_softcap", -1.0, ">= 0"), ("rope_base", 0.5, "> 1"),
     ("bigram_vocab", -3, "an int >= 0"), ("value_embeds", "yes", "True or False")])
 def test_bad_knob_values_name_the_field(field, value, allowed):
@@ -263,8 +267,9 @@ def test_added_parts_start_as_the_model_without_them():
             torch.testing.assert_close(model(idx, idx)[0], want, atol=0, rtol=0)
     model = GPT(GPTConfig(**cfg, zero_init_proj=True))
     assert all(not p.any() for n, p in model.named_parameters() if n.endswith("c_proj.weight"))
-    assert sorted(model.value_embeds) == [] and model.bigram is None
-    assert sorted(GPT(GPTConfig(**cfg, value_embeds=True)).value_embeds) == ["0", "2"]  # the last included
+    assert not [k for k in model.state_dict() if k.startswith(("value_embeds.", "bigram."))]
+    tables = [k for k in GPT(GPTConfig(**cfg, value_embeds=True)).state_dict() if k.startswith("value_embeds.")]
+    assert tables == ["value_embeds.0.weight", "value_embeds.2.weight"]  # every other block, the last included
     with torch.device("meta"):  # lookup tables are not counted as the model's size, as wpe is not
         a, b = (GPT(GPTConfig(**cfg, **kw)).get_num_params() for kw in ({}, dict(value_embeds=True, bigram_vocab=99)))
     assert a == b
@@ -273,11 +278,11 @@ def test_added_parts_start_as_the_model_without_them():
 def test_bigram_rows_hash_the_previous_token_and_carry_across_cache_calls():
     model = tiny(bigram_vocab=37)
     idx = torch.tensor([[5, 9, 9, 2], [1, 1, 0, 52]])
-    rows = model.bigram_rows(idx)
+    rows = model.bigram.rows(idx)
     assert rows[:, 0].tolist() == [0, 0]  # no previous token: row 0
     assert rows[0, 1] == (5 * 1_000_003 + 9) % 36 + 1 and rows[1, 3] == (0 * 1_000_003 + 52) % 36 + 1
     cache = KVCache(2, 16)
-    first, second = model.bigram_rows(idx[:, :2], cache), model.bigram_rows(idx[:, 2:], cache)
+    first, second = model.bigram.rows(idx[:, :2], cache), model.bigram.rows(idx[:, 2:], cache)
     assert torch.equal(torch.cat([first, second], 1), rows)  # the cache remembers each row's last token
 
 
@@ -331,10 +336,10 @@ def test_crop_block_size_with_rope():
 
 
 @pytest.mark.parametrize("knob", [k for k in KNOBS if k != "all"])
-def test_save_pretrained_refuses_modern_knobs(knob, tmp_path):
+def test_save_hf_refuses_modern_knobs(knob, tmp_path):
     (name, value), = KNOBS[knob].items()
     with pytest.raises(ValueError, match=f"GPT-2 has no {name}={value!r}"):
-        tiny(**KNOBS[knob]).save_pretrained(tmp_path / "hf")
+        save_hf(tiny(**KNOBS[knob]), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()  # nothing half-written
 
 
@@ -373,8 +378,8 @@ def test_kv_cache_matches_recomputation_within_block(knob, mode):
     assert torch.equal(ours, ref), (ours, ref)
 
 
-@pytest.mark.parametrize("knob", ["rmsnorm", "relu2", "qk_norm", "untied", "softcap", "value_embeds", "x0_mix",
-                                  "zero_init_proj", "bigram"])
+@pytest.mark.parametrize("knob", [k for k, kw in KNOBS.items()
+                                  if k != "all" and not POSITIONS[kw.get("pos_emb", "learned")].rolls])
 def test_learned_positions_past_block_still_recompute(knob):
     model = tiny(**KNOBS[knob])
     idx = torch.randint(0, 53, (2, 4))
@@ -397,11 +402,11 @@ def test_rolling_cache_one_layer_equals_window_recomputation(prompt_len, mode):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("knob,prompt_len", [("rope", 3), ("all", 21)], ids=["rope", "all-long-prompt"])
-def test_rolling_cache_equals_sliding_window_forward(knob, prompt_len, mode):
+@pytest.mark.parametrize("knobs,prompt_len", [(ROPE, 3), (KNOBS["all"], 21)], ids=["rope", "all-long-prompt"])
+def test_rolling_cache_equals_sliding_window_forward(knobs, prompt_len, mode):
     """Several layers: the rolled cache is exactly a full forward with sliding-window attention
     (and not recomputation on the last block_size tokens, which differs: checked too)."""
-    model = tiny(n_layer=3, **KNOBS[knob])
+    model = tiny(n_layer=3, **knobs)
     idx = torch.randint(0, 53, (2, prompt_len))
     ours = model.generate(idx, 24, generator=torch.Generator().manual_seed(5), **MODES[mode])
     ref = generate_ref(sliding_window(model), idx, 24, torch.Generator().manual_seed(5), **MODES[mode])

@@ -15,6 +15,7 @@ import local_data  # noqa: F401  (TIKTOKEN_CACHE_DIR for offline GPT-2 BPE files
 import torch
 
 from lib import quantize
+from lib.export import save_hf
 from model import GPT, GPTConfig, KVCache
 from lib.quantize import (Int8Linear, huge_page_buffer, int8_kernel_available, pack_int8_weights, quantize_int8,
                       quantize_per_channel)
@@ -214,7 +215,7 @@ def test_no_huge_pages_leaves_the_weights_where_they_are(monkeypatch, why):
 def test_sample_py_int8_notice_and_output(tmp_path):
     """sample.py --quantize=int8 on a local folder: it says which matmul path runs and samples."""
     folder = tmp_path / 'hf'
-    GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
+    save_hf(GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)), folder)
     env = dict(ENV)  # TIKTOKEN_CACHE_DIR, when set (tests/local_data.py), reaches the child
     proc = subprocess.run([sys.executable, 'sample.py', f'--init_from={folder}', '--quantize=int8', '--device=cpu',
                            '--max_new_tokens=5', '--start=Hello'], cwd=REPO, capture_output=True, text=True,

@@ -27,7 +27,7 @@ from lib import runs
 import sample
 from lib import serving
 from model import GPT, GPTConfig, KVCache
-from helpers import ENV, REPO
+from helpers import ENV, REPO, every_knob
 
 CHARS = sorted(set("ROMEO: JULIET\nthe quick brown fox, jumps over lazy dogs.!?"))
 
@@ -271,19 +271,21 @@ def test_batched_rows_of_different_lengths_compute_what_each_alone_does():
 
 
 def test_engine_batches_every_knob_as_sample_py_decodes_alone(tmp_path):
-    """In process: a model with the state-carrying knobs (bigram embedding, value embeddings, x0
-    mix, RoPE) decodes three prompts of different lengths together, greedily; each equals
-    sample.py's text for it alone."""
+    """In process: a model with every modern knob away from GPT-2 (from GPTConfig, so a new knob
+    joins), the state-carrying ones included (bigram embedding, value embeddings, x0 mix, RoPE),
+    decodes three prompts of different lengths together, greedily; each equals sample.py's text
+    for it alone."""
     import serve
     data = tmp_path / 'data'
     data.mkdir()
     (data / 'meta.json').write_text(json.dumps({'vocab_size': len(CHARS), 'tokenizer': 'char', 'chars': CHARS}))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS), pos_emb='rope',
-                          bigram_vocab=97, value_embeds=True, x0_mix=True))
-    with torch.no_grad():  # the added parts start at zero: give them weight, so a mistake shows
+    knobs = every_knob(bigram_vocab=97, logit_softcap=15.0)
+    assert {'pos_emb': 'rope', 'bigram_vocab': 97, 'value_embeds': True, 'x0_mix': True}.items() <= knobs.items()
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS), **knobs))
+    with torch.no_grad():  # parts that start at zero or as the identity get weight, so a mistake shows
         for name, p in model.named_parameters():
-            if name.startswith(('bigram.', 'value_embeds.')) or name.endswith('lambdas'):
+            if name.startswith(('bigram.', 'value_embeds.')) or name.endswith('lambdas') or not p.any():
                 p.normal_(0.0, 0.5)
     runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
                           'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,

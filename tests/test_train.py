@@ -21,6 +21,7 @@ import torch
 from lib import cli
 from lib import hardware
 from lib import runs
+from lib.export import save_hf
 from helpers import (ENV, REPO, TINY, train_defaults, assert_ddp_matches_single_process, assert_exact_resume, assert_one_line_error,
                      free_port, make_dataset, read_log, run_train, torchrun)
 from model import GPT, GPTConfig
@@ -346,9 +347,9 @@ def test_nanogpts_own_model_and_sample_read_our_checkpoint(tmp_path):
 
 
 def test_eval_only_from_local_hugging_face_folder(tmp_path, data):
-    """init_from a folder written by model.save_pretrained, with eval_only: one evaluation, no training."""
+    """init_from a folder written by export.save_hf, with eval_only: one evaluation, no training."""
     folder = tmp_path / 'hf'
-    GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
+    save_hf(GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16)), folder)
     out = tmp_path / 'out'
     proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={out}', f'--init_from={folder}', '--eval_only=True')
     assert proc.returncode == 0, proc.stderr
