@@ -275,7 +275,9 @@ def grow_vocab(model, vocab_size):
     else:
         grow(model.lm_head)
     model.lm_head.out_features = vocab_size
-    for table in model.value_embeds.values():
+    for table in model.value_embeds:
+        if not isinstance(table, torch.nn.Embedding):
+            continue  # a block without value embeddings
         grow(table)
         table.num_embeddings = vocab_size
     model.config.vocab_size = vocab_size
