@@ -483,6 +483,25 @@ def test_tiny_data_for_the_model_is_named_before_training(tmp_path):
 # -----------------------------------------------------------------------------
 # train.py as a reader meets it: --help, a bare run, the start lines, its own structure
 
+def test_help_groups_the_knobs_under_headings_within_100_columns():
+    proc = run_train('--help')
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    headings = [line.split(':')[0] for line in lines if line and not line.startswith((' ', 'usage', 'knobs'))]
+    for wanted in ('run', 'data', 'model', 'optimizer', 'learning rate schedule', 'system'):
+        assert wanted in headings, headings
+    assert headings.index('data') < headings.index('model') < headings.index('optimizer') < headings.index('system')
+    flags = [line.split()[0].split('=')[0] for line in lines if line.startswith('  --')]
+    assert sorted(flags) == sorted(f'--{k}' for k in train_defaults())  # every knob, once
+    model_part = proc.stdout.split('\nmodel')[1].split('\n\n')[0]
+    assert '--pos_emb=' in model_part and '--qk_norm=' in model_part  # model.py's knobs under 'model'
+    assert 'Chinchilla' not in proc.stdout and 'MFU' not in proc.stdout
+    assert 'Nesterov' not in proc.stdout or "look-ahead" in proc.stdout
+    ns = next(line for line in lines if '--muon_ns_steps' in line)
+    assert 'orthogonal' in ns  # what Newton-Schulz does, not only its name
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available() or
                     (REPO / 'data' / 'openwebtext' / 'train.bin').exists(),
                     reason='the case is a machine with no GPU and no OpenWebText prepared')
