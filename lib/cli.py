@@ -236,7 +236,7 @@ def print_help(defaults, path=None, usage=None, doc=None, width=100):
     # a script's own comments, then model.py's for the GPTConfig fields it takes from there
     comments = {**_comments_for(list(defaults), MODEL_PY), **_comments_for(list(defaults), path)}
     flags = {k: f"--{k}={v!r}" for k, v in defaults.items()}
-    column = max((len(f) for f in flags.values() if len(f) <= 32), default=0)  # longer: own line
+    column = max((len(f) for f in flags.values() if len(f) <= 32), default=0)  # longer ones stick out
     summary = next((line.strip() for line in (doc or '').splitlines() if line.strip()), '')
     lines = [f"usage: {usage}"] + ([summary] if summary else []) + ["",
              "knobs (--key=default, then what it does; config files set them the same way):"]
@@ -246,11 +246,9 @@ def print_help(defaults, path=None, usage=None, doc=None, width=100):
             lines += [""] + textwrap.wrap(heading if ':' in heading else heading + ':', width)
         for key in keys:
             flag, text = flags[key], comments.get(key, '')
-            wrap = dict(width=width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
-            if len(flag) > column:  # on a line of its own, the comment below
-                lines += [f"  {flag}"] + textwrap.wrap(text, initial_indent=indent, **wrap)
-            else:
-                lines += textwrap.wrap(text, initial_indent=f"  {flag:<{column}}  ", **wrap) or [f"  {flag}"]
+            # a long --key=default pushes its comment's first line right; the rest keep the column
+            lines += textwrap.wrap(text, width, initial_indent=f"  {flag:<{column}}  ", subsequent_indent=indent,
+                                   break_long_words=False, break_on_hyphens=False) or [f"  {flag}"]
     print_stdout('\n'.join(lines))
 
 
