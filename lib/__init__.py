@@ -2,9 +2,13 @@
 What the scripts at the root share and a user does not run, one job per file:
 
     cli.py          knobs from config files and --key=value flags, --help, one-line errors, progress
-    hardware.py     device, dtype and DDP: chosen once, printed once with the reason; MFU
-    runs.py         a run's folder: atomic writes, checkpoints, the run lock, loading a trained model
-    resume.py       continuing a run exactly: which checkpoint, its knobs, optimizer and RNG state
+    hardware.py     device, dtype and DDP: chosen once, printed once with the reason; the stop
+                    signal (Ctrl-C, SIGTERM); MFU
+    runs.py         a run's folder: atomic writes, checkpoints, the run lock, log.jsonl, what
+                    init_from names, loading a trained model
+    resume.py       starting or continuing a run: its knobs checked, which checkpoint, the training
+                    state saved and restored exactly (optimizer, RNGs)
+    batches.py      the batch plan: each process's batches per iteration, eval batches, warmups
     tokenfiles.py   prepared data on disk: uint16 token files and meta.json, written and checked
     tokenizers.py   characters, GPT-2 BPE, an own BPE and the counting task behind one Tokenizer
     chat.py         the chat template: conversations in, token ids and a loss mask out
@@ -12,7 +16,7 @@ What the scripts at the root share and a user does not run, one job per file:
     corpora.py      big corpora streamed into token files: Hub listings, parquet, llm.c shards
     sampling.py     prompts in, streamed text out (sample.py and serve.py)
     serving.py      serve.py's batched decoding engine and its request schema
-    evaluation.py   perplexity, counting accuracy, HellaSwag (evaluate.py; train.py's HellaSwag)
+    evaluation.py   perplexity, counting accuracy, HellaSwag (evaluate.py); train.py's split losses
     plotting.py     loss curves and attention maps as PNG files
     export.py       a GPT-2-shaped model as a Hugging Face folder (GPT.from_pretrained reads it back)
 

@@ -15,6 +15,7 @@ import ast
 import difflib
 import math
 import os
+import re
 import sys
 import textwrap
 import time
@@ -152,12 +153,17 @@ def knob_comments(path):
     """[(name, comment, line)] for each line of a source file that assigns a name and ends in a
     comment: `name = value  # comment` at module level, or `name=value,  # comment` in a dict(...).
     Read with tokenize, so a '#' inside a string is not mistaken for a comment."""
+    return _read_comments(path)[0]
+
+
+def _read_comments(path):
+    """(knob_comments(path), {line: text} of the lines that hold only a comment)."""
     try:
         with open(path, encoding='utf-8') as f:
             tokens = list(tokenize.generate_tokens(f.readline))
     except (OSError, SyntaxError, tokenize.TokenError):
-        return []
-    found, line_tokens = [], []
+        return [], {}
+    found, alone, line_tokens = [], {}, []
     for tok in tokens:
         if tok.type in (tokenize.NL, tokenize.NEWLINE):
             line_tokens = []
@@ -168,14 +174,21 @@ def knob_comments(path):
                                                                    any(t.string == '=' for t in code[2:])))
             if code and code[0].type == tokenize.NAME and assigns:
                 found.append((code[0].string, tok.string.lstrip('#').strip(), tok.start[0]))
+            elif not code:
+                alone[tok.start[0]] = tok.string.lstrip('#').strip()
         else:
             line_tokens.append(tok)
-    return found
+    return found, alone
 
 
 def _comments_for(keys, path):
     """{key: comment} for keys; a name commented on several lines (evaluate.py's data_dir in two
     sub-commands) takes the line nearest to its neighbours in keys, which sit in the same block."""
+    return {k: comment for k, (_, comment) in _knob_lines(keys, path).items()}
+
+
+def _knob_lines(keys, path):
+    """{key: (line, comment)} of the keys commented in the source file at path (see _comments_for)."""
     lines = {}
     for name, comment, line in knob_comments(path) if path else []:
         lines.setdefault(name, []).append((line, comment))
@@ -186,22 +199,56 @@ def _comments_for(keys, path):
             near = [k for k in keys[i + 1:i + 2] + keys[max(0, i - 1):i] if k in chosen][:1]
             anchor = chosen[near[0]][0] if near else 0
             chosen[key] = min(lines[key], key=lambda lc: abs(lc[0] - anchor))
-    return {k: comment for k, (_, comment) in chosen.items()}
+    return chosen
 
 
-def print_help(defaults, path=None, usage=None, doc=None):
-    """Usage line, the first line of doc, then one line per knob: --key=default and its comment
-    from the source file."""
+def knob_sections(keys, path):
+    """[(heading, [key, ...])]: the knobs in order, grouped under the comment lines that stand
+    right above a knob in the source file, from one that opens with a label (`# data`, or
+    `# model: its shape here`) on; heading None before the first. A knob not commented in that file (a GPTConfig field from model.py) stays in the
+    section of the knob before it. A file with fewer than two headings gives one section."""
+    _, alone = _read_comments(path) if path else ([], {})
+    knob_lines = _knob_lines(keys, path)
+    sections = [(None, [])]
+    for key in keys:
+        line = knob_lines[key][0] if key in knob_lines else None
+        run = []  # the comment-only lines directly above the knob, top to bottom
+        while line is not None and line - 1 - len(run) in alone:
+            run.insert(0, alone[line - 1 - len(run)])
+        # the heading opens with a label (`# data`, `# model: its shape ...`); lines above it are not
+        # its own (`# defaults; ...`), lines below continue it
+        starts = [i for i, text in enumerate(run) if re.match(r"[A-Za-z][\w &/'-]*(:|$)", text)]
+        heading = ' '.join(run[starts[-1]:]) if starts else ''
+        if heading:
+            sections.append((heading, []))
+        sections[-1][1].append(key)
+    sections = [(heading, ks) for heading, ks in sections if ks]
+    if sum(heading is not None for heading, _ in sections) < 2:
+        return [(None, list(keys))]
+    return sections
+
+
+def print_help(defaults, path=None, usage=None, doc=None, width=100):
+    """Usage line, the first line of doc, then the knobs: --key=default and its comment from the
+    source file, grouped under the file's headings (knob_sections), wrapped to width columns."""
     script = os.path.basename(path) if path else os.path.basename(sys.argv[0])
     usage = usage or f"python {script} [config/file.py ...] [--key=value ...]"
     # a script's own comments, then model.py's for the GPTConfig fields it takes from there
     comments = {**_comments_for(list(defaults), MODEL_PY), **_comments_for(list(defaults), path)}
-    width = max((len(f"--{k}={v!r}") for k, v in defaults.items()), default=0)
+    flags = {k: f"--{k}={v!r}" for k, v in defaults.items()}
+    column = max((len(f) for f in flags.values() if len(f) <= 32), default=0)  # longer ones stick out
     summary = next((line.strip() for line in (doc or '').splitlines() if line.strip()), '')
     lines = [f"usage: {usage}"] + ([summary] if summary else []) + ["",
              "knobs (--key=default, then what it does; config files set them the same way):"]
-    for key, value in defaults.items():
-        lines.append(f"  {f'--{key}={value!r}':<{width}}  {comments.get(key, '')}".rstrip())
+    indent = ' ' * (column + 4)
+    for heading, keys in knob_sections(list(defaults), path):
+        if heading:
+            lines += [""] + textwrap.wrap(heading if ':' in heading else heading + ':', width)
+        for key in keys:
+            flag, text = flags[key], comments.get(key, '')
+            # a long --key=default pushes its comment's first line right; the rest keep the column
+            lines += textwrap.wrap(text, width, initial_indent=f"  {flag:<{column}}  ", subsequent_indent=indent,
+                                   break_long_words=False, break_on_hyphens=False) or [f"  {flag}"]
     print_stdout('\n'.join(lines))
 
 

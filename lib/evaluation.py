@@ -1,9 +1,11 @@
 """
 Numbers about a model that evaluate.py prints and train.py logs: perplexity over a whole token
 stream (sliding windows, every token scored once, bits per byte), counting accuracy, and
-HellaSwag (which of 4 endings the model finds likeliest; also during training, over ranks).
+HellaSwag (which of 4 endings the model finds likeliest; also during training, over ranks), and
+train.py's evaluation: the loss and bits per byte on fixed batches of each split.
 """
 
+import io
 import json
 import math
 import os
@@ -255,3 +257,60 @@ class HellaSwagDuringTraining:
             dist.all_reduce(counts)
             n, c, cn = (int(v) for v in counts.tolist())
         return dict(examples=n, acc=c / n, acc_norm=cn / n)
+
+
+# -----------------------------------------------------------------------------
+# train.py's evaluation: the loss on fixed batches of each split, and bits per byte
+
+def bytes_per_token(token_bytes, vocab_size, device):
+    """(vocab_size,) float64 table of the UTF-8 bytes each token id stands for (ids a padded
+    vocabulary adds have none), on device; None without token_bytes (no bits per byte)."""
+    if token_bytes is None:
+        return None
+    table = torch.zeros(vocab_size, dtype=torch.float64, device=device)
+    table[:len(token_bytes)] = torch.tensor(token_bytes, dtype=torch.float64)
+    return table
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, eval_iters, dev, bytes_table=None, stop=None, quiet=False):
+    """Mean loss over the fixed eval batches of each split (batches.eval_offsets), and bits per byte
+    (the targets' total loss in bits over their UTF-8 bytes; <|endoftext|> has none and is left out
+    of both): {'train', 'val', 'train_bpb', 'val_bpb'}, the bpb None without a bytes_table.
+
+    Under torchrun (dist initialized) the ranks share the batches, then all-reduce. None when
+    stop.requested() (checked before every batch) says a stop was asked for meanwhile: a long
+    evaluation must not delay Ctrl-C/SIGTERM."""
+    import torch.distributed as dist
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    model.eval()
+    losses = {}
+    # silent unless it takes more than a few seconds (the first evaluation of a big model)
+    bar = cli.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
+                       stream=io.StringIO() if quiet else None, keep=False)
+    for split in ('train', 'val'):
+        total = torch.zeros(3, device=dev.device, dtype=torch.float64)  # loss sum, nats of text, bytes of text
+        for j in range(-(-eval_iters // world_size)):  # every rank checks as often, even with no batch left
+            if stop is not None and stop.requested():
+                model.train()
+                return None
+            k = rank + j * world_size
+            if k >= eval_iters:
+                continue
+            x, y = batches.get(split, batches.eval_offsets[split][k])
+            with dev.autocast():
+                logits, loss = model(x, y)
+            total[0] += loss.float()
+            if bytes_table is not None:
+                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction='none')  # (B*T,)
+                size = bytes_table[y.flatten()]
+                total[1:] += torch.stack([(nats * (size > 0)).sum(), size.sum()])
+            bar.update()
+        if ddp:
+            dist.all_reduce(total)
+        losses[split] = total[0].item() / eval_iters
+        losses[f'{split}_bpb'] = total[1].item() / math.log(2) / total[2].item() if bytes_table is not None else None
+    bar.close()
+    model.train()
+    return losses

@@ -1,7 +1,7 @@
 """
 Where the work runs: the device and compute dtype (chosen in one place, the reason printed
-once), the torchrun process group (joining, agreeing, leaving on every exit), and the peak
-FLOP/s of known accelerators for MFU.
+once), the torchrun process group (joining, agreeing, leaving on every exit), a training run's
+stop signal (Ctrl-C, SIGTERM), and the peak FLOP/s of known accelerators for MFU.
 
     dev = hardware.setup_device('auto', 'auto')     # prints e.g. "device cpu (auto: ...), dtype float32 (...)"
     with dev.autocast(): logits, loss = model(x, y)
@@ -10,6 +10,7 @@ FLOP/s of known accelerators for MFU.
 
 import atexit
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -206,6 +207,20 @@ def _leave_after_error():
     os._exit(130 if isinstance(error, KeyboardInterrupt) else 1)
 
 
+def setup_device_and_ddp(device, dtype, backend, width=None):
+    """(ddp, rank, world_size, dev) of a training process: under torchrun one GPU per process
+    (cuda:LOCAL_RANK) and the process group joined (see ddp_join); else one process, rank 0.
+    Only rank 0 prints the device line."""
+    ranks = ddp_ranks()  # None unless launched by torchrun
+    rank, local_rank, world_size = ranks if ranks is not None else (0, None, 1)
+    dev = setup_device(device, dtype, local_rank=local_rank, verbose=rank == 0, width=width)
+    if dev.device_type == 'cuda' and ':' in dev.device:
+        torch.cuda.set_device(dev.device)  # so that nccl and new tensors use this process's GPU
+    if ranks is not None:
+        ddp_join(backend, dev.device_type)  # and leave it on every exit, errors included
+    return ranks is not None, rank, world_size, dev
+
+
 def all_ranks_ok(ok, ddp, device):
     """True when ok holds on every rank (one all-reduce under DDP): a check that only rank 0 makes
     (the run lock, its files) then stops all ranks together instead of leaving them in a collective."""
@@ -228,6 +243,34 @@ def on_master(work, ddp, device):
             error = e
     if not all_ranks_ok(error is None, ddp, device):
         raise error or SystemExit(1)
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM ask a training run to stop: the signal is remembered (name), the
+    current step finishes, the caller saves and exits 0. A second signal kills, as usual.
+
+    requested() says whether any process received one; under DDP it is one tiny all-reduce that
+    every rank must call at the same point (so that every rank stops at the same batch and
+    nobody waits in a collective); ranks that received nothing then take the name SIGTERM."""
+
+    def __init__(self, ddp=False, device='cpu'):
+        self.ddp, self.device, self.name = ddp, device, None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._remember)
+
+    def _remember(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def requested(self):
+        if not self.ddp:
+            return self.name is not None
+        import torch.distributed as dist
+        flag = torch.tensor(float(self.name is not None), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.name is None:
+            self.name = 'SIGTERM'  # another rank received it (torchrun forwards SIGTERM to all)
+        return self.name is not None
 
 
 def stop_with_parent():
@@ -309,6 +352,11 @@ PEAK_FLOPS = [
     ("L4", {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30.3e12}),
     ("V100", {torch.float16: 125e12, torch.float32: 15.7e12}),
 ]
+
+
+def device_name(dev):
+    """The GPU's name (what PEAK_FLOPS is keyed on), else the device type ('cpu', 'mps')."""
+    return torch.cuda.get_device_name(dev.device) if dev.device_type == 'cuda' else dev.device_type
 
 
 def peak_flops(device_name, dtype=torch.bfloat16):

@@ -13,6 +13,7 @@ This file imports model.py; model.py knows nothing of it.
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -104,6 +105,23 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets="c_attn,c_proj,c_fc,mlp.
             setattr(parent, child, LoRALinear(layer, rank, alpha, dropout))
             wrapped.append(f"transformer.h.{i}.{path}")
     return wrapped
+
+
+def start_lora(model, rank, alpha, dropout, targets, base):
+    """train.py's lora_rank > 0: apply_lora, and return what the checkpoints record of it (rank,
+    alpha, dropout, targets, and base: init_from, a path made absolute, from which the frozen part
+    is loaded again)."""
+    apply_lora(model, rank, alpha, dropout, targets)
+    base = os.path.abspath(base) if os.path.exists(base) else base  # else a GPT-2 name
+    return dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, base=base)
+
+
+def lora_summary(model, lora):
+    """One line: the adapters (lora as start_lora returns it) and the trainable and frozen counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters()) - trainable
+    return (f"LoRA rank {lora['rank']} on {lora['targets']} of {lora['base']}: {trainable:,} trainable "
+            f"parameters, the other {frozen:,} frozen")
 
 
 def lora_state_dict(model):

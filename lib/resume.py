@@ -1,9 +1,12 @@
 """
-Continuing a training run (train.py's --init_from=resume and auto_resume): which checkpoint to
-read (the newest good one), the knobs it records, refusing a checkpoint that belongs to another
-kind of run, and the model, optimizer state and random generators it restores.
+Starting and continuing a training run (train.py's --init_from=resume and auto_resume): which
+checkpoint to read (the newest good one), the knobs it records, the checks a run's knobs pass
+before anything is built or written (refusing a checkpoint that belongs to another kind of run),
+and the training state a checkpoint saves and a resume restores exactly: model, optimizer,
+GradScaler and random generators.
 
     checkpoint, path, recorded = resume.find_resume('out', 'scratch', True, overrides, keys)
+    kind = resume.check_run_config(config, RULES, checkpoint, path)   # init_from's kind
 """
 
 import os
@@ -16,8 +19,10 @@ import torch
 
 from lib import cli
 from lib.cli import ConfigError, die
+from lib.lora import check_lora_knobs, lora_state_dict
+from lib.runs import CHECKPOINT_FORMAT, init_kind, load_checkpoint, load_lora_model, model_state_dict, older_checkpoints
 from model import GPT, GPTConfig
-from lib.runs import load_checkpoint, load_lora_model, model_state_dict, older_checkpoints
+
 
 def check_resumable(ckpt, path):
     """One line naming what is wrong with a damaged or foreign checkpoint, before anything is
@@ -105,15 +110,39 @@ def refuse_other_run(recorded, overrides, path):
                 f"{key}={overrides[key]!r}: use another --out_dir, or --overwrite=True to replace that run")
 
 
+def check_run_config(config, rules, checkpoint=None, path=None):
+    """Every knob of a training run checked together, before anything is built or written:
+    each against its rule (cli.check_knobs), the model's (GPTConfig), and the ones that must
+    agree with each other or with the run out_dir holds (checkpoint, read from path; None for a
+    fresh start). Returns init_from's kind (runs.init_kind)."""
+    cli.check_knobs(config, rules)
+    cli.model_config(config)  # every GPTConfig field: n_embd divisible by n_head, pos_emb, norm, ...
+    if config['hellaswag_input'] and not config['hellaswag_interval']:
+        die(f"hellaswag_input={config['hellaswag_input']!r} is set but hellaswag_interval is 0 (off): "
+            f"set --hellaswag_interval (e.g. 250) or drop --hellaswag_input")
+    kind = init_kind(config['init_from'], scratch=True)
+    try:
+        check_lora_knobs(config['lora_rank'], config['lora_targets'], config['init_from'], config['optimizer'])
+    except ValueError as e:
+        die(str(e))
+    out_dir = config['out_dir']
+    if not out_dir.strip():  # '' would scatter ckpt.pt, config.json and log.jsonl into the working directory
+        die("out_dir is empty; name the run's folder, e.g. --out_dir=out-mine")
+    if checkpoint is None and not config['overwrite'] and holds_a_run(out_dir):  # never replace a run silently
+        die(f"{out_dir} already holds a run ({Path(out_dir) / 'ckpt.pt'}): resume it (--auto_resume=True or "
+            f"--init_from=resume), choose another --out_dir, or replace it with --overwrite=True")
+    lora, rank = (checkpoint or {}).get('lora'), config['lora_rank']  # what ckpt.pt records
+    if lora and rank not in (0, lora['rank']):
+        die(f"lora_rank={rank} but {path} has rank {lora['rank']}: resume with its settings")
+    if checkpoint is not None and not lora and rank > 0:
+        die(f"lora_rank > 0 but {path} is a full-training run: resume it with --lora_rank=0, "
+            f"or adapt it in a new out_dir with --init_from={path}")
+    return kind
+
+
 def holds_a_run(out_dir):
     """True when out_dir holds a checkpoint (ckpt.pt or an older ckpt-ITER.pt)."""
     return (Path(out_dir) / 'ckpt.pt').is_file() or bool(older_checkpoints(out_dir))
-
-
-def delete_checkpoints(out_dir):
-    """Remove ckpt.pt and ckpt-ITER.pt of out_dir (a run replaced with --overwrite=True)."""
-    for path in [Path(out_dir) / 'ckpt.pt'] + older_checkpoints(out_dir):
-        path.unlink(missing_ok=True)
 
 
 def resume_model(ckpt, path, config, overrides, meta, dataset_dir, dropout, lora_dropout, notice=None):
@@ -172,3 +201,30 @@ def restore_training_state(ckpt, path, optimizer, scaler, optimizer_name, dev):
         torch.set_rng_state(rng_state['torch'].cpu())
         if rng_state.get('cuda') and dev.device_type == 'cuda':
             torch.cuda.set_rng_state_all([s.cpu() for s in rng_state['cuda']])
+
+
+def training_state(model, optimizer, scaler, lora, iter_num, best_val_loss, best_val_bpb, tokenizer,
+                   config, device_type):
+    """The checkpoint of a training run at iter_num: everything an exact resume needs (the
+    counterpart of restore_training_state). lora: None, or what a LoRA run adapts (its rank,
+    alpha, dropout, targets and base); such a run saves its adapters only."""
+    np_state = np.random.get_state()
+    return {
+        'format': CHECKPOINT_FORMAT,
+        'model': lora_state_dict(model) if lora else model.state_dict(),
+        'lora': lora,
+        'optimizer': optimizer.state_dict(),
+        'model_args': model.config.checkpoint_args(),  # nanoGPT's keys, plus the modern knobs that are on
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'best_val_bpb': best_val_bpb,
+        'tokenizer': tokenizer,  # rebuilds the tokenizer without the data folder
+        'config': config,
+        'scaler': scaler.state_dict(),
+        'rng': {'python': random.getstate(),
+                'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+                'torch': torch.get_rng_state(),
+                'cuda': torch.cuda.get_rng_state_all() if device_type == 'cuda' else []},
+        # batches and dropout masks are a pure function of (seed, iteration): see lib/batches.py
+        'data': {'sampler': 'numpy default_rng([seed, 0, iter_num])', 'seed': config['seed'], 'iter_num': iter_num},
+    }

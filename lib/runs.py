@@ -1,7 +1,8 @@
 """
 A training run's folder and what is read back from it: atomic writes, checkpoints (save, load
-safely, turn into a model with its tokenizer), the run lock (one run per out_dir), log.jsonl
-lines kept on resume, and which folder to use when --out_dir is not given.
+safely, turn into a model with its tokenizer), the run lock (one run per out_dir), the log.jsonl
+writer (lines kept on resume), what init_from names, and which folder to use when --out_dir is
+not given.
 
     runs.save_checkpoint(obj, 'out/ckpt.pt')              # the old file survives a crash mid-save
     model, info = runs.load_model('resume', 'out', 'cpu')  # train.py's or nanoGPT's checkpoint, or 'gpt2'
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lib import hardware
-from lib.cli import ConfigError, die
+from lib.cli import ConfigError, die, duration
 from model import GPT, PRETRAINED, GPTConfig
 
 # Marks checkpoints written by this repository, so model_state_dict can tell them from nanoGPT's.
@@ -101,6 +102,12 @@ def older_checkpoints(folder):
         if suffix.isdigit():
             found.append((int(suffix), p))
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def delete_checkpoints(out_dir):
+    """Remove ckpt.pt and ckpt-ITER.pt of out_dir (a run replaced with --overwrite=True)."""
+    for path in [Path(out_dir) / 'ckpt.pt'] + older_checkpoints(out_dir):
+        path.unlink(missing_ok=True)
 
 
 def _iter_of(path):
@@ -286,6 +293,79 @@ def read_log_lines(path, before_iter, notice=print):
     return kept
 
 
+class RunLog:
+    """A training run's out_dir/log.jsonl: one JSON object per line, each with 'time', the training
+    seconds across resumes. Evaluations are also printed, and redraw out_dir/loss.png (with
+    matplotlib); with wandb (the imported module) every record goes to Weights & Biases too."""
+
+    def __init__(self, out_dir, wandb=None):
+        self.out_dir, self.wandb = out_dir, wandb
+        self.path = os.path.join(out_dir, 'log.jsonl')
+        self.time_before, self.started = 0.0, time.time()
+
+    def start(self, lock, config, resumed_iter=None, replace=False):
+        """The run really starts (rank 0): the lock (a RunLock) is taken, the checkpoints of a run
+        this one replaces are deleted, config.json and log.jsonl are (re)written. A resumed run
+        keeps the log lines before resumed_iter (it redoes the rest); its clock goes on."""
+        import json
+        lock.acquire()  # released at the end, or at exit on an error
+        if replace:
+            delete_checkpoints(self.out_dir)
+        kept = read_log_lines(self.path, resumed_iter) if resumed_iter is not None else []
+        self.time_before = json.loads(kept[-1]).get('time', 0.0) if kept else 0.0
+        atomic_write(self.path, lambda f: f.write(''.join(kept).encode()))
+        text = json.dumps(config, indent=2) + '\n'
+        atomic_write(os.path.join(self.out_dir, 'config.json'), lambda f: f.write(text.encode()))
+        self.started = time.time()
+
+    def write(self, **record):
+        """Append record (iter, kind, ...) as one line."""
+        import json
+        record['time'] = round(self.time_before + time.time() - self.started, 3)
+        try:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            raise ConfigError(os_error_message(e, self.path), this_rank_only=True) from None
+
+    def evaluation(self, iter_num, losses, lr, tokens):
+        """An evaluation's losses (estimate_loss): printed, logged, plotted."""
+        bpb = f", val bpb {losses['val_bpb']:.4f}" if losses['val_bpb'] is not None else ""
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
+        for split in ('train', 'val'):
+            self.write(iter=iter_num, kind='eval', split=split, loss=losses[split], bpb=losses[f'{split}_bpb'],
+                       lr=lr, tokens=tokens)
+        self.wandb_log(iter_num, {'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
+                                  **({'train/bpb': losses['train_bpb'], 'val/bpb': losses['val_bpb']} if bpb else {})})
+        self.plot()
+
+    def step(self, it, max_iters, loss, lr, tokens, seconds, tokens_per_sec, mfu, left):
+        """A training step's numbers (it: the step's index; seconds: per iteration): printed, logged."""
+        mfu_text = f", mfu {mfu * 100:.2f}%" if mfu is not None else ""
+        print(f"iter {it}/{max_iters}: loss {loss:.4f}, lr {lr:.2e}, {seconds * 1000:.2f}ms/iter, "
+              f"{tokens_per_sec:,.0f} tokens/s{mfu_text}, {duration(left)} left")
+        self.write(iter=it, kind='train', split='train', loss=loss, lr=lr, tokens=tokens,
+                   ms_per_iter=seconds * 1000, tokens_per_sec=tokens_per_sec, mfu=mfu)
+        self.wandb_log(it, {'train/loss_step': loss, 'lr': lr, 'mfu': mfu})
+
+    def hellaswag(self, iter_num, hs, tokens):
+        """A HellaSwag score (lib.evaluation.HellaSwagDuringTraining): printed, logged, plotted."""
+        print(f"step {iter_num}: hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['examples']} examples)")
+        self.write(iter=iter_num, kind='hellaswag', tokens=tokens, **hs)
+        self.wandb_log(iter_num, {'hellaswag/acc_norm': hs['acc_norm']})
+        self.plot()
+
+    def wandb_log(self, iter_num, values):
+        """values at iter_num to Weights & Biases, when wandb_log is on."""
+        if self.wandb is not None:
+            self.wandb.log({'iter': iter_num, **values})
+
+    def plot(self):
+        from lib import plotting
+        if plotting.have_matplotlib():  # out_dir/loss.png, redrawn at every evaluation
+            plotting.plot_loss([self.out_dir], os.path.join(self.out_dir, 'loss.png'))
+
+
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -304,16 +384,37 @@ def _pid_alive(pid):
 # -----------------------------------------------------------------------------
 # a trained or pretrained model, and its tokenizer (sample.py, bench.py, evaluate.py, plot.py)
 
+def init_kind(init_from, scratch=False):
+    """What init_from names, the one place that reads it: 'scratch' (a new model; only where
+    scratch=True, i.e. train.py), 'resume' (out_dir's checkpoint), 'pretrained' (a GPT-2 name or a
+    local Hugging Face folder) or 'checkpoint' (another run's ckpt.pt); else a one-line error."""
+    if init_from == 'scratch' and scratch:
+        return 'scratch'
+    if init_from == 'resume':
+        return 'resume'
+    if init_from in PRETRAINED or os.path.isdir(init_from):
+        return 'pretrained'
+    if os.path.basename(init_from) == 'ckpt.pt' and os.path.isfile(init_from):
+        return 'checkpoint'
+    looks_like_a_path = os.sep in init_from or init_from.endswith('.pt')
+    missing = " (no such file or folder)" if looks_like_a_path and not os.path.exists(init_from) else ""
+    raise ConfigError(f"init_from={init_from!r} not understood{missing}: use {'scratch, ' if scratch else ''}"
+                      f"resume, {', '.join(PRETRAINED)}, the path of a local Hugging Face model folder "
+                      f"or of a run's ckpt.pt")
+
+
 def load_model(init_from, out_dir, device='cpu', dropout=None):
     """(model, info) for init_from 'resume' (out_dir/ckpt.pt from train.py or nanoGPT's train.py),
-    'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face model folder.
+    another run's ckpt.pt, 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging
+    Face model folder (see init_kind).
 
     The model is on device, in eval mode. dropout=None keeps the checkpoint's value (HF: 0).
     info: source (a description), dataset (name or None), data_dir (folder with meta.json or
     meta.pkl, or None: GPT-2 BPE), vocab_size, iter_num and best_val_loss (checkpoints only).
     """
-    if init_from == 'resume':
-        path = Path(out_dir) / 'ckpt.pt'
+    kind = init_kind(init_from)
+    if kind in ('resume', 'checkpoint'):
+        path = Path(out_dir) / 'ckpt.pt' if kind == 'resume' else Path(init_from)
         ckpt = load_checkpoint(path, map_location='cpu')  # to the device after the shapes are checked
         known = {f.name for f in fields(GPTConfig)}
         # nanoGPT writes the same model_args keys; anything else is ignored rather than fatal
@@ -345,16 +446,13 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
                     dataset=dataset, data_dir=_find_data_dir(config.get('data_dir'), dataset),
                     iter_num=ckpt.get('iter_num'), best_val_loss=ckpt.get('best_val_loss'),
                     tokenizer_record=ckpt.get('tokenizer'))
-    elif init_from in PRETRAINED or os.path.isdir(init_from):
+    else:  # pretrained
         try:
             model = GPT.from_pretrained(pretrained_folder(init_from), dict(dropout=dropout or 0.0))
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise ConfigError(f"cannot load {init_from}: {e}") from None
         info = dict(source=f"pretrained {init_from}", dataset=None, data_dir=None,
                     iter_num=None, best_val_loss=None)
-    else:
-        raise ConfigError(f"init_from={init_from!r} not understood: use resume (out_dir/ckpt.pt), "
-                          f"{', '.join(PRETRAINED)}, or the path of a local Hugging Face model folder")
     # NaN or inf weights would sample garbage (or fail deep inside sampling): say so here. A sum
     # is NaN or inf exactly when an element is (weights are far too small to overflow it), and
     # takes 0.03 s for GPT-2 124M where isfinite(t).all() takes 0.5 s
@@ -369,6 +467,19 @@ def load_model(init_from, out_dir, device='cpu', dropout=None):
     return model, info
 
 
+def fit_model(model, vocab_size, block_size, notice=print):
+    """A model to train on data with vocab_size ids (None: unknown) in block_size-token sequences:
+    its vocabulary must hold the data's; a shorter block_size crops its positions (with a notice)."""
+    if vocab_size is not None and vocab_size > model.config.vocab_size:
+        die(f"the dataset has vocab_size {vocab_size} but the model only {model.config.vocab_size}")
+    positions = model.config.block_size
+    if block_size < positions:
+        notice(f"notice: cropping the model's {positions} positions to block_size={block_size}")
+        model.crop_block_size(block_size)  # e.g. GPT-2's 1024 positions down to a shorter context
+    elif block_size > positions:
+        die(f"block_size={block_size} is longer than the model's {positions} positions")
+
+
 def load_model_on_device(init_from, out_dir, device='auto', dtype='auto'):
     """(model, info, dev): load_model, on the device and dtype that hardware.setup_device picks
     for this model (on a CPU, dtype 'auto' depends on the model's width, known once read)."""
@@ -379,12 +490,8 @@ def load_model_on_device(init_from, out_dir, device='auto', dtype='auto'):
 
 
 def load_base_model(base, dropout=None):
-    """The model a LoRA run adapts, on the CPU: a train.py checkpoint file (a run's ckpt.pt),
-    'gpt2'..'gpt2-xl', or a local Hugging Face folder."""
-    if os.path.isfile(base):
-        if Path(base).name != 'ckpt.pt':
-            raise ConfigError(f"base {base} must be a run's ckpt.pt (or gpt2* or a Hugging Face folder)")
-        return load_model('resume', str(Path(base).parent), 'cpu', dropout)[0]
+    """The model a LoRA run adapts, on the CPU: 'gpt2'..'gpt2-xl', a local Hugging Face folder,
+    or a run's ckpt.pt (its adapters merged, if it is a LoRA run itself)."""
     return load_model(base, '', 'cpu', dropout)[0]
 
 

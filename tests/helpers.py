@@ -104,12 +104,14 @@ def assert_ddp_matches_single_process(tmp_path, *args):
 
 
 def train_defaults():
-    """The knobs at the top of train.py: its module-level `name = literal` assignments, plus the
-    GPTConfig fields it takes from model.py (cli.model_knobs)."""
+    """The knobs at the top of train.py: its module-level `name = literal` assignments up to the
+    RULES table, plus the GPTConfig fields it takes from model.py (cli.model_knobs)."""
     import ast
     tree = ast.parse((REPO / 'train.py').read_text())
     defaults = {}
     for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], 'id', None) == 'RULES':
+            break  # the knobs end here
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             try:
                 defaults[node.targets[0].id] = ast.literal_eval(node.value)

@@ -479,3 +479,137 @@ def test_tiny_data_for_the_model_is_named_before_training(tmp_path):
     big = make_dataset(tmp_path / 'big', n_tokens=40000)
     proc = run_train(*TINY, f'--data_dir={big}', f'--out_dir={tmp_path / "out2"}', '--max_iters=1')
     assert 'memorize' not in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# train.py as a reader meets it: --help, a bare run, the start lines, its own structure
+
+def test_help_groups_the_knobs_under_headings_within_100_columns():
+    proc = run_train('--help')
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    headings = [line.split(':')[0] for line in lines if line and not line.startswith((' ', 'usage', 'knobs'))]
+    for wanted in ('run', 'data', 'model', 'optimizer', 'learning rate schedule', 'system'):
+        assert wanted in headings, headings
+    assert headings.index('data') < headings.index('model') < headings.index('optimizer') < headings.index('system')
+    flags = [line.split()[0].split('=')[0] for line in lines if line.startswith('  --')]
+    assert sorted(flags) == sorted(f'--{k}' for k in train_defaults())  # every knob, once
+    model_part = proc.stdout.split('\nmodel')[1].split('\n\n')[0]
+    assert '--pos_emb=' in model_part and '--qk_norm=' in model_part  # model.py's knobs under 'model'
+    assert 'Chinchilla' not in proc.stdout and 'MFU' not in proc.stdout
+    assert 'Nesterov' not in proc.stdout or "look-ahead" in proc.stdout
+    ns = next(line for line in lines if '--muon_ns_steps' in line)
+    assert 'orthogonal' in ns  # what Newton-Schulz does, not only its name
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available() or
+                    (REPO / 'data' / 'openwebtext' / 'train.bin').exists(),
+                    reason='the case is a machine with no GPU and no OpenWebText prepared')
+def test_bare_run_on_a_cpu_points_at_the_cpu_quick_start(tmp_path):
+    """`python train.py` with no config trains GPT-2 on OpenWebText, a GPU job: on a CPU the error
+    names the CPU quick start, and still how to get OpenWebText."""
+    proc = subprocess.run([sys.executable, str(REPO / 'train.py')], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=ENV)
+    assert_one_line_error(proc, 'python prepare.py shakespeare_char',
+                          'python train.py config/train_shakespeare_char_cpu.py', 'python prepare.py openwebtext')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_openwebtext_on_a_gpu_says_how_to_prepare_it(tmp_path):
+    from types import SimpleNamespace
+    from lib.batches import Batches
+    gpu = SimpleNamespace(device_type='cuda', device='cuda')
+    with pytest.raises(cli.ConfigError) as e:
+        Batches(str(tmp_path / 'openwebtext'), 'openwebtext', gpu, seed=0, batch_size=1, block_size=8,
+                accumulation=1, batch_warmup=0, seq_warmup=0, eval_iters=1)
+    assert 'python prepare.py openwebtext' in e.value.message and 'shakespeare' not in e.value.message
+
+
+def test_the_model_line_and_the_parameter_table_count_the_same_parameters(tmp_path, data):
+    """A bigram table is an embedding: the start printed '0.03M parameters' and then a table whose
+    total counted it too. The model line now gives the table's total (and names the other count)."""
+    proc = run_train(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "out"}', '--max_iters=1',
+                     '--bigram_vocab=64')
+    assert proc.returncode == 0, proc.stderr
+    model_line = next(line for line in proc.stdout.splitlines() if line.startswith('model:'))
+    total_line = next(line for line in proc.stdout.splitlines() if line.startswith('total'))
+    total = total_line.split()[1]
+    assert model_line.startswith(f'model: {total} parameters'), (model_line, total_line)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=16, bias=False,
+                          bigram_vocab=64))
+    assert total == f"{sum(p.numel() for p in model.parameters()):,}"
+    assert f"{model.get_num_params():,} without" in model_line  # the other count, named
+
+
+def test_init_from_is_read_in_one_place_with_one_error(tmp_path, data):
+    folder = tmp_path / 'hf'
+    GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b'x')
+    kinds = {name: runs.init_kind(name, scratch=True) for name in
+             ['scratch', 'resume', 'gpt2', 'gpt2-xl', str(folder), str(ckpt)]}
+    assert list(kinds.values()) == ['scratch', 'resume', 'pretrained', 'pretrained', 'pretrained', 'checkpoint']
+    for bad in ['gpt3', 'gpt2-huge', str(tmp_path / 'run' / 'other.pt')]:
+        with pytest.raises(cli.ConfigError, match=f"init_from='{bad}' not understood"):
+            runs.init_kind(bad, scratch=True)
+    with pytest.raises(cli.ConfigError, match=r"not understood \(no such file or folder\)"):
+        runs.init_kind(str(tmp_path / 'missing' / 'ckpt.pt'), scratch=True)
+    with pytest.raises(cli.ConfigError, match="not understood: use resume, gpt2"):
+        runs.init_kind('scratch')  # scratch has no weights to load (sample.py, evaluate.py, ...)
+    # train.py and sample.py say it in the same words
+    train = run_train(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--init_from=gpt3')
+    sample = subprocess.run([sys.executable, 'sample.py', '--init_from=gpt3', '--device=cpu'], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    for proc in (train, sample):
+        assert_one_line_error(proc, "init_from='gpt3' not understood: use ",
+                              "gpt2, gpt2-medium, gpt2-large, gpt2-xl, the path of a local Hugging Face model "
+                              "folder or of a run's ckpt.pt")
+
+
+def test_batch_plan_splits_the_same_draws_over_processes_and_counts_warmup_tokens(tmp_path, data):
+    from types import SimpleNamespace
+    from lib.batches import Batches
+    cpu = SimpleNamespace(device_type='cpu', device='cpu')
+    common = dict(seed=3, batch_size=4, block_size=16, accumulation=4, batch_warmup=8, seq_warmup=0, eval_iters=2)
+    one = Batches(str(data), 'test', cpu, **common)
+    two = [Batches(str(data), 'test', cpu, rank=r, world_size=2, **common) for r in (0, 1)]
+    for it in (0, 5, 9):
+        offsets, seeds = one.plan(it)
+        halves = [b.plan(it) for b in two]
+        assert np.array_equal(offsets, np.concatenate([h[0] for h in halves]))
+        assert np.array_equal(seeds, np.concatenate([h[1] for h in halves]))
+    assert [one.shape(it)[0] for it in range(9)] == [1, 1, 1, 2, 2, 2, 3, 3, 4]  # 2/8 .. 7/8 of 4, then 4
+    assert one.tokens_through(9) == 4 * 16 * sum(one.shape(it)[0] for it in range(9))
+    assert one.tokens_through(12) - one.tokens_through(9) == 3 * 4 * 4 * 16
+    x, y = one.get('train', one.plan(0)[0][0], 8)
+    assert x.shape == y.shape == (1, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(cli.ConfigError, match='gradient_accumulation_steps=4 is the global count'):
+        Batches(str(data), 'test', cpu, rank=0, world_size=3, **common)
+
+
+def test_train_py_reads_top_to_bottom():
+    """The shape of train.py a reader relies on: about 400 lines of at most 100 characters; no
+    function reads a variable the loop assigns, no `global`; the optimizer and compile knobs keep
+    their meaning (never rebound to an object)."""
+    import ast
+    source = (REPO / 'train.py').read_text()
+    lines = source.splitlines()
+    assert len(lines) <= 430 and max(map(len, lines)) <= 100
+    tree = ast.parse(source)
+    assert not any(isinstance(node, (ast.Global, ast.Nonlocal)) for node in ast.walk(tree))
+    loop = next(node for node in tree.body if isinstance(node, ast.While))
+    assigned_in_loop = {n.id for n in ast.walk(loop) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    assert {'iter_num', 'lr', 'loss', 'best_val_loss'} <= assigned_in_loop
+    for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.Lambda))]:
+        local = {a.arg for a in fn.args.args} | {n.id for n in ast.walk(fn)
+                                                   if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        read = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not (read - local) & assigned_in_loop, (getattr(fn, 'name', 'lambda'), (read - local) & assigned_in_loop)
+    knob_block = {n.targets[0].id: n.lineno for n in tree.body if isinstance(n, ast.Assign)
+                  and isinstance(n.targets[0], ast.Name) and n.targets[0].id in ('optimizer', 'compile')}
+    for node in ast.walk(tree):
+        for target in getattr(node, 'targets', [getattr(node, 'target', None)]):
+            if isinstance(target, ast.Name) and target.id in knob_block:
+                assert node.lineno == knob_block[target.id], f"{target.id} rebound at line {node.lineno}"
