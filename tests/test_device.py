@@ -23,6 +23,7 @@ def test_the_probe_agrees_with_the_kernels_cpu_flags():
 @pytest.mark.parametrize('native', ['AMX', 'AVX512-BF16', None])
 def test_auto_picks_bfloat16_only_with_hardware_and_width(monkeypatch, capsys, native):
     monkeypatch.setattr(hardware, 'cpu_bf16', lambda: native)
+    monkeypatch.setattr(hardware, '_printed_device_lines', set())  # each line prints once per process
     low = hardware.CPU_BF16_MIN_WIDTH.get(native, 256)
     wide = hardware.setup_device('cpu', 'auto', width=low)
     narrow = hardware.setup_device('cpu', 'auto', width=low // 2)

@@ -544,7 +544,7 @@ def test_the_model_line_and_the_parameter_table_count_the_same_parameters(tmp_pa
 
 def test_init_from_is_read_in_one_place_with_one_error(tmp_path, data):
     folder = tmp_path / 'hf'
-    GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
+    save_hf(GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=1, n_head=2, n_embd=16)), folder)
     ckpt = tmp_path / 'run' / 'ckpt.pt'
     ckpt.parent.mkdir()
     ckpt.write_bytes(b'x')
