@@ -1,6 +1,7 @@
 """
-Export a trained run for other programs: one GGUF file for llama.cpp, Ollama and LM Studio, or a
-Hugging Face GPT-2 folder for transformers (docs/export.md: which knobs export, and how to run them).
+Export a trained run as one GGUF file (llama.cpp, Ollama, LM Studio) or a Hugging Face folder.
+
+docs/export.md says which knobs export and how to run the file.
 
 $ python export.py --out_dir=out-shakespeare-char-cpu                  # OUT_DIR/model-f16.gguf
 $ python export.py --out_dir=out --outtype=q8_0 --out=tiny.gguf        # 8-bit weights, about half of f16

@@ -2,7 +2,7 @@
 A trained model written for other programs: one GGUF file for llama.cpp (and what is built on it:
 Ollama, LM Studio, llama-cpp-python), or a Hugging Face GPT-2 folder for transformers.
 
-    arch = export.gguf_architecture(model.config)      # 'gpt2', 'gptneox', 'arcee', or a one-line error
+    arch = export.gguf_architecture(model.config)      # 'gpt2', 'gptneox', ..., or a one-line error
     export.write_gguf(model, tokenizer, 'out/model-f16.gguf', 'f16')
     export.save_hf(model, 'out/hf')
 
@@ -30,7 +30,7 @@ OUTTYPES = ('f32', 'f16', 'q8_0')
 
 # The llama.cpp architectures that compute our GPT exactly, and the knob values each one needs.
 # The other knobs export with any value: tie_embeddings (an untied head is written as `output`),
-# rope_base, bias (gpt2 and gptneox always load biases: zeros stand in for missing ones), and
+# rope_base, bias (all but arcee always load biases: zeros stand in for missing ones), and
 # dropout and zero_init_proj, which only matter in training.
 ARCHITECTURES = {
     # GPT-2 itself: learned positions, LayerNorm, tanh GELU
@@ -38,19 +38,21 @@ ARCHITECTURES = {
     # GPT-NeoX with use_parallel_residual=False is GPT-2 with rotary positions, in our half-split
     # layout (llama.cpp's NEOX rope) and no position table
     'gptneox': dict(pos_emb='rope', norm='layernorm', mlp_act='gelu'),
+    # Jais 2: the same with relu(x)^2 in the MLP
+    'jais2': dict(pos_emb='rope', norm='layernorm', mlp_act='relu2'),
     # Arcee (AFM-4.5B): RMSNorm (our gain-free one is a gain of ones), relu(x)^2, rotary with
     # adjacent pairs (our q and k rows are reordered to match), and no biases anywhere
     'arcee': dict(pos_emb='rope', norm='rmsnorm', mlp_act='relu2', bias=False),
 }
-ZERO_BIASES = ('gpt2', 'gptneox')  # architectures whose bias tensors are required
+ZERO_BIASES = ('gpt2', 'gptneox', 'jais2')  # architectures whose bias tensors are required
 
 # Knobs that no llama.cpp architecture computes alongside the ones above: their defaults only.
 NOT_IN_LLAMA_CPP = {
-    'qk_norm': 'normalises queries and keys without a gain',
+    'qk_norm': "RMS-normalises each head's queries and keys",
     'logit_softcap': 'softcaps the logits',
     'value_embeds': 'adds value embeddings',
     'x0_mix': "mixes each block's input with the embedding",
-    'bigram_vocab': 'adds a bigram embedding',
+    'bigram_vocab': 'adds a hashed bigram embedding',
 }
 
 LAYER_NORM_EPS = 1e-5  # model.py's LayerNorm (GPT-2's layer_norm_epsilon)
@@ -73,21 +75,21 @@ def gguf_architecture(config):
     for knob, what in NOT_IN_LLAMA_CPP.items():
         value = getattr(config, knob)
         if value != defaults[knob]:
-            die(f"{knob}={value!r} does not export to GGUF: no llama.cpp architecture {what}; only runs "
-                f"trained with {knob}={defaults[knob]!r} export (docs/export.md lists the knobs that do)")
+            die(f"{knob}={value!r} does not export to GGUF: no llama.cpp architecture that computes the rest "
+                f"of our GPT also {what}; runs trained with {knob}={defaults[knob]!r} export (docs/export.md)")
     for arch, needs in ARCHITECTURES.items():
         if all(getattr(config, k) == v for k, v in needs.items()):
             return arch
 
-    def differences(needs):
-        return [k for k, v in needs.items() if getattr(config, k) != v]
-    nearest = min(ARCHITECTURES.values(), key=lambda needs: len(differences(needs)))
-    wrong = ', '.join(f"{k}={getattr(config, k)!r}" for k in differences(nearest))
-    rest = ', '.join(f"{k}={getattr(config, k)!r}" for k in nearest if k not in differences(nearest))
-    known = '; '.join(f"{arch}: " + ', '.join(f"{k}={v!r}" for k, v in needs.items())
-                      for arch, needs in ARCHITECTURES.items())
-    die(f"{wrong} does not export to GGUF together with {rest}: no llama.cpp architecture computes "
-        f"that model (those that do: {known})")
+    def fixes(needs):
+        return {k: v for k, v in needs.items() if getattr(config, k) != v}
+    fewest = min(len(fixes(needs)) for needs in ARCHITECTURES.values())
+    nearest = ' or '.join(', '.join(f"{k}={v!r}" for k, v in fixes(needs).items()) + f" ({arch})"
+                          for arch, needs in ARCHITECTURES.items() if len(fixes(needs)) == fewest)
+    knobs = dict.fromkeys(k for needs in ARCHITECTURES.values() for k in needs)
+    ours = ', '.join(f"{k}={getattr(config, k)!r}" for k in knobs)
+    die(f"{ours} does not export to GGUF: no llama.cpp architecture computes that model; one trained "
+        f"with {nearest} would (docs/export.md lists the knobs that export)")
 
 
 # -----------------------------------------------------------------------------
