@@ -3,10 +3,10 @@ Export a trained run as one GGUF file (llama.cpp, Ollama, LM Studio) or a Huggin
 
 docs/export.md says which knobs export and how to run the file.
 
-$ python export.py --out_dir=out-shakespeare-char-cpu                  # OUT_DIR/model-f16.gguf
+$ python export.py --out_dir=out                                        # out/model-f16.gguf
 $ python export.py --out_dir=out --outtype=q8_0 --out=tiny.gguf        # 8-bit weights, about half of f16
-$ python export.py --out_dir=out --format=hf                           # OUT_DIR/hf, for transformers
-$ llama-cli -m out-shakespeare-char-cpu/model-f16.gguf -p "ROMEO:" -n 200 --temp 0.8
+$ python export.py --out_dir=out --format=hf                           # out/hf, for transformers
+$ llama-completion -m out/model-f16.gguf -p "ROMEO:" -n 200 --temp 0.8      # llama.cpp
 
 GGUF needs llama.cpp's writer, `pip install gguf`. The file carries the tokenizer and the context
 length (block_size); a LoRA run exports with its adapters merged. An existing output is replaced
@@ -54,10 +54,11 @@ def main(argv):
         arch = export.write_gguf(model, tokenizer, path, cfg['outtype'], name=Path(run).resolve().name)
         print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB): llama.cpp architecture {arch}, "
               f"{cfg['outtype']} weights, {tokenizer.name} tokenizer, context {model.config.block_size}")
-        print(f"next: llama-cli -m {path} -p \"Hello\" -n 100   (or Ollama: docs/export.md)")
+        print(f"next: llama-completion -m {path} -p \"Hello\" -n 100   (Ollama: docs/export.md)")
     else:
         export.save_hf(model, path)
-        print(f"wrote {path}/ (config.json and weights): transformers.GPT2LMHeadModel.from_pretrained('{path}')")
+        print(f"wrote {path}/ (config.json and weights): "
+              f"transformers.GPT2LMHeadModel.from_pretrained('{path}')")
 
 
 if __name__ == '__main__':

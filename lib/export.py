@@ -58,14 +58,14 @@ NOT_IN_LLAMA_CPP = {
 LAYER_NORM_EPS = 1e-5  # model.py's LayerNorm (GPT-2's layer_norm_epsilon)
 RMS_NORM_EPS = 1e-6  # model.py's rms_norm
 
-# Our own BPE's split pattern (lib/bpe.py) -> the llama.cpp pre-tokenizer that splits text the same
-# way. 'llama-bpe' is llama.cpp's LLAMA3 splitter, written for this very regex (GPT-4's,
-# cl100k_base), with possessive quantifiers dropped (they change no match here) and case folding
-# of the contractions spelled out; it also looks up a whole piece before merging, as tiktoken does.
-PRE_TOKENIZERS = {
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""":
-        'llama-bpe',
-}
+# GPT-4's split pattern (tiktoken's cl100k_base), the one lib/bpe.py uses
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
+                      r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+# Our own BPE's split pattern -> the llama.cpp pre-tokenizer that splits text the same way.
+# 'llama-bpe' is llama.cpp's LLAMA3 splitter, written for GPT-4's regex, in a form that differs
+# only where no match changes (no possessive quantifiers, \s*[\r\n]+ for \s*[\r\n], the case-free
+# contractions spelled out); it also looks a whole piece up before merging, as tiktoken does.
+PRE_TOKENIZERS = {GPT4_SPLIT_PATTERN: 'llama-bpe'}
 
 
 def gguf_architecture(config):
@@ -75,8 +75,9 @@ def gguf_architecture(config):
     for knob, what in NOT_IN_LLAMA_CPP.items():
         value = getattr(config, knob)
         if value != defaults[knob]:
-            die(f"{knob}={value!r} does not export to GGUF: no llama.cpp architecture that computes the rest "
-                f"of our GPT also {what}; runs trained with {knob}={defaults[knob]!r} export (docs/export.md)")
+            die(f"{knob}={value!r} does not export to GGUF: no llama.cpp architecture that computes the "
+                f"rest of our GPT also {what}; runs trained with {knob}={defaults[knob]!r} export "
+                f"(docs/export.md)")
     for arch, needs in ARCHITECTURES.items():
         if all(getattr(config, k) == v for k, v in needs.items()):
             return arch
@@ -137,7 +138,8 @@ def rwkv_escape(text):
     """A token's text as llama.cpp's 'rwkv' vocabulary spells it: backslash escapes for the
     backslash, tab, newline, carriage return and other control characters, the rest as is."""
     named = {'\\': '\\\\', '\t': '\\t', '\n': '\\n', '\r': '\\r'}
-    return ''.join(named.get(c) or (f'\\x{ord(c):02x}' if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in text)
+    control = {chr(i) for i in range(0x20)} | {'\x7f'}
+    return ''.join(named.get(c) or (f'\\x{ord(c):02x}' if c in control else c) for c in text)
 
 
 def gguf_vocabulary(tokenizer):
@@ -188,7 +190,8 @@ def gguf_tensors(model, arch, n_vocab):
     out = {}
 
     def put(kind, param, array, layer=None):
-        out[f"{gguf.TENSOR_NAMES[kind].format(bid=layer)}.{param}"] = np.ascontiguousarray(array, dtype=np.float32)
+        name = f"{gguf.TENSOR_NAMES[kind].format(bid=layer)}.{param}"
+        out[name] = np.ascontiguousarray(array, dtype=np.float32)
 
     def norm(kind, ours, layer=None):
         if cfg.norm == 'rmsnorm':

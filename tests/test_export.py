@@ -27,7 +27,8 @@ from helpers import ENV, REPO, assert_one_line_error
 
 HAVE_GGUF = importlib.util.find_spec('gguf') is not None
 HAVE_LLAMA = importlib.util.find_spec('llama_cpp') is not None
-needs_gguf = pytest.mark.skipif(not HAVE_GGUF, reason="writing GGUF needs llama.cpp's gguf package: pip install gguf")
+needs_gguf = pytest.mark.skipif(not HAVE_GGUF, reason=(
+    "writing GGUF needs llama.cpp's gguf package: pip install gguf"))
 needs_llama = pytest.mark.skipif(not (HAVE_GGUF and HAVE_LLAMA), reason=(
     "checking against llama.cpp needs `pip install gguf llama-cpp-python`"))
 
@@ -65,9 +66,10 @@ def tokenizer_record(kind, tmp_path):
 
 
 def save_run(folder, model, record=None, lora=None, state=None):
-    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict() if state is None else state,
-                          'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'tokenizer': record,
-                          'lora': lora, 'config': {}}, Path(folder) / 'ckpt.pt')
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT,
+                          'model': model.state_dict() if state is None else state,
+                          'model_args': model.config.checkpoint_args(), 'iter_num': 0,
+                          'tokenizer': record, 'lora': lora, 'config': {}}, Path(folder) / 'ckpt.pt')
     return folder
 
 
@@ -147,7 +149,8 @@ def test_gpt2_vocabulary_and_merges_are_openais_files():
     from lib.export import gguf_vocabulary
     cache = Path(os.environ.get('TIKTOKEN_CACHE_DIR', '/nonexistent'))
     base = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
-    files = {name: cache / hashlib.sha1((base + name).encode()).hexdigest() for name in ('encoder.json', 'vocab.bpe')}
+    files = {name: cache / hashlib.sha1((base + name).encode()).hexdigest()
+             for name in ('encoder.json', 'vocab.bpe')}
     if not all(f.is_file() for f in files.values()):
         pytest.skip("GPT-2's encoder.json and vocab.bpe are not in TIKTOKEN_CACHE_DIR")
     vocab = gguf_vocabulary(gpt2_tokenizer())
@@ -156,6 +159,13 @@ def test_gpt2_vocabulary_and_merges_are_openais_files():
     merges = [m for m in files['vocab.bpe'].read_text(encoding='utf-8').split('\n')[1:] if m]
     assert vocab['merges'] == merges
     assert (vocab['model'], vocab['pre'], vocab['eot']) == ('gpt2', 'gpt-2', 50256)
+
+
+def test_our_bpe_splits_text_with_a_pattern_llama_cpp_implements():
+    """lib/bpe.py's SPLIT_PATTERN has a llama.cpp pre-tokenizer (else own-BPE runs do not export)."""
+    from lib import bpe
+    from lib.export import PRE_TOKENIZERS
+    assert PRE_TOKENIZERS.get(bpe.SPLIT_PATTERN) == 'llama-bpe'
 
 
 @needs_llama
@@ -169,7 +179,8 @@ def test_llama_cpp_token_ids_equal_ours(kind, tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
         assert llm.detokenize(ours).decode() == text
     if kind != 'char':  # <|endoftext|> in a text is the special token, for llama.cpp too when asked
-        assert llm.tokenize(b'a<|endoftext|>b', add_bos=False, special=True) == tokenizer.encode('a<|endoftext|>b')
+        text = 'a<|endoftext|>b'
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text)
 
 
 # -----------------------------------------------------------------------------
@@ -223,7 +234,8 @@ def test_llama_cpp_logits_match_ours_with_gpt2s_padded_vocabulary(tmp_path):
 
 
 @needs_llama
-@pytest.mark.parametrize('kind, knobs', [('char', {}), ('bpe', dict(pos_emb='rope'))], ids=['char gpt2', 'bpe gptneox'])
+@pytest.mark.parametrize('kind, knobs', [('char', {}), ('bpe', dict(pos_emb='rope'))],
+                         ids=['char gpt2', 'bpe gptneox'])
 def test_llama_cpp_greedy_continuation_equals_ours(kind, knobs, tmp_path):
     """60 greedy tokens, as sample.py --temperature=0 draws them."""
     run, model, tokenizer = make_run(tmp_path, kind, train_steps=100, **knobs)
@@ -269,7 +281,8 @@ def test_lora_run_exports_merged(tmp_path):
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_(std=0.05)
-    lora = {'base': str(base_run / 'ckpt.pt'), 'rank': 4, 'alpha': 8.0, 'dropout': 0.0, 'targets': 'c_attn,c_fc'}
+    lora = {'base': str(base_run / 'ckpt.pt'), 'rank': 4, 'alpha': 8.0, 'dropout': 0.0,
+            'targets': 'c_attn,c_fc'}
     run = save_run(tmp_path / 'lora', base, lora=lora, state=lora_state_dict(model))
     r = export(run, '--outtype=f32')
     assert r.returncode == 0, r.stderr
@@ -291,7 +304,8 @@ NOT_EXPORTABLE = {
     'x0_mix': (dict(x0_mix=True), 'x0_mix=True'),
     'bigram_vocab': (dict(bigram_vocab=64), 'bigram_vocab=64'),
     'rmsnorm with learned positions': (dict(norm='rmsnorm'), "norm='layernorm' (gpt2)"),
-    'relu2 with learned positions': (dict(mlp_act='relu2'), "mlp_act='gelu' (gpt2) or pos_emb='rope' (jais2)"),
+    'relu2 with learned positions': (dict(mlp_act='relu2'),
+                                     "mlp_act='gelu' (gpt2) or pos_emb='rope' (jais2)"),
     'rmsnorm with gelu': (dict(pos_emb='rope', norm='rmsnorm'), "norm='layernorm' (gptneox)"),
     'rmsnorm and relu2 with biases': (dict(pos_emb='rope', norm='rmsnorm', mlp_act='relu2'),
                                       "norm='layernorm' (jais2) or bias=False (arcee)"),
@@ -312,8 +326,8 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path):
     run, model, tokenizer = make_run(tmp_path, 'char', n_layer=1, n_embd=32, qk_norm=True)
     assert_one_line_error(export(run), 'qk_norm=True')
     assert_one_line_error(export(tmp_path / 'nowhere'), 'no checkpoint')
-    counting = save_run(tmp_path / 'counting', GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16,
-                                                             vocab_size=101)), tokenizer_record('counting', tmp_path))
+    tiny = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=101))
+    counting = save_run(tmp_path / 'counting', tiny, tokenizer_record('counting', tmp_path))
     assert_one_line_error(export(counting), 'counting tokenizer')
     good, _, _ = make_run(tmp_path, 'char', name='good', n_layer=1, n_embd=32)
     assert_one_line_error(export(good, '--outtype=q4'), 'outtype')
@@ -341,7 +355,8 @@ def test_without_the_gguf_package_one_line_says_how_to_install_it(tmp_path):
     run, model, tokenizer = make_run(tmp_path, 'char', n_layer=1, n_embd=32)
     code = ("import sys, runpy; sys.modules['gguf'] = None; "
             f"sys.argv = ['export.py', '--out_dir={run}']; runpy.run_path('export.py', run_name='__main__')")
-    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=ENV)
     assert_one_line_error(r, 'pip install gguf')
     assert sorted(p.name for p in run.iterdir()) == ['ckpt.pt']
 
