@@ -24,14 +24,15 @@ import torch
 from lib import bpe
 from lib.cli import ConfigError, die, optional_import
 from lib.runs import os_error_message
-from model import GPTConfig
 
 OUTTYPES = ('f32', 'f16', 'q8_0')
 
 # The llama.cpp architectures that compute our GPT exactly, and the knob values each one needs.
-# The other knobs export with any value: tie_embeddings (an untied head is written as `output`),
-# rope_base, bias (all but arcee always load biases: zeros stand in for missing ones), and
-# dropout and zero_init_proj, which only matter in training.
+# Besides the sizes, bias (all but arcee always load biases: zeros stand in for missing ones) and
+# dropout, these knobs export with any value; any other knob (a new one too) only at its default.
+FREE_KNOBS = ('tie_embeddings',  # an untied head is written as `output`
+              'rope_base',  # the file's rope.freq_base
+              'zero_init_proj')  # only the initialization
 ARCHITECTURES = {
     # GPT-2 itself: learned positions, LayerNorm, tanh GELU
     'gpt2': dict(pos_emb='learned', norm='layernorm', mlp_act='gelu'),
@@ -46,7 +47,7 @@ ARCHITECTURES = {
 }
 ZERO_BIASES = ('gpt2', 'gptneox', 'jais2')  # architectures whose bias tensors are required
 
-# Knobs that no llama.cpp architecture computes alongside the ones above: their defaults only.
+# What the knobs that no llama.cpp architecture computes alongside the ones above do.
 NOT_IN_LLAMA_CPP = {
     'qk_norm': "RMS-normalises each head's queries and keys",
     'logit_softcap': 'softcaps the logits',
@@ -71,10 +72,11 @@ PRE_TOKENIZERS = {GPT4_SPLIT_PATTERN: 'llama-bpe'}
 def gguf_architecture(config):
     """The llama.cpp architecture that computes a model of this GPTConfig exactly; otherwise a
     one-line error naming the knob that keeps it out, and the value that would export."""
-    defaults = {f.name: f.default for f in fields(GPTConfig)}
-    for knob, what in NOT_IN_LLAMA_CPP.items():
-        value = getattr(config, knob)
-        if value != defaults[knob]:
+    defaults = {f.name: f.default for f in fields(config)}
+    matched = {k for needs in ARCHITECTURES.values() for k in needs}
+    for knob, value in config.modern().items():  # the knobs away from GPT-2
+        if knob not in FREE_KNOBS and knob not in matched:
+            what = NOT_IN_LLAMA_CPP.get(knob, 'computes it (lib/export.py knows none that does)')
             die(f"{knob}={value!r} does not export to GGUF: no llama.cpp architecture that computes the "
                 f"rest of our GPT also {what}; runs trained with {knob}={defaults[knob]!r} export "
                 f"(docs/export.md)")

@@ -322,6 +322,22 @@ def test_a_knob_no_architecture_computes_is_one_line_naming_it(knobs, named, tmp
 
 
 @needs_gguf
+def test_a_knob_export_does_not_know_is_refused():
+    """A knob added to GPTConfig later exports only at its default until lib/export.py names the
+    llama.cpp architecture that computes it."""
+    import dataclasses
+    from lib import export as lib_export
+
+    @dataclasses.dataclass
+    class Later(GPTConfig):
+        attn_temp: bool = False
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    assert lib_export.gguf_architecture(Later(**shape)) == 'gpt2'
+    with pytest.raises(SystemExit, match='attn_temp=True does not export to GGUF'):
+        lib_export.gguf_architecture(Later(**shape, attn_temp=True))
+
+
+@needs_gguf
 def test_export_errors_are_one_line_and_write_nothing(tmp_path):
     run, model, tokenizer = make_run(tmp_path, 'char', n_layer=1, n_embd=32, qk_norm=True)
     assert_one_line_error(export(run), 'qk_norm=True')
