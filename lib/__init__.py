@@ -12,6 +12,7 @@ What the scripts at the root share and a user does not run, one job per file:
     serving.py      serve.py's batched decoding engine and its request schema
     evaluation.py   perplexity, counting accuracy, HellaSwag (evaluate.py; train.py's HellaSwag)
     plotting.py     loss curves and attention maps as PNG files
+    export.py       GGUF files for llama.cpp and Hugging Face folders (export.py)
 
 and the files people edit to experiment, each standing apart from model.py (docs/hacking.md):
 
