@@ -106,15 +106,16 @@ class Int8Embedding(nn.Module):
     """Token embedding read from an int8 table: rows q[idx] * scale[idx]. Shares the lm_head's
     int8 weight when the two are tied (GPT-2), as the float model shares one matrix."""
 
-    def __init__(self, head):
+    def __init__(self, head, dtype=torch.float32):
         super().__init__()
         self.head = [head]  # a list: not a submodule, so its buffers are not listed twice
+        self.dtype = dtype  # the model's float dtype (bfloat16 where its weights were converted)
 
     def forward(self, idx):
         head = self.head[0]
         q = head.weight_int8[:, :head.in_features]  # (V, C): a view without the kernel's padding
         # int8 rows times float32 scales: the product promotes to float32 (no separate .float())
-        return torch.mul(q[idx], head.scale[idx][..., None])  # (..., C)
+        return torch.mul(q[idx], head.scale[idx][..., None]).to(self.dtype)  # (..., C); float32: no copy
 
 
 def huge_page_buffer(nbytes):
@@ -163,9 +164,10 @@ def quantize_int8(model, kernel=None, pack=True):
     if kernel is None:
         kernel = int8_kernel_available(device_type)
     tied = model.transformer.wte.weight is model.lm_head.weight
+    dtype = model.transformer.wte.weight.dtype
     n = replace_modules(model, nn.Linear, lambda layer: Int8Linear(layer, kernel))
     if tied:
-        model.transformer.wte = Int8Embedding(model.lm_head)
+        model.transformer.wte = Int8Embedding(model.lm_head, dtype)
     huge = pack and device_type == "cpu" and pack_int8_weights(model)
     if kernel:
         path = "torch.ops.aten._weight_int8pack_mm (int8 weights x bfloat16 activations)"
@@ -198,8 +200,10 @@ def quantize_model(model, quantize):
                if layers[0].kernel else f"turned back into floats at every use, no faster (this torch has no int8 "
                f"kernel for {device})")
         tied = " and the tied embedding" if isinstance(model.transformer.wte, Int8Embedding) else ""
+        padded = sum(1 for m in layers if m.pad)
+        padded = f", {padded} of them padded to a multiple of {KERNEL_WIDTH_MULTIPLE} wide for it" if padded else ""
         print(f"int8 weights: {len(layers)} layers{tied}, {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} "
-              f"MiB, {how} (docs/lora_int8.md)")
+              f"MiB, {how}{padded} (docs/lora_int8.md)")
     return model
 
 
