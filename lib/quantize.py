@@ -10,9 +10,9 @@ the reasons behind each choice: docs/lora_int8.md.
 Every layer width works. torch's CPU int8 kernel needs an input width that is a multiple of 16
 (otherwise it returns garbage or crashes the process), so such a layer's int8 weight gets zero
 columns up to the next multiple and its input as many zeros: exact, since the padding adds
-zeros. The other way, dequantizing those layers' weights at every call, was measured slower
-(a 776-wide GPT-2-sized model: 148-278 ms per token padded, 567-849 dequantized, float32
-254-358, busy 2-core Intel Xeon; docs/benchmarks.md).
+zeros. The other way, dequantizing those layers' weights at every call, was measured 4-5x
+slower (a 776-wide GPT-2-sized model, one thread of a busy 2-core Intel Xeon: 48-53 ms per token
+padded, 221-290 dequantized, 85-89 in float32; docs/benchmarks.md).
 
     quantize_model(model, 'int8')   # in place: Linear -> Int8Linear, prints what runs
 
