@@ -162,7 +162,9 @@ def ran_in(impl, dev):
     (converted once), 'bfloat16 autocast' (float32 weights), or int8 weights with the rest."""
     if impl == 'int8':
         return f"int8 weights, {dev.dtype} elsewhere"
-    return 'float32' if dev.dtype == 'float32' else f"{dev.dtype} {'weights' if dev.weights_cast else 'autocast'}"
+    if dev.dtype == 'float32':
+        return 'float32'
+    return f"{dev.dtype} {'weights' if dev.weights_cast else 'autocast'}"
 
 
 def make_batches(cfg, dev):

@@ -51,7 +51,8 @@ SHAPES = {  # shape, prompt, new tokens to decode, tokens to score, serve's max_
     'baby': dict(config=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False),
                  prompt_len=1, new_tokens=200, score=4096, batch=8, max_tokens=100, prompt='ROMEO:'),
     'gpt2': dict(config=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True),
-                 prompt_len=16, new_tokens=30, score=2048, batch=8, max_tokens=30, prompt='The meaning of life is'),
+                 prompt_len=16, new_tokens=30, score=2048, batch=8, max_tokens=30,
+                 prompt='The meaning of life is'),
 }
 MODES = ['float32', 'bfloat16 weights', 'bfloat16 autocast', 'int8']
 SERVE_FLAGS = {'float32': ['--dtype=float32'], 'bfloat16 weights': ['--dtype=bfloat16'],
@@ -95,7 +96,8 @@ def load(run, mode):
 
 def decode_ms(model, context, shape):
     s = SHAPES[shape]
-    idx = torch.randint(0, s['config']['vocab_size'], (1, s['prompt_len']), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, s['config']['vocab_size'], (1, s['prompt_len']),
+                        generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     stamps = []
     with torch.inference_mode(), context():
@@ -124,8 +126,8 @@ def serve_tokens_per_s(run, mode, shape, clients):
 
         def ask(seed, out):
             conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
-            conn.request('POST', '/v1/completions', json.dumps(dict(prompt=s['prompt'], max_tokens=s['max_tokens'],
-                                                                    seed=seed)), {'Content-Type': 'application/json'})
+            body = json.dumps(dict(prompt=s['prompt'], max_tokens=s['max_tokens'], seed=seed))
+            conn.request('POST', '/v1/completions', body, {'Content-Type': 'application/json'})
             out.append(json.loads(conn.getresponse().read())['usage']['completion_tokens'])
         ask(0, [])  # warm-up
         results = {}
@@ -149,8 +151,8 @@ def serve_tokens_per_s(run, mode, shape, clients):
 
 
 def main():
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
-               platform.processor())
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
+                if line.startswith('model name')), platform.processor())
     flags = open('/proc/cpuinfo').read()
     bf16 = 'AMX' if ' amx_bf16' in flags else 'AVX512-BF16' if ' avx512_bf16' in flags else 'none (emulated)'
     print(f"CPU {cpu}, {os.cpu_count()} cores, bfloat16 hardware: {bf16}; torch {torch.__version__}, "
@@ -170,7 +172,8 @@ def main():
                     del model
                     if mode in SERVE_FLAGS:
                         served = serve_tokens_per_s(run, mode, shape, (1, 16))
-                        got.update({'serve 1 client tokens/s': served[1], 'serve 16 clients tokens/s': served[16]})
+                        got['serve 1 client tokens/s'] = served[1]
+                        got['serve 16 clients tokens/s'] = served[16]
                     for key, value in got.items():
                         table.setdefault((shape, key, mode), []).append(value)
                     print(f"  {mode}: " + ', '.join(f"{k} {v:.2f}" for k, v in got.items()), flush=True)

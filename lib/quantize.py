@@ -200,8 +200,9 @@ def quantize_model(model, quantize):
                if layers[0].kernel else f"turned back into floats at every use, no faster (this torch has no int8 "
                f"kernel for {device})")
         tied = " and the tied embedding" if isinstance(model.transformer.wte, Int8Embedding) else ""
-        padded = sum(1 for m in layers if m.pad)
-        padded = f", {padded} of them padded to a multiple of {KERNEL_WIDTH_MULTIPLE} wide for it" if padded else ""
+        n_padded = sum(1 for m in layers if m.pad)
+        padded = (f", {n_padded} of them padded to a multiple of {KERNEL_WIDTH_MULTIPLE} wide for it"
+                  if n_padded else "")
         print(f"int8 weights: {len(layers)} layers{tied}, {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} "
               f"MiB, {how}{padded} (docs/lora_int8.md)")
     return model

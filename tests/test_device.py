@@ -59,8 +59,8 @@ def test_loading_a_run_for_inference_picks_float32_on_any_cpu(monkeypatch, tmp_p
     for width in (32, 256):
         training = hardware.setup_device('cpu', 'auto', width=width, verbose=False)
         assert training.dtype == ('bfloat16' if native and width >= 192 else 'float32')
-        loaded, _, dev = runs.load_model_on_device('resume', str(save_run(tmp_path / f'run{width}', width)), 'cpu',
-                                                   'auto')
+        run = save_run(tmp_path / f'run{width}', width)
+        loaded, _, dev = runs.load_model_on_device('resume', str(run), 'cpu', 'auto')
         assert (dev.dtype, dev.weights_cast) == ('float32', False)
         assert all(p.dtype == torch.float32 for p in loaded.parameters())
         assert 'float32 for inference on a CPU' in dev.reason

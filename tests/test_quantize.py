@@ -262,7 +262,8 @@ with torch.no_grad():
     out = model(idx, idx)[0]
     worst["GPT logits"] = ((out - ref).abs().max() / ref.std()).item()
     for rows in (1, 3):
-        worst[f"GPT generate rows={rows}"] = float(model.generate(idx[:rows, :4], 20, temperature=0).shape == (rows, 24))
+        out = model.generate(idx[:rows, :4], 20, temperature=0)
+        worst[f"GPT generate rows={rows}"] = float(out.shape == (rows, 24))
 print(json.dumps(worst))
 '''
 
@@ -332,7 +333,8 @@ def test_sample_and_evaluate_run_int8_at_any_width(tmp_path, n_embd):
         assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-1500:]}"
         assert ('padded to a multiple of 16 wide' in r.stderr) == (n_embd % 16 != 0) or not KERNEL, r.stderr
         texts = r.stdout.split('-' * 40 + '\n')[:samples]
-        assert len(texts) == samples and all(t.startswith('ROMEO:') and len(t.rstrip('\n')) >= 26 - 3 for t in texts)
+        # a character model has no end-of-text token: the prompt, 20 characters, a newline
+        assert len(texts) == samples and all(t.startswith('ROMEO:') and len(t) == 6 + 20 + 1 for t in texts), texts
     r = run_script('evaluate.py', 'perplexity', f'--out_dir={run}', '--device=cpu', '--quantize=int8',
                    '--batch_size=4')
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-1500:]}"

@@ -185,7 +185,8 @@ def test_every_script_answers_help(script):
         knob_lines = [line for line in r.stdout.splitlines() if line.startswith('  --')]
         name, default, fewest = HELP_KNOB[script]
         assert len(knob_lines) >= fewest and all(len(line.split(None, 1)) == 2 for line in knob_lines), knob_lines
-        comment = re.search(rf"^{name} = {re.escape(default)}  # (.*)$", (ROOT / script).read_text(), re.M).group(1)
+        source = (ROOT / script).read_text()
+        comment = re.search(rf"^{name} = {re.escape(default)}  # (.*)$", source, re.M).group(1)
         assert f"  --{name}={default} " in r.stdout, r.stdout[:500]
         line = next(line for line in knob_lines if line.split()[0] == f"--{name}={default}")
         assert line.split(None, 1)[1] == comment, (line, comment)
