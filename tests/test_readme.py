@@ -170,16 +170,26 @@ def test_the_quick_start_is_one_block_from_nothing_to_samples():
     assert any(line.startswith('pip install torch') for line in lines[:lines.index(order[1])]), lines
 
 
+# a knob of each script whose help line is checked: (name, default as in the source, fewest knobs listed)
+HELP_KNOB = {'train.py': ('out_dir', "'out'", 12), 'sample.py': ('max_new_tokens', '500', 12),
+             'bench.py': ('n_layer', '6', 12), 'serve.py': ('port', '8000', 10)}
+
+
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_every_script_answers_help(script):
     r = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'usage' in r.stdout.lower() and 'Traceback' not in r.stderr
-    if script in ('train.py', 'sample.py', 'bench.py'):
+    if script in HELP_KNOB:
         # every knob with its default and its comment from the source
-        assert "--out_dir='out'" in r.stdout or '--n_layer=6' in r.stdout, r.stdout[:500]
         knob_lines = [line for line in r.stdout.splitlines() if line.startswith('  --')]
-        assert len(knob_lines) >= 12 and all(len(line.split(None, 1)) == 2 for line in knob_lines), knob_lines
+        name, default, fewest = HELP_KNOB[script]
+        assert len(knob_lines) >= fewest and all(len(line.split(None, 1)) == 2 for line in knob_lines), knob_lines
+        source = (ROOT / script).read_text()
+        comment = re.search(rf"^{name} = {re.escape(default)}  # (.*)$", source, re.M).group(1)
+        assert f"  --{name}={default} " in r.stdout, r.stdout[:500]
+        line = next(line for line in knob_lines if line.split()[0] == f"--{name}={default}")
+        assert line.split(None, 1)[1] == comment, (line, comment)
 
 
 def test_help_into_a_closed_pipe_ends_quietly():
