@@ -22,7 +22,7 @@ import pytest
 from local_data import NO_SHAKESPEARE, SHAKESPEARE
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py', 'serve.py']
+SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py', 'serve.py', 'export.py']
 
 # (substring, why it is not run here)
 SKIP = [
@@ -242,4 +242,11 @@ def test_readme_commands_run_as_written(tmp_path):
     # the README's client got a completion from the README's server
     served = next(r for c, r in ran if c.startswith('python serve.py'))
     assert served.stdout.strip(), served
+    # the exported run loads in llama.cpp itself (the test extra llama-cpp-python) and continues text
+    exported = repo / 'out-export' / 'model-q8_0.gguf'
+    assert exported.is_file(), [c for c, _ in ran if 'export' in c]
+    llama_cpp = pytest.importorskip('llama_cpp', reason='loading the GGUF file needs llama-cpp-python')
+    llm = llama_cpp.Llama(model_path=str(exported), n_ctx=0, verbose=False)
+    assert llm.n_ctx() == 256  # the quick start's block_size, read from the file
+    assert llm('ROMEO:', max_tokens=5, temperature=0)['choices'][0]['text']
     assert len(ran) >= 10, [c for c, _ in ran]
