@@ -294,10 +294,11 @@ stop = hardware.StopSignal(ddp, dev.device)  # Ctrl-C/SIGTERM: finish the step, 
 device_name = hardware.device_name(dev)  # the peak FLOP/s for MFU are known per GPU model
 if hardware.peak_flops(device_name, dev.ptdtype) is None:
     print0(f"mfu: not shown (no known peak FLOP/s for {device_name} in {dev.dtype})")
-time_left = cli.TimeLeft(max_iters, eval_interval)  # for the progress lines
+time_left = cli.TimeLeft(max_iters, eval_interval,  # time left; what to run instead of hours
+                         hardware.smaller_run_hint(dev.device_type, dataset, config, sys.argv[1:]))
 t_log, last_log_iter, last_save = time.time(), iter_num, time.time()
 loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
-stopped_in_eval = False
+stopped_in_eval = stopping = False  # a stop request ended the loop: in an evaluation, between steps
 while True:
     lr = get_lr(iter_num)
     for group in opt.param_groups:
@@ -378,10 +379,8 @@ while True:
                                         dev.ptdtype)
             left = time_left.after_step(iter_num, dt)
             run_log.step(iter_num - 1, max_iters, lossf, lr, tokens, dt, tokens_per_sec, mfu, left)
-            if iter_num - start_iter >= 5 and time_left.long_run_once(left, 1800):  # said once
-                print(f"notice: at {time_left.pace:.2f} s per iteration, the "
-                      f"{max_iters - iter_num:,} iterations left take about {cli.duration(left)}"
-                      + hardware.smaller_run_hint(dev.device_type, dataset))
+            if iter_num - start_iter >= 5 and (notice := time_left.long_run_notice(iter_num, left)):
+                print(notice)  # said once
 
     # a stop request takes effect between steps (under DDP ranks agree at log intervals); with
     # checkpoint_interval_s, save between evaluations too (an evaluation next saves anyway)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.cli import ConfigError
+from lib.cli import ConfigError, config_file_knobs
 
 # -----------------------------------------------------------------------------
 # device and dtype
@@ -369,15 +369,34 @@ def peak_flops(device_name, dtype=torch.bfloat16):
     return None
 
 
-def smaller_run_hint(device_type, dataset):
-    """What to run instead when a run will take hours: on a CPU, the CPU recipe (or a smaller model)."""
+CPU_RECIPE = 'config/train_shakespeare_char_cpu.py'  # the quick start
+STEP_SIZE_KNOBS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps')
+
+
+def smaller_run_hint(device_type, dataset, config, config_files=()):
+    """What to run instead when a run will take hours: on a CPU, the CPU recipe (or a smaller model).
+    Never the recipe already running: a config file of the run (config_files, as given) is a CPU
+    recipe, or its knobs (config) give the quick start's steps (a resume names no file); then the
+    likely causes."""
     if device_type != 'cpu':
         return ""
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CPU_RECIPE)
+    if any(os.path.basename(f).endswith('_cpu.py') for f in config_files) or (
+            os.path.isfile(recipe) and _same_steps(config, recipe)):
+        return ("; this is already a CPU recipe (the quick start's 1,500 steps take about 5 minutes on "
+                "a quiet 2-core CPU with bfloat16): this CPU is slower or busy (other programs on its "
+                "cores? see top); fewer steps: --max_iters=N --lr_decay_iters=N")
     if dataset == 'shakespeare_char':
         return ("; this is a GPU-sized run: on a CPU, config/train_shakespeare_char_cpu.py trains a "
                 "Shakespeare model in minutes")
     return ("; this is a GPU-sized run: on a CPU, shrink it (--n_layer, --n_embd, --batch_size, --block_size, "
             "--max_iters) or start from config/train_shakespeare_char_cpu.py")
+
+
+def _same_steps(config, recipe):
+    """Whether config's model and batch are those of the config file recipe."""
+    knobs = config_file_knobs(recipe, config)
+    return all(config.get(k) == knobs.get(k) for k in STEP_SIZE_KNOBS)
 
 
 def estimate_mfu(model, tokens_per_sec, device_name, dtype=torch.bfloat16):

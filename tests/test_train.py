@@ -450,11 +450,10 @@ def test_progress_lines_show_the_step_count_and_the_time_left(tmp_path, data):
     assert proc.stdout.count('mfu: not shown (no known peak FLOP/s for cpu') == 1  # said once
 
 
-def test_a_run_of_hours_says_so_and_names_a_cpu_recipe(tmp_path, data):
-    """A GPU-sized run on a CPU used to run for hours without a word; after a few steps it says
-    how long it will take, once, with what to run instead."""
-    proc = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}',
-                             '--max_iters=100000000', '--eval_interval=100000000', '--eval_at_start=False'],
+def lines_until_the_long_run_notice(*args):
+    """The output lines of a train.py run of 10^8 iterations, up to its 'notice: at ...' line."""
+    proc = subprocess.Popen([sys.executable, 'train.py', *args, '--max_iters=100000000', '--eval_interval=100000000',
+                             '--eval_at_start=False'],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     seen = []
     try:
@@ -465,9 +464,43 @@ def test_a_run_of_hours_says_so_and_names_a_cpu_recipe(tmp_path, data):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+    return seen
+
+
+def test_a_run_of_hours_says_so_and_names_a_cpu_recipe(tmp_path, data):
+    """A GPU-sized run on a CPU used to run for hours without a word; after a few steps it says
+    how long it will take, once, with what to run instead."""
+    seen = lines_until_the_long_run_notice(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}')
     notice = [line for line in seen if line.startswith('notice: at ')]
     assert len(notice) == 1 and 'iterations left take about' in notice[0], ''.join(seen[-20:])
     assert 'on a CPU, shrink it' in notice[0] and 'config/train_shakespeare_char_cpu.py' in notice[0]
+
+
+def test_the_cpu_recipe_running_slowly_is_not_told_to_run_itself(tmp_path, data):
+    """The quick start's own config on a slow or busy CPU: the notice names no config (the one
+    running is the CPU recipe) but the likely causes, and its pace is the progress line's."""
+    seen = lines_until_the_long_run_notice('config/train_shakespeare_char_cpu.py', *TINY, '--log_interval=5',
+                                           f'--data_dir={data}', f'--out_dir={tmp_path / "o"}')
+    notice = [line for line in seen if line.startswith('notice: at ')]
+    assert len(notice) == 1, ''.join(seen[-20:])
+    assert 'config/' not in notice[0] and 'already' in notice[0] and 'busy' in notice[0], notice[0]
+    # the pace quoted is the one on the progress line just above (the iterations since the last line)
+    line_above = seen[seen.index(notice[0]) - 1]
+    assert line_above.startswith('iter 5/'), line_above
+    assert line_above.split(', ')[2] == notice[0].split()[2].rstrip(','), (line_above, notice[0])
+
+
+def test_time_left_follows_the_pace_of_the_iterations_since_the_last_line():
+    """The first line's pace holds the first step's start-up cost (allocation, compilation): the
+    next line's replaces it, and a line over many iterations outweighs one over a single step."""
+    left = cli.TimeLeft(max_iters=1500, eval_interval=500)
+    left.after_step(1, 0.9)  # iteration 0, on a machine that was still quiet
+    assert left.after_step(51, 3.236) == pytest.approx((1500 - 51) * 3.236)  # 50 iterations, then busy
+    assert left.pace == pytest.approx(3.236)
+    left.after_step(52, 1.0)  # one faster step moves the pace a little, 50 would replace it
+    assert 2.5 < left.pace < 3.236
+    left.evaluation_took(10.0)
+    assert left.after_step(102, 2.0) == pytest.approx((1500 - 102) * 2.0 + 3 * 10.0, rel=1e-3)
 
 
 def test_tiny_data_for_the_model_is_named_before_training(tmp_path):
