@@ -17,7 +17,7 @@ $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.
 
 Config files and flags override the defaults below, in order: train.py config/a.py --batch_size=32.
 Resume: --init_from=resume (same out_dir). Ctrl-C or SIGTERM: the step finishes, ckpt.pt is saved,
-exit 0. `python train.py --help` lists every knob.
+exit status 75 (0: finished). `python train.py --help` lists every knob.
 """
 
 import contextlib
@@ -287,7 +287,7 @@ hardware.on_master(lambda: run_log.start(run_lock, config, start_iter if resumin
 run_start = time.time()
 if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-stop = hardware.StopSignal(ddp, dev.device)  # Ctrl-C/SIGTERM: finish the step, save, exit 0
+stop = hardware.StopSignal(ddp, dev.device)  # Ctrl-C/SIGTERM: finish the step, save, exit 75
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -396,8 +396,6 @@ while True:
             why = f"stopped by {stop.name}" if stopping else why
             last_save = save_training_state(why, iter_num, best_val_loss, best_val_bpb)
     if stopping:
-        print0(f"stopped by {stop.name}; continue with: "
-               f"python train.py --init_from=resume --out_dir={out_dir}")
         break
 
 # -----------------------------------------------------------------------------
@@ -405,17 +403,19 @@ while True:
 if stopped_in_eval and master_process:  # the model and optimizer hold the last finished step
     if iter_num > start_iter:
         save_training_state(f"stopped by {stop.name}", iter_num, best_val_loss, best_val_bpb)
-    print(f"stopped by {stop.name} during the evaluation at iteration {iter_num}; " + (
-        f"continue with: python train.py --init_from=resume --out_dir={out_dir}"
-        if os.path.isfile(ckpt_path) else "nothing to save yet"))
+    print(f"stopped by {stop.name} during the evaluation at iteration {iter_num}")
+stopped_by = stop.name if stopping or stopped_in_eval else None  # exit status: hardware.STOPPED
 if master_process and not eval_only:
     print(runs.summary(out_dir, dataset, iter_num - start_iter, time.time() - run_start,
-                       best_val_loss, best_val_bpb, batches.tokens_through(iter_num)))
+                       best_val_loss, best_val_bpb, batches.tokens_through(iter_num), stopped_by,
+                       iter_num, max_iters))
 run_lock.release()
 if wandb_log and master_process:
     wandb.finish()
+status = hardware.STOPPED if stopped_by else 0  # a job script tells finished (0) from stopped
 if ddp:
     # finish together: rank 0's torchrun agent may host the rendezvous store, and a node that
     # exits while another is still saving or leaving the group aborts that one
     dist.barrier()
-    hardware.ddp_exit()  # no interpreter finalization: it races gloo's threads (see its docstring)
+    hardware.ddp_exit(status)  # no interpreter finalization: it races gloo's threads (docstring)
+sys.exit(status)

@@ -245,9 +245,17 @@ def on_master(work, ddp, device):
         raise error or SystemExit(1)
 
 
+# The exit status of a training run stopped by Ctrl-C or SIGTERM once it saved: not 0 (a job script
+# must not read success), not 1 (an error), not 128+N (killed by a signal, maybe before saving):
+# sysexits.h's EX_TEMPFAIL, "try again later", since the same command continues the run. torchrun
+# never restarts workers after a signal of its own; a worker stopped alone is restarted (a failure
+# to torchrun) and resumes. docs/reliability.md, 'Signals and torchrun'.
+STOPPED = 75
+
+
 class StopSignal:
     """Ctrl-C (SIGINT) and SIGTERM ask a training run to stop: the signal is remembered (name), the
-    current step finishes, the caller saves and exits 0. A second signal kills, as usual.
+    current step finishes, the caller saves and exits with STOPPED. A second signal kills, as usual.
 
     requested() says whether any process received one; under DDP it is one tiny all-reduce that
     every rank must call at the same point (so that every rank stops at the same batch and
@@ -294,9 +302,10 @@ def ddp_teardown():
         dist.destroy_process_group()
 
 
-def ddp_exit():
-    """End a torchrun worker now, with the status the exception in flight (if any) would give, without
-    the interpreter's finalization. Call it last, from a `finally:`, once every file is closed.
+def ddp_exit(status=0):
+    """End a torchrun worker now, with the status the exception in flight (if any) would give, else
+    status, without the interpreter's finalization. Call it last, once every file is closed (from a
+    `finally:`, an error on its way out keeps its status).
 
     Why: gloo's worker threads release a finished collective a moment after the caller's wait()
     returns, and the last one holds tensors whose Python objects must be freed with the GIL held.
@@ -309,7 +318,7 @@ def ddp_exit():
     multiprocessing ends its workers with os._exit for the same kind of reason."""
     error = sys.exc_info()[1]
     if error is None:
-        code = 0
+        code = status
     elif isinstance(error, SystemExit):
         code = error.code
         if code is None:

@@ -10,6 +10,7 @@ not given.
 """
 
 import errno
+import math
 import os
 import socket
 import sys
@@ -617,19 +618,32 @@ def load_tokenizer_for(info, data_dir=None):
     return tokenizer
 
 
-def summary(out_dir, dataset, iterations, seconds, best_val_loss, best_val_bpb, tokens):
+def summary(out_dir, dataset, iterations, seconds, best_val_loss, best_val_bpb, tokens, stopped_by=None,
+            iter_num=None, max_iters=None):
     """The end of a training run in a few lines: what it did, its files (those that exist), and
-    the next commands."""
+    the next commands. A run stopped by a signal (stopped_by, at iter_num of max_iters) says so,
+    with its exit status (hardware.STOPPED) and how to continue, instead of what to sample."""
     bpb = f" ({best_val_bpb:.4f} bits per byte)" if best_val_bpb is not None else ""
-    lines = [f"\ndone: {iterations:,} iterations in {seconds / 60:.1f} min ({seconds:.0f} s); best val loss "
-             f"{best_val_loss:.4f}{bpb}; {tokens:,} tokens seen in total"]
+    best = f"best val loss {best_val_loss:.4f}{bpb}" if math.isfinite(best_val_loss) else "no evaluation yet"
+    did = (f"{iterations:,} iterations in {seconds / 60:.1f} min ({seconds:.0f} s); {best}; "
+           f"{tokens:,} tokens seen in total")
     ckpt, log, picture = (os.path.join(out_dir, name) for name in ('ckpt.pt', 'log.jsonl', 'loss.png'))
-    if not os.path.isfile(ckpt):
-        return lines[0] + "\nno checkpoint was written (no evaluation since the start); lower --eval_interval to save one"
-    lines.append(f"checkpoint: {ckpt} (log: {log}" + (f", loss curve: {picture})" if os.path.isfile(picture) else ")"))
+    saved = os.path.isfile(ckpt)
+    curve = f", loss curve: {picture}" if os.path.isfile(picture) else ""
+    files = f"checkpoint: {ckpt} (log: {log}{curve})"
+    if stopped_by:
+        head = (f"\nstopped by {stopped_by} at iteration {iter_num:,} of {max_iters:,}, exit status "
+                f"{hardware.STOPPED} (stopped, not finished): {did}")
+        if not saved:
+            return head + "\nnothing was saved (no step had finished): the same command starts the run again"
+        return f"{head}\n{files}\ncontinue with: python train.py --init_from=resume --out_dir={out_dir}"
+    head = f"\ndone: {did}"
+    if not saved:
+        return head + ("\nno checkpoint was written (no evaluation since the start); "
+                       "lower --eval_interval to save one")
     start = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
-    lines.append(f"next: python sample.py --out_dir={out_dir}{start}\n      python plot.py loss {out_dir}")
-    return "\n".join(lines)
+    return (f"{head}\n{files}\nnext: python sample.py --out_dir={out_dir}{start}\n"
+            f"      python plot.py loss {out_dir}")
 
 
 # -----------------------------------------------------------------------------

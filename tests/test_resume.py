@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import runs
+from lib import hardware, runs
 from helpers import ENV, REPO, TINY, assert_one_line_error, assert_same_losses, make_dataset, read_log, run_train
 
 # a run whose checkpoints come often: every 2 iterations, plus every step by time
@@ -65,7 +65,8 @@ def test_resume_takes_the_runs_own_knobs_and_the_printed_hint_works(tmp_path, da
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == hardware.STOPPED, stderr  # stopped, not finished: a job script can tell
+    assert 'best val loss' not in stdout and 'sample.py' not in stdout  # no evaluation yet, nothing to sample
     hint = stdout.split('continue with: ', 1)[1].splitlines()[0]
     stopped_at = runs.load_checkpoint(out / 'ckpt.pt')['iter_num']
     assert 'loss curve' not in stdout and not (out / 'loss.png').exists()  # no evaluation drew it

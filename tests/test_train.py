@@ -209,7 +209,10 @@ def test_exact_resume(tmp_path, data):
     assert len(read_log(tmp_path / 'resumed', 'train')) == 8
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path, data):
+def test_sigterm_saves_and_exits_with_the_stopped_status(tmp_path, data):
+    """SIGTERM (a job scheduler, kill): the step finishes, ckpt.pt is saved, and the exit status
+    says stopped (hardware.STOPPED, not 0: a job script must not read success); the summary says
+    how to continue, not 'best val loss inf' and a sample of an untrained model."""
     out = tmp_path / 'out'
     args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000']
     proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -224,8 +227,11 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data):
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == hardware.STOPPED == 75, stderr
     assert 'stopped by SIGTERM' in stdout
+    summary = stdout[stdout.index('\nstopped by SIGTERM at iteration'):]
+    assert 'exit status 75' in summary and f'continue with: python train.py --init_from=resume --out_dir={out}' in summary
+    assert 'inf' not in summary and 'sample.py' not in summary and 'done:' not in summary
     ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     assert ckpt['iter_num'] >= 3
     assert ckpt['iter_num'] == read_log(out, 'train')[-1][0] + 1  # the state after the last finished step
