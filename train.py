@@ -141,6 +141,7 @@ resuming = checkpoint is not None
 globals().update({**recorded, **overrides})
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
 init_kind = resume.check_run_config(config, RULES, checkpoint, resume_path)  # all knobs checked
+resume.exit_if_finished(checkpoint, resume_path, config)  # at max_iters already: says so, exits 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')  # where this run saves; a resume may read an older one
 # optional: checked now, not after the model is built (under torchrun, ranks would hang)
 wandb = cli.optional_import('wandb', "wandb_log=True needs wandb: pip install wandb "

@@ -106,9 +106,14 @@ def older_checkpoints(folder):
 
 
 def delete_checkpoints(out_dir):
-    """Remove ckpt.pt and ckpt-ITER.pt of out_dir (a run replaced with --overwrite=True)."""
+    """Remove ckpt.pt and ckpt-ITER.pt of out_dir (a run replaced with --overwrite=True); returns
+    what was deleted, each as 'PATH (iteration N)'."""
+    deleted = []
     for path in [Path(out_dir) / 'ckpt.pt'] + older_checkpoints(out_dir):
+        if path.is_file():
+            deleted.append(f"{path} (iteration {_iter_of(path)})")
         path.unlink(missing_ok=True)
+    return deleted
 
 
 def _iter_of(path):
@@ -294,6 +299,13 @@ def read_log_lines(path, before_iter, notice=print):
     return kept
 
 
+def logged_evaluation(out_dir, iter_num):
+    """Whether out_dir/log.jsonl records an evaluation at iter_num."""
+    import json
+    lines = read_log_lines(os.path.join(out_dir, 'log.jsonl'), iter_num + 1, notice=lambda line: None)
+    return any(r.get('kind') == 'eval' and r.get('iter') == iter_num for r in map(json.loads, lines))
+
+
 class RunLog:
     """A training run's out_dir/log.jsonl: one JSON object per line, each with 'time', the training
     seconds across resumes. Evaluations are also printed, and redraw out_dir/loss.png (with
@@ -310,8 +322,9 @@ class RunLog:
         keeps the log lines before resumed_iter (it redoes the rest); its clock goes on."""
         import json
         lock.acquire()  # released at the end, or at exit on an error
-        if replace:
-            delete_checkpoints(self.out_dir)
+        if replace and (deleted := delete_checkpoints(self.out_dir)):
+            print(f"--overwrite=True: deleted the run this one replaces: {', '.join(deleted)}; "
+                  f"{self.path} and config.json start anew")
         kept = read_log_lines(self.path, resumed_iter) if resumed_iter is not None else []
         self.time_before = json.loads(kept[-1]).get('time', 0.0) if kept else 0.0
         atomic_write(self.path, lambda f: f.write(''.join(kept).encode()))
