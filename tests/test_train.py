@@ -21,9 +21,11 @@ import torch
 from lib import cli
 from lib import hardware
 from lib import runs
+from lib.tokenfiles import SMALL_DATA, small_data_notice
 from lib.export import save_hf
 from helpers import (ENV, REPO, TINY, train_defaults, assert_ddp_matches_single_process, assert_exact_resume, assert_one_line_error,
                      free_port, make_dataset, read_log, run_train, torchrun)
+from local_data import SHAKESPEARE
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -518,6 +520,44 @@ def test_tiny_data_for_the_model_is_named_before_training(tmp_path):
     big = make_dataset(tmp_path / 'big', n_tokens=40000)
     proc = run_train(*TINY, f'--data_dir={big}', f'--out_dir={tmp_path / "out2"}', '--max_iters=1')
     assert 'memorize' not in proc.stdout
+
+
+@pytest.mark.parametrize('train_tokens, n_params, tokens_to_read, memorizes', [
+    (40_500, 1_782_528, 1500 * 2048, True),  # README's own-text command on 45,000 characters
+    (18_945, 1_869_504, 200 * 2048, True),  # 200 steps on them in a 512-token BPE: train 0.81, val 4.52
+    (SMALL_DATA - 5000, 1_782_528, 1500 * 2048, True),  # under prepare.py's SMALL_DATA: it warns too
+    (SMALL_DATA + 10000, 1_782_528, 1500 * 2048, False),  # over it: prepare.py is silent, so is train.py
+    (40_500, 1_782_528, 50 * 2048, False),  # 50 steps read the text twice: too few to memorize it
+    (40_500, 102_400, 300 * 2048, False),  # README's settings for tens of kilobytes
+    (1_003_854, 1_782_528, 1500 * 2048, False),  # the quick start
+    (1_003_854, 10_646_784, 5000 * 64 * 256, False),  # nanoGPT's baby GPT (config/train_shakespeare_char.py)
+])
+def test_small_data_notice_agrees_with_prepare_and_the_readme(train_tokens, n_params, tokens_to_read, memorizes):
+    """The runs that memorized silently (the two first) are named; prepare.py's threshold is the
+    same for the quick start's model; the settings README gives for small texts are not."""
+    notice = small_data_notice(train_tokens, n_params, tokens_to_read)
+    assert (notice is not None) == memorizes, notice
+    if memorizes:
+        assert f'{train_tokens:,} tokens' in notice and "README, 'Train on your own text'" in notice
+
+
+def test_own_text_of_45k_characters_is_named_by_prepare_and_by_train(tmp_path):
+    """README's own-text commands on a 45,000-character text: prepare.py's notice, and train.py's
+    once before it trains (it said nothing, then memorized the text)."""
+    source = SHAKESPEARE.read_text(encoding='utf-8') if SHAKESPEARE else ''.join(
+        f"Line {i}: to be, or not to be, that is question {i * 7}.\n" for i in range(1000))
+    (tmp_path / 'mine.txt').write_text(source[:45000], encoding='utf-8')
+    prep = subprocess.run([sys.executable, 'prepare.py', 'text', f'--input={tmp_path / "mine.txt"}', '--tokenizer=char',
+                           '--name=mine', f'--data_dir={tmp_path / "data"}'], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=ENV)
+    assert prep.returncode == 0, prep.stderr
+    assert 'notice: 40,500 training tokens is little text' in prep.stdout, prep.stdout
+    # the quick start's recipe as README's command runs it; eval_only: the start lines, one evaluation
+    proc = run_train('config/train_shakespeare_char_cpu.py', f'--data_dir={tmp_path / "data" / "mine"}',
+                     f'--out_dir={tmp_path / "out"}', '--eval_only=True', '--eval_iters=1')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count('memorize') == 1, proc.stdout
+    assert 'notice: the training split holds 40,500 tokens' in proc.stdout
 
 
 # -----------------------------------------------------------------------------
