@@ -17,7 +17,7 @@ $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.
 
 Config files and flags override the defaults below, in order: train.py config/a.py --batch_size=32.
 Resume: --init_from=resume (same out_dir). Ctrl-C or SIGTERM: the step finishes, ckpt.pt is saved,
-exit 0. `python train.py --help` lists every knob.
+exit status 75 (0: finished). `python train.py --help` lists every knob.
 """
 
 import contextlib
@@ -141,6 +141,7 @@ resuming = checkpoint is not None
 globals().update({**recorded, **overrides})
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
 init_kind = resume.check_run_config(config, RULES, checkpoint, resume_path)  # all knobs checked
+resume.exit_if_finished(checkpoint, resume_path, config)  # at max_iters already: says so, exits 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')  # where this run saves; a resume may read an older one
 # optional: checked now, not after the model is built (under torchrun, ranks would hang)
 wandb = cli.optional_import('wandb', "wandb_log=True needs wandb: pip install wandb "
@@ -287,17 +288,18 @@ hardware.on_master(lambda: run_log.start(run_lock, config, start_iter if resumin
 run_start = time.time()
 if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-stop = hardware.StopSignal(ddp, dev.device)  # Ctrl-C/SIGTERM: finish the step, save, exit 0
+stop = hardware.StopSignal(ddp, dev.device)  # Ctrl-C/SIGTERM: finish the step, save, exit 75
 
 # -----------------------------------------------------------------------------
 # training loop
 device_name = hardware.device_name(dev)  # the peak FLOP/s for MFU are known per GPU model
 if hardware.peak_flops(device_name, dev.ptdtype) is None:
     print0(f"mfu: not shown (no known peak FLOP/s for {device_name} in {dev.dtype})")
-time_left = cli.TimeLeft(max_iters, eval_interval)  # for the progress lines
+time_left = cli.TimeLeft(max_iters, eval_interval,  # time left; what to run instead of hours
+                         hardware.smaller_run_hint(dev.device_type, dataset, config, sys.argv[1:]))
 t_log, last_log_iter, last_save = time.time(), iter_num, time.time()
 loss_sum = torch.zeros((), device=dev.device)  # sum of micro-step losses since the last log line
-stopped_in_eval = False
+stopped_in_eval = stopping = False  # a stop request ended the loop: in an evaluation, between steps
 while True:
     lr = get_lr(iter_num)
     for group in opt.param_groups:
@@ -378,10 +380,8 @@ while True:
                                         dev.ptdtype)
             left = time_left.after_step(iter_num, dt)
             run_log.step(iter_num - 1, max_iters, lossf, lr, tokens, dt, tokens_per_sec, mfu, left)
-            if iter_num - start_iter >= 5 and time_left.long_run_once(left, 1800):  # said once
-                print(f"notice: at {time_left.pace:.2f} s per iteration, the "
-                      f"{max_iters - iter_num:,} iterations left take about {cli.duration(left)}"
-                      + hardware.smaller_run_hint(dev.device_type, dataset))
+            if iter_num - start_iter >= 5 and (notice := time_left.long_run_notice(iter_num, left)):
+                print(notice)  # said once
 
     # a stop request takes effect between steps (under DDP ranks agree at log intervals); with
     # checkpoint_interval_s, save between evaluations too (an evaluation next saves anyway)
@@ -397,8 +397,6 @@ while True:
             why = f"stopped by {stop.name}" if stopping else why
             last_save = save_training_state(why, iter_num, best_val_loss, best_val_bpb)
     if stopping:
-        print0(f"stopped by {stop.name}; continue with: "
-               f"python train.py --init_from=resume --out_dir={out_dir}")
         break
 
 # -----------------------------------------------------------------------------
@@ -406,17 +404,19 @@ while True:
 if stopped_in_eval and master_process:  # the model and optimizer hold the last finished step
     if iter_num > start_iter:
         save_training_state(f"stopped by {stop.name}", iter_num, best_val_loss, best_val_bpb)
-    print(f"stopped by {stop.name} during the evaluation at iteration {iter_num}; " + (
-        f"continue with: python train.py --init_from=resume --out_dir={out_dir}"
-        if os.path.isfile(ckpt_path) else "nothing to save yet"))
+    print(f"stopped by {stop.name} during the evaluation at iteration {iter_num}")
+stopped_by = stop.name if stopping or stopped_in_eval else None  # exit status: hardware.STOPPED
 if master_process and not eval_only:
     print(runs.summary(out_dir, dataset, iter_num - start_iter, time.time() - run_start,
-                       best_val_loss, best_val_bpb, batches.tokens_through(iter_num)))
+                       best_val_loss, best_val_bpb, batches.tokens_through(iter_num), stopped_by,
+                       iter_num, max_iters))
 run_lock.release()
 if wandb_log and master_process:
     wandb.finish()
+status = hardware.STOPPED if stopped_by else 0  # a job script tells finished (0) from stopped
 if ddp:
     # finish together: rank 0's torchrun agent may host the rendezvous store, and a node that
     # exits while another is still saving or leaving the group aborts that one
     dist.barrier()
-    hardware.ddp_exit()  # no interpreter finalization: it races gloo's threads (see its docstring)
+    hardware.ddp_exit(status)  # no interpreter finalization: it races gloo's threads (docstring)
+sys.exit(status)

@@ -298,6 +298,11 @@ def _read_config_file(path, current):
     return assigned
 
 
+def config_file_knobs(path, knobs):
+    """knobs with those a config file sets (the file is executed: only for files of this repository)."""
+    return {**knobs, **_read_config_file(path, knobs)}
+
+
 def _check_key(defaults, key, where):
     if key not in defaults:
         nearest = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.0)
@@ -453,18 +458,29 @@ class Progress:
 
 class TimeLeft:
     """The time left of a training run: the remaining iterations at a smoothed pace, plus the
-    evaluations still to come at the duration of the last one."""
+    evaluations still to come at the duration of the last one.
 
-    def __init__(self, max_iters, eval_interval):
-        self.max_iters, self.eval_interval = max_iters, eval_interval
+    The pace is a moving average over iterations, not over progress lines: a line that averages 50
+    iterations outweighs one of a single step. The first line's pace, which holds the start-up cost
+    (allocation, compilation), is used until the next line replaces it."""
+
+    def __init__(self, max_iters, eval_interval, hint=""):
+        self.max_iters, self.eval_interval, self.hint = max_iters, eval_interval, hint  # hint: for a long run
         self.pace, self.evaluation, self.told = None, 0.0, False
+        self.last_iter, self.warm = None, False  # the previous line's iteration; past the first line
 
     def evaluation_took(self, seconds):
         self.evaluation = seconds
 
     def after_step(self, iter_num, seconds_per_iter):
-        """Seconds left once iter_num iterations are done, the last at seconds_per_iter."""
-        self.pace = seconds_per_iter if self.pace is None else 0.8 * self.pace + 0.2 * seconds_per_iter
+        """Seconds left once iter_num iterations are done, each since the last call at seconds_per_iter."""
+        if self.pace is None or not self.warm:
+            self.warm = self.pace is not None
+            self.pace = seconds_per_iter
+        else:
+            keep = 0.8 ** max(1, iter_num - self.last_iter)  # 0.8 per iteration
+            self.pace = keep * self.pace + (1 - keep) * seconds_per_iter
+        self.last_iter = iter_num
         next_eval = iter_num + self.eval_interval - iter_num % self.eval_interval
         evaluations = len(range(next_eval, self.max_iters + 1, self.eval_interval))
         return (self.max_iters - iter_num) * self.pace + evaluations * self.evaluation
@@ -475,6 +491,14 @@ class TimeLeft:
             return False
         self.told = True
         return True
+
+    def long_run_notice(self, iter_num, seconds_left, limit=1800):
+        """The one line that says a run will take longer than limit seconds (once; else None), at
+        the pace in the progress line's words, then the hint (what to run instead)."""
+        if not self.long_run_once(seconds_left, limit):
+            return None
+        return (f"notice: at {self.pace * 1000:.2f}ms/iter, the {self.max_iters - iter_num:,} iterations "
+                f"left take about {duration(seconds_left)}{self.hint}")
 
 
 def duration(seconds):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.cli import ConfigError
+from lib.cli import ConfigError, config_file_knobs
 
 # -----------------------------------------------------------------------------
 # device and dtype
@@ -265,9 +265,17 @@ def on_master(work, ddp, device):
         raise error or SystemExit(1)
 
 
+# The exit status of a training run stopped by Ctrl-C or SIGTERM once it saved: not 0 (a job script
+# must not read success), not 1 (an error), not 128+N (killed by a signal, maybe before saving):
+# sysexits.h's EX_TEMPFAIL, "try again later", since the same command continues the run. torchrun
+# never restarts workers after a signal of its own; a worker stopped alone is restarted (a failure
+# to torchrun) and resumes. docs/reliability.md, 'Signals and torchrun'.
+STOPPED = 75
+
+
 class StopSignal:
     """Ctrl-C (SIGINT) and SIGTERM ask a training run to stop: the signal is remembered (name), the
-    current step finishes, the caller saves and exits 0. A second signal kills, as usual.
+    current step finishes, the caller saves and exits with STOPPED. A second signal kills, as usual.
 
     requested() says whether any process received one; under DDP it is one tiny all-reduce that
     every rank must call at the same point (so that every rank stops at the same batch and
@@ -314,9 +322,10 @@ def ddp_teardown():
         dist.destroy_process_group()
 
 
-def ddp_exit():
-    """End a torchrun worker now, with the status the exception in flight (if any) would give, without
-    the interpreter's finalization. Call it last, from a `finally:`, once every file is closed.
+def ddp_exit(status=0):
+    """End a torchrun worker now, with the status the exception in flight (if any) would give, else
+    status, without the interpreter's finalization. Call it last, once every file is closed (from a
+    `finally:`, an error on its way out keeps its status).
 
     Why: gloo's worker threads release a finished collective a moment after the caller's wait()
     returns, and the last one holds tensors whose Python objects must be freed with the GIL held.
@@ -329,7 +338,7 @@ def ddp_exit():
     multiprocessing ends its workers with os._exit for the same kind of reason."""
     error = sys.exc_info()[1]
     if error is None:
-        code = 0
+        code = status
     elif isinstance(error, SystemExit):
         code = error.code
         if code is None:
@@ -389,15 +398,34 @@ def peak_flops(device_name, dtype=torch.bfloat16):
     return None
 
 
-def smaller_run_hint(device_type, dataset):
-    """What to run instead when a run will take hours: on a CPU, the CPU recipe (or a smaller model)."""
+CPU_RECIPE = 'config/train_shakespeare_char_cpu.py'  # the quick start
+STEP_SIZE_KNOBS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps')
+
+
+def smaller_run_hint(device_type, dataset, config, config_files=()):
+    """What to run instead when a run will take hours: on a CPU, the CPU recipe (or a smaller model).
+    Never the recipe already running: a config file of the run (config_files, as given) is a CPU
+    recipe, or its knobs (config) give the quick start's steps (a resume names no file); then the
+    likely causes."""
     if device_type != 'cpu':
         return ""
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CPU_RECIPE)
+    if any(os.path.basename(f).endswith('_cpu.py') for f in config_files) or (
+            os.path.isfile(recipe) and _same_steps(config, recipe)):
+        return ("; this is already a CPU recipe (the quick start's 1,500 steps take about 5 minutes on "
+                "a quiet 2-core CPU with bfloat16): this CPU is slower or busy (other programs on its "
+                "cores? see top); fewer steps: --max_iters=N --lr_decay_iters=N")
     if dataset == 'shakespeare_char':
         return ("; this is a GPU-sized run: on a CPU, config/train_shakespeare_char_cpu.py trains a "
                 "Shakespeare model in minutes")
     return ("; this is a GPU-sized run: on a CPU, shrink it (--n_layer, --n_embd, --batch_size, --block_size, "
             "--max_iters) or start from config/train_shakespeare_char_cpu.py")
+
+
+def _same_steps(config, recipe):
+    """Whether config's model and batch are those of the config file recipe."""
+    knobs = config_file_knobs(recipe, config)
+    return all(config.get(k) == knobs.get(k) for k in STEP_SIZE_KNOBS)
 
 
 def estimate_mfu(model, tokens_per_sec, device_name, dtype=torch.bfloat16):

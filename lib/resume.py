@@ -11,6 +11,8 @@ GradScaler and random generators.
 
 import os
 import random
+import shlex
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,7 +22,8 @@ import torch
 from lib import cli
 from lib.cli import ConfigError, die
 from lib.lora import check_lora_knobs, lora_state_dict
-from lib.runs import CHECKPOINT_FORMAT, init_kind, load_checkpoint, load_lora_model, model_state_dict, older_checkpoints
+from lib.runs import (CHECKPOINT_FORMAT, init_kind, load_checkpoint, load_lora_model, logged_evaluation,
+                      model_state_dict, older_checkpoints)
 from model import GPT, GPTConfig
 
 
@@ -138,6 +141,24 @@ def check_run_config(config, rules, checkpoint=None, path=None):
         die(f"lora_rank > 0 but {path} is a full-training run: resume it with --lora_rank=0, "
             f"or adapt it in a new out_dir with --init_from={path}")
     return kind
+
+
+def exit_if_finished(checkpoint, path, config):
+    """A resumed run already at max_iters, with that iteration's evaluation logged, has nothing to
+    train: say so and how to train it longer, and exit 0 before anything is built or written (the
+    loop would only repeat the last evaluation; --eval_only=True still evaluates). A run stopped
+    before or during that evaluation is not finished: it evaluates as before."""
+    if checkpoint is None or config['eval_only'] or checkpoint['iter_num'] < config['max_iters']:
+        return
+    out_dir, done = config['out_dir'], checkpoint['iter_num']
+    if not logged_evaluation(out_dir, done):
+        return
+    if os.environ.get('RANK', '0') == '0':
+        longer = f"--out_dir={shlex.quote(out_dir)} --max_iters={2 * done} --lr_decay_iters={2 * done}"
+        print(f"{out_dir} holds a finished run: {path} is at iteration {done:,} (max_iters "
+              f"{config['max_iters']:,}), so there is nothing to train; to train it longer: python train.py "
+              f"{longer}; to evaluate it: --eval_only=True; to start over: --overwrite=True")
+    sys.exit(0)
 
 
 def holds_a_run(out_dir):

@@ -10,6 +10,7 @@ not given.
 """
 
 import errno
+import math
 import os
 import socket
 import sys
@@ -105,9 +106,14 @@ def older_checkpoints(folder):
 
 
 def delete_checkpoints(out_dir):
-    """Remove ckpt.pt and ckpt-ITER.pt of out_dir (a run replaced with --overwrite=True)."""
+    """Remove ckpt.pt and ckpt-ITER.pt of out_dir (a run replaced with --overwrite=True); returns
+    what was deleted, each as 'PATH (iteration N)'."""
+    deleted = []
     for path in [Path(out_dir) / 'ckpt.pt'] + older_checkpoints(out_dir):
+        if path.is_file():
+            deleted.append(f"{path} (iteration {_iter_of(path)})")
         path.unlink(missing_ok=True)
+    return deleted
 
 
 def _iter_of(path):
@@ -293,6 +299,13 @@ def read_log_lines(path, before_iter, notice=print):
     return kept
 
 
+def logged_evaluation(out_dir, iter_num):
+    """Whether out_dir/log.jsonl records an evaluation at iter_num."""
+    import json
+    lines = read_log_lines(os.path.join(out_dir, 'log.jsonl'), iter_num + 1, notice=lambda line: None)
+    return any(r.get('kind') == 'eval' and r.get('iter') == iter_num for r in map(json.loads, lines))
+
+
 class RunLog:
     """A training run's out_dir/log.jsonl: one JSON object per line, each with 'time', the training
     seconds across resumes. Evaluations are also printed, and redraw out_dir/loss.png (with
@@ -309,8 +322,9 @@ class RunLog:
         keeps the log lines before resumed_iter (it redoes the rest); its clock goes on."""
         import json
         lock.acquire()  # released at the end, or at exit on an error
-        if replace:
-            delete_checkpoints(self.out_dir)
+        if replace and (deleted := delete_checkpoints(self.out_dir)):
+            print(f"--overwrite=True: deleted the run this one replaces: {', '.join(deleted)}; "
+                  f"{self.path} and config.json start anew")
         kept = read_log_lines(self.path, resumed_iter) if resumed_iter is not None else []
         self.time_before = json.loads(kept[-1]).get('time', 0.0) if kept else 0.0
         atomic_write(self.path, lambda f: f.write(''.join(kept).encode()))
@@ -621,19 +635,32 @@ def load_tokenizer_for(info, data_dir=None):
     return tokenizer
 
 
-def summary(out_dir, dataset, iterations, seconds, best_val_loss, best_val_bpb, tokens):
+def summary(out_dir, dataset, iterations, seconds, best_val_loss, best_val_bpb, tokens, stopped_by=None,
+            iter_num=None, max_iters=None):
     """The end of a training run in a few lines: what it did, its files (those that exist), and
-    the next commands."""
+    the next commands. A run stopped by a signal (stopped_by, at iter_num of max_iters) says so,
+    with its exit status (hardware.STOPPED) and how to continue, instead of what to sample."""
     bpb = f" ({best_val_bpb:.4f} bits per byte)" if best_val_bpb is not None else ""
-    lines = [f"\ndone: {iterations:,} iterations in {seconds / 60:.1f} min ({seconds:.0f} s); best val loss "
-             f"{best_val_loss:.4f}{bpb}; {tokens:,} tokens seen in total"]
+    best = f"best val loss {best_val_loss:.4f}{bpb}" if math.isfinite(best_val_loss) else "no evaluation yet"
+    did = (f"{iterations:,} iterations in {seconds / 60:.1f} min ({seconds:.0f} s); {best}; "
+           f"{tokens:,} tokens seen in total")
     ckpt, log, picture = (os.path.join(out_dir, name) for name in ('ckpt.pt', 'log.jsonl', 'loss.png'))
-    if not os.path.isfile(ckpt):
-        return lines[0] + "\nno checkpoint was written (no evaluation since the start); lower --eval_interval to save one"
-    lines.append(f"checkpoint: {ckpt} (log: {log}" + (f", loss curve: {picture})" if os.path.isfile(picture) else ")"))
+    saved = os.path.isfile(ckpt)
+    curve = f", loss curve: {picture}" if os.path.isfile(picture) else ""
+    files = f"checkpoint: {ckpt} (log: {log}{curve})"
+    if stopped_by:
+        head = (f"\nstopped by {stopped_by} at iteration {iter_num:,} of {max_iters:,}, exit status "
+                f"{hardware.STOPPED} (stopped, not finished): {did}")
+        if not saved:
+            return head + "\nnothing was saved (no step had finished): the same command starts the run again"
+        return f"{head}\n{files}\ncontinue with: python train.py --init_from=resume --out_dir={out_dir}"
+    head = f"\ndone: {did}"
+    if not saved:
+        return head + ("\nno checkpoint was written (no evaluation since the start); "
+                       "lower --eval_interval to save one")
     start = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
-    lines.append(f"next: python sample.py --out_dir={out_dir}{start}\n      python plot.py loss {out_dir}")
-    return "\n".join(lines)
+    return (f"{head}\n{files}\nnext: python sample.py --out_dir={out_dir}{start}\n"
+            f"      python plot.py loss {out_dir}")
 
 
 # -----------------------------------------------------------------------------

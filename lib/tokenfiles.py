@@ -18,6 +18,8 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # uint16 halves disk and memmap traffic versus int32 and still holds GPT-2's 50,257 ids
 TOKEN_DTYPE = np.uint16
 SMALL_DATA = 100_000  # training tokens below which prepare.py warns of memorization (Tiny Shakespeare: 1M)
+# train.py's rule for the same thing, per parameter: SMALL_DATA for the quick start's 1.8M parameters
+SMALL_DATA_PER_PARAMETER = SMALL_DATA / 1.8e6
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids 0..65535
 GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
 
@@ -111,14 +113,23 @@ def check_dataset(folder, split_paths, block_size, name):
 
 
 def small_data_notice(train_tokens, n_params, tokens_to_read):
-    """A notice when a run will memorize its training split, else None: read more than 100 times,
-    or under 0.01 tokens per parameter (nanoGPT's baby GPT: 82 times, 0.09 per parameter)."""
+    """A notice when a run will memorize its training split, else None. The rule of prepare.py's
+    notice (the quick start's model memorizes under SMALL_DATA tokens within a few hundred steps),
+    per parameter: under SMALL_DATA_PER_PARAMETER tokens per parameter, read 5 times or more; and
+    any split read over 100 times, or under 0.01 tokens per parameter.
+
+    The old rule (only the last two) let memorizing runs start silently: README's own-text command
+    on 45,000 characters (0.023 per parameter, read 76 times) and 200 steps on a 512-token BPE of
+    them (0.010 per parameter, 22 times; train loss 0.81, val 4.52). Not named: nanoGPT's baby GPT
+    (0.094 per parameter, 82 times) and README's settings for small texts (0.4 per parameter)."""
     reads, per_parameter = tokens_to_read / train_tokens, train_tokens / n_params
-    if reads <= 100 and per_parameter >= 0.01:
+    memorizes = (reads > 100 or per_parameter < 0.01
+                 or (per_parameter < SMALL_DATA_PER_PARAMETER and reads >= 5))
+    if not memorizes:
         return None
     return (f"notice: the training split holds {train_tokens:,} tokens for {n_params:,} parameters "
-            f"({per_parameter:.3g} per parameter) and the run reads it ~{reads:,.0f} times: expect the model to "
-            f"memorize it (val loss rising); README, 'Train on your own text'")
+            f"({per_parameter:.2g} per parameter) and the run reads it ~{reads:,.0f} times: expect the "
+            f"model to memorize it (val loss rising); README, 'Train on your own text', has settings for it")
 
 
 def write_tokens(path, arrays, vocab_size):

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import bench
-from lib import cli
+from lib import cli, hardware
 import evaluate
 import plot
 import prepare
@@ -473,7 +473,7 @@ def test_second_run_in_the_same_out_dir_stops_at_once(tmp_path, data):
         first.communicate(timeout=60)
     finally:
         first.kill()
-    assert first.returncode == 0
+    assert first.returncode == hardware.STOPPED  # saved and stopped (not finished, not failed)
     assert not (out / 'run.lock').exists()  # released on exit
     records = [json.loads(line) for line in open(out / 'log.jsonl')]
     assert len({(r['iter'], r['kind'], r['split']) for r in records}) == len(records)  # no duplicates
@@ -660,7 +660,7 @@ def test_signal_during_long_evaluation_stops_within_seconds(tmp_path, run_copy, 
         elapsed = time.time() - t0
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == hardware.STOPPED, stderr
     assert elapsed < 10, elapsed
     assert f'stopped by {sig.name} during the evaluation at iteration 4' in stdout
     assert runs.load_checkpoint(out / 'ckpt.pt')['iter_num'] == 4  # the last finished step is saved
@@ -670,10 +670,10 @@ def test_signal_during_long_evaluation_stops_within_seconds(tmp_path, run_copy, 
 # -----------------------------------------------------------------------------
 # torchrun: one error line, all ranks exit together, no orphaned workers
 
-def torchrun_popen(*args):
+def torchrun_popen(*args, restarts=0):
     return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             'train.py', *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+                             f'--max-restarts={restarts}', 'train.py', *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
 
 
 def workers_of(out):
@@ -726,10 +726,12 @@ def test_torchrun_error_printed_once_and_all_ranks_exit(tmp_path, data, trained,
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
 def test_torchrun_stopped_during_long_evaluation_leaves_no_workers(run_copy, sig):
     """SIGTERM to torchrun is forwarded to the workers; after a SIGKILL of torchrun the workers get
-    SIGTERM from the kernel (PR_SET_PDEATHSIG). Either way they agree to stop within seconds."""
+    SIGTERM from the kernel (PR_SET_PDEATHSIG). Either way they agree to stop within seconds, and
+    torchrun, stopped itself, does not restart them (--max-restarts) though they exit non-zero."""
     data, out = run_copy  # resumed at iteration 3: the evaluation at iteration 4 takes minutes
     proc = torchrun_popen(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--gradient_accumulation_steps=2',
-                          '--max_iters=100', '--eval_interval=4', '--eval_iters=1000000', '--init_from=resume')
+                          '--max_iters=100', '--eval_interval=4', '--eval_iters=1000000', '--init_from=resume',
+                          restarts=2)
     try:
         assert wait_for(lambda: (out / 'log.jsonl').exists() and len(read_log(out, 'train')) >= 4, 120)
         time.sleep(0.5)
@@ -741,8 +743,10 @@ def test_torchrun_stopped_during_long_evaluation_leaves_no_workers(run_copy, sig
         for pid in workers_of(out):
             os.kill(pid, signal.SIGKILL)
         proc.kill()
+    assert stdout.count('resuming from') <= 1, stdout  # no restart
     if sig == signal.SIGTERM:
         assert 'stopped by SIGTERM' in stdout, stdout + stderr
+        assert stdout.count('resuming from') == 1 and 'exit status 75' in stdout, stdout
         assert runs.load_checkpoint(out / 'ckpt.pt')['iter_num'] == 4
         assert not (out / 'run.lock').exists()
     else:
@@ -912,6 +916,14 @@ def test_ddp_exit_keeps_the_status_and_message_python_would_give(body, code, std
         assert proc.stderr == stderr
     else:
         assert proc.stderr.startswith('Traceback') and proc.stderr.rstrip().endswith(stderr)
+
+
+@pytest.mark.parametrize('body, code', [("pass", 75), ("cli.die('bad flag; use --x=1')", 1)])
+def test_ddp_exit_with_a_status_keeps_it_unless_an_error_is_leaving(body, code):
+    """A stopped run's workers leave with hardware.STOPPED; an error in flight keeps its own status."""
+    script = f"from lib import cli, hardware\ntry:\n    {body}\nfinally:\n    hardware.ddp_exit(hardware.STOPPED)\n"
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import runs
+from lib import hardware, runs
 from helpers import ENV, REPO, TINY, assert_one_line_error, assert_same_losses, make_dataset, read_log, run_train
 
 # a run whose checkpoints come often: every 2 iterations, plus every step by time
@@ -47,10 +47,24 @@ def test_the_same_command_again_continues_the_run_exactly(tmp_path, data):
     a, b = runs.load_checkpoint(straight / 'ckpt.pt'), runs.load_checkpoint(twice / 'ckpt.pt')
     assert a['iter_num'] == b['iter_num'] == 8
     assert all(torch.allclose(a['model'][k], b['model'][k], rtol=1e-6, atol=0) for k in a['model'])
-    # a finished run run again: nothing lost, nothing trained twice
+    # a finished run run again: nothing lost, nothing trained twice, and no evaluation that would only
+    # repeat the last one; it says the run is finished and how to train it longer
+    before = files_of(twice)
     again = run_train(*ARGS, f'--data_dir={data}', f'--out_dir={twice}')
-    assert again.returncode == 0 and 'done: 0 iterations' in again.stdout
+    assert again.returncode == 0, again.stderr
+    assert f'{twice} holds a finished run' in again.stdout and 'at iteration 8' in again.stdout, again.stdout
+    longer = again.stdout.split('to train it longer: ', 1)[1].split(';')[0]
+    assert longer == f'python train.py --out_dir={twice} --max_iters=16 --lr_decay_iters=16', again.stdout
+    assert 'step 8:' not in again.stdout and 'done:' not in again.stdout and 'parameters' not in again.stdout
+    assert files_of(twice) == before
     assert_same_losses(straight, twice, rel=1e-6)
+    # the command it printed trains it longer; eval_only still evaluates a finished run
+    longer = subprocess.run(shlex.split(longer.replace('python', sys.executable, 1)), cwd=REPO, capture_output=True,
+                            text=True, env=ENV, timeout=120)
+    assert longer.returncode == 0 and 'resuming from' in longer.stdout, longer.stderr
+    assert runs.load_checkpoint(twice / 'ckpt.pt')['iter_num'] == 16
+    evaluated = run_train(*ARGS, f'--data_dir={data}', f'--out_dir={twice}', '--max_iters=16', '--eval_only=True')
+    assert evaluated.returncode == 0 and 'step 16: train loss' in evaluated.stdout, evaluated.stderr
 
 
 def test_resume_takes_the_runs_own_knobs_and_the_printed_hint_works(tmp_path, data):
@@ -65,7 +79,8 @@ def test_resume_takes_the_runs_own_knobs_and_the_printed_hint_works(tmp_path, da
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == hardware.STOPPED, stderr  # stopped, not finished: a job script can tell
+    assert 'best val loss' not in stdout and 'sample.py' not in stdout  # no evaluation yet, nothing to sample
     hint = stdout.split('continue with: ', 1)[1].splitlines()[0]
     stopped_at = runs.load_checkpoint(out / 'ckpt.pt')['iter_num']
     assert 'loss curve' not in stdout and not (out / 'loss.png').exists()  # no evaluation drew it
@@ -96,6 +111,9 @@ def test_a_fresh_start_never_replaces_a_run_silently(tmp_path, data):
     assert proc.returncode == 0, proc.stderr
     assert [row[0] for row in read_log(out, 'train')] == [0, 1]
     assert runs.load_checkpoint(out / 'ckpt.pt')['model_args']['n_layer'] == 3
+    deleted = [line for line in proc.stdout.splitlines() if 'deleted' in line]  # one line says what went
+    assert len(deleted) == 1 and '--overwrite=True' in deleted[0], proc.stdout
+    assert f"{out / 'ckpt.pt'} (iteration 4)" in deleted[0] and 'log.jsonl' in deleted[0], deleted[0]
 
 
 def test_checkpoints_by_time_keep_the_last_ones(tmp_path, data):

@@ -21,9 +21,11 @@ import torch
 from lib import cli
 from lib import hardware
 from lib import runs
+from lib.tokenfiles import SMALL_DATA, small_data_notice
 from lib.export import save_hf
 from helpers import (ENV, REPO, TINY, train_defaults, assert_ddp_matches_single_process, assert_exact_resume, assert_one_line_error,
                      free_port, make_dataset, read_log, run_train, torchrun)
+from local_data import SHAKESPEARE
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -209,7 +211,10 @@ def test_exact_resume(tmp_path, data):
     assert len(read_log(tmp_path / 'resumed', 'train')) == 8
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path, data):
+def test_sigterm_saves_and_exits_with_the_stopped_status(tmp_path, data):
+    """SIGTERM (a job scheduler, kill): the step finishes, ckpt.pt is saved, and the exit status
+    says stopped (hardware.STOPPED, not 0: a job script must not read success); the summary says
+    how to continue, not 'best val loss inf' and a sample of an untrained model."""
     out = tmp_path / 'out'
     args = [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000']
     proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -224,8 +229,11 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data):
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == hardware.STOPPED == 75, stderr
     assert 'stopped by SIGTERM' in stdout
+    summary = stdout[stdout.index('\nstopped by SIGTERM at iteration'):]
+    assert 'exit status 75' in summary and f'continue with: python train.py --init_from=resume --out_dir={out}' in summary
+    assert 'inf' not in summary and 'sample.py' not in summary and 'done:' not in summary
     ckpt = runs.load_checkpoint(out / 'ckpt.pt')
     assert ckpt['iter_num'] >= 3
     assert ckpt['iter_num'] == read_log(out, 'train')[-1][0] + 1  # the state after the last finished step
@@ -450,11 +458,10 @@ def test_progress_lines_show_the_step_count_and_the_time_left(tmp_path, data):
     assert proc.stdout.count('mfu: not shown (no known peak FLOP/s for cpu') == 1  # said once
 
 
-def test_a_run_of_hours_says_so_and_names_a_cpu_recipe(tmp_path, data):
-    """A GPU-sized run on a CPU used to run for hours without a word; after a few steps it says
-    how long it will take, once, with what to run instead."""
-    proc = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}',
-                             '--max_iters=100000000', '--eval_interval=100000000', '--eval_at_start=False'],
+def lines_until_the_long_run_notice(*args):
+    """The output lines of a train.py run of 10^8 iterations, up to its 'notice: at ...' line."""
+    proc = subprocess.Popen([sys.executable, 'train.py', *args, '--max_iters=100000000', '--eval_interval=100000000',
+                             '--eval_at_start=False'],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     seen = []
     try:
@@ -465,9 +472,43 @@ def test_a_run_of_hours_says_so_and_names_a_cpu_recipe(tmp_path, data):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+    return seen
+
+
+def test_a_run_of_hours_says_so_and_names_a_cpu_recipe(tmp_path, data):
+    """A GPU-sized run on a CPU used to run for hours without a word; after a few steps it says
+    how long it will take, once, with what to run instead."""
+    seen = lines_until_the_long_run_notice(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}')
     notice = [line for line in seen if line.startswith('notice: at ')]
     assert len(notice) == 1 and 'iterations left take about' in notice[0], ''.join(seen[-20:])
     assert 'on a CPU, shrink it' in notice[0] and 'config/train_shakespeare_char_cpu.py' in notice[0]
+
+
+def test_the_cpu_recipe_running_slowly_is_not_told_to_run_itself(tmp_path, data):
+    """The quick start's own config on a slow or busy CPU: the notice names no config (the one
+    running is the CPU recipe) but the likely causes, and its pace is the progress line's."""
+    seen = lines_until_the_long_run_notice('config/train_shakespeare_char_cpu.py', *TINY, '--log_interval=5',
+                                           f'--data_dir={data}', f'--out_dir={tmp_path / "o"}')
+    notice = [line for line in seen if line.startswith('notice: at ')]
+    assert len(notice) == 1, ''.join(seen[-20:])
+    assert 'config/' not in notice[0] and 'already' in notice[0] and 'busy' in notice[0], notice[0]
+    # the pace quoted is the one on the progress line just above (the iterations since the last line)
+    line_above = seen[seen.index(notice[0]) - 1]
+    assert line_above.startswith('iter 5/'), line_above
+    assert line_above.split(', ')[2] == notice[0].split()[2].rstrip(','), (line_above, notice[0])
+
+
+def test_time_left_follows_the_pace_of_the_iterations_since_the_last_line():
+    """The first line's pace holds the first step's start-up cost (allocation, compilation): the
+    next line's replaces it, and a line over many iterations outweighs one over a single step."""
+    left = cli.TimeLeft(max_iters=1500, eval_interval=500)
+    left.after_step(1, 0.9)  # iteration 0, on a machine that was still quiet
+    assert left.after_step(51, 3.236) == pytest.approx((1500 - 51) * 3.236)  # 50 iterations, then busy
+    assert left.pace == pytest.approx(3.236)
+    left.after_step(52, 1.0)  # one faster step moves the pace a little, 50 would replace it
+    assert 2.5 < left.pace < 3.236
+    left.evaluation_took(10.0)
+    assert left.after_step(102, 2.0) == pytest.approx((1500 - 102) * 2.0 + 3 * 10.0, rel=1e-3)
 
 
 def test_tiny_data_for_the_model_is_named_before_training(tmp_path):
@@ -479,6 +520,44 @@ def test_tiny_data_for_the_model_is_named_before_training(tmp_path):
     big = make_dataset(tmp_path / 'big', n_tokens=40000)
     proc = run_train(*TINY, f'--data_dir={big}', f'--out_dir={tmp_path / "out2"}', '--max_iters=1')
     assert 'memorize' not in proc.stdout
+
+
+@pytest.mark.parametrize('train_tokens, n_params, tokens_to_read, memorizes', [
+    (40_500, 1_782_528, 1500 * 2048, True),  # README's own-text command on 45,000 characters
+    (18_945, 1_869_504, 200 * 2048, True),  # 200 steps on them in a 512-token BPE: train 0.81, val 4.52
+    (SMALL_DATA - 5000, 1_782_528, 1500 * 2048, True),  # under prepare.py's SMALL_DATA: it warns too
+    (SMALL_DATA + 10000, 1_782_528, 1500 * 2048, False),  # over it: prepare.py is silent, so is train.py
+    (40_500, 1_782_528, 50 * 2048, False),  # 50 steps read the text twice: too few to memorize it
+    (40_500, 102_400, 300 * 2048, False),  # README's settings for tens of kilobytes
+    (1_003_854, 1_782_528, 1500 * 2048, False),  # the quick start
+    (1_003_854, 10_646_784, 5000 * 64 * 256, False),  # nanoGPT's baby GPT (config/train_shakespeare_char.py)
+])
+def test_small_data_notice_agrees_with_prepare_and_the_readme(train_tokens, n_params, tokens_to_read, memorizes):
+    """The runs that memorized silently (the two first) are named; prepare.py's threshold is the
+    same for the quick start's model; the settings README gives for small texts are not."""
+    notice = small_data_notice(train_tokens, n_params, tokens_to_read)
+    assert (notice is not None) == memorizes, notice
+    if memorizes:
+        assert f'{train_tokens:,} tokens' in notice and "README, 'Train on your own text'" in notice
+
+
+def test_own_text_of_45k_characters_is_named_by_prepare_and_by_train(tmp_path):
+    """README's own-text commands on a 45,000-character text: prepare.py's notice, and train.py's
+    once before it trains (it said nothing, then memorized the text)."""
+    source = SHAKESPEARE.read_text(encoding='utf-8') if SHAKESPEARE else ''.join(
+        f"Line {i}: to be, or not to be, that is question {i * 7}.\n" for i in range(1000))
+    (tmp_path / 'mine.txt').write_text(source[:45000], encoding='utf-8')
+    prep = subprocess.run([sys.executable, 'prepare.py', 'text', f'--input={tmp_path / "mine.txt"}', '--tokenizer=char',
+                           '--name=mine', f'--data_dir={tmp_path / "data"}'], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=ENV)
+    assert prep.returncode == 0, prep.stderr
+    assert 'notice: 40,500 training tokens is little text' in prep.stdout, prep.stdout
+    # the quick start's recipe as README's command runs it; eval_only: the start lines, one evaluation
+    proc = run_train('config/train_shakespeare_char_cpu.py', f'--data_dir={tmp_path / "data" / "mine"}',
+                     f'--out_dir={tmp_path / "out"}', '--eval_only=True', '--eval_iters=1')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count('memorize') == 1, proc.stdout
+    assert 'notice: the training split holds 40,500 tokens' in proc.stdout
 
 
 # -----------------------------------------------------------------------------
