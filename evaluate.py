@@ -88,7 +88,7 @@ DEFAULTS = {
     ),
     'chat': dict(
         MODEL_KNOBS,
-        input='',  # a .jsonl of conversations, the last message each the expected reply; '' = the data's eval.jsonl
+        input='',  # .jsonl conversations, each ending with the expected reply; '' = the data's eval.jsonl
         data_dir='',  # the chat data's folder (its tokenizer, its eval.jsonl); '' means the run's
         limit=0,  # score only the first N questions; 0 means all
     ),
@@ -192,7 +192,8 @@ def run_chat(cfg):
         meta = tokenizers.read_meta(folder) if folder else {}
         if not meta.get('chat') and not (info.get('tokenizer_record') or {}).get('chat'):
             cli.die(f"{info['source']} was not trained for chat (no chat tokens in its tokenizer) and "
-                    f"{folder or 'no --data_dir'} holds no chat data: pass --data_dir=CHAT_DATA to score a base")
+                    f"{folder or 'no --data_dir'} holds no chat data: pass --data_dir=CHAT_DATA to score "
+                    f"a base")
         if meta.get('chat') and model.config.vocab_size < meta['vocab_size']:  # a base, before fine-tuning
             chat.fit_base_model(model, info, meta, notice=print)
             tokenizer = tokenizers.load_tokenizer(folder)
@@ -200,8 +201,9 @@ def run_chat(cfg):
             tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
         path = cfg['input'] or os.path.join(folder or '', (meta.get('eval') or {}).get('file', ''))
         if not os.path.isfile(path):
-            cli.die(f"no held-out questions: {folder or 'the run'} has no eval.jsonl (prepare.py chat_reverse "
-                    f"writes one); pass --input=FILE.jsonl of conversations ending with the expected reply")
+            cli.die(f"no held-out questions: {folder or 'the run'} has no eval.jsonl (prepare.py "
+                    f"chat_reverse writes one); pass --input=FILE.jsonl of conversations ending with the "
+                    f"expected reply")
         questions = chat.read_conversations(path)[:cfg['limit'] or None]
     except PrepareError as e:
         cli.die(str(e))
@@ -210,7 +212,8 @@ def run_chat(cfg):
         results = chat.answer_questions(model, tokenizer, questions, dev.autocast)
     except ValueError as e:
         cli.die(f"{path}: {e}")
-    wrong = [f"  {q[:60]!r} -> {a[:60]!r} (expected {e[:60]!r})" for q, a, e in results if not chat.score_answer(a, e)]
+    wrong = [f"  {q[:60]!r} -> {a[:60]!r} (expected {e[:60]!r})" for q, a, e in results
+             if not chat.score_answer(a, e)]
     if wrong:
         print("wrong, e.g.:\n" + "\n".join(wrong[:5]))
     right = sum(chat.score_answer(a, e) for _, a, e in results)
@@ -219,7 +222,8 @@ def run_chat(cfg):
     return accuracy
 
 
-COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting, 'chat': run_chat, 'hellaswag': run_hellaswag}
+COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting, 'chat': run_chat,
+            'hellaswag': run_hellaswag}
 
 
 # what each knob may be (cli.check_knobs), for the knobs a command has

@@ -357,8 +357,8 @@ def read_chat_files(opts, out_dir):
     conversations = chat.read_conversations(path, where)
     at = dict(zip(map(id, conversations), where))
     splits = dict(zip(("train", "val"), chat.split_conversations(conversations)))
-    return Raw(splits, source=str(path.resolve()), sha256={path.name: sha256_of(path)} if path.is_file() else {},
-               extra={"inputs": input_manifest(path, "*.jsonl")},
+    return Raw(splits, source=str(path.resolve()), extra={"inputs": input_manifest(path, "*.jsonl")},
+               sha256={path.name: sha256_of(path)} if path.is_file() else {},
                where={split: [at[id(c)] for c in convs] for split, convs in splits.items()})
 
 
@@ -393,7 +393,7 @@ def chat_base_tokenizer(dataset, raw, opts, bpe_file, meta):
         kind = CHAT_TOKENIZER[dataset] if opts["tokenizer"] == "auto" else opts["tokenizer"]
         contents = {split: [m["content"] for c in convs for m in c] for split, convs in raw.splits.items()}
         if kind == "char":  # the characters of every split, as for text
-            tokenizer = char_tokenizer(sorted(set().union(*(set(t) for texts in contents.values() for t in texts))))
+            tokenizer = char_tokenizer(sorted(set("".join("".join(texts) for texts in contents.values()))))
         elif kind == "gpt2":
             tokenizer = gpt2_tokenizer()
         else:  # an own BPE, learned from the training conversations only
@@ -425,16 +425,19 @@ def prepare_chat(dataset, raw, opts, folder, out_dir):
         meta.update(tokenizer=base.name, vocab_size=tokenizer.vocab_size, chat=chat.chat_entry(tokenizer))
         splits, counts, learned = {}, {}, {}
         for split, conversations in raw.splits.items():
-            ids, mask, counts[split] = chat.render_split(conversations, tokenizer, limit, raw.where.get(split))
+            ids, mask, counts[split] = chat.render_split(conversations, tokenizer, limit,
+                                                         raw.where.get(split))
             if not ids:
-                raise PrepareError(f"no {split} conversation has a reply within --max_tokens_per_conversation="
-                                   f"{limit}; raise it")
-            temps[f"{split}.bin"], splits[split] = write_tokens(out_dir / f"{split}.bin", [ids], tokenizer.vocab_size)
+                raise PrepareError(f"no {split} conversation has a reply within "
+                                   f"--max_tokens_per_conversation={limit}; raise it")
+            temps[f"{split}.bin"], splits[split] = write_tokens(out_dir / f"{split}.bin", [ids],
+                                                                tokenizer.vocab_size)
             temps[f"{split}.mask.bin"] = write_tokens(out_dir / f"{split}.mask.bin", [mask], 2, MASK_DTYPE)[0]
             learned[split] = sum(mask)
         if "eval" in raw.extra:  # the held-out questions: the val conversations, whole
             temps["eval.jsonl"] = out_dir / ".eval.jsonl.tmp"
-            temps["eval.jsonl"].write_text("".join(json.dumps({"messages": c}) + "\n" for c in raw.splits["val"]))
+            temps["eval.jsonl"].write_text("".join(json.dumps({"messages": c}) + "\n"
+                                                   for c in raw.splits["val"]))
     except BaseException:
         for tmp in [*temps.values(), bpe_file]:
             tmp.unlink(missing_ok=True)
@@ -444,19 +447,21 @@ def prepare_chat(dataset, raw, opts, folder, out_dir):
         os.replace(tmp, out_dir / name)
     if "bpe" in meta:
         os.replace(bpe_file, out_dir / "tokenizer.tiktoken")
-    meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits=splits, source=raw.source, source_sha256=raw.sha256,
+    meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits=splits, source=raw.source,
+                source_sha256=raw.sha256,
                 mask={"file": "SPLIT.mask.bin", "dtype": np.dtype(MASK_DTYPE).name, "learned": learned},
                 conversations=counts, **raw.extra)
     meta["options"] = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
     write_json(out_dir / "meta.json", meta)
     for split, n in splits.items():
         c = counts[split]
-        print(f"{folder}/{split}.bin: {n:,} tokens, {learned[split] / n:.0%} of them the assistant's (learned); "
-              f"{c['kept'] + c['cut']:,} conversations" + (f", {c['cut']:,} cut" if c["cut"] else "")
+        print(f"{folder}/{split}.bin: {n:,} tokens, {learned[split] / n:.0%} of them the assistant's "
+              f"(learned); {c['kept'] + c['cut']:,} conversations"
+              + (f", {c['cut']:,} cut" if c["cut"] else "")
               + (f", {c['skipped']:,} skipped" if c["skipped"] else ""))
     if any(c["cut"] or c["skipped"] for c in counts.values()):
-        print(f"notice: conversations longer than --max_tokens_per_conversation={limit} tokens were cut to it, "
-              f"or skipped where the cut kept no reply")
+        print(f"notice: conversations longer than --max_tokens_per_conversation={limit} tokens were cut "
+              f"to it, or skipped where the cut kept no reply")
     if "eval" in raw.extra:
         print(f"{folder}/eval.jsonl: {len(raw.splits['val']):,} held-out questions (python evaluate.py chat)")
     return meta
@@ -494,7 +499,8 @@ PARQUET_HELP = {"input": "a local folder (or one file) of .parquet files (the Hu
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
 TEXT_OPTIONS = {"input": None, "tokenizer": "gpt2", "vocab_size": 0, "name": None, "num_threads": 0}
 TOKENIZERS = ("char", "gpt2", "bpe")
-CHAT_OPTIONS = {"tokenizer": "auto", "vocab_size": 0, "base": None, "name": None, "max_tokens_per_conversation": 1024}
+CHAT_OPTIONS = {"tokenizer": "auto", "vocab_size": 0, "base": None, "name": None,
+                "max_tokens_per_conversation": 1024}
 # what each option does, for `python prepare.py NAME --help`; a Dataset's option_help overrides
 OPTION_HELP = {
     "data_dir": "write into PATH/NAME/ instead of data/NAME/",
@@ -521,10 +527,10 @@ OPTION_HELP = {
     # 2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
     "val_every": "every N-th document goes to validation, whole; the rest to training",
     "num_proc": "processes that tokenize (0: one per CPU core); any number gives the same tokens",
-    "base": "a trained run (its folder or ckpt.pt) whose tokenizer the data uses, so that run can be fine-tuned "
-            "on it (a character it lacks is an error); leave out --tokenizer",
-    "max_tokens_per_conversation": "a conversation longer than this many tokens is cut to it (skipped where the "
-                                   "cut keeps no reply); counted and reported",
+    "base": "a trained run (its folder or ckpt.pt) whose tokenizer the data uses, so that run can be "
+            "fine-tuned on it (a character it lacks is an error); leave out --tokenizer",
+    "max_tokens_per_conversation": "a conversation longer than this many tokens is cut to it (skipped "
+                                   "where the cut keeps no reply); counted and reported",
 }
 CHAT_HELP = {"tokenizer": "char, gpt2 or bpe (set --vocab_size); auto: the --base run's, else {}",
              "name": "the folder to write under data/ (default: the dataset's name)"}
@@ -569,8 +575,9 @@ DATASETS = {
                   "downloading",
          "shards": "copy only the first N training files, ~100M tokens each (0: all)"}),
     "chat": Dataset(
-        "conversations from local .jsonl files ({\"messages\": [...]} per line, OpenAI's format), rendered with "
-        "the chat template, a loss mask on the replies; 90% of the conversations for training, 10% validation",
+        "conversations from local .jsonl files ({\"messages\": [...]} per line, OpenAI's format), "
+        "rendered with the chat template, a loss mask on the replies; 90% of the conversations for "
+        "training, 10% validation",
         "--input=PATH", "chat", read_chat_files, {"input": None, **CHAT_OPTIONS},
         {"input": "a .jsonl file of conversations, or a folder of them (needed)",
          **CHAT_HELP, "tokenizer": CHAT_HELP["tokenizer"].format("gpt2")}),
@@ -579,12 +586,13 @@ DATASETS = {
         "words for python evaluate.py chat",
         "generated from --seed", "chat", read_chat_reverse,
         {"seed": 1337, "num_train": 20000, "num_val": 200, **CHAT_OPTIONS},
-        {"num_train": "training conversations (one word each)", "num_val": "held-out conversations (words never "
-         "trained on), also the questions of eval.jsonl", **CHAT_HELP,
+        {"num_train": "training conversations (one word each)",
+         "num_val": "held-out conversations (words never trained on), also the questions of eval.jsonl",
+         **CHAT_HELP,
          "tokenizer": CHAT_HELP["tokenizer"].format("char")}),
     "chitchat": Dataset(
-        "4,017 two-person chats (the chitchat-dataset package: pip install chitchat-dataset), the first speaker "
-        "as the user; 90% of the conversations for training, 10% validation",
+        "4,017 two-person chats (the chitchat-dataset package: pip install chitchat-dataset), the first "
+        "speaker as the user; 90% of the conversations for training, 10% validation",
         "https://github.com/BYU-PCCL/chitchat-dataset", "chat", read_chitchat, dict(CHAT_OPTIONS),
         {**CHAT_HELP, "tokenizer": CHAT_HELP["tokenizer"].format("gpt2")}),
     "text": Dataset(
@@ -632,7 +640,8 @@ def resolve_options(name, overrides):
             raise UsageError(f"--tokenizer must be char, gpt2 or bpe{', or auto' if chat_data else ''}, "
                              f"got {opts['tokenizer']!r}")
         if chat_data and opts["base"] and (opts["tokenizer"] != "auto" or opts["vocab_size"]):
-            raise UsageError(f"--base={opts['base']} brings its run's tokenizer: leave out --tokenizer and --vocab_size")
+            raise UsageError(f"--base={opts['base']} brings its run's tokenizer: leave out --tokenizer "
+                             "and --vocab_size")
 
         if opts["tokenizer"] == "bpe" and not bpe.MIN_VOCAB <= opts["vocab_size"] <= bpe.MAX_VOCAB:
             raise UsageError(f"--tokenizer=bpe needs --vocab_size between {bpe.MIN_VOCAB} (the 256 bytes and "
@@ -792,7 +801,7 @@ def already_prepared(name, overrides):
         if not path.is_file() or path.stat().st_size != count * np.dtype(TOKEN_DTYPE).itemsize:
             return None
         mask = Path(mask_path(path))
-        if "mask" in meta and (not mask.is_file() or mask.stat().st_size != count * np.dtype(MASK_DTYPE).itemsize):
+        if "mask" in meta and (not mask.is_file() or mask.stat().st_size != count):  # a uint8 per token
             return None
     if "eval" in meta and not (folder / meta["eval"].get("file", "eval.jsonl")).is_file():
         return None

@@ -174,8 +174,8 @@ meta_vocab_size = meta.get('vocab_size')
 print0(cli.config_summary(config, defaults, os.path.join(out_dir, 'config.json')))
 print0(f"{world_size} process(es), {accum_steps} micro-steps each; "
        f"tokens per iteration: {batches.tokens_per_iter:,}")
-if batches.mask_share is not None:  # chat data: loss, bits per byte and evaluations count these only
-    print0(f"loss: on the assistant's tokens only ({batches.mask_share:.1%} of the training tokens)")
+if batches.mask_share is not None:  # chat data: losses, bits per byte, evaluations count these only
+    print0(f"loss: on the assistant's tokens only, {batches.mask_share:.1%} of the training tokens")
 # bits per byte, a loss every tokenizer can be compared on, need the bytes each token stands for
 token_bytes, no_bpb = token_bytes_of(meta, batches.folder)
 tokenizer_info = tokenizer_record(meta, batches.folder)  # what checkpoints keep of the tokenizer
@@ -352,7 +352,7 @@ while True:
         with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
             with dev.autocast():
                 _, loss = train_model(x, y)
-            if batches.mask_share is not None:  # no assistant token in x: the mean is 0/0, make it 0
+            if batches.mask_share is not None:  # no assistant token: a mean of 0/0, so count 0
                 loss = torch.where((y != -1).any(), loss, 0.0)
             scaler.scale(loss / accum_steps).backward()
         if log_now:

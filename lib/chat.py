@@ -302,7 +302,7 @@ def render_split(conversations, tokenizer, max_tokens, where=None):
             at = where[i] if where else f"conversation {i + 1}"
             raise PrepareError(f"{at}: {len(missing)} character(s) not in the {tokenizer.vocab_size - 4}-"
                                f"character vocabulary: {' '.join(map(repr, missing[:10]))}; remove them "
-                               f"from the conversations, or use a base trained on text that has them") from None
+                               f"from the conversations, or use a base trained on text with them") from None
     kept, counts = fit_to_block(rendered, max_tokens - 1)
     ids = [i for conversation, _ in kept for i in conversation]
     mask = [m for _, conversation in kept for m in conversation]
@@ -359,9 +359,10 @@ def fit_base_model(model, info, meta, lora_rank=0, notice=print):
     tokenizer (prepare.py's --base makes it so), then its vocabulary grows by the chat tokens
     (grow_vocab). ConfigError otherwise, and for LoRA, which freezes the rows the chat tokens need."""
     from lib.cli import ConfigError  # here: lib/cli.py imports torch
-    record = info.get("tokenizer_record") or {"tokenizer": "gpt2" if model.config.vocab_size >= 50257 else None}
+    gpt2 = model.config.vocab_size >= 50257  # pretrained GPT-2 (a Hugging Face folder) has no record
+    record = info.get("tokenizer_record") or {"tokenizer": "gpt2" if gpt2 else None}
     base, mine = meta.get("tokenizer"), record.get("tokenizer")
-    same = base == mine and (base != "char" or list(record.get("chars") or []) == list(meta.get("chars") or []))
+    same = base == mine and (base != "char" or list(record.get("chars", [])) == list(meta.get("chars", [])))
     if same and base == "bpe":  # compare the merges, not just the names
         mine = hashlib.sha256(str(record.get("bpe_ranks", "")).encode()).hexdigest()
         same = mine == (meta.get("bpe") or {}).get("sha256")
@@ -449,7 +450,8 @@ def answer_questions(model, tokenizer, questions, autocast=None):
     the model's greedy reply (reply_tokens) to the messages before it. A reply is cut a few tokens
     after the expected one's length: a longer one is wrong anyway."""
     import contextlib
-    vocab_model = model.config.vocab_size
+    # a padded vocabulary (GPT-2's 50304) has ids no tokenizer can decode
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
     results = []
     for messages in questions:
         if messages[-1]["role"] != "assistant":
@@ -457,9 +459,9 @@ def answer_questions(model, tokenizer, questions, autocast=None):
         prompt, expected = render_prompt(messages[:-1], tokenizer), messages[-1]["content"]
         room = len(tokenizer.encode_ordinary(expected)) + 8
         with autocast() if autocast else contextlib.nullcontext():
-            reply = list(reply_tokens(model, tokenizer, prompt, room, temperature=0.0,
-                                      vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < vocab_model else None))
-        results.append((messages[-2]["content"] if len(messages) > 1 else "", tokenizer.decode(reply), expected))
+            reply = list(reply_tokens(model, tokenizer, prompt, room, temperature=0.0, vocab_limit=limit))
+        question = messages[-2]["content"] if len(messages) > 1 else ""
+        results.append((question, tokenizer.decode(reply), expected))
     return results
 
 

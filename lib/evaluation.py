@@ -314,7 +314,8 @@ def estimate_loss(model, batches, eval_iters, dev, bytes_table=None, stop=None, 
         if ddp:
             dist.all_reduce(total)
         losses[split] = total[0].item() / total[1].item() if total[1] else float('nan')
-        losses[f'{split}_bpb'] = total[2].item() / math.log(2) / total[3].item() if bytes_table is not None else None
+        losses[f'{split}_bpb'] = (total[2].item() / math.log(2) / total[3].item()
+                                  if bytes_table is not None else None)
     bar.close()
     model.train()
     return losses

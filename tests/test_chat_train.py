@@ -25,8 +25,8 @@ from lib.batches import Batches
 from lib.tokenfiles import PrepareError
 
 # the base run's text: every character the reversal task needs (letters, ':', ' ') and a few more
-BASE_TEXT = "".join(f"reverse: {w} is {w[::-1]}.\n" for w in
-                    ("the quick brown fox jumps over a lazy dog", "pack my box with five dozen liquor jugs")) * 40
+PANGRAMS = ("the quick brown fox jumps over a lazy dog", "pack my box with five dozen liquor jugs")
+BASE_TEXT = "".join(f"reverse: {w} is {w[::-1]}.\n" for w in PANGRAMS) * 40
 SFT = ['--eval_interval=2', '--dropout=0.0']  # with TINY: a 2-layer, 16-token model
 
 
@@ -72,8 +72,8 @@ def test_chat_data_is_tokens_and_a_mask_split_by_conversation(tmp_path, capsys):
                           *qa("long " * 30, "fine")])  # 180 tokens: cut to 64, its first reply kept
     conversations.append(qa("very long " * 20, "lost"))  # its reply lies past the cut: skipped
     path = write_jsonl(tmp_path / "talk.jsonl", conversations)
-    assert prepare.main(["chat", f"--input={path}", "--tokenizer=char", "--name=talk", f"--data_dir={tmp_path}",
-                         "--max_tokens_per_conversation=64"]) == 0
+    assert prepare.main(["chat", f"--input={path}", "--tokenizer=char", "--name=talk",
+                         f"--data_dir={tmp_path}", "--max_tokens_per_conversation=64"]) == 0
     out, folder = capsys.readouterr().out, tmp_path / "talk"
     meta = tokenfiles.read_meta(folder)
     tok = chat.chat_tokenizer(prepare.char_tokenizer(meta["chars"]))
@@ -105,14 +105,14 @@ def test_chat_data_is_tokens_and_a_mask_split_by_conversation(tmp_path, capsys):
 
 def test_a_bad_conversation_is_one_error_line_and_nothing_is_written(tmp_path, base_run):
     bad = write_jsonl(tmp_path / "bad.jsonl", [qa("reverse: abc", "cba")] * 2 + [qa("hi", "")[:1]])
-    proc = script("prepare.py", "chat", f"--input={bad}", f"--data_dir={tmp_path / 'data'}", "--tokenizer=char")
+    into = f"--data_dir={tmp_path / 'data'}"
+    proc = script("prepare.py", "chat", f"--input={bad}", into, "--tokenizer=char")
     assert_one_line_error(proc, f"{bad}:3:", "no assistant message")
     # a character the base run never saw: named, with its file and line
-    accents = write_jsonl(tmp_path / "accents.jsonl", [qa("reverse: abc", "cba")] * 3 + [qa("reverse: café", "éfac")])
-    proc = script("prepare.py", "chat", f"--input={accents}", f"--data_dir={tmp_path / 'data'}", f"--base={base_run}")
+    accents = write_jsonl(tmp_path / "accents.jsonl", [qa("reverse: abc", "cba")] * 3 + [qa("café", "éfac")])
+    proc = script("prepare.py", "chat", f"--input={accents}", into, f"--base={base_run}")
     assert_one_line_error(proc, f"{accents}:4:", "'é'", "base")
-    proc = script("prepare.py", "chat", f"--input={accents}", f"--data_dir={tmp_path / 'data'}", f"--base={base_run}",
-                  "--tokenizer=gpt2")
+    proc = script("prepare.py", "chat", f"--input={accents}", into, f"--base={base_run}", "--tokenizer=gpt2")
     assert_one_line_error(proc, "--base", "leave out --tokenizer")
     assert proc.returncode == 2
     assert not (tmp_path / "data").exists()  # no folder, no file
@@ -143,7 +143,8 @@ def test_chat_reverse_saves_its_held_out_questions(reverse_data):
 def test_chitchat_without_its_package_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "chitchat_dataset", None)  # import fails as if not installed
     assert prepare.main(["chitchat", f"--data_dir={tmp_path}"]) == 1
-    assert capsys.readouterr().err.strip() == "error: the chitchat corpus needs its package: pip install chitchat-dataset"
+    assert capsys.readouterr().err.strip() == ("error: the chitchat corpus needs its package: "
+                                               "pip install chitchat-dataset")
 
 
 def test_the_mask_files_are_checked_before_training(tmp_path):
@@ -203,7 +204,8 @@ def test_the_loss_is_the_masked_cross_entropy_of_the_grown_base(base_run, revers
     nll, n = masked_nll("train", batches.plan(0)[0][0])
     assert logged[("train", "train", 0)] == pytest.approx(nll / n, rel=1e-5)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["tokenizer"]["chat"] == meta["chat"] and ckpt["model_args"]["vocab_size"] == meta["vocab_size"]
+    assert ckpt["tokenizer"]["chat"] == meta["chat"]  # sample.py and evaluate.py rebuild the chat tokenizer
+    assert ckpt["model_args"]["vocab_size"] == meta["vocab_size"]
 
 
 def test_a_batch_without_an_assistant_token_gives_no_nan(tmp_path):
@@ -211,7 +213,8 @@ def test_a_batch_without_an_assistant_token_gives_no_nan(tmp_path):
     prepare.prepare("chat", input=str(path), tokenizer="char", name="sparse", data_dir=tmp_path)
     out = tmp_path / "out"
     proc = run_train(*TINY, f"--data_dir={tmp_path / 'sparse'}", "--dataset=sparse", f"--out_dir={out}",
-                     "--block_size=8", "--batch_size=2", "--eval_iters=10", "--max_iters=12", "--eval_interval=6")
+                     "--block_size=8", "--batch_size=2", "--eval_iters=10", "--max_iters=12",
+                     "--eval_interval=6")
     assert proc.returncode == 0, proc.stderr
     losses = {kind: [loss for _, k, _, loss in read_log(out) if k == kind] for kind in ("train", "eval")}
     assert all(math.isfinite(x) for x in losses["train"] + losses["eval"]), losses
@@ -219,20 +222,22 @@ def test_a_batch_without_an_assistant_token_gives_no_nan(tmp_path):
 
 
 def test_a_base_with_another_tokenizer_or_lora_is_refused(base_run, tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [qa(f"reverse: {w}", w[::-1]) for w in ("abc", "dog", "xyz", "fox")])
-    prepare.prepare("chat", input=str(path), tokenizer="char", name="own", data_dir=tmp_path)  # own characters
+    path = write_jsonl(tmp_path / "t.jsonl", [qa(f"reverse: {w}", w[::-1]) for w in ("abc", "dog", "fox")])
+    prepare.prepare("chat", input=str(path), tokenizer="char", name="own", data_dir=tmp_path)  # its own chars
     proc = run_train(*TINY, f"--data_dir={tmp_path / 'own'}", "--dataset=own", f"--out_dir={tmp_path / 'o'}",
                      f"--init_from={base_run / 'ckpt.pt'}", "--max_iters=1", "--block_size=8")
     assert_one_line_error(proc, "another tokenizer", "--base=RUN_FOLDER")
     prepare.prepare("chat", input=str(path), base=str(base_run), name="on_base", data_dir=tmp_path)
-    proc = run_train(*TINY, f"--data_dir={tmp_path / 'on_base'}", "--dataset=on_base", f"--out_dir={tmp_path / 'l'}",
-                     f"--init_from={base_run / 'ckpt.pt'}", "--max_iters=1", "--block_size=8", "--lora_rank=2")
+    proc = run_train(*TINY, f"--data_dir={tmp_path / 'on_base'}", "--dataset=on_base",
+                     f"--out_dir={tmp_path / 'l'}", f"--init_from={base_run / 'ckpt.pt'}", "--max_iters=1",
+                     "--block_size=8", "--lora_rank=2")
     assert_one_line_error(proc, "LoRA", "lora_rank=0")
 
 
 @pytest.mark.slow
 def test_chat_fine_tuning_resumes_exactly(base_run, reverse_data, tmp_path):
-    args = [*TINY, *SFT, f"--data_dir={reverse_data}", "--dataset=chat_reverse", f"--init_from={base_run / 'ckpt.pt'}"]
+    args = [*TINY, *SFT, f"--data_dir={reverse_data}", "--dataset=chat_reverse",
+            f"--init_from={base_run / 'ckpt.pt'}"]
     straight, proc = assert_exact_resume(args, tmp_path, iters=6)
     assert "loss: on the assistant's tokens only" in proc.stdout and "grows" not in proc.stdout
 
@@ -243,7 +248,7 @@ def test_chat_fine_tuning_under_ddp_matches_one_process(base_run, reverse_data, 
                                       f"--init_from={base_run / 'ckpt.pt'}")
 
 
-# ----------------------------------------------------------------------------- sample.py --chat, evaluate.py chat
+# ----------------------------------------------------------------------------- chatting, scoring
 
 @pytest.fixture(scope="module")
 def chat_run(base_run, reverse_data, tmp_path_factory):
@@ -321,7 +326,8 @@ def test_chat_in_the_terminal_through_stdin(chat_run):
     one = subprocess.run([sys.executable, "sample.py", f"--out_dir={chat_run}", "--chat", "--temperature=0",
                           "--max_new_tokens=6", "--start=abc"], cwd=REPO, capture_output=True, text=True,
                          stdin=subprocess.PIPE, timeout=120, env=ENV)  # an open stdin: reading it would hang
-    assert one.returncode == 0 and proc.stdout.startswith(one.stdout) and one.stdout.endswith("\n"), one.stderr
+    assert one.returncode == 0 and one.stdout.endswith("\n"), one.stderr
+    assert proc.stdout.startswith(one.stdout)
 
 
 def test_a_run_not_trained_for_chat_is_one_error_line(base_run):
@@ -332,8 +338,9 @@ def test_a_run_not_trained_for_chat_is_one_error_line(base_run):
 
 
 def test_ctrl_c_ends_the_chat_cleanly(chat_run):
-    proc = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={chat_run}", "--chat"], cwd=REPO, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={chat_run}", "--chat"], cwd=REPO,
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=ENV)
     try:
         seen = ""
         while "model:" not in seen:  # the notice printed just before the chat starts reading
