@@ -169,9 +169,15 @@ def run_tokenizer(run):
         raise PrepareError(f"--base={run}: {getattr(e, 'message', e)}") from None
     record = ckpt.get("tokenizer") if isinstance(ckpt.get("tokenizer"), dict) else None
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    if not record or not record.get("tokenizer"):
+    if not record or not record.get("tokenizer"):  # nanoGPT's checkpoints: the data's metadata
         folder = runs._find_data_dir(config.get("data_dir"), config.get("dataset"))
-        record = {**tokenizers.read_meta(folder), "folder": folder} if folder else {"tokenizer": "gpt2"}
+        if folder:
+            record = {**tokenizers.read_meta(folder), "folder": folder}
+        elif ckpt["model_args"].get("vocab_size", 0) >= 50257:
+            record = {"tokenizer": "gpt2"}
+        else:
+            raise PrepareError(f"--base={run}: its checkpoint records no tokenizer and its data folder "
+                               f"is gone, so its ids cannot be known; prepare its dataset again")
     record = dict(record)
     if record.get("chat"):  # a chat run fine-tuned again: the same ids under the same markers
         record["vocab_size"] = base_vocab_size(record.pop("chat"))
@@ -370,8 +376,9 @@ def fit_base_model(model, info, meta, lora_rank=0, notice=print):
         same = False  # a chat model whose markers sit at other ids
     if not same:
         raise ConfigError(f"{info['source']} was trained with another tokenizer than the chat data's "
-                          f"({meta.get('tokenizer')}): prepare the data on this base, e.g. "
-                          f"`python prepare.py chat --input=FILE.jsonl --base=RUN_FOLDER`")
+                          f"({meta.get('tokenizer')}): prepare the data again on this base, `python "
+                          f"prepare.py {meta.get('dataset', 'chat')} --base=RUN_FOLDER --force` with the "
+                          f"options you used")
     old = model.config.vocab_size
     if grow_vocab(model, meta["vocab_size"]):
         if lora_rank:

@@ -226,7 +226,7 @@ def test_a_base_with_another_tokenizer_or_lora_is_refused(base_run, tmp_path):
     prepare.prepare("chat", input=str(path), tokenizer="char", name="own", data_dir=tmp_path)  # its own chars
     proc = run_train(*TINY, f"--data_dir={tmp_path / 'own'}", "--dataset=own", f"--out_dir={tmp_path / 'o'}",
                      f"--init_from={base_run / 'ckpt.pt'}", "--max_iters=1", "--block_size=8")
-    assert_one_line_error(proc, "another tokenizer", "--base=RUN_FOLDER")
+    assert_one_line_error(proc, "another tokenizer", "python prepare.py chat --base=RUN_FOLDER --force")
     prepare.prepare("chat", input=str(path), base=str(base_run), name="on_base", data_dir=tmp_path)
     proc = run_train(*TINY, f"--data_dir={tmp_path / 'on_base'}", "--dataset=on_base",
                      f"--out_dir={tmp_path / 'l'}", f"--init_from={base_run / 'ckpt.pt'}", "--max_iters=1",
