@@ -15,7 +15,7 @@ printed too. Notices (device, model, prompt handling) go to stderr, so `> out.tx
 the samples. Config files and --key=value flags are checked like train.py's.
 
 --chat (a run fine-tuned on chat data, docs/chat.md): each line read from stdin is a user
-message, and the reply streams to stdout, one line, until the model writes <|end|>. The chat is
+message; the reply streams to stdout until the model writes <|end|>, then a newline. The chat is
 remembered within the model's context (the oldest turns are dropped, said on stderr); Ctrl-D or
 Ctrl-C ends it. With --start, one reply to that message, then exit.
 """
@@ -29,8 +29,8 @@ from lib import cli  # first: a missing package is one line naming the fix, not 
 import torch
 
 from lib import runs
-from lib.quantize import QUANTIZE, quantize_model
 from lib.chat import fit_history, reply_tokens
+from lib.quantize import QUANTIZE, quantize_model
 from lib.sampling import StreamPrinter, encode_prompt, notice, read_prompt
 from lib.tokenfiles import PrepareError
 
