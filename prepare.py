@@ -637,7 +637,7 @@ def resolve_options(name, overrides):
     if "tokenizer" in opts:
         chat_data = DATASETS[name].tokenizer == "chat"
         if opts["tokenizer"] not in TOKENIZERS + (("auto",) if chat_data else ()):
-            raise UsageError(f"--tokenizer must be char, gpt2 or bpe{', or auto' if chat_data else ''}, "
+            raise UsageError(f"--tokenizer must be char, gpt2{', bpe or auto' if chat_data else ' or bpe'}, "
                              f"got {opts['tokenizer']!r}")
         if chat_data and opts["base"] and (opts["tokenizer"] != "auto" or opts["vocab_size"]):
             raise UsageError(f"--base={opts['base']} brings its run's tokenizer: leave out --tokenizer "
