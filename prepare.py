@@ -425,8 +425,9 @@ def prepare_chat(dataset, raw, opts, folder, out_dir):
         meta.update(tokenizer=base.name, vocab_size=tokenizer.vocab_size, chat=chat.chat_entry(tokenizer))
         splits, counts, learned = {}, {}, {}
         for split, conversations in raw.splits.items():
-            ids, mask, counts[split] = chat.render_split(conversations, tokenizer, limit,
-                                                         raw.where.get(split))
+            where = raw.where.get(split) or [f"{dataset}'s {split} conversation {i + 1}"
+                                             for i in range(len(conversations))]
+            ids, mask, counts[split] = chat.render_split(conversations, tokenizer, limit, where)
             if not ids:
                 raise PrepareError(f"no {split} conversation has a reply within "
                                    f"--max_tokens_per_conversation={limit}; raise it")
