@@ -1,5 +1,6 @@
 """
-Numbers about a trained model: perplexity over a whole split, counting accuracy, HellaSwag.
+Numbers about a trained model: perplexity over a whole split, counting accuracy, HellaSwag, and
+a chat model's exact answers.
 
 Perplexity of a checkpoint (out_dir/ckpt.pt) or of a Hugging Face GPT-2 (name or local folder)
 on any prepared split, every token scored exactly once:
@@ -15,6 +16,13 @@ BPE model; GPT-2 124M gets acc_norm ~0.29:
 $ python evaluate.py hellaswag --init_from=gpt2
 $ python evaluate.py hellaswag --out_dir=out-gpt2 --limit=1000
 
+Chat: the share of held-out questions a run fine-tuned on chat data answers exactly (greedy
+decoding until <|end|>); the questions are its dataset's eval.jsonl (prepare.py chat_reverse
+writes one), or --input=FILE.jsonl, conversations whose last message is the expected reply.
+A base run and --data_dir=CHAT_DATA score the base, its vocabulary grown as fine-tuning would:
+$ python evaluate.py chat --out_dir=out-chat-reverse
+$ python evaluate.py chat --init_from=out-shakespeare-char-cpu/ckpt.pt --data_dir=data/chat_reverse
+
 Without --out_dir, the newest run folder here (one holding ckpt.pt) is used. Knobs are
 --key=value flags (or config files), checked like train.py's; `python evaluate.py perplexity
 --help` lists them with their defaults.
@@ -25,7 +33,7 @@ import sys
 
 from lib import cli  # first: a missing package is one line naming the fix, not a traceback
 
-from lib import runs
+from lib import chat, runs, tokenizers
 from lib.evaluation import (counting_accuracy, gpt2_tokenizer_or_die, hellaswag_counts, hellaswag_path, perplexity,
                             read_hellaswag)
 from lib.quantize import QUANTIZE, quantize_model
@@ -77,6 +85,12 @@ DEFAULTS = {
         starts='',  # comma-separated start values, e.g. '1,10'; '' means the held-out val starts
         prompt_len=3,  # numbers in each prompt
         max_new_tokens=5,  # numbers generated and checked per prompt
+    ),
+    'chat': dict(
+        MODEL_KNOBS,
+        input='',  # .jsonl conversations, each ending with the expected reply; '' = the data's eval.jsonl
+        data_dir='',  # the chat data's folder (its tokenizer, its eval.jsonl); '' means the run's
+        limit=0,  # score only the first N questions; 0 means all
     ),
     'hellaswag': dict(
         MODEL_KNOBS,
@@ -171,7 +185,45 @@ def run_counting(cfg):
     return accuracy
 
 
-COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting, 'hellaswag': run_hellaswag}
+def run_chat(cfg):
+    model, info, dev = load_model(cfg)
+    folder = cfg['data_dir'] or info.get('data_dir')
+    try:
+        meta = tokenizers.read_meta(folder) if folder else {}
+        if not meta.get('chat') and not (info.get('tokenizer_record') or {}).get('chat'):
+            cli.die(f"{info['source']} was not trained for chat (no chat tokens in its tokenizer) and "
+                    f"{folder or 'no --data_dir'} holds no chat data: pass --data_dir=CHAT_DATA to score "
+                    f"a base")
+        if meta.get('chat') and model.config.vocab_size < meta['vocab_size']:  # a base, before fine-tuning
+            chat.fit_base_model(model, info, meta, notice=print)
+            tokenizer = tokenizers.load_tokenizer(folder)
+        else:
+            tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
+        path = cfg['input'] or os.path.join(folder or '', (meta.get('eval') or {}).get('file', ''))
+        if not os.path.isfile(path):
+            cli.die(f"no held-out questions: {folder or 'the run'} has no eval.jsonl (prepare.py "
+                    f"chat_reverse writes one); pass --input=FILE.jsonl of conversations ending with the "
+                    f"expected reply")
+        questions = chat.read_conversations(path)[:cfg['limit'] or None]
+    except PrepareError as e:
+        cli.die(str(e))
+    print(f"{len(questions)} questions from {path}, scored by exact match (greedy decoding)")
+    try:
+        results = chat.answer_questions(model, tokenizer, questions, dev.autocast)
+    except ValueError as e:
+        cli.die(f"{path}: {e}")
+    wrong = [f"  {q[:60]!r} -> {a[:60]!r} (expected {e[:60]!r})" for q, a, e in results
+             if not chat.score_answer(a, e)]
+    if wrong:
+        print("wrong, e.g.:\n" + "\n".join(wrong[:5]))
+    right = sum(chat.score_answer(a, e) for _, a, e in results)
+    accuracy = right / len(questions)
+    print(f"chat: {len(questions)} questions, accuracy {accuracy:.3f}")
+    return accuracy
+
+
+COMMANDS = {'perplexity': run_perplexity, 'counting': run_counting, 'chat': run_chat,
+            'hellaswag': run_hellaswag}
 
 
 # what each knob may be (cli.check_knobs), for the knobs a command has

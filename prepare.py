@@ -17,6 +17,8 @@ writes, 2 bytes each; data/NAME/meta.json records how they were made.
     python prepare.py text --input=notes/ --tokenizer=char --name=mydata
     python prepare.py text --input=notes/ --tokenizer=bpe --vocab_size=4096 --name=mine   # own tokenizer
     python prepare.py shakespeare --tokenizer=bpe --vocab_size=1024   # into data/shakespeare_bpe1024/
+    python prepare.py chat --input=conversations.jsonl --name=mychat     # chat data (docs/chat.md)
+    python prepare.py chat_reverse --base=out-shakespeare-char-cpu     # a chat task on a run's characters
 
 Words: a tokenizer cuts text into tokens. GPT-2's is a BPE (byte-pair encoding): 50,257 tokens,
 frequent pieces of words learned from web text; --tokenizer=bpe learns such pieces from your own
@@ -46,11 +48,11 @@ except ModuleNotFoundError as e:
     raise SystemExit(f"error: no module named {e.name!r}: activate the project's virtual environment "
                      f"(. .venv/bin/activate), or install the packages: README, Quick start") from None
 
-from lib import bpe, corpora
+from lib import bpe, chat, corpora
 from lib.corpora import HubFiles, Shard
 from lib.download import Offline, download, download_resumable
-from lib.tokenfiles import (DATA_DIR, GPT2_EOT, MAX_VOCAB, SMALL_DATA, TOKEN_DTYPE, PrepareError, UsageError,
-                            sha256_of, write_json, write_tokens)
+from lib.tokenfiles import (DATA_DIR, GPT2_EOT, MASK_DTYPE, MAX_VOCAB, SMALL_DATA, TOKEN_DTYPE, PrepareError,
+                            UsageError, mask_path, sha256_of, write_json, write_tokens)
 from lib.tokenizers import char_tokenizer, counting_tokenizer, gpt2_tokenizer, tiktoken_tokenizer
 
 
@@ -108,6 +110,7 @@ class Raw:
     # into train/val by write_corpus instead of `splits` (which then stays empty)
     corpus: object = None
     tokenized: bool = False  # splits hold iterables of token id arrays, not documents
+    where: dict = field(default_factory=dict)  # chat: split -> each conversation's 'FILE:LINE', for errors
 
 
 def fetch_file(raw_file, out_dir, input_path=None):
@@ -246,11 +249,11 @@ def split_documents_90_10(documents):
     return splits
 
 
-def input_manifest(path):
-    """{file: [bytes, sha256]} of the text files read from --input (names relative to a folder):
-    what a prepared dataset was made from, so a different input is noticed."""
+def input_manifest(path, pattern="**/*.txt"):
+    """{file: [bytes, sha256]} of the files read from --input (names relative to a folder): what
+    a prepared dataset was made from, so a different input is noticed."""
     path = Path(path)
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    files = sorted(path.glob(pattern)) if path.is_dir() else [path]
     return {(str(f.relative_to(path)) if path.is_dir() else f.name): [f.stat().st_size, sha256_of(f)] for f in files}
 
 
@@ -344,6 +347,127 @@ def llmc_source(hub):
     return read
 
 
+# ----------------------------------------------------------------------------- chat data (lib/chat.py)
+
+def read_chat_files(opts, out_dir):
+    """chat: the conversations of --input (a .jsonl file or a folder of them), split by conversation."""
+    if not opts["input"]:
+        raise UsageError(f"chat needs --input=PATH, a .jsonl file or a folder of them: {chat.FORMAT}")
+    path, where = Path(opts["input"]), []
+    conversations = chat.read_conversations(path, where)
+    at = dict(zip(map(id, conversations), where))
+    splits = dict(zip(("train", "val"), chat.split_conversations(conversations)))
+    return Raw(splits, source=str(path.resolve()), extra={"inputs": input_manifest(path, "*.jsonl")},
+               sha256={path.name: sha256_of(path)} if path.is_file() else {},
+               where={split: [at[id(c)] for c in convs] for split, convs in splits.items()})
+
+
+def read_chat_reverse(opts, out_dir):
+    """chat_reverse: the word-reversal task; its val conversations are also eval.jsonl, the
+    held-out questions evaluate.py chat scores."""
+    train, val = chat.reversal_task(opts["num_train"], opts["num_val"], opts["seed"])
+    return Raw({"train": train, "val": val}, source=f"generated (seed={opts['seed']})",
+               extra={"eval": {"file": "eval.jsonl", "questions": len(val), "scored": "exact match, greedy"}})
+
+
+def read_chitchat(opts, out_dir):
+    conversations = chat.chitchat_conversations()
+    return Raw(dict(zip(("train", "val"), chat.split_conversations(conversations))),
+               source="the chitchat-dataset package (BYU PCC lab, MIT licence)")
+
+
+CHAT_TOKENIZER = {"chat": "gpt2", "chitchat": "gpt2", "chat_reverse": "char"}  # tokenizer='auto', no --base
+
+
+def chat_base_tokenizer(dataset, raw, opts, bpe_file, meta):
+    """The tokenizer the chat tokens are added to: the --base run's, or --tokenizer's (its
+    metadata goes into meta; an own BPE's ranks into bpe_file)."""
+    if opts["base"]:
+        tokenizer, record = chat.run_tokenizer(opts["base"])
+        if tokenizer.name == "counting":
+            raise PrepareError(f"--base={opts['base']} reads the counting task's numbers, not text")
+        meta["base"] = str(opts["base"])
+        if tokenizer.name == "bpe":
+            bpe_file.write_text(record["bpe_ranks"], encoding="ascii")
+    else:
+        kind = CHAT_TOKENIZER[dataset] if opts["tokenizer"] == "auto" else opts["tokenizer"]
+        contents = {split: [m["content"] for c in convs for m in c] for split, convs in raw.splits.items()}
+        if kind == "char":  # the characters of every split, as for text
+            tokenizer = char_tokenizer(sorted(set("".join("".join(texts) for texts in contents.values()))))
+        elif kind == "gpt2":
+            tokenizer = gpt2_tokenizer()
+        else:  # an own BPE, learned from the training conversations only
+            try:
+                ranks = bpe.train_bpe(contents["train"], opts["vocab_size"], label=f"a {opts['vocab_size']:,}"
+                                      "-token BPE on the training conversations")
+            except (ImportError, ValueError) as e:
+                raise PrepareError(str(e)) from None
+            bpe.save_ranks(bpe_file, ranks)
+            tokenizer = tiktoken_tokenizer("bpe", bpe.load_encoding(bpe_file, opts["vocab_size"]))
+    if tokenizer.name == "char":  # id i is character i
+        meta["chars"] = list(tokenizer.decode(list(range(tokenizer.vocab_size))))
+    if tokenizer.name == "bpe":
+        meta["bpe"] = {"file": "tokenizer.tiktoken", "sha256": sha256_of(bpe_file), "pattern": "GPT-4 (bpe.py)",
+                       "trainer": "rustbpe", "eot": tokenizer.vocab_size - 1}
+    return tokenizer
+
+
+def prepare_chat(dataset, raw, opts, folder, out_dir):
+    """Chat data: every conversation rendered with the chat template (lib/chat.py); a split's
+    tokens in SPLIT.bin, its loss mask in SPLIT.mask.bin (1 where the token is the assistant's,
+    learned), meta.json last; nothing half-written survives a failure."""
+    meta, temps = {"dataset": dataset}, {}  # temps: final name -> temporary file
+    bpe_file = out_dir / ".tokenizer.tiktoken.tmp"
+    limit = opts["max_tokens_per_conversation"]
+    try:
+        base = chat_base_tokenizer(dataset, raw, opts, bpe_file, meta)
+        tokenizer = chat.chat_tokenizer(base)
+        meta.update(tokenizer=base.name, vocab_size=tokenizer.vocab_size, chat=chat.chat_entry(tokenizer))
+        splits, counts, learned = {}, {}, {}
+        for split, conversations in raw.splits.items():
+            where = raw.where.get(split) or [f"{dataset}'s {split} conversation {i + 1}"
+                                             for i in range(len(conversations))]
+            ids, mask, counts[split] = chat.render_split(conversations, tokenizer, limit, where)
+            if not ids:
+                raise PrepareError(f"no {split} conversation has a reply within "
+                                   f"--max_tokens_per_conversation={limit}; raise it")
+            temps[f"{split}.bin"], splits[split] = write_tokens(out_dir / f"{split}.bin", [ids],
+                                                                tokenizer.vocab_size)
+            temps[f"{split}.mask.bin"] = write_tokens(out_dir / f"{split}.mask.bin", [mask], 2, MASK_DTYPE)[0]
+            learned[split] = sum(mask)
+        if "eval" in raw.extra:  # the held-out questions: the val conversations, whole
+            temps["eval.jsonl"] = out_dir / ".eval.jsonl.tmp"
+            temps["eval.jsonl"].write_text("".join(json.dumps({"messages": c}) + "\n"
+                                                   for c in raw.splits["val"]))
+    except BaseException:
+        for tmp in [*temps.values(), bpe_file]:
+            tmp.unlink(missing_ok=True)
+        raise
+    (out_dir / "meta.json").unlink(missing_ok=True)  # as for text: no meta.json reads as unfinished
+    for name, tmp in temps.items():
+        os.replace(tmp, out_dir / name)
+    if "bpe" in meta:
+        os.replace(bpe_file, out_dir / "tokenizer.tiktoken")
+    meta.update(dtype=np.dtype(TOKEN_DTYPE).name, splits=splits, source=raw.source,
+                source_sha256=raw.sha256,
+                mask={"file": "SPLIT.mask.bin", "dtype": np.dtype(MASK_DTYPE).name, "learned": learned},
+                conversations=counts, **raw.extra)
+    meta["options"] = {k: v for k, v in opts.items() if k not in NOT_CONTENT_OPTIONS}
+    write_json(out_dir / "meta.json", meta)
+    for split, n in splits.items():
+        c = counts[split]
+        print(f"{folder}/{split}.bin: {n:,} tokens, {learned[split] / n:.0%} of them the assistant's "
+              f"(learned); {c['kept'] + c['cut']:,} conversations"
+              + (f", {c['cut']:,} cut" if c["cut"] else "")
+              + (f", {c['skipped']:,} skipped" if c["skipped"] else ""))
+    if any(c["cut"] or c["skipped"] for c in counts.values()):
+        print(f"notice: conversations longer than --max_tokens_per_conversation={limit} tokens were cut "
+              f"to it, or skipped where the cut kept no reply")
+    if "eval" in raw.extra:
+        print(f"{folder}/eval.jsonl: {len(raw.splits['val']):,} held-out questions (python evaluate.py chat)")
+    return meta
+
+
 # ----------------------------------------------------------------------------- registry
 
 SHAKESPEARE = RawFile("input.txt", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -376,6 +500,8 @@ PARQUET_HELP = {"input": "a local folder (or one file) of .parquet files (the Hu
 COMMON_OPTIONS = {"data_dir": None}  # output root; None means DATA_DIR (tests use a tmp dir)
 TEXT_OPTIONS = {"input": None, "tokenizer": "gpt2", "vocab_size": 0, "name": None, "num_threads": 0}
 TOKENIZERS = ("char", "gpt2", "bpe")
+CHAT_OPTIONS = {"tokenizer": "auto", "vocab_size": 0, "base": None, "name": None,
+                "max_tokens_per_conversation": 1024}
 # what each option does, for `python prepare.py NAME --help`; a Dataset's option_help overrides
 OPTION_HELP = {
     "data_dir": "write into PATH/NAME/ instead of data/NAME/",
@@ -402,7 +528,13 @@ OPTION_HELP = {
     # 2000: 0.05% of documents, the share nanoGPT holds out of OpenWebText
     "val_every": "every N-th document goes to validation, whole; the rest to training",
     "num_proc": "processes that tokenize (0: one per CPU core); any number gives the same tokens",
+    "base": "a trained run (its folder or ckpt.pt) whose tokenizer the data uses, so that run can be "
+            "fine-tuned on it (a character it lacks is an error); leave out --tokenizer",
+    "max_tokens_per_conversation": "a conversation longer than this many tokens is cut to it (skipped "
+                                   "where the cut keeps no reply); counted and reported",
 }
+CHAT_HELP = {"tokenizer": "char, gpt2 or bpe (set --vocab_size); auto: the --base run's, else {}",
+             "name": "the folder to write under data/ (default: the dataset's name)"}
 SPLIT_90_10 = "90% training, 10% validation"
 DATASETS = {
     "shakespeare_char": Dataset(
@@ -443,6 +575,27 @@ DATASETS = {
         {"input": "a local folder of fineweb_val_*.bin and fineweb_train_*.bin files, used instead of "
                   "downloading",
          "shards": "copy only the first N training files, ~100M tokens each (0: all)"}),
+    "chat": Dataset(
+        "conversations from local .jsonl files ({\"messages\": [...]} per line, OpenAI's format), "
+        "rendered with the chat template, a loss mask on the replies; 90% of the conversations for "
+        "training, 10% validation",
+        "--input=PATH", "chat", read_chat_files, {"input": None, **CHAT_OPTIONS},
+        {"input": "a .jsonl file of conversations, or a folder of them (needed)",
+         **CHAT_HELP, "tokenizer": CHAT_HELP["tokenizer"].format("gpt2")}),
+    "chat_reverse": Dataset(
+        "a synthetic chat task with exact answers: reverse a word ('reverse: wodnik' -> 'kindow'); held-out "
+        "words for python evaluate.py chat",
+        "generated from --seed", "chat", read_chat_reverse,
+        {"seed": 1337, "num_train": 20000, "num_val": 200, **CHAT_OPTIONS},
+        {"num_train": "training conversations (one word each)",
+         "num_val": "held-out conversations (words never trained on), also the questions of eval.jsonl",
+         **CHAT_HELP,
+         "tokenizer": CHAT_HELP["tokenizer"].format("char")}),
+    "chitchat": Dataset(
+        "4,017 two-person chats (the chitchat-dataset package: pip install chitchat-dataset), the first "
+        "speaker as the user; 90% of the conversations for training, 10% validation",
+        "https://github.com/BYU-PCCL/chitchat-dataset", "chat", read_chitchat, dict(CHAT_OPTIONS),
+        {**CHAT_HELP, "tokenizer": CHAT_HELP["tokenizer"].format("gpt2")}),
     "text": Dataset(
         f"any local .txt file or folder of them, {SPLIT_90_10} (--input, --tokenizer, --name)",
         "--input=PATH", "choose", read_text_source, dict(TEXT_OPTIONS),
@@ -483,8 +636,13 @@ def resolve_options(name, overrides):
             raise UsageError(f"--{key} must be at least {lowest}, got {value}")
         opts[key] = value
     if "tokenizer" in opts:
-        if opts["tokenizer"] not in TOKENIZERS:
-            raise UsageError(f"--tokenizer must be char, gpt2 or bpe, got {opts['tokenizer']!r}")
+        chat_data = DATASETS[name].tokenizer == "chat"
+        if opts["tokenizer"] not in TOKENIZERS + (("auto",) if chat_data else ()):
+            raise UsageError(f"--tokenizer must be char, gpt2{', bpe or auto' if chat_data else ' or bpe'}, "
+                             f"got {opts['tokenizer']!r}")
+        if chat_data and opts["base"] and (opts["tokenizer"] != "auto" or opts["vocab_size"]):
+            raise UsageError(f"--base={opts['base']} brings its run's tokenizer: leave out --tokenizer "
+                             "and --vocab_size")
 
         if opts["tokenizer"] == "bpe" and not bpe.MIN_VOCAB <= opts["vocab_size"] <= bpe.MAX_VOCAB:
             raise UsageError(f"--tokenizer=bpe needs --vocab_size between {bpe.MIN_VOCAB} (the 256 bytes and "
@@ -535,6 +693,8 @@ def _prepare(dataset, opts, folder, out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"cannot create {out_dir}: {e.strerror or e}") from None
+    if spec.tokenizer == "chat":
+        return prepare_chat(dataset, raw, opts, folder, out_dir)
 
     # one mechanism for all: the source gives documents per split, the tokenizer turns them
     # into ids, the writer streams them to disk; only the source differs between datasets
@@ -641,6 +801,11 @@ def already_prepared(name, overrides):
         path = folder / f"{split}.bin"
         if not path.is_file() or path.stat().st_size != count * np.dtype(TOKEN_DTYPE).itemsize:
             return None
+        mask = Path(mask_path(path))
+        if "mask" in meta and (not mask.is_file() or mask.stat().st_size != count):  # a uint8 per token
+            return None
+    if "eval" in meta and not (folder / meta["eval"].get("file", "eval.jsonl")).is_file():
+        return None
     if name == "text" and meta.get("tokenizer") != opts["tokenizer"]:
         return None
     if name == "counting" and meta.get("counting") != {k: opts[k] for k in COUNTING_KNOBS}:
@@ -653,9 +818,10 @@ def already_prepared(name, overrides):
         return None  # prepared before knobs were recorded: asked for something, so make it again
     if opts.get("input") and not Path(opts["input"]).exists():
         return None  # a mistyped --input: preparing again reports it (and changes nothing)
-    if name == "text" and isinstance(meta.get("inputs"), dict):
+    if name in ("text", "chat") and isinstance(meta.get("inputs"), dict):
         # the dataset records what it was made from: a different input must not replace it silently
-        differs = input_differences(meta["inputs"], input_manifest(opts["input"]))
+        differs = input_differences(meta["inputs"], input_manifest(opts["input"], "**/*.txt" if name == "text"
+                                                                   else "*.jsonl"))
         if differs:
             raise PrepareError(f"{folder} was prepared from {meta.get('source', '?')}, and --input={opts['input']} "
                                f"differs ({differs}): prepare it again with --force, or choose another --name")

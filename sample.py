@@ -6,11 +6,18 @@ $ python sample.py --out_dir=out-shakespeare-char-cpu --num_samples=5 --max_new_
 $ python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --top_p=0.9   # GPT-2 weights from the HF cache
 $ python sample.py --init_from=path/to/hf_folder --temperature=0              # greedy
 $ python sample.py config/my_sampling.py --seed=7                             # a config file, then flags
+$ python sample.py --out_dir=out-chat-reverse --chat                          # chat with a fine-tuned run
+$ python sample.py --out_dir=out-chat-reverse --chat --start="reverse: wodnik" --temperature=0   # one reply
 
 With num_samples=1 the text streams to stdout as it is generated; several samples are drawn
 as one batch and printed one after another, each followed by a line of dashes. The prompt is
 printed too. Notices (device, model, prompt handling) go to stderr, so `> out.txt` keeps only
 the samples. Config files and --key=value flags are checked like train.py's.
+
+--chat (a run fine-tuned on chat data, docs/chat.md): each line read from stdin is a user
+message; the reply streams to stdout until the model writes <|end|>, then a newline. The chat is
+remembered within the model's context (the oldest turns are dropped, said on stderr); Ctrl-D or
+Ctrl-C ends it. With --start, one reply to that message, then exit.
 """
 
 import os
@@ -22,8 +29,10 @@ from lib import cli  # first: a missing package is one line naming the fix, not 
 import torch
 
 from lib import runs
+from lib.chat import fit_history, reply_tokens
 from lib.quantize import QUANTIZE, quantize_model
 from lib.sampling import StreamPrinter, encode_prompt, notice, read_prompt
+from lib.tokenfiles import PrepareError
 
 # -----------------------------------------------------------------------------
 # defaults; config files and --key=value flags change them
@@ -42,6 +51,7 @@ device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False  # torch.compile each transformer block (worth it only for long generations on a GPU)
 quantize = 'none'  # 'none' or 'int8' (int8 weights, float activations: ~2x faster CPU decoding)
+chat = False  # chat on stdin/stdout with a run fine-tuned on chat data; with start, one reply (docs/chat.md)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
@@ -69,20 +79,13 @@ def main(argv):
         for block in model.transformer.h:
             block.compile()
 
+    if cfg['chat']:
+        return chat_loop(model, tokenizer, dev, cfg, sampling_knobs(cfg, tokenizer, model, dev))
     prompt = encode_prompt(read_prompt(cfg['start']), tokenizer, model.config.block_size)
     # an empty prompt starts from GPT-2's <|endoftext|>: context for the model, not text to print
     hidden = 1 if cfg['start'] == '' and tokenizer.name in ('gpt2', 'bpe') else 0
     x = torch.tensor(prompt, dtype=torch.long, device=dev.device)[None, :].repeat(cfg['num_samples'], 1)  # (B, T)
-    generator = torch.Generator(device=dev.device)
-    generator.manual_seed(cfg['seed'])
-    sampling = dict(
-        temperature=cfg['temperature'],
-        top_k=cfg['top_k'] or None,
-        top_p=cfg['top_p'] if cfg['top_p'] < 1.0 else None,
-        # a padded vocabulary (50304 for GPT-2's 50257) has ids no tokenizer can decode
-        vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None,
-        generator=generator,
-    )
+    sampling = sampling_knobs(cfg, tokenizer, model, dev)
     with dev.autocast():
         if cfg['num_samples'] == 1 and cfg['stream']:
             printer = StreamPrinter(tokenizer, unprinted=prompt[:hidden])
@@ -96,6 +99,72 @@ def main(argv):
             for row in y.tolist():
                 print(tokenizer.decode(row[hidden:]))
                 print(SEPARATOR)
+
+
+def sampling_knobs(cfg, tokenizer, model, dev):
+    """model.generate_stream's sampling arguments from the knobs, with a seeded generator."""
+    generator = torch.Generator(device=dev.device)
+    generator.manual_seed(cfg['seed'])
+    return dict(
+        temperature=cfg['temperature'],
+        top_k=cfg['top_k'] or None,
+        top_p=cfg['top_p'] if cfg['top_p'] < 1.0 else None,
+        # a padded vocabulary (50304 for GPT-2's 50257) has ids no tokenizer can decode
+        vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None,
+        generator=generator,
+    )
+
+
+def chat_loop(model, tokenizer, dev, cfg, sampling):
+    """--chat: user messages from stdin (or the one in --start), replies streamed to stdout."""
+    if not getattr(tokenizer, 'special_ids', None):
+        cli.die(f"{cfg['out_dir'] if cfg['init_from'] == 'resume' else cfg['init_from']} was not trained for "
+                f"chat (its tokenizer has no chat tokens): fine-tune it on chat data first, docs/chat.md")
+    if cfg['num_samples'] != 1:
+        cli.die("--chat writes one reply at a time: leave out --num_samples")
+    block_size = model.config.block_size
+    limit = block_size - min(cfg['max_new_tokens'], block_size // 2)  # the prompt leaves room for the reply
+    messages, one_reply = [], cfg['start'] != ''
+    try:
+        while True:
+            if one_reply:
+                text = read_prompt(cfg['start'])
+            else:
+                if sys.stdin.isatty():
+                    print('> ', end='', file=sys.stderr, flush=True)
+                text = sys.stdin.readline()
+                if not text:  # Ctrl-D, or the end of piped input
+                    break
+                text = text.rstrip('\n')
+                if not text.strip():
+                    continue
+            try:
+                prompt, messages, dropped, cut = fit_history(messages + [{'role': 'user', 'content': text}],
+                                                             tokenizer, limit)
+            except PrepareError as e:  # a character the vocabulary lacks: this message only
+                if one_reply:
+                    cli.die(f"cannot encode the message: {e}")
+                notice(f"notice: {e}; say it without them")
+                continue
+            if dropped:
+                notice(f"notice: dropped the oldest {dropped} turn(s) to keep the chat within the model's "
+                       f"{block_size}-token context")
+            if cut:
+                notice(f"notice: the message is longer than the room the context leaves it ({limit} tokens): "
+                       f"keeping its last {limit} tokens")
+            printer, reply = StreamPrinter(tokenizer), []
+            with dev.autocast():
+                for token in reply_tokens(model, tokenizer, prompt, cfg['max_new_tokens'], **sampling):
+                    reply.append(token)
+                    printer.add([token])
+            printer.finish()
+            print(flush=True)
+            messages.append({'role': 'assistant', 'content': tokenizer.decode(reply)})
+            if one_reply:
+                break
+    except KeyboardInterrupt:  # Ctrl-C ends the chat like Ctrl-D
+        print(file=sys.stderr)
+    return 0
 
 
 if __name__ == '__main__':

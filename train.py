@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lib import hardware, resume, runs
+from lib import chat, hardware, resume, runs
 from lib.batches import Batches
 from lib.evaluation import HellaSwagDuringTraining, bytes_per_token, estimate_loss
 from lib.lora import lora_summary, start_lora
@@ -175,6 +175,8 @@ meta_vocab_size = meta.get('vocab_size')
 print0(cli.config_summary(config, defaults, os.path.join(out_dir, 'config.json')))
 print0(f"{world_size} process(es), {accum_steps} micro-steps each; "
        f"tokens per iteration: {batches.tokens_per_iter:,}")
+if batches.mask_share is not None:  # chat data: losses, bits per byte, evaluations count these only
+    print0(f"loss: on the assistant's tokens only, {batches.mask_share:.1%} of the training tokens")
 # bits per byte, a loss every tokenizer can be compared on, need the bytes each token stands for
 token_bytes, no_bpb = token_bytes_of(meta, batches.folder)
 tokenizer_info = tokenizer_record(meta, batches.folder)  # what checkpoints keep of the tokenizer
@@ -199,7 +201,9 @@ elif init_kind == 'scratch':
 else:  # pretrained weights, or another run's: a fresh run starts from them
     what = 'pretrained weights: ' if init_kind == 'pretrained' else 'the weights of '
     print0(f"initializing from {what}{init_from}")
-    model = runs.load_model(init_from, out_dir, 'cpu', dropout)[0]
+    model, base_info = runs.load_model(init_from, out_dir, 'cpu', dropout)
+    if meta.get('chat'):  # chat data: the template's tokens get rows of their own
+        chat.fit_base_model(model, base_info, meta, lora_rank, notice=print0)
 runs.fit_model(model, meta_vocab_size, block_size, notice=print0)  # vocabulary; crop to block_size
 # LoRA: freeze the model, wrap the target layers in adapters (a resumed LoRA run has them already)
 lora = checkpoint.get('lora') if resuming else None  # what ckpt.pt records
@@ -350,6 +354,8 @@ while True:
         with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
             with dev.autocast():
                 _, loss = train_model(x, y)
+            if batches.mask_share is not None:  # no assistant token: a mean of 0/0, so count 0
+                loss = torch.where((y != -1).any(), loss, 0.0)
             scaler.scale(loss / accum_steps).backward()
         if log_now:
             loss_sum += loss.detach().float()

@@ -9,9 +9,11 @@ What the scripts at the root share and a user does not run, one job per file:
     resume.py       starting or continuing a run: its knobs checked, which checkpoint, the training
                     state saved and restored exactly (optimizer, RNGs)
     batches.py      the batch plan: each process's batches per iteration, eval batches, warmups
-    tokenfiles.py   prepared data on disk: uint16 token files and meta.json, written and checked
+    tokenfiles.py   prepared data on disk: uint16 token files, loss masks and meta.json, written
+                    and checked
     tokenizers.py   characters, GPT-2 BPE, an own BPE and the counting task behind one Tokenizer
-    chat.py         the chat template: conversations in, token ids and a loss mask out
+    chat.py         the chat template: conversations in, token ids and a loss mask out; a base
+                    model's vocabulary grown, replies generated until <|end|>, answers scored
     download.py     downloads with retries, a checksum and a progress line; big ones resume
     corpora.py      big corpora streamed into token files: Hub listings, parquet, llm.c shards
     sampling.py     prompts in, streamed text out (sample.py and serve.py)

@@ -6,6 +6,10 @@ Each iteration's batches come from a generator seeded by (seed, iteration) alone
 draws exactly the batches the uninterrupted run would have drawn, and the batches do not depend
 on the number of processes (each process takes its own rows of the same plan).
 
+Chat data (lib/chat.py) has a loss mask beside each split: a target the mask marks 0 (a marker,
+the user's or the system's words) becomes -1, which the model's loss ignores, so the loss counts
+the assistant's tokens only. Rows are windows of the token stream, as for text.
+
     batches = Batches('data/shakespeare_char', 'shakespeare_char', dev, seed=1337, batch_size=12,
                       block_size=256, accumulation=4, batch_warmup=0, seq_warmup=0, eval_iters=200)
     offsets, dropout_seeds = batches.plan(iter_num)            # this process's micro-batches
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from lib.cli import ConfigError, die
-from lib.tokenfiles import PrepareError, check_dataset
+from lib.tokenfiles import MASK_DTYPE, PrepareError, check_dataset, mask_path
 
 # datasets that take a GPU: on a CPU, a missing one is answered with the CPU quick start
 GPU_SIZED = ('openwebtext', 'fineweb_edu', 'fineweb10B_gpt2')
@@ -53,6 +57,10 @@ class Batches:
             self.sizes, self.meta, self.check_per_batch = check_dataset(folder, self.paths, block_size, dataset)
         except PrepareError as e:
             die(str(e))
+        # chat data: the loss masks, and the share of the training tokens that are targets
+        self.masks = {s: mask_path(p) for s, p in self.paths.items() if os.path.isfile(mask_path(p))} or None
+        self.mask_share = None if self.masks is None else float(
+            np.memmap(self.masks['train'], dtype=MASK_DTYPE, mode='r').mean(dtype=np.float64))
         self.tokens_per_iter = accumulation * batch_size * block_size  # once the warmups are over
         self.warmup_tokens = [0]  # tokens of iterations [0, i) while a warmup lasts
         for it in range(max(batch_warmup, seq_warmup)):
@@ -81,7 +89,8 @@ class Batches:
         return offsets[first:first + self.accum_steps, :B], dropout_seeds[first:first + self.accum_steps]
 
     def get(self, split, offsets, T=None):
-        """Inputs and targets (B, T) on the device for the sequences starting at offsets (B,)."""
+        """Inputs and targets (B, T) on the device for the sequences starting at offsets (B,); with
+        a loss mask, the targets it marks 0 are -1 (ignored by the loss)."""
         T = T or self.block_size
         # a fresh memmap per batch keeps the process's memory flat on huge files
         data = np.memmap(self.paths[split], dtype=np.uint16, mode='r')
@@ -93,6 +102,9 @@ class Batches:
                               f"another tokenizer; prepare the dataset again", this_rank_only=True)
         x = torch.from_numpy(np.ascontiguousarray(tokens[:, :-1], dtype=np.int64))
         y = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:], dtype=np.int64))
+        if self.masks is not None:
+            mask = np.memmap(self.masks[split], dtype=MASK_DTYPE, mode='r')
+            y[torch.from_numpy(mask[offsets[:, None] + np.arange(1, T + 1)] == 0)] = -1  # (B, T)
         if self.dev.device_type == 'cuda':
             # pinned memory lets the copy run asynchronously while the GPU is busy
             return (x.pin_memory().to(self.dev.device, non_blocking=True),

@@ -152,12 +152,55 @@ def base_vocab_size(entry):
     return min(ids.values())
 
 
+def run_tokenizer(run):
+    """(tokenizer, record) a trained run was made with, without its chat tokens if it has them:
+    what `prepare.py chat --base=RUN` builds chat data on, so a fine-tune reads the ids the base
+    model learned. run: a run folder (its ckpt.pt) or a ckpt.pt. record: the checkpoint's
+    tokenizer record (lib/tokenizers.tokenizer_record), or the run's data's meta.json where the
+    checkpoint has none (nanoGPT's); {"tokenizer": "gpt2"} where there is neither (GPT-2 ids)."""
+    from lib import runs, tokenizers  # torch: only a --base reads a checkpoint
+    path = Path(run) / "ckpt.pt" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise PrepareError(f"--base={run}: no {path}; name a trained run's folder (it holds ckpt.pt) "
+                           "or its ckpt.pt")
+    try:
+        ckpt = runs.load_checkpoint(path)
+    except SystemExit as e:  # ConfigError: damaged, foreign
+        raise PrepareError(f"--base={run}: {getattr(e, 'message', e)}") from None
+    record = ckpt.get("tokenizer") if isinstance(ckpt.get("tokenizer"), dict) else None
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if not record or not record.get("tokenizer"):  # nanoGPT's checkpoints: the data's metadata
+        folder = runs._find_data_dir(config.get("data_dir"), config.get("dataset"))
+        if folder:
+            record = {**tokenizers.read_meta(folder), "folder": folder}
+        elif ckpt["model_args"].get("vocab_size", 0) >= 50257:
+            record = {"tokenizer": "gpt2"}
+        else:
+            raise PrepareError(f"--base={run}: its checkpoint records no tokenizer and its data folder "
+                               f"is gone, so its ids cannot be known; prepare its dataset again")
+    record = dict(record)
+    if record.get("chat"):  # a chat run fine-tuned again: the same ids under the same markers
+        record["vocab_size"] = base_vocab_size(record.pop("chat"))
+    try:
+        if record.get("tokenizer") == "bpe" and "bpe_ranks" not in record:
+            tokenizer = tokenizers.bpe_tokenizer(record.get("folder"), record)
+        else:
+            tokenizer = tokenizers.tokenizer_from_record(record)
+    except (PrepareError, ValueError, KeyError, TypeError) as e:
+        raise PrepareError(f"--base={run}: cannot rebuild its tokenizer ({e})") from None
+    if tokenizer.name == "bpe" and "bpe_ranks" not in record:
+        record["bpe_ranks"] = (Path(record["folder"]) / (record.get("bpe") or {}).get(
+            "file", "tokenizer.tiktoken")).read_text(encoding="ascii")
+    return tokenizer, record
+
+
 # ----------------------------------------------------------------------------- conversation files
 
-def read_conversations(path):
+def read_conversations(path, where=None):
     """The conversations (lists of messages) of a .jsonl file, or of the .jsonl files in a folder
     (sorted by name): one {"messages": [...]} per line, blank lines skipped. A PrepareError names
-    the file, the line and the fix for anything else."""
+    the file, the line and the fix for anything else. where: a list that gets each conversation's
+    'FILE:LINE', for later errors about its content."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
@@ -193,6 +236,8 @@ def read_conversations(path):
             except ValueError as e:
                 raise PrepareError(f"{file}:{n}: {e}") from None
             conversations.append(messages)
+            if where is not None:
+                where.append(f"{file}:{n}")
         if len(conversations) == count:
             raise PrepareError(f"{file} holds no conversations; {FORMAT}")
     return conversations
@@ -248,6 +293,36 @@ def fit_to_block(rendered, block_size, long="cut"):
     return kept, counts
 
 
+def render_split(conversations, tokenizer, max_tokens, where=None):
+    """(ids, mask, counts) of a split: each conversation rendered, fitted to max_tokens
+    (fit_to_block: a longer one cut, or skipped when the cut keeps nothing to learn), all
+    concatenated. counts: {"kept", "cut", "skipped"}. A character the tokenizer lacks is a
+    PrepareError naming it and the conversation (where[i]: its 'FILE:LINE', else its number)."""
+    rendered = []
+    for i, messages in enumerate(conversations):
+        try:
+            rendered.append(render(messages, tokenizer))
+        except PrepareError:  # a character vocabulary without one of the content's characters
+            text = "".join(m["content"] for m in messages)
+            missing = [c for c in dict.fromkeys(text) if not _encodes(tokenizer, c)]
+            at = where[i] if where else f"conversation {i + 1}"
+            raise PrepareError(f"{at}: {len(missing)} character(s) not in the {tokenizer.vocab_size - 4}-"
+                               f"character vocabulary: {' '.join(map(repr, missing[:10]))}; remove them "
+                               f"from the conversations, or use a base trained on text with them") from None
+    kept, counts = fit_to_block(rendered, max_tokens - 1)
+    ids = [i for conversation, _ in kept for i in conversation]
+    mask = [m for _, conversation in kept for m in conversation]
+    return ids, mask, counts
+
+
+def _encodes(tokenizer, text):
+    try:
+        tokenizer.encode_ordinary(text)
+        return True
+    except PrepareError:
+        return False
+
+
 # ----------------------------------------------------------------------------- the model
 
 def grow_vocab(model, vocab_size):
@@ -284,6 +359,67 @@ def grow_vocab(model, vocab_size):
     return True
 
 
+def fit_base_model(model, info, meta, lora_rank=0, notice=print):
+    """Ready a loaded model (runs.load_model's model and info: a run's ckpt.pt, or GPT-2) to be
+    fine-tuned on chat data described by meta (meta.json): its tokenizer must be the data's base
+    tokenizer (prepare.py's --base makes it so), then its vocabulary grows by the chat tokens
+    (grow_vocab). ConfigError otherwise, and for LoRA, which freezes the rows the chat tokens need."""
+    from lib.cli import ConfigError  # here: lib/cli.py imports torch
+    gpt2 = model.config.vocab_size >= 50257  # pretrained GPT-2 (a Hugging Face folder) has no record
+    record = info.get("tokenizer_record") or {"tokenizer": "gpt2" if gpt2 else None}
+    base, mine = meta.get("tokenizer"), record.get("tokenizer")
+    same = base == mine and (base != "char" or list(record.get("chars", [])) == list(meta.get("chars", [])))
+    if same and base == "bpe":  # compare the merges, not just the names
+        mine = hashlib.sha256(str(record.get("bpe_ranks", "")).encode()).hexdigest()
+        same = mine == (meta.get("bpe") or {}).get("sha256")
+    if record.get("chat") and record["chat"] != meta["chat"]:
+        same = False  # a chat model whose markers sit at other ids
+    if not same:
+        raise ConfigError(f"{info['source']} was trained with another tokenizer than the chat data's "
+                          f"({meta.get('tokenizer')}): prepare the data again on this base, `python "
+                          f"prepare.py {meta.get('dataset', 'chat')} --base=RUN_FOLDER --force` with the "
+                          f"options you used")
+    old = model.config.vocab_size
+    if grow_vocab(model, meta["vocab_size"]):
+        if lora_rank:
+            raise ConfigError(f"LoRA freezes the embeddings, but the {len(SPECIAL_TOKENS)} chat tokens need "
+                              f"rows of their own in this model ({old} ids): fine-tune fully (lora_rank=0)")
+        notice(f"chat: the vocabulary grows from {old} to {model.config.vocab_size} ids for the chat "
+               f"tokens, each starting as the mean of the others (lib/chat.py grow_vocab)")
+
+
+def reply_tokens(model, tokenizer, prompt, max_new_tokens, **sampling):
+    """Yield the token ids of the model's reply to prompt (render_prompt's ids), one at a time,
+    until it writes <|end|> or another marker (a new message: not yielded), or max_new_tokens
+    ids. sampling: model.generate_stream's (temperature, top_k, top_p, vocab_limit, generator)."""
+    import torch
+    markers = set(_special_ids(tokenizer).values())
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    for token in model.generate_stream(idx, max_new_tokens, **sampling):
+        token = int(token[0])
+        if token in markers:
+            return
+        yield token
+
+
+def fit_history(messages, tokenizer, limit):
+    """(prompt, messages kept, turns dropped, tokens cut) for the reply to messages: render_prompt's
+    ids after the oldest turns are dropped (a turn: a user message and the replies after it; a
+    system message first stays) until the prompt is at most limit tokens. A last user message too
+    long on its own keeps its last limit tokens (tokens cut: how many it lost)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest, dropped = list(messages[len(system):]), 0
+    prompt = render_prompt(system + rest, tokenizer)
+    while len(prompt) > limit and any(m["role"] == "user" for m in rest[1:]):
+        rest = rest[1:]
+        while rest and rest[0]["role"] != "user":
+            rest = rest[1:]
+        dropped += 1
+        prompt = render_prompt(system + rest, tokenizer)
+    return prompt[-limit:], system + rest, dropped, max(0, len(prompt) - limit)
+
+
 # ----------------------------------------------------------------------------- a synthetic task
 
 REVERSE = "reverse: "  # the question's prefix: letters, ':' and ' ' are all in Tiny Shakespeare
@@ -314,6 +450,26 @@ def reversal_task(n_train, n_val, seed=0):
     def conversation(word):
         return [{"role": "user", "content": REVERSE + word}, {"role": "assistant", "content": word[::-1]}]
     return [conversation(w) for w in train], [conversation(w) for w in val]
+
+
+def answer_questions(model, tokenizer, questions, autocast=None):
+    """[(question, answer, expected)] of conversations whose last message is the expected reply:
+    the model's greedy reply (reply_tokens) to the messages before it. A reply is cut a few tokens
+    after the expected one's length: a longer one is wrong anyway."""
+    import contextlib
+    # a padded vocabulary (GPT-2's 50304) has ids no tokenizer can decode
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
+    results = []
+    for messages in questions:
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("every question must end with the expected assistant reply")
+        prompt, expected = render_prompt(messages[:-1], tokenizer), messages[-1]["content"]
+        room = len(tokenizer.encode_ordinary(expected)) + 8
+        with autocast() if autocast else contextlib.nullcontext():
+            reply = list(reply_tokens(model, tokenizer, prompt, room, temperature=0.0, vocab_limit=limit))
+        question = messages[-2]["content"] if len(messages) > 1 else ""
+        results.append((question, tokenizer.decode(reply), expected))
+    return results
 
 
 def score_answer(answer, expected):

@@ -84,7 +84,8 @@ def load_config(defaults, argv, usage=None):
     exactly as you would a script. Files are applied in order; --key=value
     flags (applied after all files, in order; the later one wins). Every key must be in
     defaults. A value must have the type of its default: an int may stand for a float, bools
-    are only True/False, and a string may be written without quotes. A default of None accepts
+    are only True/False (a bare --key means --key=True), and a string may be written without
+    quotes. A default of None accepts
     any value; the script checks what it means. --help or -h prints the usage line (usage, or
     one made from the script's name) and every knob with its default and comment, then exits 0.
     """
@@ -97,15 +98,18 @@ def load_config(defaults, argv, usage=None):
     overrides = {}
     files = [a for a in argv if not a.startswith('--')]
     flags = [a for a in argv if a.startswith('--')]
+    def switch(flag):  # a bare --key of a bool knob: True
+        return '=' not in flag and isinstance(defaults.get(flag[2:]), bool)
     for before, word in zip(argv, argv[1:]):  # `--max_iters 50`: a value after a flag with no '='
-        if before.startswith('--') and '=' not in before and before[2:] in defaults and not os.path.isfile(word):
+        if before.startswith('--') and '=' not in before and before[2:] in defaults \
+                and not os.path.isfile(word) and not (switch(before) and word.startswith('--')):
             raise ConfigError(f"{before} {word}: flags take their value after '=': did you mean {before}={word}?")
     for path in files:
         for key, value in _read_config_file(path, current).items():
             value = _check_value(defaults, key, value, f"in {path}")
             current[key] = overrides[key] = value
     for flag in flags:
-        key, sep, text = flag[2:].partition('=')
+        key, sep, text = flag[2:].partition('=') if not switch(flag) else (flag[2:], '=', 'True')
         if not sep or not key:
             raise ConfigError(f"cannot read flag {flag!r}: write it as --key=value")
         if key == 'config' and key not in defaults:

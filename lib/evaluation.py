@@ -274,9 +274,11 @@ def bytes_per_token(token_bytes, vocab_size, device):
 
 @torch.no_grad()
 def estimate_loss(model, batches, eval_iters, dev, bytes_table=None, stop=None, quiet=False):
-    """Mean loss over the fixed eval batches of each split (batches.eval_offsets), and bits per byte
-    (the targets' total loss in bits over their UTF-8 bytes; <|endoftext|> has none and is left out
-    of both): {'train', 'val', 'train_bpb', 'val_bpb'}, the bpb None without a bytes_table.
+    """Mean loss per target over the fixed eval batches of each split (batches.eval_offsets), and
+    bits per byte (the targets' total loss in bits over their UTF-8 bytes; <|endoftext|> has none
+    and is left out of both): {'train', 'val', 'train_bpb', 'val_bpb'}, the bpb None without a
+    bytes_table. Targets are the ones batches.get does not mark -1: on chat data, the assistant's
+    tokens only, so each batch counts by its number of them (a batch without one adds nothing).
 
     Under torchrun (dist initialized) the ranks share the batches, then all-reduce. None when
     stop.requested() (checked before every batch) says a stop was asked for meanwhile: a long
@@ -290,7 +292,7 @@ def estimate_loss(model, batches, eval_iters, dev, bytes_table=None, stop=None, 
     bar = cli.Progress('evaluating', total=2 * len(range(rank, eval_iters, world_size)), unit='batches',
                        stream=io.StringIO() if quiet else None, keep=False)
     for split in ('train', 'val'):
-        total = torch.zeros(3, device=dev.device, dtype=torch.float64)  # loss sum, nats of text, bytes of text
+        total = torch.zeros(4, device=dev.device, dtype=torch.float64)  # nats, targets, nats of text, bytes
         for j in range(-(-eval_iters // world_size)):  # every rank checks as often, even with no batch left
             if stop is not None and stop.requested():
                 model.train()
@@ -301,16 +303,19 @@ def estimate_loss(model, batches, eval_iters, dev, bytes_table=None, stop=None, 
             x, y = batches.get(split, batches.eval_offsets[split][k])
             with dev.autocast():
                 logits, loss = model(x, y)
-            total[0] += loss.float()
+            targets = (y != -1).sum()  # all of B*T but on chat data
+            total[:2] += torch.stack([torch.where(targets > 0, loss.double(), 0.0) * targets, targets])
             if bytes_table is not None:
-                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction='none')  # (B*T,)
-                size = bytes_table[y.flatten()]
-                total[1:] += torch.stack([(nats * (size > 0)).sum(), size.sum()])
+                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
+                                       reduction='none')  # (B*T,), 0 where ignored
+                size = bytes_table[y.flatten().clamp(min=0)] * (y.flatten() != -1)  # (B*T,)
+                total[2:] += torch.stack([(nats * (size > 0)).sum(), size.sum()])
             bar.update()
         if ddp:
             dist.all_reduce(total)
-        losses[split] = total[0].item() / eval_iters
-        losses[f'{split}_bpb'] = total[1].item() / math.log(2) / total[2].item() if bytes_table is not None else None
+        losses[split] = total[0].item() / total[1].item() if total[1] else float('nan')
+        losses[f'{split}_bpb'] = (total[2].item() / math.log(2) / total[3].item()
+                                  if bytes_table is not None else None)
     bar.close()
     model.train()
     return losses

@@ -1,7 +1,9 @@
 """
-Prepared data on disk: data/NAME/{train,val}.bin (uint16 token ids) and meta.json. Writing them
-atomically, reading the metadata (nanoGPT's meta.pkl too, safely), and checking a dataset before
-training (sizes, vocabulary, token ids). prepare.py writes datasets; train.py, evaluate.py and
+Prepared data on disk: data/NAME/{train,val}.bin (uint16 token ids) and meta.json, and for chat
+data a loss mask beside each split, {train,val}.mask.bin (uint8, 1 where the token is one the
+model learns: the assistant's). Writing them atomically, reading the metadata (nanoGPT's
+meta.pkl too, safely), and checking a dataset before training (sizes, vocabulary, token ids,
+masks). prepare.py writes datasets; train.py, evaluate.py and
 bench.py read them through this file.
 """
 import difflib
@@ -22,6 +24,7 @@ SMALL_DATA = 100_000  # training tokens below which prepare.py warns of memoriza
 SMALL_DATA_PER_PARAMETER = SMALL_DATA / 1.8e6
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids 0..65535
 GPT2_EOT = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
+MASK_DTYPE = np.uint8  # a loss mask holds 0 or 1 per token
 
 
 
@@ -68,6 +71,33 @@ def open_tokens(path):
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
+def mask_path(path):
+    """The loss mask beside a token file: train.bin -> train.mask.bin."""
+    path = str(path)
+    return path[:-len(".bin")] + ".mask.bin" if path.endswith(".bin") else path + ".mask"
+
+
+def check_mask(path, n_tokens, chunk=1 << 24):
+    """PrepareError unless the loss mask beside the token file path holds one 0 or 1 per token,
+    and at least one 1 (a split with nothing to learn). Returns how many tokens it marks."""
+    mask = mask_path(path)
+    size = os.path.getsize(mask)
+    if size != n_tokens * np.dtype(MASK_DTYPE).itemsize:
+        raise PrepareError(f"{mask} holds {size:,} mask bytes but {path} {n_tokens:,} tokens: they must be "
+                           f"the same length (an interrupted copy?); prepare the dataset again")
+    data, learned = np.memmap(mask, dtype=MASK_DTYPE, mode="r"), 0
+    for start in range(0, len(data), chunk):
+        part = data[start:start + chunk]
+        if int(part.max()) > 1:
+            raise PrepareError(f"{mask} holds the value {int(part.max())}; a loss mask holds only 0 and 1: "
+                               f"prepare the dataset again")
+        learned += int(part.sum(dtype=np.int64))
+    if not learned:
+        raise PrepareError(f"{mask} marks no token to learn (no assistant reply in this split); "
+                           f"prepare the dataset again with conversations that have replies")
+    return learned
+
+
 def check_token_ids(path, vocab_size, chunk=1 << 24):
     """PrepareError naming path and the largest id if a uint16 token file holds an id >=
     vocab_size. Reads the file in chunks of 16M tokens (about 0.05 s each), so memory stays flat."""
@@ -82,9 +112,11 @@ def check_token_ids(path, vocab_size, chunk=1 << 24):
 
 def check_dataset(folder, split_paths, block_size, name):
     """Check a prepared dataset before training: each split exists and holds more than block_size
-    tokens, the metadata's vocab_size fits uint16, and every token id is below it. Files up to
-    256 MiB are scanned now (well under a second). Returns (tokens per split, metadata, the
-    splits too big to scan, which the caller checks batch by batch)."""
+    tokens, the metadata's vocab_size fits uint16, every token id is below it, and a loss mask
+    (chat data: meta.json's "mask", or a SPLIT.mask.bin) is there for every split, as long as
+    its tokens, with 0s and 1s only. Files up to 256 MiB are scanned now (well under a second).
+    Returns (tokens per split, metadata, the splits too big to scan, which the caller checks
+    batch by batch)."""
     sizes = {}
     for split, path in split_paths.items():
         if not os.path.isfile(path):
@@ -109,6 +141,13 @@ def check_dataset(folder, split_paths, block_size, name):
     for split in split_paths:
         if vocab is not None and split not in big:
             check_token_ids(split_paths[split], vocab)
+    masks = [os.path.isfile(mask_path(path)) for path in split_paths.values()]
+    if meta.get("mask") or any(masks):  # chat data: every split has its mask
+        for split, path in split_paths.items():
+            if not os.path.isfile(mask_path(path)):
+                raise PrepareError(f"no {mask_path(path)}: {folder} is chat data (a loss mask per split) "
+                                   f"but this split's mask is missing; prepare the dataset again")
+            check_mask(path, sizes[split])
     return sizes, meta, big
 
 
@@ -132,11 +171,12 @@ def small_data_notice(train_tokens, n_params, tokens_to_read):
             f"model to memorize it (val loss rising); README, 'Train on your own text', has settings for it")
 
 
-def write_tokens(path, arrays, vocab_size):
+def write_tokens(path, arrays, vocab_size, dtype=TOKEN_DTYPE):
     """Stream id arrays into path's temp name ('.NAME.tmp', same folder, fsynced); returns (tmp, count).
 
     The caller renames with os.replace only after every split is complete, so an interrupted
     run never leaves a truncated .bin behind; on any failure the temp file is removed here.
+    A loss mask is written the same way: vocab_size 2, dtype MASK_DTYPE.
     """
     # same folder as the target so os.replace is a rename on one filesystem (atomic);
     # a fixed name means a run killed with SIGKILL leaves at most one stale file per split
@@ -151,7 +191,7 @@ def write_tokens(path, arrays, vocab_size):
                     bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
                     raise PrepareError(f"token id {bad} out of range for vocab_size {vocab_size} "
                                        f"while writing {path.name}; the tokenizer and metadata disagree")
-                f.write(ids.astype(TOKEN_DTYPE).tobytes())
+                f.write(ids.astype(dtype).tobytes())
                 count += ids.size
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, or a crash could expose zeros
