@@ -153,7 +153,19 @@ def build_models(cfg, vocab, dev, impls):
 def to_device(models, dev):
     for m in models.values():
         m.to(dev.device)
+        if dev.weights_cast:  # generation as sample.py runs it: bfloat16 weights, no autocast
+            m.to(dev.ptdtype)
     return models
+
+
+def ran_in(impl, dev):
+    """The dtype a measurement ran in, as printed beside it: 'float32', 'bfloat16 weights'
+    (converted once), 'bfloat16 autocast' (float32 weights), or int8 weights with the rest."""
+    if impl == 'int8':
+        return f"int8 weights, {dev.dtype} elsewhere"
+    if dev.dtype == 'float32':
+        return 'float32'
+    return f"{dev.dtype} {'weights' if dev.weights_cast else 'autocast'}"
 
 
 def make_batches(cfg, dev):
@@ -379,24 +391,30 @@ def comparison_table(results):
         if r['impl'] == 'int8' and ours and r.get('decode_ms_all') and ours.get('decode_ms_all'):
             ratios = sorted(a / b for a, b in zip(ours['decode_ms_all'], r['decode_ms_all']) if b > 0)
             lines.append(f"decode int8/ours B={r['batch_size']}, per round: {' '.join(f'{x:.2f}' for x in ratios)} "
-                         f"(median {statistics.median(ratios):.2f}x)")
+                         f"(median {statistics.median(ratios):.2f}x; ours in {ours.get('ran_in', '?')}, int8 in "
+                         f"{r.get('ran_in', '?')})")
+    dtypes = {}  # every ratio above compares runs in these dtypes
+    for r in results:
+        dtypes.setdefault(f"{r['bench']} {IMPL_NAMES[r['impl']]}", r.get('ran_in', '?'))
+    lines.append('ran in: ' + '; '.join(f"{k} = {v}" for k, v in dtypes.items()))
     return '\n'.join(lines)
 
 
 def emit(result, cfg, dev):
-    """Print one JSON line (and append it to json_out)."""
-    result = dict(result, device=dev.device, dtype=dev.dtype, compile=cfg['compile'],
+    """Print one JSON line (and append it to json_out); result gains the dtype it ran in."""
+    result.update(dtype=dev.dtype, ran_in=ran_in(result['impl'], dev))
+    result = dict(result, device=dev.device, compile=cfg['compile'],
                   model={f: cfg[f] for f in GPTConfig.__dataclass_fields__},
                   torch=torch.__version__, time=time.strftime('%Y-%m-%dT%H:%M:%S'))
     line = json.dumps(result)
     if result['bench'] == 'train':
         mfu = 'n/a (device peak unknown)' if result['mfu'] is None else f"{100 * result['mfu']:.1f}%"
-        summary = (f"train {result['impl']}: {result['ms_per_iter']:.1f} ms/iter, {result['tokens_per_sec']:,.0f} "
+        summary = (f"train {result['impl']} ({result['ran_in']}): {result['ms_per_iter']:.1f} ms/iter, {result['tokens_per_sec']:,.0f} "
                    f"tokens/s, MFU {mfu}, peak memory {result['peak_memory_mib']:,.0f} MiB ({result['memory']}); "
                    f"parameters {result['param_bytes'] / 2**20:,.1f} MiB, gradients {result['grad_bytes'] / 2**20:,.1f} MiB, "
                    f"optimizer state {result['optimizer_bytes'] / 2**20:,.1f} MiB")
     else:
-        summary = (f"generate {result['impl']} B={result['batch_size']}: prefill {result['prefill_ms']:.1f} ms, "
+        summary = (f"generate {result['impl']} B={result['batch_size']} ({result['ran_in']}): prefill {result['prefill_ms']:.1f} ms, "
                    f"decode {result['decode_ms_per_token']:.2f} ms/token, {result['tokens_per_sec']:,.1f} tokens/s")
     if sys.stdout.isatty():  # a person reads this: the readable line only
         print(summary, flush=True)
@@ -444,7 +462,15 @@ def main(argv):
         cli.die(f"hf_compare needs GPT-2's architecture: leave {', '.join(config.modern())} at the default")
     if cfg['lora_rank'] and cfg['nanogpt_dir']:
         cli.die(f"lora_rank cannot be combined with nanogpt_dir, got {cfg['lora_rank']}")
-    dev = hardware.setup_device(cfg['device'], cfg['dtype'], width=cfg['n_embd'])
+    # training picks its dtype as train.py does; generation as sample.py does (inference: float32 on
+    # a CPU for 'auto', bfloat16 weights converted once): each measures what a user waits for
+    dev = gen_dev = None
+    if cfg['mode'] in ('train', 'all'):
+        dev = hardware.setup_device(cfg['device'], cfg['dtype'], width=cfg['n_embd'], verbose=False)
+        print(f"train: {dev.reason}")
+    if cfg['mode'] in ('generate', 'all'):
+        gen_dev = hardware.setup_device(cfg['device'], cfg['dtype'], inference=True, verbose=False)
+        print(f"generate: {gen_dev.reason}")
     torch.manual_seed(cfg['seed'])
     if cfg['nanogpt_dir'] and not os.path.isdir(cfg['nanogpt_dir']):
         cli.die(f"nanogpt_dir={cfg['nanogpt_dir']} is not a folder")
@@ -460,15 +486,15 @@ def main(argv):
         del models
     if cfg['mode'] in ('generate', 'all'):
         gen_impls = impls + (['hf'] if cfg['hf_compare'] else [])
-        models = build_models(cfg, cfg['gen_vocab_size'] or cfg['vocab_size'], dev, gen_impls)
+        models = build_models(cfg, cfg['gen_vocab_size'] or cfg['vocab_size'], gen_dev, gen_impls)
         if cfg['quantize'] != 'none':  # the same weights, quantized: measured right after ours
             ours = models.pop('ours')
             models = dict(ours=ours, int8=copy.deepcopy(ours), **models)
             quantize_model(models['int8'], cfg['quantize'])
         for batch in cfg['gen_batch_sizes']:
-            for result in bench_generate(models, cfg, dev, batch):
+            for result in bench_generate(models, cfg, gen_dev, batch):
                 results.append(result)
-                emit(result, cfg, dev)
+                emit(result, cfg, gen_dev)
     if len({r['impl'] for r in results}) > 1:
         print(comparison_table(results))
     return results

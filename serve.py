@@ -26,6 +26,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lib import cli  # first: a missing package is one line naming the fix, not a traceback
 
@@ -50,6 +51,8 @@ quantize = 'none'  # 'none' or 'int8' (int8 weights: ~2x faster CPU decoding)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 RULES = dict(port='0..65535', max_batch='>= 1', max_tokens_limit='>= 0', quantize=QUANTIZE)
+ROUTES = {'/': 'GET', '/health': 'GET', '/v1/models': 'GET', '/v1/completions': 'POST', '/v1/attention': 'POST'}
+MAX_BODY = 1 << 20  # a request body's largest size in bytes
 
 
 # -----------------------------------------------------------------------------
@@ -76,56 +79,84 @@ class Handler(BaseHTTPRequestHandler):
         print(f"{self.address_string()} {fmt % args}{self.problem}", file=sys.stderr, flush=True)
         self.problem = ''
 
-    def send_json(self, status, obj):
+    def fail(self, error):
+        self.problem = f": {error.message}"  # the access line says what was wrong
+        self.send_json(error.status, error.body(), error.headers)
+
+    def send_json(self, status, obj, headers=None):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:  # the client learns it before it sends the next request
+            self.send_header('Connection', 'close')
         self.end_headers()
         self.wfile.write(data)
 
-    def fail(self, error):
-        self.problem = f": {error.message}"  # the access line says what was wrong
-        self.send_json(error.status, error.body())
-
-    def body(self):
-        size = int(self.headers.get('Content-Length') or 0)
-        if size > 1 << 20:
+    def read_body(self):
+        """The request's body, read off the connection whatever the method and path, so the next
+        request on a kept-alive connection is parsed from its own first byte. A body that is not
+        read whole (chunked, a length that is no number or above 1 MiB) gets an error and ends
+        the connection, since where the next request starts is then unknown."""
+        length = self.headers.get('Content-Length')
+        if self.headers.get('Transfer-Encoding'):
+            self.close_connection = True
+            raise RequestError("send the body with a Content-Length header (chunked bodies are not "
+                               "supported)", status=411)
+        if length is None:
+            return b''  # HTTP/1.1: no Content-Length and no Transfer-Encoding, no body
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise RequestError(f"Content-Length must be a whole number of bytes, got {length!r}")
+        if int(length) > MAX_BODY:
+            self.close_connection = True
             raise RequestError("the body is larger than 1 MiB", status=413)
-        return self.rfile.read(size)
+        return self.rfile.read(int(length))
 
     def do_GET(self):
-        if self.path == '/':
-            page = (Path(__file__).resolve().parent / 'lib' / 'playground.html').read_bytes()
-            self.send_response(200)
-            self.send_header('Content-Type', 'text/html; charset=utf-8')
-            self.send_header('Content-Length', str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-        elif self.path == '/health':
-            engine = self.server.engine
-            self.send_json(200, {'status': 'ok', 'running': len(engine.rows), 'waiting': engine.pending.qsize(),
-                                 'finished': dict(engine.finished), 'tokens_generated': engine.generated})
-        elif self.path == '/v1/models':
-            self.send_json(200, {'object': 'list', 'data': [{'id': self.server.name, 'object': 'model',
-                                                              'created': 0, 'owned_by': 'you'}]})
-        else:
-            self.fail(RequestError(f"no such endpoint: GET {self.path}", status=404))
+        self.answer('GET')
 
     def do_POST(self):
+        self.answer('POST')
+
+    def answer(self, method):
         try:
-            if self.path == '/v1/completions':
-                self.complete(read_request(self.body(), self.server))
-            elif self.path == '/v1/attention':
-                self.attention(self.body())
+            body = self.read_body()  # first: an error below must not leave it on the connection
+            path = urlsplit(self.path).path
+            if ROUTES.get(path) != method:
+                if path in ROUTES:
+                    raise RequestError(f"{path} takes {ROUTES[path]}, not {method}", status=405,
+                                       headers={'Allow': ROUTES[path]})
+                raise RequestError(f"no such endpoint: {method} {path}", status=404)
+            if path == '/':
+                self.playground()
+            elif path == '/health':
+                engine = self.server.engine
+                self.send_json(200, {'status': 'ok', 'running': len(engine.rows), 'waiting': engine.pending.qsize(),
+                                     'finished': dict(engine.finished), 'tokens_generated': engine.generated})
+            elif path == '/v1/models':
+                self.send_json(200, {'object': 'list', 'data': [{'id': self.server.name, 'object': 'model',
+                                                                  'created': 0, 'owned_by': 'you'}]})
+            elif path == '/v1/completions':
+                self.complete(read_request(body, self.server))
             else:
-                raise RequestError(f"no such endpoint: POST {self.path}", status=404)
+                self.attention(body)
         except RequestError as e:
             self.fail(e)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away; its generations were cancelled below
         except Exception as e:  # never take the server down
             self.fail(RequestError(f"internal error: {type(e).__name__}: {e}", status=500, kind='server_error'))
+
+    def playground(self):
+        page = (Path(__file__).resolve().parent / 'lib' / 'playground.html').read_bytes()
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/html; charset=utf-8')
+        self.send_header('Content-Length', str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
 
     def complete(self, p):
         server, engine = self.server, self.server.engine

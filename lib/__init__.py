@@ -18,7 +18,7 @@ What the scripts at the root share and a user does not run, one job per file:
     serving.py      serve.py's batched decoding engine and its request schema
     evaluation.py   perplexity, counting accuracy, HellaSwag (evaluate.py); train.py's split losses
     plotting.py     loss curves and attention maps as PNG files
-    export.py       a GPT-2-shaped model as a Hugging Face folder (GPT.from_pretrained reads it back)
+    export.py       GGUF files for llama.cpp and Hugging Face GPT-2 folders (export.py)
 
 and the files people edit to experiment, each standing apart from model.py (docs/hacking.md):
 

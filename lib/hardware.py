@@ -31,6 +31,7 @@ class DeviceSetup:
     device_type: str     # 'cpu', 'cuda' or 'mps': what torch.autocast wants
     dtype: str           # 'float32', 'bfloat16' or 'float16'
     reason: str          # why this device and dtype, as printed
+    weights_cast: bool = False  # inference: the weights themselves are in dtype, autocast is off
 
     @property
     def ptdtype(self):
@@ -41,8 +42,9 @@ class DeviceSetup:
         return self.dtype == 'float16'  # float16 gradients underflow without loss scaling
 
     def autocast(self):
-        """Context for forward passes: mixed precision for bfloat16/float16, nothing for float32."""
-        if self.dtype == 'float32':
+        """Context for forward passes: mixed precision for bfloat16/float16, nothing for float32
+        or for weights already in dtype (weights_cast)."""
+        if self.dtype == 'float32' or self.weights_cast:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
 
@@ -92,7 +94,17 @@ def _cpu_auto_dtype(width):
     return 'float32', f"auto: this CPU has {native}, but bfloat16 is slower below {low} wide; {model}"
 
 
-def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, default_reason=None, width=None):
+# Inference (sample.py, serve.py, evaluate.py, bench.py's generation) decides its dtype apart
+# from training: decoding is one small matmul per weight per token, and bfloat16 autocast re-casts
+# every weight at every token. On a 2-core AMD EPYC with AVX512-BF16, GPT-2 124M decoded at 49-60
+# ms/token under bfloat16 autocast against 38-41 in float32 (docs/benchmarks.md, "dtype for
+# inference"), so 'auto' keeps float32 on every CPU, and bfloat16 asked for converts the weights once.
+CPU_INFERENCE_REASON = ("auto: float32 for inference on a CPU, bfloat16 decoded slower even with AVX512-BF16 "
+                        "(docs/benchmarks.md)")
+
+
+def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, default_reason=None, width=None,
+                 inference=False):
     """Pick the device and the compute dtype; print the choice and the reason once per process.
 
     device 'auto': cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu.
@@ -102,6 +114,9 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, def
     MPS. An explicit dtype is honoured (bfloat16 on any CPU works, emulated where not native).
     default_reason: how to explain a fixed device/dtype that the user did not ask for (a script's
     own default), instead of "asked for".
+    inference=True (loading a model to decode or score): dtype 'auto' on a CPU is float32
+    whatever the CPU (CPU_INFERENCE_REASON); bfloat16 sets weights_cast, the caller converts the
+    weights once (runs.load_model_on_device) and autocast() is off.
     """
     if device == 'auto':
         if torch.cuda.is_available():
@@ -128,6 +143,8 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, def
             dtype, dtype_reason = 'bfloat16', "auto: this GPU supports bfloat16"
         elif device_type == 'cuda':
             dtype, dtype_reason = 'float16', "auto: no bfloat16 on this GPU, float16 with a GradScaler"
+        elif device_type == 'cpu' and inference:
+            dtype, dtype_reason = 'float32', CPU_INFERENCE_REASON
         elif device_type == 'cpu':
             dtype, dtype_reason = _cpu_auto_dtype(width)
         else:
@@ -141,11 +158,14 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, def
         # TF32 matmuls for the float32 parts (about 3x faster on Ampere+, ~1e-3 relative error)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    weights_cast = inference and dtype == 'bfloat16'  # float16 keeps autocast: its range is too narrow
+    if weights_cast:
+        dtype_reason += "; weights converted to bfloat16 once, no autocast"
     reason = f"device {device} ({device_reason}), dtype {dtype} ({dtype_reason})"
     if verbose and reason not in _printed_device_lines:
         _printed_device_lines.add(reason)
         print(reason)
-    return DeviceSetup(device, device_type, dtype, reason)
+    return DeviceSetup(device, device_type, dtype, reason, weights_cast)
 
 
 # -----------------------------------------------------------------------------

@@ -111,6 +111,11 @@ X_AXES = {'tokens': 'tokens seen', 'time': 'seconds since training started'}
 Y_AXES = {'loss': 'loss (nats per token)', 'bpb': 'bits per byte (of the evaluated text)'}
 
 
+def _visible(style, points):
+    """A line through one point draws nothing: that one gets a marker (a dot) to be seen."""
+    return style if points != 1 or style.get('marker') else dict(style, marker='o', ms=4)
+
+
 def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens', y='loss'):
     """PNG of train and val loss of each run: against iterations (left) and, on the right,
     tokens (x='tokens') or wall-clock seconds since the run's training loop started (x='time').
@@ -144,9 +149,11 @@ def plot_loss(out_dirs, path, width_px=1200, height_px=600, x='tokens', y='loss'
             if not rows:
                 continue
             any_points = True
-            ax_iter.plot([r['iter'] for r in rows], [r[y] for r in rows], color=color, label=label, **style)
+            ax_iter.plot([r['iter'] for r in rows], [r[y] for r in rows], color=color, label=label,
+                         **_visible(style, len(rows)))
             rows = [r for r in rows if x in r]  # logs of older versions have no 'time'
-            ax_right.plot([r[x] for r in rows], [r[y] for r in rows], color=color, label=label, **style)
+            ax_right.plot([r[x] for r in rows], [r[y] for r in rows], color=color, label=label,
+                          **_visible(style, len(rows)))
     hellaswag = [[r for r in records if r.get('kind') == 'hellaswag'] for records in logs]
     if any(hellaswag):  # train.py's hellaswag_interval: accuracy on its own scale, right axis
         ax_acc = ax_iter.twinx()

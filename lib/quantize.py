@@ -7,6 +7,13 @@ Decoding reads every weight once per token, so it is bound by memory bandwidth: 
 (symmetric, scale = max|w_row| / 127); activations stay in floating point. Measurements and
 the reasons behind each choice: docs/lora_int8.md.
 
+Every layer width works. torch's CPU int8 kernel needs an input width that is a multiple of 16
+(otherwise it returns garbage or crashes the process), so such a layer's int8 weight gets zero
+columns up to the next multiple and its input as many zeros: exact, since the padding adds
+zeros. The other way, dequantizing those layers' weights at every call, was measured 4-5x
+slower (a 776-wide GPT-2-sized model, one thread of a busy 2-core Intel Xeon: 48-53 ms per token
+padded, 221-290 dequantized, 85-89 in float32; docs/benchmarks.md).
+
     quantize_model(model, 'int8')   # in place: Linear -> Int8Linear, prints what runs
 
 This file imports model.py; model.py knows nothing of it.
@@ -34,6 +41,13 @@ def int8_kernel_available(device_type):
     return device_type in ("cpu", "mps") and hasattr(torch, "_weight_int8pack_mm")
 
 
+# torch's CPU _weight_int8pack_mm reads a row of the input in blocks of 16 values: for an input
+# width that is not a multiple of 16 it returns garbage or crashes the process (signal 11;
+# torch 2.13, widths 8, 24, 40, 85 tried). Int8Linear pads such a layer's int8 weight with zero
+# columns, and each input with as many zeros: the products of the padding are exact zeros.
+KERNEL_WIDTH_MULTIPLE = 16
+
+
 class Int8Linear(nn.Module):
     """A Linear with int8 weights and per-output-channel scales; activations in floating point.
 
@@ -41,13 +55,18 @@ class Int8Linear(nn.Module):
     in bfloat16. Its float32 variant is 3-20x slower than bfloat16 on our CPU (measured in
     docs/lora_int8.md), so activations go in as bfloat16; the bfloat16 result comes back in
     float32 through the bias add itself (float32 bias + bfloat16 -> float32: one op, not a
-    conversion and an add). kernel=False: dequantize the weight to x's dtype on every call
-    and F.linear."""
+    conversion and an add). An input width that is not a multiple of KERNEL_WIDTH_MULTIPLE is
+    padded with zeros up to one (weight_int8 is then (out, padded in); dequantized_weight is
+    the real columns). kernel=False: dequantize the weight to x's dtype on every call and
+    F.linear."""
 
     def __init__(self, layer, kernel):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         q, scale = quantize_per_channel(layer.weight)
+        self.pad = -self.in_features % KERNEL_WIDTH_MULTIPLE if kernel else 0
+        if self.pad:
+            q = F.pad(q, (0, self.pad))  # (out, padded in): zero columns
         self.register_buffer("weight_int8", q.to(layer.weight.device))
         self.register_buffer("scale", scale.to(layer.weight.device))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
@@ -57,13 +76,16 @@ class Int8Linear(nn.Module):
         self._forward = self._kernel_forward if kernel else self._dequant_forward  # chosen once
 
     def dequantized_weight(self, dtype=torch.float32):
-        return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)  # (out, in)
+        q = self.weight_int8[:, :self.in_features]  # without the kernel's padding
+        return q.to(dtype) * self.scale[:, None].to(dtype)  # (out, in)
 
     def _kernel_forward(self, x):
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (rows, in)
+        if self.pad:
+            x2 = F.pad(x2, (0, self.pad))  # (rows, padded in): zeros meet the zero columns
         # torch._weight_int8pack_mm is torch.ops.aten._weight_int8pack_mm without the Python
         # dispatch wrapper (~1 us less per call, 49 calls per GPT-2 token)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                      self.weight_int8, self.scale_bf16)  # (rows, out) bfloat16
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (rows, out) bfloat16
         y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
         # the promotion to float32 is the bias add's own (as y.float() + bias, bit for bit)
         return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)
@@ -76,21 +98,24 @@ class Int8Linear(nn.Module):
         return self._forward(x)
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+        padded = f" (padded to {self.in_features + self.pad})" if self.pad else ""
+        return f"in={self.in_features}{padded}, out={self.out_features}, kernel={self.kernel}"
 
 
 class Int8Embedding(nn.Module):
     """Token embedding read from an int8 table: rows q[idx] * scale[idx]. Shares the lm_head's
     int8 weight when the two are tied (GPT-2), as the float model shares one matrix."""
 
-    def __init__(self, head):
+    def __init__(self, head, dtype=torch.float32):
         super().__init__()
         self.head = [head]  # a list: not a submodule, so its buffers are not listed twice
+        self.dtype = dtype  # the model's float dtype (bfloat16 where its weights were converted)
 
     def forward(self, idx):
         head = self.head[0]
+        q = head.weight_int8[:, :head.in_features]  # (V, C): a view without the kernel's padding
         # int8 rows times float32 scales: the product promotes to float32 (no separate .float())
-        return torch.mul(head.weight_int8[idx], head.scale[idx][..., None])  # (..., C)
+        return torch.mul(q[idx], head.scale[idx][..., None]).to(self.dtype)  # (..., C); float32: no copy
 
 
 def huge_page_buffer(nbytes):
@@ -139,9 +164,10 @@ def quantize_int8(model, kernel=None, pack=True):
     if kernel is None:
         kernel = int8_kernel_available(device_type)
     tied = model.transformer.wte.weight is model.lm_head.weight
+    dtype = model.transformer.wte.weight.dtype
     n = replace_modules(model, nn.Linear, lambda layer: Int8Linear(layer, kernel))
     if tied:
-        model.transformer.wte = Int8Embedding(model.lm_head)
+        model.transformer.wte = Int8Embedding(model.lm_head, dtype)
     huge = pack and device_type == "cpu" and pack_int8_weights(model)
     if kernel:
         path = "torch.ops.aten._weight_int8pack_mm (int8 weights x bfloat16 activations)"
@@ -174,8 +200,11 @@ def quantize_model(model, quantize):
                if layers[0].kernel else f"turned back into floats at every use, no faster (this torch has no int8 "
                f"kernel for {device})")
         tied = " and the tied embedding" if isinstance(model.transformer.wte, Int8Embedding) else ""
+        n_padded = sum(1 for m in layers if m.pad)
+        padded = (f", {n_padded} of them padded to a multiple of {KERNEL_WIDTH_MULTIPLE} wide for it"
+                  if n_padded else "")
         print(f"int8 weights: {len(layers)} layers{tied}, {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} "
-              f"MiB, {how} (docs/lora_int8.md)")
+              f"MiB, {how}{padded} (docs/lora_int8.md)")
     return model
 
 

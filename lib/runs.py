@@ -481,12 +481,16 @@ def fit_model(model, vocab_size, block_size, notice=print):
 
 
 def load_model_on_device(init_from, out_dir, device='auto', dtype='auto'):
-    """(model, info, dev): load_model, on the device and dtype that hardware.setup_device picks
-    for this model (on a CPU, dtype 'auto' depends on the model's width, known once read)."""
+    """(model, info, dev): load_model for inference, on the device and dtype that
+    hardware.setup_device(inference=True) picks (dtype 'auto' on a CPU: float32). bfloat16 converts
+    the weights once (dev.weights_cast, dev.autocast() then does nothing)."""
     hardware.setup_device(device, 'float32', verbose=False)  # a bad device fails before a long load
     model, info = load_model(init_from, out_dir, 'cpu')
-    dev = hardware.setup_device(device, dtype, width=model.config.n_embd)
-    return model.to(dev.device), info, dev
+    dev = hardware.setup_device(device, dtype, inference=True)
+    model = model.to(dev.device)
+    if dev.weights_cast:  # once: autocast would cast every weight again at every token
+        model = model.to(dev.ptdtype)
+    return model, info, dev
 
 
 def load_base_model(base, dropout=None):

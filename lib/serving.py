@@ -19,11 +19,13 @@ from model import KVCache, sample_next
 
 
 class RequestError(Exception):
-    """A bad request: HTTP status, OpenAI-style error type and the parameter at fault."""
+    """A bad request: HTTP status, OpenAI-style error type, the parameter at fault and any
+    headers the answer needs (Allow for a 405)."""
 
-    def __init__(self, message, param=None, status=400, kind='invalid_request_error'):
+    def __init__(self, message, param=None, status=400, kind='invalid_request_error', headers=None):
         super().__init__(message)
         self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.headers = headers or {}
 
     def body(self):
         return {'error': {'message': self.message, 'type': self.kind, 'param': self.param, 'code': None}}

@@ -24,7 +24,7 @@ class Tokenizer:
     # One class holding functions rather than a class per kind: the three tokenizers differ
     # only in these four callables, and callers never need to know which one they got.
     def __init__(self, name, vocab_size, encode, decode, encode_batch=None, token_bytes=None,
-                 encode_ordinary=None):
+                 encode_ordinary=None, encoding=None):
         self.name = name
         self.vocab_size = vocab_size
         self.encode = encode
@@ -34,6 +34,7 @@ class Tokenizer:
         # UTF-8 bytes of the text each id stands for (0 for <|endoftext|>), for bits per byte;
         # None where tokens are not text (the counting task)
         self.token_bytes = token_bytes
+        self.encoding = encoding  # the tiktoken.Encoding of a BPE (export.py writes its ranks), else None
 
     def __repr__(self):
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
@@ -87,7 +88,7 @@ def tiktoken_tokenizer(name, enc, num_threads=None):
         enc.decode,
         lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads),
         token_bytes=[0 if i in {enc.eot_token} else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
-        encode_ordinary=enc.encode_ordinary)
+        encode_ordinary=enc.encode_ordinary, encoding=enc)
 
 
 def bpe_tokenizer(folder, meta):

@@ -54,16 +54,22 @@ def test_real_data_profile_trace_and_errors(tmp_path):
 
 def test_comparison_table_lines_up_implementations_and_ratios():
     results = [
-        dict(bench='train', impl='ours', batch_size=12, block_size=256, tokens_per_sec=1500.0),
-        dict(bench='train', impl='nanogpt', batch_size=12, block_size=256, tokens_per_sec=1000.0),
-        dict(bench='generate', impl='ours', batch_size=1, max_new_tokens=100, tokens_per_sec=30.0),
-        dict(bench='generate', impl='nanogpt', batch_size=1, max_new_tokens=100, tokens_per_sec=7.5),
-        dict(bench='generate', impl='hf', batch_size=1, max_new_tokens=100, tokens_per_sec=15.0),
-        dict(bench='generate', impl='ours', batch_size=8, max_new_tokens=100, tokens_per_sec=99.0),  # alone: no row
+        dict(bench='train', impl='ours', batch_size=12, block_size=256, tokens_per_sec=1500.0,
+             ran_in='bfloat16 autocast'),
+        dict(bench='train', impl='nanogpt', batch_size=12, block_size=256, tokens_per_sec=1000.0,
+             ran_in='bfloat16 autocast'),
+        dict(bench='generate', impl='ours', batch_size=1, max_new_tokens=100, tokens_per_sec=30.0, ran_in='float32'),
+        dict(bench='generate', impl='nanogpt', batch_size=1, max_new_tokens=100, tokens_per_sec=7.5,
+             ran_in='float32'),
+        dict(bench='generate', impl='hf', batch_size=1, max_new_tokens=100, tokens_per_sec=15.0, ran_in='float32'),
+        dict(bench='generate', impl='ours', batch_size=8, max_new_tokens=100, tokens_per_sec=99.0,
+             ran_in='float32'),  # alone: no row
     ]
     lines = bench.comparison_table(results).splitlines()
     assert lines[0].split() == ['measurement', 'ours', 'nanoGPT', 'HF', 'cached', 'ours/nanoGPT', 'ours/HF', 'cached']
-    assert len(lines) == 3
+    assert len(lines) == 4
+    assert lines[3] == ('ran in: train ours = bfloat16 autocast; train nanoGPT = bfloat16 autocast; '
+                        'generate ours = float32; generate nanoGPT = float32; generate HF cached = float32')
     assert lines[1].split()[-5:] == ['1,500.0', '1,000.0', '-', '1.50x', '-']
     assert lines[2].split()[-5:] == ['30.0', '7.5', '15.0', '4.00x', '2.00x']
 
@@ -79,6 +85,31 @@ def test_int8_generation_runs_in_rounds_beside_ours():
     line = next(line for line in r.stdout.splitlines() if line.startswith('decode int8/ours B=1, per round:'))
     assert len(line.split(':')[1].split('(')[0].split()) == 3
     assert 'int8 weights: ' in r.stdout + r.stderr and 'MiB' in r.stdout + r.stderr
+    # the speed-up is against a baseline whose dtype is printed with it
+    assert line.endswith('; ours in float32, int8 in int8 weights, float32 elsewhere)'), line
+    assert [x['ran_in'] for x in results] == ['float32', 'int8 weights, float32 elsewhere']
+
+
+@pytest.mark.parametrize('dtype, train, generate', [
+    ('auto', 'float32', 'float32'),  # whatever this CPU has: float32 for generation
+    ('bfloat16', 'bfloat16 autocast', 'bfloat16 weights'),
+])
+def test_every_result_names_the_dtype_it_ran_in(dtype, train, generate):
+    """Training picks its dtype as train.py does, generation as sample.py does (dtype auto:
+    float32 on a CPU; bfloat16: weights converted once): each readable line, JSON line and
+    the device lines say which."""
+    results, r = run_bench('--mode=all', '--gen_batch_sizes=[1]', f'--dtype={dtype}')
+    assert [(x['bench'], x['ran_in']) for x in results] == [('train', train), ('generate', generate)]
+    assert results[1]['dtype'] == generate.split()[0]
+    if dtype == 'auto':
+        assert results[0]['dtype'] in ('float32', 'bfloat16')  # training's auto: the CPU's bfloat16 hardware
+        train = 'bfloat16 autocast' if results[0]['dtype'] == 'bfloat16' else 'float32'
+        assert results[0]['ran_in'] == train
+    lines = r.stderr.splitlines()
+    assert any(line.startswith(f'train ours ({train}): ') for line in lines), r.stderr
+    assert any(line.startswith(f'generate ours B=1 ({generate}): ') for line in lines), r.stderr
+    assert any(line.startswith('generate: device cpu') and f'dtype {generate.split()[0]} (' in line
+               for line in r.stdout.splitlines()), r.stdout
 
 
 @pytest.mark.skipif(not os.environ.get('NANOGPT_DIR'), reason='set NANOGPT_DIR to a nanoGPT checkout to test the comparison')

@@ -1,6 +1,7 @@
-"""dtype='auto' on the CPU: bfloat16 only where the CPU computes it natively (AMX or
-AVX512-BF16) and the model is wide enough for it to be faster; the scripts that load a run
-(sample.py, evaluate.py, serve.py) choose with the loaded model's width."""
+"""dtype='auto' on the CPU: for training, bfloat16 only where the CPU computes it natively (AMX
+or AVX512-BF16) and the model is wide enough for it to be faster; for inference (the scripts
+that load a run: sample.py, evaluate.py, serve.py) float32 on every CPU, and bfloat16 asked for
+converts the weights once instead of autocasting."""
 
 
 import pytest
@@ -23,7 +24,7 @@ def test_the_probe_agrees_with_the_kernels_cpu_flags():
 @pytest.mark.parametrize('native', ['AMX', 'AVX512-BF16', None])
 def test_auto_picks_bfloat16_only_with_hardware_and_width(monkeypatch, capsys, native):
     monkeypatch.setattr(hardware, 'cpu_bf16', lambda: native)
-    monkeypatch.setattr(hardware, '_printed_device_lines', set())  # each line prints once per process
+    monkeypatch.setattr(hardware, '_printed_device_lines', set())  # an earlier test may have printed them
     low = hardware.CPU_BF16_MIN_WIDTH.get(native, 256)
     wide = hardware.setup_device('cpu', 'auto', width=low)
     narrow = hardware.setup_device('cpu', 'auto', width=low // 2)
@@ -41,15 +42,46 @@ def test_auto_picks_bfloat16_only_with_hardware_and_width(monkeypatch, capsys, n
     assert hardware.setup_device('cpu', 'float32', width=4096).dtype == 'float32'
 
 
-def test_loading_a_run_chooses_with_its_width(monkeypatch, tmp_path):
-    monkeypatch.setattr(hardware, 'cpu_bf16', lambda: 'AMX')
-    for width, want in ((32, 'float32'), (256, 'bfloat16')):
-        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=width, block_size=8, vocab_size=11))
-        run = tmp_path / f'run{width}'
-        runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
-                              'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,
-                              'config': {}}, run / 'ckpt.pt')
+def save_run(folder, width):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=width, block_size=8, vocab_size=11))
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+                          'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,
+                          'config': {}}, folder / 'ckpt.pt')
+    return folder
+
+
+@pytest.mark.parametrize('native', ['AMX', 'AVX512-BF16', None])
+def test_loading_a_run_for_inference_picks_float32_on_any_cpu(monkeypatch, tmp_path, native):
+    """dtype 'auto' where a run is loaded to decode or score: float32 whatever the CPU's bfloat16
+    hardware and the model's width, where training (setup_device without inference) would pick
+    bfloat16 for the wide model on bfloat16 hardware."""
+    monkeypatch.setattr(hardware, 'cpu_bf16', lambda: native)
+    for width in (32, 256):
+        training = hardware.setup_device('cpu', 'auto', width=width, verbose=False)
+        assert training.dtype == ('bfloat16' if native and width >= 192 else 'float32')
+        run = save_run(tmp_path / f'run{width}', width)
         loaded, _, dev = runs.load_model_on_device('resume', str(run), 'cpu', 'auto')
-        assert dev.dtype == want and next(loaded.parameters()).dtype == torch.float32  # autocast, f32 weights
+        assert (dev.dtype, dev.weights_cast) == ('float32', False)
+        assert all(p.dtype == torch.float32 for p in loaded.parameters())
+        assert 'float32 for inference on a CPU' in dev.reason
     with pytest.raises(runs.ConfigError, match="use auto, cpu"):  # a bad device fails before the load
         runs.load_model_on_device('resume', str(tmp_path / 'nowhere'), 'tpu', 'auto')
+
+
+def test_bfloat16_inference_converts_the_weights_once_and_never_autocasts(tmp_path):
+    """dtype bfloat16 asked for at load: every weight is bfloat16, dev.autocast() is not an
+    autocast context, and a forward gives bfloat16 logits equal to the converted model's own."""
+    run = save_run(tmp_path / 'run', 32)
+    loaded, _, dev = runs.load_model_on_device('resume', str(run), 'cpu', 'bfloat16')
+    assert dev.dtype == 'bfloat16' and dev.weights_cast and 'no autocast' in dev.reason
+    assert all(t.dtype == torch.bfloat16 for t in loaded.state_dict().values() if t.is_floating_point())
+    x = torch.randint(0, 11, (2, 8))
+    with dev.autocast():
+        assert not torch.is_autocast_enabled('cpu')
+        logits, _ = loaded(x)
+    reference = runs.load_model_on_device('resume', str(run), 'cpu', 'float32')[0].to(torch.bfloat16)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, reference(x)[0])
+    # training's bfloat16 keeps float32 weights under autocast
+    training = hardware.setup_device('cpu', 'bfloat16', verbose=False)
+    with training.autocast():
+        assert not training.weights_cast and torch.is_autocast_enabled('cpu')

@@ -172,6 +172,28 @@ def test_loss_plot_of_several_runs_has_the_asked_size(tmp_path, mpimg):
     assert 'run-a val' in labels and 'run-b train (eval)' in labels
 
 
+def test_loss_plot_draws_a_series_of_one_point(tmp_path, mpimg):
+    """A run with one logged step and one evaluation: every series in the legend is drawn on both
+    panels, a single point as a marker (a line through one point draws nothing); longer series
+    keep their style."""
+    write_log(tmp_path / 'one', iters=1)
+    write_log(tmp_path / 'two', iters=2)
+    fig = plotting.plot_loss([tmp_path / 'one', tmp_path / 'two'], tmp_path / 'loss.png')
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f'{run} {series}' for run in ('one', 'two')
+                      for series in ('train (every logged step)', 'train (eval)', 'val')]
+    for ax in fig.axes[:2]:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for label in labels:
+            line = lines[label]
+            points = len(line.get_xdata())
+            assert points >= 1, label
+            if points == 1:
+                assert line.get_marker() not in (None, '', ' ', 'None') and line.get_markersize() > 0, label
+        assert len(lines['one train (every logged step)'].get_xdata()) == 1
+        assert lines['two train (every logged step)'].get_marker() in ('None', '', ' ', None)  # 2 points: a line
+
+
 def test_loss_plot_cli_writes_into_the_run_folder(tmp_path, mpimg):
     write_log(tmp_path / 'run')
     assert plot.main(['loss', str(tmp_path / 'run')]) == 0

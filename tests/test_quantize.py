@@ -4,17 +4,22 @@ quantize knob of sample.py / evaluate.py. Tiny random models on CPU.
 """
 
 import copy
+import http.client
+import json
 import mmap
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import local_data  # noqa: F401  (TIKTOKEN_CACHE_DIR for offline GPT-2 BPE files)
 import torch
 
-from lib import quantize
+from lib import quantize, runs
+from lib.evaluation import perplexity
 from lib.export import save_hf
 from model import GPT, GPTConfig, KVCache
 from lib.quantize import (Int8Linear, huge_page_buffer, int8_kernel_available, pack_int8_weights, quantize_int8,
@@ -227,3 +232,147 @@ def test_sample_py_int8_notice_and_output(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode != 0 and 'Traceback' not in bad.stderr
     assert "error: quantize must be 'none' or 'int8'" in bad.stderr
+
+
+# -----------------------------------------------------------------------------
+# every width: the CPU kernel needs input widths that are multiples of 16 (padded for it)
+
+WIDTH_CHECK = '''
+import json, sys, torch
+from lib.quantize import Int8Linear, quantize_int8
+from model import GPT, GPTConfig
+worst = {}
+torch.manual_seed(0)
+for n_in in (16, 32, 40, 85, 341):
+    for n_out in (40, 85):
+        layer = torch.nn.Linear(n_in, n_out)
+        fast, ref = Int8Linear(layer, kernel=True), Int8Linear(layer, kernel=False)
+        for rows in (1, 5):
+            x = torch.randn(rows, n_in)
+            y, y_ref = fast(x), ref(x)
+            worst[f"{n_in}x{n_out} rows={rows}"] = ((y - y_ref).abs().max() / y_ref.abs().max()).item()
+# a GPT whose MLPs are 85 and 341 wide: the hidden widths of no multiple of 16
+model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=40, block_size=32, vocab_size=50)).eval()
+for block, hidden in zip(model.transformer.h, (85, 341)):
+    block.mlp.c_fc, block.mlp.c_proj = torch.nn.Linear(40, hidden), torch.nn.Linear(hidden, 40)
+idx = torch.randint(0, 50, (3, 12))
+with torch.no_grad():
+    ref = model(idx, idx)[0]
+    quantize_int8(model)
+    assert all(m.kernel for m in model.modules() if isinstance(m, Int8Linear))
+    out = model(idx, idx)[0]
+    worst["GPT logits"] = ((out - ref).abs().max() / ref.std()).item()
+    for rows in (1, 3):
+        out = model.generate(idx[:rows, :4], 20, temperature=0)
+        worst[f"GPT generate rows={rows}"] = float(out.shape == (rows, 24))
+print(json.dumps(worst))
+'''
+
+
+@pytest.mark.skipif(not KERNEL, reason="this torch has no _weight_int8pack_mm for CPU")
+def test_the_kernel_path_takes_every_width():
+    """Input widths that are and are not multiples of 16 (16, 32; 40, 85, 341), 1 and 5 rows: the
+    kernel path agrees with the dequantized reference to bfloat16 precision; a GPT with MLPs 85
+    and 341 wide decodes. In a child process: the unpadded kernel crashed with signal 11."""
+    r = subprocess.run([sys.executable, '-c', WIDTH_CHECK], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=ENV)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    worst = json.loads(r.stdout.splitlines()[-1])
+    for case, error in worst.items():
+        if case.startswith('GPT generate'):
+            assert error == 1.0, case
+        elif case == 'GPT logits':
+            assert error <= 0.05, (case, error)
+        else:
+            assert error <= 1e-2, (case, error)
+
+
+def test_padded_layer_keeps_its_width_for_the_dequantized_weight_and_the_embedding():
+    """A 40-wide tied model: the lm_head's int8 table is padded for the kernel, but the tied
+    embedding and dequantized_weight read the 40 real columns."""
+    q = random_gpt(n_embd=40, n_head=2)
+    quantize_int8(q, kernel=KERNEL)
+    head = q.lm_head
+    assert head.weight_int8.shape == ((256, 48) if KERNEL else (256, 40))
+    assert head.dequantized_weight().shape == (256, 40)
+    idx = torch.randint(0, 256, (2, 3))
+    assert torch.equal(q.transformer.wte(idx), head.dequantized_weight()[idx])
+
+
+CHAR_VOCAB = sorted(set("ROMEO: JULIET\nthe quick brown fox, jumps over lazy dogs.!?"))
+
+
+def char_run(root, n_embd, n_head):
+    """A run folder of a random character model n_embd wide, its data folder with val.bin."""
+    data = root / 'data'
+    data.mkdir(parents=True)
+    (data / 'meta.json').write_text(json.dumps({'vocab_size': len(CHAR_VOCAB), 'tokenizer': 'char',
+                                                 'chars': CHAR_VOCAB}))
+    np.random.default_rng(0).integers(0, len(CHAR_VOCAB), 600).astype(np.uint16).tofile(data / 'val.bin')
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=n_head, n_embd=n_embd, block_size=64, vocab_size=len(CHAR_VOCAB)))
+    runs.save_checkpoint({'format': runs.CHECKPOINT_FORMAT, 'model': model.state_dict(),
+                          'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,
+                          'config': {'dataset': 'chars', 'data_dir': str(data)}}, root / 'run' / 'ckpt.pt')
+    return root / 'run', data, model.eval()
+
+
+def run_script(*argv, timeout=180):
+    """A script in a child process: a crash (signal 11) is a non-zero return code, a hang a timeout."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize('n_embd', [32, 40])  # a multiple of 16, and not
+def test_sample_and_evaluate_run_int8_at_any_width(tmp_path, n_embd):
+    """sample.py (1 and 3 samples) and evaluate.py perplexity with --quantize=int8 on a model
+    n_embd wide: they finish, and the int8 perplexity is the float model's within 2%."""
+    run, data, model = char_run(tmp_path, n_embd, 2)
+    for samples in (1, 3):
+        r = run_script('sample.py', f'--out_dir={run}', '--device=cpu', '--quantize=int8', '--start=ROMEO:',
+                       '--max_new_tokens=20', f'--num_samples={samples}', '--temperature=0')
+        assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-1500:]}"
+        assert ('padded to a multiple of 16 wide' in r.stderr) == (n_embd % 16 != 0) or not KERNEL, r.stderr
+        texts = r.stdout.split('-' * 40 + '\n')[:samples]
+        # a character model has no end-of-text token: the prompt, 20 characters, a newline
+        assert len(texts) == samples and all(t.startswith('ROMEO:') and len(t) == 6 + 20 + 1 for t in texts), texts
+    r = run_script('evaluate.py', 'perplexity', f'--out_dir={run}', '--device=cpu', '--quantize=int8',
+                   '--batch_size=4')
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-1500:]}"
+    got = float(r.stdout.split('perplexity ')[-1].split()[0].rstrip(','))
+    want = perplexity(model, np.fromfile(data / 'val.bin', dtype=np.uint16), batch_size=4)['perplexity']
+    assert got == pytest.approx(want, rel=0.02), (got, want)
+
+
+@pytest.mark.parametrize('n_embd', [32, 40])
+def test_serve_runs_int8_at_any_width(tmp_path, n_embd):
+    """serve.py --quantize=int8 on a model n_embd wide answers one choice and three decoded
+    together; the server is still up afterwards."""
+    run, _, _ = char_run(tmp_path, n_embd, 2)
+    log = tmp_path / 'serve.log'
+    with open(log, 'w') as err:
+        proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={run}', '--port=0', '--device=cpu',
+                                 '--quantize=int8'], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+    try:
+        port = None
+        for line in proc.stdout:
+            found = re.search(r"at http://127\.0\.0\.1:(\d+)$", line.strip())
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, log.read_text()[-1500:]
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=120)
+        for n in (1, 3):
+            conn.request('POST', '/v1/completions', json.dumps(dict(prompt='the', max_tokens=10, n=n, seed=1)),
+                         {'Content-Type': 'application/json'})
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+            assert r.status == 200, answer
+            assert [len(c['text']) for c in answer['choices']] == [10] * n, answer
+        assert proc.poll() is None
+    except (ConnectionError, http.client.HTTPException) as e:
+        raise AssertionError(f"the server died ({proc.poll()}): {e}: {log.read_text()[-1500:]}") from None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -22,7 +22,7 @@ import pytest
 from local_data import NO_SHAKESPEARE, SHAKESPEARE
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py', 'serve.py']
+SCRIPTS = ['train.py', 'sample.py', 'prepare.py', 'evaluate.py', 'plot.py', 'bench.py', 'serve.py', 'export.py']
 
 # (substring, why it is not run here)
 SKIP = [
@@ -170,16 +170,26 @@ def test_the_quick_start_is_one_block_from_nothing_to_samples():
     assert any(line.startswith('pip install torch') for line in lines[:lines.index(order[1])]), lines
 
 
+# a knob of each script whose help line is checked: (name, default as in the source, fewest knobs listed)
+HELP_KNOB = {'train.py': ('out_dir', "'out'", 12), 'sample.py': ('max_new_tokens', '500', 12),
+             'bench.py': ('n_layer', '6', 12), 'serve.py': ('port', '8000', 10)}
+
+
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_every_script_answers_help(script):
     r = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'usage' in r.stdout.lower() and 'Traceback' not in r.stderr
-    if script in ('train.py', 'sample.py', 'bench.py'):
+    if script in HELP_KNOB:
         # every knob with its default and its comment from the source
-        assert "--out_dir='out'" in r.stdout or '--n_layer=6' in r.stdout, r.stdout[:500]
         knob_lines = [line for line in r.stdout.splitlines() if line.startswith('  --')]
-        assert len(knob_lines) >= 12 and all(len(line.split(None, 1)) == 2 for line in knob_lines), knob_lines
+        name, default, fewest = HELP_KNOB[script]
+        assert len(knob_lines) >= fewest and all(len(line.split(None, 1)) == 2 for line in knob_lines), knob_lines
+        source = (ROOT / script).read_text()
+        comment = re.search(rf"^{name} = {re.escape(default)}  # (.*)$", source, re.M).group(1)
+        assert f"  --{name}={default} " in r.stdout, r.stdout[:500]
+        line = next(line for line in knob_lines if line.split()[0] == f"--{name}={default}")
+        assert line.split(None, 1)[1] == comment, (line, comment)
 
 
 def test_help_into_a_closed_pipe_ends_quietly():
@@ -232,4 +242,11 @@ def test_readme_commands_run_as_written(tmp_path):
     # the README's client got a completion from the README's server
     served = next(r for c, r in ran if c.startswith('python serve.py'))
     assert served.stdout.strip(), served
+    # the exported run loads in llama.cpp itself (the test extra llama-cpp-python) and continues text
+    exported = repo / 'out-export' / 'model-q8_0.gguf'
+    assert exported.is_file(), [c for c, _ in ran if 'export' in c]
+    llama_cpp = pytest.importorskip('llama_cpp', reason='loading the GGUF file needs llama-cpp-python')
+    llm = llama_cpp.Llama(model_path=str(exported), n_ctx=0, verbose=False)
+    assert llm.n_ctx() == 256  # the quick start's block_size, read from the file
+    assert llm('ROMEO:', max_tokens=5, temperature=0)['choices'][0]['text']
     assert len(ran) >= 10, [c for c, _ in ran]

@@ -99,6 +99,28 @@ def test_streaming_prints_what_batch_generation_prints(char_run, capsys):
                                         temperature=0.8, top_k=200, top_p=0.9)
 
 
+def test_bfloat16_samples_from_bfloat16_weights_without_autocast(char_run, capsys, monkeypatch):
+    """--dtype=bfloat16: sample.py decodes with the weights converted to bfloat16 once and never
+    enters autocast (which casts every weight again at every token); its text is that of the
+    converted model's generate."""
+    out_dir, model = char_run
+
+    def no_autocast(*args, **kwargs):
+        raise AssertionError("autocast entered")
+    monkeypatch.setattr(torch, 'autocast', no_autocast)
+    loaded = {}
+    load = runs.load_model_on_device
+    monkeypatch.setattr(runs, 'load_model_on_device', lambda *a: loaded.setdefault('it', load(*a)))
+    args = (f'--out_dir={out_dir}', '--start=ROMEO:', '--max_new_tokens=20', '--seed=5', '--dtype=bfloat16')
+    batch = run_sample(capsys, *args, '--num_samples=2')
+    assert all(p.dtype == torch.bfloat16 for p in loaded['it'][0].parameters()) and loaded['it'][2].weights_cast
+    tok = tokenizers.char_tokenizer(CHARS)
+    converted = model.to(torch.bfloat16)
+    assert batch == expected_samples(converted, tok, 'ROMEO:', 2, 20, 5, temperature=0.8, top_k=200)
+    streamed = run_sample(capsys, *args)  # one sample streams, token by token
+    assert streamed == expected_samples(converted, tok, 'ROMEO:', 1, 20, 5, temperature=0.8, top_k=200)
+
+
 def test_stream_printer_holds_back_half_characters():
     # GPT-2 BPE splits many non-ASCII characters over several tokens; the printed pieces
     # must never contain a replacement character and must add up to the full decode

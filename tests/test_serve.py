@@ -119,7 +119,10 @@ def test_the_openai_client_gets_what_sample_py_prints(server, run_dir):
 def test_prompts_n_stop_echo_and_top_k(server):
     status, r = server.post('/v1/completions', dict(prompt=['ROMEO', 'the'], n=2, max_tokens=5, seed=3))
     assert status == 200 and sorted(c['index'] for c in r['choices']) == [0, 1, 2, 3]
-    assert r['choices'][0]['text'] != r['choices'][1]['text'] or r['choices'][0]['text'] == ''  # other seeds
+    by_index = sorted(r['choices'], key=lambda c: c['index'])
+    # a character model has no end-of-text token: every choice runs its 5 tokens, 5 characters
+    assert [(len(c['text']), c['finish_reason']) for c in by_index] == [(5, 'length')] * 4, by_index
+    assert by_index[0]['text'] != by_index[1]['text']  # the prompt's two choices: other seeds, other texts
     status, full = server.post('/v1/completions', dict(prompt='the', max_tokens=30, temperature=0))
     text = full['choices'][0]['text']
     stop = text[5:7]
@@ -159,6 +162,78 @@ def test_a_prompt_longer_than_the_context_is_cropped_from_the_left_and_said(serv
     assert status == 200
     assert r['usage']['prompt_tokens'] == 64 - 10 and r['usage']['prompt_tokens_dropped'] == 100 - 54
     assert server.get('/nowhere')[0] == 404
+
+
+GOOD = json.dumps(dict(prompt='the', max_tokens=3, temperature=0))
+
+
+def good_request(conn):
+    """The greedy completion of 'the' on an open connection: what a request after a bad one must get."""
+    conn.request('POST', '/v1/completions', GOOD, {'Content-Type': 'application/json'})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+@pytest.mark.parametrize('method, path, body, status', [
+    ('POST', '/v1/chat/completions', json.dumps({'messages': [{'role': 'user', 'content': 'hi'}]}), 404),
+    ('POST', '/nope', '{"prompt": "the"}', 404),
+    ('POST', '/v1/models', '{"prompt": "the"}', 405),
+    ('POST', '/health', 'x' * 5000, 405),
+    ('GET', '/health', '{"prompt": "the"}', 200),
+    ('GET', '/v1/models', '{}', 200),
+    ('GET', '/nowhere', 'POST /v1/completions HTTP/1.1', 404),
+    ('POST', '/v1/completions', '{"prompt": "the", "max_tokens": 0}', 400),
+    ('POST', '/v1/attention', '{"text": 5}', 400),
+    ('POST', '/v1/completions?x=1', GOOD, 200),
+])
+def test_every_answer_leaves_a_kept_alive_connection_ready_for_the_next_request(server, method, path, body,
+                                                                              status):
+    """A request with a body, answered or refused, then a good request on the same connection:
+    the body was read off the connection, so the good request is parsed from its own bytes and
+    gets the same greedy text as on a fresh connection; the connection stays open."""
+    expected = good_request(http.client.HTTPConnection('127.0.0.1', server.port, timeout=60))
+    assert expected[0] == 200 and len(expected[1]['choices'][0]['text']) == 3
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=60)
+    for _ in range(2):
+        conn.request(method, path, body, {'Content-Type': 'application/json'})
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        assert r.status == status, answer
+        if status >= 400:
+            assert set(answer['error']) >= {'message', 'type', 'param'}, answer
+        if status == 405:
+            assert r.getheader('Allow') == ('POST' if path.startswith('/v1/c') else 'GET')
+        sock = conn.sock
+        assert sock is not None and r.getheader('Connection') != 'close'  # kept alive
+        got = good_request(conn)
+        assert conn.sock is sock  # the same connection answered
+        assert got[0] == 200 and got[1]['choices'] == expected[1]['choices'], got
+
+
+@pytest.mark.parametrize('head, status, fragment', [
+    (b'Content-Length: 2000000', 413, 'larger than 1 MiB'),
+    (b'Content-Length: -5', 400, 'Content-Length'),
+    (b'Content-Length: ten', 400, 'Content-Length'),
+    (b'Transfer-Encoding: chunked', 411, 'Content-Length'),
+])
+def test_a_body_that_is_not_read_closes_the_connection(server, head, status, fragment):
+    """A body the server will not read whole (too large, a length it cannot trust, chunked):
+    an error that says Connection: close, and the connection ends instead of parsing the rest
+    of the body as the next request."""
+    with socket.create_connection(('127.0.0.1', server.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" +
+                     b'{"prompt": "the"}' + b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b''
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += data
+    top, _, answer = got.partition(b'\r\n\r\n')
+    lines = top.decode().split('\r\n')
+    assert lines[0].startswith(f'HTTP/1.1 {status} ') and 'Connection: close' in lines, got
+    assert fragment in json.loads(answer)['error']['message'] and got.count(b'HTTP/1.1') == 1, got
+    assert server.get('/health')[0] == 200
 
 
 @pytest.fixture(scope='module')
