@@ -175,7 +175,7 @@ def good_request(conn):
 
 
 @pytest.mark.parametrize('method, path, body, status', [
-    ('POST', '/v1/chat/completions', json.dumps({'messages': [{'role': 'user', 'content': 'hi'}]}), 404),
+    ('POST', '/v1/chat/completions', json.dumps({'messages': [{'role': 'user', 'content': 'hi'}]}), 400),
     ('POST', '/nope', '{"prompt": "the"}', 404),
     ('POST', '/v1/models', '{"prompt": "the"}', 405),
     ('POST', '/health', 'x' * 5000, 405),
