@@ -39,8 +39,8 @@ import torch
 
 from lib import runs
 from lib.quantize import QUANTIZE, quantize_model
-from lib.serving import (Engine, RequestError, encode, read_chat_request, read_request, start_chat_generations,
-                         start_generations)
+from lib.serving import (Engine, RequestError, encode, read_chat_request, read_request,
+                         start_chat_generations, start_generations)
 
 # -----------------------------------------------------------------------------
 # defaults; config files and --key=value flags change them
@@ -197,8 +197,8 @@ class Handler(BaseHTTPRequestHandler):
         OpenAI's chat.completion shape, or chat.completion.chunk events when streamed."""
         server = self.server
         generations, used, dropped = start_chat_generations(p, server.tokenizer, server.engine)
-        head = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", object='chat.completion', created=int(time.time()),
-                    model=server.name)
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", object='chat.completion',
+                    created=int(time.time()), model=server.name)
 
         def choice(g, piece):  # piece None: the choice's end, an empty delta with the reason
             return dict(index=g.index, delta={} if piece is None else {'content': piece}, logprobs=None,
@@ -211,8 +211,8 @@ class Handler(BaseHTTPRequestHandler):
                             dropped)
             else:
                 self.wait_all(generations)
-                choices = [dict(index=g.index, message={'role': 'assistant', 'content': g.text}, logprobs=None,
-                                finish_reason=g.finish_reason) for g in generations]
+                choices = [dict(index=g.index, message={'role': 'assistant', 'content': g.text},
+                                logprobs=None, finish_reason=g.finish_reason) for g in generations]
                 self.send_json(200, dict(head, choices=choices, usage=usage(p, generations, used, dropped)))
         finally:
             for g in generations:
@@ -296,7 +296,8 @@ def usage(p, generations, used, dropped):
     """OpenAI's usage: prompt tokens (each choice's prompt counted, as each is run), completion
     tokens; and prompt_tokens_dropped, what did not fit the context (an extension)."""
     completion = sum(len(g.tokens) for g in generations)
-    return dict(prompt_tokens=used * p['n'], completion_tokens=completion, total_tokens=used * p['n'] + completion,
+    prompt = used * p['n']
+    return dict(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                 prompt_tokens_dropped=dropped)
 
 
@@ -330,8 +331,8 @@ def main(argv):
     engine.thread.start()
     address = f"http://{cfg['host']}:{server.server_address[1]}"
     chat = ', a chat model' if server.chat else ''
-    example = ('chat/completions', '{"messages": [{"role": "user", "content": "Hello"}]}') if server.chat else \
-        ('completions', '{"prompt": "Hello", "max_tokens": 20}')
+    example = (('chat/completions', '{"messages": [{"role": "user", "content": "Hello"}]}') if server.chat
+               else ('completions', '{"prompt": "Hello", "max_tokens": 20}'))
     print(f"serving {info['source']}{chat} ({tokenizer.name} tokenizer, context {block_size}) at {address}\n"
           f"  playground: {address}/\n"
           f"  try: curl {address}/v1/{example[0]} -H 'Content-Type: application/json' -d '{example[1]}'",

@@ -45,7 +45,9 @@ def end_ids(tokenizer):
     special = getattr(tokenizer, 'special_ids', None)
     if special:
         return frozenset(special.values())
-    return frozenset(tokenizer.encode('<|endoftext|>')[:1]) if tokenizer.name in ('gpt2', 'bpe') else frozenset()
+    if tokenizer.name in ('gpt2', 'bpe'):
+        return frozenset(tokenizer.encode('<|endoftext|>')[:1])
+    return frozenset()
 
 
 class Generation:
@@ -228,8 +230,8 @@ class Engine:
 # requests: OpenAI's completions and chat completions schemas, checked field by field
 
 SAMPLING = {  # the fields both endpoints take, name: (type(s), default); None default = optional
-    'model': (str, None), 'max_tokens': (int, 16), 'temperature': ((int, float), 1.0), 'top_p': ((int, float), 1.0),
-    'top_k': (int, 0), 'n': (int, 1), 'stream': (bool, False), 'seed': (int, None),
+    'model': (str, None), 'max_tokens': (int, 16), 'temperature': ((int, float), 1.0),
+    'top_p': ((int, float), 1.0), 'top_k': (int, 0), 'n': (int, 1), 'stream': (bool, False), 'seed': (int, None),
     'stop': ((str, list, type(None)), None), 'user': (str, None), 'presence_penalty': ((int, float), 0),
     'frequency_penalty': ((int, float), 0), 'stream_options': (dict, None), 'logit_bias': (dict, None),
 }
@@ -293,7 +295,8 @@ def read_request(body, server):
         raise RequestError("prompt must be a string or a non-empty list of strings (token arrays are not "
                            "supported)", param='prompt')
     p['prompts'] = prompts
-    return check_sampling(request, p, server, [('best_of', p['best_of'] == 1, "1 (best_of is not supported)")])
+    return check_sampling(request, p, server, [('best_of', p['best_of'] == 1,
+                                                "1 (best_of is not supported)")])
 
 
 def read_chat_request(body, server):
@@ -307,8 +310,9 @@ def read_chat_request(body, server):
     request, p = parse_body(body, CHAT_FIELDS, '{"messages": [{"role": "user", "content": "Hello"}]}')
     messages = p['messages']
     if not messages:
-        raise RequestError('messages is required: a non-empty list of {"role": ..., "content": ...} objects',
-                           param='messages')
+        what = 'required' if messages is None else 'an empty list'
+        raise RequestError(f'messages is {what}: send a list of {{"role": ..., "content": ...}} objects, '
+                           "the last one the user's", param='messages')
     for i, message in enumerate(messages):
         extra = [k for k, v in message.items() if k not in MESSAGE_KEYS and v not in (None, '', [], {})] \
             if isinstance(message, dict) else []

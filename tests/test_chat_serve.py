@@ -42,8 +42,8 @@ def new_model(block_size):
     """Random weights, the output head untied: a random tied model's likeliest next token is the
     one it was fed, <|assistant|> after the prompt, a marker that ends every reply at once."""
     torch.manual_seed(1)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=TOKENIZER.vocab_size,
-                         pos_emb='rope', dropout=0.0, tie_embeddings=False))
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size,
+                         vocab_size=TOKENIZER.vocab_size, pos_emb='rope', dropout=0.0, tie_embeddings=False))
 
 
 @pytest.fixture(scope='module')
@@ -151,16 +151,17 @@ def test_the_history_is_sample_py_chats_oldest_turns_dropped_first(server, runs_
     the replies so far: the same replies. A 64-token context with 12 kept for the reply: the
     later prompts drop their oldest turns, and usage says how many tokens."""
     said = ['the quick fox?', 'a lazy dog.', 'what is it?', 'jumps over!']
-    replies = sample_chat(runs_dir / 'random', '--max_new_tokens=12', '--temperature=0', stdin='\n'.join(said))
+    replies = sample_chat(runs_dir / 'random', '--max_new_tokens=12', '--temperature=0',
+                          stdin='\n'.join(said))
     assert len(replies) == 4
     messages, dropped = [], []
     for text, expected in zip(said, replies):
         messages.append(user(text))
         status, r = server.post('/v1/chat/completions', dict(messages=messages, max_tokens=12, temperature=0))
         assert status == 200 and r['choices'][0]['message'] == {'role': 'assistant', 'content': expected}, r
-        whole = len(chat.render_prompt(messages, TOKENIZER))
+        whole, kept = len(chat.render_prompt(messages, TOKENIZER)), chat.fit_history(messages, TOKENIZER, 52)[0]
+        assert chat.prompt_limit(64, 12) == 52 and r['usage']['prompt_tokens'] == len(kept)  # whole turns
         assert r['usage']['prompt_tokens'] + r['usage']['prompt_tokens_dropped'] == whole
-        assert r['usage']['prompt_tokens'] <= chat.prompt_limit(64, 12) == 52
         dropped.append(r['usage']['prompt_tokens_dropped'])
         messages.append({'role': 'assistant', 'content': expected})
     assert dropped[0] == 0 and dropped[-1] > 0, dropped
@@ -170,13 +171,12 @@ def test_a_reply_ends_at_the_end_marker(taught):
     status, r = taught.post('/v1/chat/completions', dict(messages=[user('what is it?')], temperature=0))
     assert status == 200 and r['choices'][0]['message']['content'] == TAUGHT, r
     assert r['choices'][0]['finish_reason'] == 'stop' and r['usage']['completion_tokens'] == len(TAUGHT)
-    status, r = taught.post('/v1/chat/completions', dict(messages=[user('the dog?')], temperature=0, max_tokens=3))
-    assert (r['choices'][0]['message']['content'], r['choices'][0]['finish_reason']) == (TAUGHT[:3], 'length')
-    status, r = taught.post('/v1/chat/completions', dict(messages=[user('the dog?')], temperature=0, stop='x.'))
-    assert (r['choices'][0]['message']['content'], r['choices'][0]['finish_reason']) == ('a fo', 'stop')
+    for extra, reply in (dict(max_tokens=3), (TAUGHT[:3], 'length')), (dict(stop='x.'), ('a fo', 'stop')):
+        r = taught.post('/v1/chat/completions', dict(messages=[user('the dog?')], temperature=0, **extra))[1]
+        assert (r['choices'][0]['message']['content'], r['choices'][0]['finish_reason']) == reply, r
     # a system message first, a whole conversation, two choices: each ends at its <|end|>
-    messages = [{'role': 'system', 'content': 'be brief.'}, user('a fox?'), {'role': 'assistant', 'content': 'no'},
-                user('a dog?')]
+    messages = [{'role': 'system', 'content': 'be brief.'}, user('a fox?'),
+                {'role': 'assistant', 'content': 'no'}, user('a dog?')]
     status, r = taught.post('/v1/chat/completions', dict(messages=messages, temperature=0, n=2))
     assert [(c['index'], c['message']['content'], c['finish_reason']) for c in r['choices']] == \
         [(0, TAUGHT, 'stop'), (1, TAUGHT, 'stop')]
@@ -237,7 +237,8 @@ def test_a_chat_run_ends_at_its_markers_and_never_at_spelled_text():
     ({'messages': [user('Zebra ~')]}, 'messages', "'Z' '~'"),
     ({'messages': [user('hi')], 'max_tokens': 'ten'}, 'max_tokens', 'must be int'),
     ({'messages': [user('hi')], 'max_tokens': 64}, 'max_tokens', 'between 1 and 63'),
-    ({'messages': [user('hi')], 'max_tokens': 5, 'max_completion_tokens': 6}, 'max_completion_tokens', 'differ'),
+    ({'messages': [user('hi')], 'max_tokens': 5, 'max_completion_tokens': 6}, 'max_completion_tokens',
+     'differ'),
     ({'messages': [user('hi')], 'n': 9}, 'n', 'between 1 and 8'),
     ({'messages': [user('hi')], 'temperature': 3}, 'temperature', 'between 0 and 2'),
     ({'messages': [user('hi')], 'logprobs': True}, 'logprobs', 'not supported'),
@@ -260,8 +261,8 @@ def test_fields_openai_clients_send_are_accepted(server):
     assert plain[0] == 200
     reply = dict(plain[1]['choices'][0]['message'], refusal=None, tool_calls=None, function_call=None)
     status, r = server.post('/v1/chat/completions', dict(
-        model='gpt-4o', user='me', max_completion_tokens=5, temperature=0, stream_options={'include_usage': False},
-        messages=[dict(user('hi'), name='ann'), reply, user('hi')]))
+        model='gpt-4o', user='me', max_completion_tokens=5, temperature=0,
+        stream_options={'include_usage': False}, messages=[dict(user('hi'), name='ann'), reply, user('hi')]))
     assert status == 200, r
     status, again = server.post('/v1/chat/completions', dict(messages=[user('hi'), reply, user('hi')],
                                                              max_tokens=5, temperature=0))
