@@ -29,7 +29,7 @@ from lib import cli  # first: a missing package is one line naming the fix, not 
 import torch
 
 from lib import runs
-from lib.chat import fit_history, reply_tokens
+from lib.chat import fit_history, prompt_limit, reply_tokens
 from lib.quantize import QUANTIZE, quantize_model
 from lib.sampling import StreamPrinter, encode_prompt, notice, read_prompt
 from lib.tokenfiles import PrepareError
@@ -123,7 +123,7 @@ def chat_loop(model, tokenizer, dev, cfg, sampling):
     if cfg['num_samples'] != 1:
         cli.die("--chat writes one reply at a time: leave out --num_samples")
     block_size = model.config.block_size
-    limit = block_size - min(cfg['max_new_tokens'], block_size // 2)  # the prompt leaves room for the reply
+    limit = prompt_limit(block_size, cfg['max_new_tokens'])  # the prompt leaves room for the reply
     messages, one_reply = [], cfg['start'] != ''
     try:
         while True:

@@ -1,18 +1,23 @@
 """
-Serve a trained model over HTTP: OpenAI's completions API (any OpenAI client works unchanged)
-and a playground page with streaming text and attention maps.
+Serve a trained model over HTTP: OpenAI's completions and chat completions APIs (any OpenAI
+client works unchanged) and a playground page with streaming text, a chat, and attention maps.
 
 $ python serve.py --out_dir=out-shakespeare-char-cpu          # http://127.0.0.1:8000
 $ python serve.py --init_from=gpt2 --quantize=int8 --port=8080
 $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "ROMEO:", "max_tokens": 50, "temperature": 0.8}'
+$ python serve.py --out_dir=out-chat-reverse                  # a run fine-tuned for chat (docs/chat.md)
+$ curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "reverse: wodnik"}], "temperature": 0}'
 
 Endpoints: POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, n, stream,
-echo; top_k as an extension), GET /v1/models, GET /health, GET / (the playground) and
-POST /v1/attention (the playground's heatmaps). Requests running at the same time are decoded
-together, one batch on the KV cache, joining and leaving between steps (Engine). A bad request
-gets an HTTP error with OpenAI's {"error": {...}} body and one log line; the server goes on.
-Knobs are --key=value flags or config files, checked like train.py's.
+echo; top_k as an extension), POST /v1/chat/completions (messages instead of prompt and echo;
+runs fine-tuned for chat only: the reply ends at <|end|>), GET /v1/models (its "chat" says which),
+GET /health, GET / (the playground) and POST /v1/attention (the playground's heatmaps). Requests
+running at the same time are decoded together, one batch on the KV cache, joining and leaving
+between steps (Engine). A bad request gets an HTTP error with OpenAI's {"error": {...}} body and
+one log line; the server goes on. Knobs are --key=value flags or config files, checked like
+train.py's.
 """
 
 import json
@@ -34,7 +39,8 @@ import torch
 
 from lib import runs
 from lib.quantize import QUANTIZE, quantize_model
-from lib.serving import Engine, RequestError, encode, read_request, start_generations
+from lib.serving import (Engine, RequestError, encode, read_chat_request, read_request,
+                         start_chat_generations, start_generations)
 
 # -----------------------------------------------------------------------------
 # defaults; config files and --key=value flags change them
@@ -51,7 +57,8 @@ quantize = 'none'  # 'none' or 'int8' (int8 weights: ~2x faster CPU decoding)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 RULES = dict(port='0..65535', max_batch='>= 1', max_tokens_limit='>= 0', quantize=QUANTIZE)
-ROUTES = {'/': 'GET', '/health': 'GET', '/v1/models': 'GET', '/v1/completions': 'POST', '/v1/attention': 'POST'}
+ROUTES = {'/': 'GET', '/health': 'GET', '/v1/models': 'GET', '/v1/completions': 'POST',
+          '/v1/chat/completions': 'POST', '/v1/attention': 'POST'}
 MAX_BODY = 1 << 20  # a request body's largest size in bytes
 
 
@@ -67,6 +74,7 @@ class Server(ThreadingHTTPServer):
         self.engine, self.name, self.tokenizer = engine, name, engine.tokenizer
         self.block_size, self.max_batch = engine.model.config.block_size, engine.max_batch
         self.max_tokens = max_tokens
+        self.chat = bool(getattr(self.tokenizer, 'special_ids', None))  # fine-tuned for chat (lib/chat.py)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -138,9 +146,12 @@ class Handler(BaseHTTPRequestHandler):
                                      'finished': dict(engine.finished), 'tokens_generated': engine.generated})
             elif path == '/v1/models':
                 self.send_json(200, {'object': 'list', 'data': [{'id': self.server.name, 'object': 'model',
-                                                                  'created': 0, 'owned_by': 'you'}]})
+                                                                  'created': 0, 'owned_by': 'you',
+                                                                  'chat': self.server.chat}]})
             elif path == '/v1/completions':
                 self.complete(read_request(body, self.server))
+            elif path == '/v1/chat/completions':
+                self.chat(read_chat_request(body, self.server))
             else:
                 self.attention(body)
         except RequestError as e:
@@ -159,28 +170,59 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(page)
 
     def complete(self, p):
-        server, engine = self.server, self.server.engine
-        generations, used, dropped = start_generations(p, server.tokenizer, engine)
+        server = self.server
+        generations, used, dropped = start_generations(p, server.tokenizer, server.engine)
         head = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object='text_completion', created=int(time.time()),
                     model=server.name)
         echo = [server.tokenizer.decode(g.prompt) if p['echo'] else '' for g in generations]
+
+        def choice(g, piece):  # piece None: the choice's end
+            return dict(text=piece or '', index=g.index, logprobs=None,
+                        finish_reason=None if piece is not None else g.finish_reason)
         try:
             if p['stream']:
-                self.stream(generations, head, echo)
+                first = [dict(choice(g, e), finish_reason=None) for g, e in zip(generations, echo) if e]
+                self.stream(p, generations, head, choice, first, used, dropped)
             else:
-                self.looked = time.time()  # when wait_for last looked at the connection
-                for g in generations:
-                    while self.wait_for(g) is not None:
-                        pass
+                self.wait_all(generations)
                 choices = [dict(text=e + g.text, index=g.index, logprobs=None, finish_reason=g.finish_reason)
                            for g, e in zip(generations, echo)]
-                completion = sum(len(g.tokens) for g in generations)
-                usage = dict(prompt_tokens=used * p['n'], completion_tokens=completion,
-                             total_tokens=used * p['n'] + completion, prompt_tokens_dropped=dropped)
-                self.send_json(200, dict(head, choices=choices, usage=usage))
+                self.send_json(200, dict(head, choices=choices, usage=usage(p, generations, used, dropped)))
         finally:
             for g in generations:  # a client that went away: its rows stop decoding
                 g.cancelled.set()
+
+    def chat(self, p):
+        """A chat completion: the reply to p['messages'] (lib/serving.start_chat_generations), in
+        OpenAI's chat.completion shape, or chat.completion.chunk events when streamed."""
+        server = self.server
+        generations, used, dropped = start_chat_generations(p, server.tokenizer, server.engine)
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", object='chat.completion',
+                    created=int(time.time()), model=server.name)
+
+        def choice(g, piece):  # piece None: the choice's end, an empty delta with the reason
+            return dict(index=g.index, delta={} if piece is None else {'content': piece}, logprobs=None,
+                        finish_reason=None if piece is not None else g.finish_reason)
+        try:
+            if p['stream']:
+                first = [dict(index=g.index, delta={'role': 'assistant', 'content': ''}, logprobs=None,
+                              finish_reason=None) for g in generations]
+                self.stream(p, generations, dict(head, object='chat.completion.chunk'), choice, first, used,
+                            dropped)
+            else:
+                self.wait_all(generations)
+                choices = [dict(index=g.index, message={'role': 'assistant', 'content': g.text},
+                                logprobs=None, finish_reason=g.finish_reason) for g in generations]
+                self.send_json(200, dict(head, choices=choices, usage=usage(p, generations, used, dropped)))
+        finally:
+            for g in generations:
+                g.cancelled.set()
+
+    def wait_all(self, generations):
+        self.looked = time.time()  # when wait_for last looked at the connection
+        for g in generations:
+            while self.wait_for(g) is not None:
+                pass
 
     def wait_for(self, g):
         """g's next event; raises ConnectionResetError once the client has hung up (looked at
@@ -196,7 +238,10 @@ class Handler(BaseHTTPRequestHandler):
             except queue.Empty:
                 pass
 
-    def stream(self, generations, head, echo):
+    def stream(self, p, generations, head, choice, first, used, dropped):
+        """Server-sent events: the `first` choices (an echo, a chat's role), then an event for each
+        piece of text of any choice as it comes (choice(g, piece); piece None: g's end), the
+        usage when stream_options asks for it, then [DONE]."""
         self.send_response(200)
         self.send_header('Content-Type', 'text/event-stream')
         self.send_header('Cache-Control', 'no-cache')
@@ -204,12 +249,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
-        def send(choices):
-            self.wfile.write(f"data: {json.dumps(dict(head, choices=choices))}\n\n".encode())
+        def send(choices, **extra):
+            self.wfile.write(f"data: {json.dumps(dict(head, choices=choices, **extra))}\n\n".encode())
             self.wfile.flush()
-        for g, e in zip(generations, echo):
-            if e:
-                send([dict(text=e, index=g.index, logprobs=None, finish_reason=None)])
+        for c in first:
+            send([c])
         merged = queue.Queue()  # (generation, piece) from every choice, in the order they come
 
         def forward(g):
@@ -223,11 +267,10 @@ class Handler(BaseHTTPRequestHandler):
         left = len(generations)
         while left:
             g, piece = merged.get()
-            if piece is None:
-                left -= 1
-                send([dict(text='', index=g.index, logprobs=None, finish_reason=g.finish_reason)])
-            else:
-                send([dict(text=piece, index=g.index, logprobs=None, finish_reason=None)])
+            left -= piece is None
+            send([choice(g, piece)])
+        if (p['stream_options'] or {}).get('include_usage'):
+            send([], usage=usage(p, generations, used, dropped))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -247,6 +290,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, dict(tokens=[self.server.tokenizer.decode([i]) for i in ids],
                                  maps=[[[[round(p, 4) for p in row] for row in head] for head in layer[0].float().tolist()]
                                        for layer in maps]))
+
+
+def usage(p, generations, used, dropped):
+    """OpenAI's usage: prompt tokens (each choice's prompt counted, as each is run), completion
+    tokens; and prompt_tokens_dropped, what did not fit the context (an extension)."""
+    completion = sum(len(g.tokens) for g in generations)
+    prompt = used * p['n']
+    return dict(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                prompt_tokens_dropped=dropped)
 
 
 # -----------------------------------------------------------------------------
@@ -278,10 +330,13 @@ def main(argv):
         cli.die(f"cannot listen on {cfg['host']}:{cfg['port']}: {e.strerror or e}; choose another --port")
     engine.thread.start()
     address = f"http://{cfg['host']}:{server.server_address[1]}"
-    print(f"serving {info['source']} ({tokenizer.name} tokenizer, context {block_size}) at {address}\n"
+    chat = ', a chat model' if server.chat else ''
+    example = (('chat/completions', '{"messages": [{"role": "user", "content": "Hello"}]}') if server.chat
+               else ('completions', '{"prompt": "Hello", "max_tokens": 20}'))
+    print(f"serving {info['source']}{chat} ({tokenizer.name} tokenizer, context {block_size}) at {address}\n"
           f"  playground: {address}/\n"
-          f"  try: curl {address}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 20}}'", flush=True)
+          f"  try: curl {address}/v1/{example[0]} -H 'Content-Type: application/json' -d '{example[1]}'",
+          flush=True)
 
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever

@@ -303,8 +303,7 @@ def render_split(conversations, tokenizer, max_tokens, where=None):
         try:
             rendered.append(render(messages, tokenizer))
         except PrepareError:  # a character vocabulary without one of the content's characters
-            text = "".join(m["content"] for m in messages)
-            missing = [c for c in dict.fromkeys(text) if not _encodes(tokenizer, c)]
+            missing = missing_characters("".join(m["content"] for m in messages), tokenizer)
             at = where[i] if where else f"conversation {i + 1}"
             raise PrepareError(f"{at}: {len(missing)} character(s) not in the {tokenizer.vocab_size - 4}-"
                                f"character vocabulary: {' '.join(map(repr, missing[:10]))}; remove them "
@@ -315,12 +314,15 @@ def render_split(conversations, tokenizer, max_tokens, where=None):
     return ids, mask, counts
 
 
-def _encodes(tokenizer, text):
-    try:
-        tokenizer.encode_ordinary(text)
-        return True
-    except PrepareError:
-        return False
+def missing_characters(text, tokenizer):
+    """The characters of text a character vocabulary lacks, each once, in the text's order."""
+    def encodes(character):
+        try:
+            tokenizer.encode_ordinary(character)
+            return True
+        except PrepareError:
+            return False
+    return [c for c in dict.fromkeys(text) if not encodes(c)]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -401,6 +403,13 @@ def reply_tokens(model, tokenizer, prompt, max_new_tokens, **sampling):
         if token in markers:
             return
         yield token
+
+
+def prompt_limit(block_size, max_new_tokens):
+    """The most tokens a reply's prompt may keep (fit_history's limit): the context less the room
+    for the reply, that room at most half the context, so a large max_new_tokens still leaves the
+    chat half of it (the reply may then end when the context is full)."""
+    return block_size - min(max_new_tokens, block_size // 2)
 
 
 def fit_history(messages, tokenizer, limit):

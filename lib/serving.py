@@ -1,7 +1,8 @@
 """
 What serve.py serves with: one generation per requested choice, the Engine that decodes every
 running generation together (one batch on the KV cache, rows joining and leaving between steps),
-and the completions request schema checked field by field (RequestError: an OpenAI-style error).
+and the completions and chat completions request schemas checked field by field (RequestError:
+an OpenAI-style error).
 """
 
 import collections
@@ -14,7 +15,9 @@ import threading
 import torch
 
 from lib import cli
+from lib.chat import check_messages, fit_history, missing_characters, prompt_limit, render_prompt
 from lib.sampling import StreamPrinter, encode_prompt
+from lib.tokenfiles import PrepareError
 from model import KVCache, sample_next
 
 
@@ -34,6 +37,19 @@ class RequestError(Exception):
 # -----------------------------------------------------------------------------
 # one generation: what a request asks for, what it has produced, how it ends
 
+def end_ids(tokenizer):
+    """The ids that end a generation (finish_reason 'stop'; not part of the text). A chat run's
+    markers: <|end|> closes the reply and another marker would open a new message (as
+    lib/chat.reply_tokens stops). Else GPT-2's or an own BPE's <|endoftext|>; none for characters.
+    (A chat tokenizer encodes '<|endoftext|>' as plain text: never ask it for that id.)"""
+    special = getattr(tokenizer, 'special_ids', None)
+    if special:
+        return frozenset(special.values())
+    if tokenizer.name in ('gpt2', 'bpe'):
+        return frozenset(tokenizer.encode('<|endoftext|>')[:1])
+    return frozenset()
+
+
 class Generation:
     """One choice of one prompt. The engine appends tokens; the HTTP thread reads the text pieces
     from `events` (None when it is finished) and may cancel it (a client that went away)."""
@@ -48,7 +64,7 @@ class Generation:
         self.cancelled = threading.Event()
         self.printer = StreamPrinter(tokenizer, out=self, unprinted=prompt)  # whole characters only
         self.stops = params['stop']
-        self.eot = tokenizer.encode('<|endoftext|>')[0] if tokenizer.name in ('gpt2', 'bpe') else None
+        self.ends = end_ids(tokenizer)
 
     def write(self, piece):  # StreamPrinter's output: the text grows by whole characters
         self.text += piece
@@ -58,8 +74,8 @@ class Generation:
 
     def add(self, token):
         """Record a new token; returns True when this generation is finished."""
-        if token == self.eot:
-            self.finish_reason = 'stop'  # the model ended the text (a document end)
+        if token in self.ends:
+            self.finish_reason = 'stop'  # the model ended the text (a document end, a chat reply's end)
         else:
             self.tokens.append(token)
             self.printer.add([token])
@@ -211,58 +227,115 @@ class Engine:
 
 
 # -----------------------------------------------------------------------------
-# requests: OpenAI's completions schema, checked field by field
+# requests: OpenAI's completions and chat completions schemas, checked field by field
 
-FIELDS = {  # name: (type(s), default); None default = optional
-    'model': (str, None), 'prompt': ((str, list), None), 'max_tokens': (int, 16), 'temperature': ((int, float), 1.0),
+SAMPLING = {  # the fields both endpoints take, name: (type(s), default); None default = optional
+    'model': (str, None), 'max_tokens': (int, 16), 'temperature': ((int, float), 1.0),
     'top_p': ((int, float), 1.0), 'top_k': (int, 0), 'n': (int, 1), 'stream': (bool, False), 'seed': (int, None),
-    'stop': ((str, list, type(None)), None), 'echo': (bool, False), 'user': (str, None),
-    'logprobs': (type(None), None), 'presence_penalty': ((int, float), 0), 'frequency_penalty': ((int, float), 0),
-    'stream_options': (dict, None), 'best_of': (int, 1), 'suffix': (type(None), None), 'logit_bias': (dict, None),
+    'stop': ((str, list, type(None)), None), 'user': (str, None), 'presence_penalty': ((int, float), 0),
+    'frequency_penalty': ((int, float), 0), 'stream_options': (dict, None), 'logit_bias': (dict, None),
 }
+FIELDS = {'prompt': ((str, list), None), **SAMPLING, 'echo': (bool, False), 'logprobs': (type(None), None),
+          'best_of': (int, 1), 'suffix': (type(None), None)}
+CHAT_FIELDS = {'messages': (list, None), **SAMPLING, 'max_tokens': (int, None),  # default: until <|end|>
+               'max_completion_tokens': (int, None), 'logprobs': ((bool, type(None)), None),
+               'top_logprobs': ((int, type(None)), None)}
+MESSAGE_KEYS = ('role', 'content', 'name')  # a message's name is accepted and ignored, as `user` is
+
+
+def parse_body(body, fields, example):
+    """(the request object, each field's value or default): the body as JSON, its fields known
+    and of the right types."""
+    try:
+        request = json.loads(body or b'')
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(f"the body is not valid JSON; send a JSON object like {example}") from None
+    if not isinstance(request, dict):
+        raise RequestError(f"the body must be a JSON object, got a JSON {type(request).__name__}")
+    for key, value in request.items():
+        if key not in fields:
+            raise RequestError(f"unknown field {key!r}; known: {', '.join(fields)}", param=key)
+        kinds = fields[key][0]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds in (int, (int, float))):
+            want = ' or '.join('null' if k is type(None) else k.__name__
+                               for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise RequestError(f"{key} must be {want}, got {type(value).__name__}", param=key)
+    return request, {k: request.get(k, default) for k, (_, default) in fields.items()}
+
+
+def check_sampling(request, p, server, checks=()):
+    """The ranges of the fields both endpoints take (and `checks`: (field, ok, what it must be));
+    p made ready for the engine: stop a list, top_k and top_p None when they do nothing."""
+    stops = [] if p['stop'] is None else [p['stop']] if isinstance(p['stop'], str) else p['stop']
+    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError("stop must be a non-empty string or a list of at most 4 of them", param='stop')
+    checks = [('max_tokens', 1 <= p['max_tokens'] <= server.max_tokens, f"between 1 and {server.max_tokens} "
+               f"(the model's context is {server.block_size} tokens)"),
+              ('temperature', 0 <= p['temperature'] <= 2, "between 0 and 2"),
+              ('top_p', 0 < p['top_p'] <= 1, "in (0, 1]"), ('top_k', p['top_k'] >= 0, ">= 0 (0: no limit)"),
+              ('n', 1 <= p['n'] <= server.max_batch, f"between 1 and {server.max_batch}"),
+              ('presence_penalty', p['presence_penalty'] == 0, "0 (penalties are not supported)"),
+              ('frequency_penalty', p['frequency_penalty'] == 0, "0 (penalties are not supported)"),
+              ('logit_bias', not p['logit_bias'], "empty (logit_bias is not supported)"), *checks]
+    for key, ok, want in checks:
+        if not ok:
+            raise RequestError(f"{key} must be {want}, got {request.get(key)!r}", param=key)
+    p.update(stop=stops, top_k=p['top_k'] or None, top_p=p['top_p'] if p['top_p'] < 1 else None,
+             temperature=float(p['temperature']))
+    return p
 
 
 def read_request(body, server):
     """The checked parameters of a completions request; RequestError for anything it cannot do."""
-    try:
-        request = json.loads(body or b'')
-    except (ValueError, UnicodeDecodeError):
-        raise RequestError("the body is not valid JSON; send a JSON object like {\"prompt\": \"Hello\"}") from None
-    if not isinstance(request, dict):
-        raise RequestError(f"the body must be a JSON object, got a JSON {type(request).__name__}")
-    for key, value in request.items():
-        if key not in FIELDS:
-            raise RequestError(f"unknown field {key!r}; known: {', '.join(FIELDS)}", param=key)
-        kinds = FIELDS[key][0]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds in (int, (int, float))):
-            want = ' or '.join('null' if k is type(None) else k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
-            raise RequestError(f"{key} must be {want}, got {type(value).__name__}", param=key)
-    p = {k: request.get(k, default) for k, (_, default) in FIELDS.items()}
+    request, p = parse_body(body, FIELDS, '{"prompt": "Hello"}')
     if p['prompt'] is None:
         raise RequestError("prompt is required (a string or a list of strings)", param='prompt')
     prompts = [p['prompt']] if isinstance(p['prompt'], str) else p['prompt']
     if not prompts or not all(isinstance(s, str) for s in prompts):
         raise RequestError("prompt must be a string or a non-empty list of strings (token arrays are not "
                            "supported)", param='prompt')
-    stops = [] if p['stop'] is None else [p['stop']] if isinstance(p['stop'], str) else p['stop']
-    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError("stop must be a non-empty string or a list of at most 4 of them", param='stop')
-    checks = [('max_tokens', 1 <= p['max_tokens'] <= server.max_tokens, f"between 1 and {server.max_tokens} "
-               f"(the model's context is {server.block_size} tokens)"),
-              ('temperature', 0 <= p['temperature'] <= 2, "between 0 and 2"), ('top_p', 0 < p['top_p'] <= 1, "in (0, 1]"),
-              ('top_k', p['top_k'] >= 0, ">= 0 (0: no limit)"), ('n', 1 <= p['n'] <= server.max_batch,
-                                                                 f"between 1 and {server.max_batch}"),
-              ('presence_penalty', p['presence_penalty'] == 0, "0 (penalties are not supported)"),
-              ('frequency_penalty', p['frequency_penalty'] == 0, "0 (penalties are not supported)"),
-              ('best_of', p['best_of'] == 1, "1 (best_of is not supported)"),
-              ('logit_bias', not p['logit_bias'], "empty (logit_bias is not supported)")]
-    for key, ok, want in checks:
-        if not ok:
-            raise RequestError(f"{key} must be {want}, got {request.get(key)!r}", param=key)
-    p.update(prompts=prompts, stop=stops, top_k=p['top_k'] or None, top_p=p['top_p'] if p['top_p'] < 1 else None,
-             temperature=float(p['temperature']))
-    return p
+    p['prompts'] = prompts
+    return check_sampling(request, p, server, [('best_of', p['best_of'] == 1,
+                                                "1 (best_of is not supported)")])
 
+
+def read_chat_request(body, server):
+    """The checked parameters of a chat completions request: p['messages'] is the conversation,
+    its last message the user's, which the reply answers. RequestError for anything it cannot do,
+    a run not fine-tuned for chat included."""
+    if not getattr(server.tokenizer, 'special_ids', None):
+        raise RequestError(f"{server.name} was not trained for chat (its tokenizer has no chat tokens): "
+                           f"use /v1/completions, or fine-tune it on chat data first (docs/chat.md)",
+                           param='model')
+    request, p = parse_body(body, CHAT_FIELDS, '{"messages": [{"role": "user", "content": "Hello"}]}')
+    messages = p['messages']
+    if not messages:
+        what = 'required' if messages is None else 'an empty list'
+        raise RequestError(f'messages is {what}: send a list of {{"role": ..., "content": ...}} objects, '
+                           "the last one the user's", param='messages')
+    for i, message in enumerate(messages):
+        extra = [k for k, v in message.items() if k not in MESSAGE_KEYS and v not in (None, '', [], {})] \
+            if isinstance(message, dict) else []
+        if extra:
+            raise RequestError(f"message {i} has {extra[0]!r}: tools, images and audio are not supported; "
+                               f"send a role and a text content", param='messages')
+    try:
+        check_messages(messages, need_assistant=False)
+    except ValueError as e:
+        raise RequestError(str(e), param='messages') from None
+    if messages[-1]['role'] != 'user':
+        raise RequestError(f"the last message is the {messages[-1]['role']}'s: a reply answers the user, so "
+                           f"end the messages with the user's message", param='messages')
+    if p['max_completion_tokens'] is not None:  # OpenAI's newer name for max_tokens
+        if p['max_tokens'] not in (None, p['max_completion_tokens']):
+            raise RequestError("max_tokens and max_completion_tokens differ; send one of them",
+                               param='max_completion_tokens')
+        p['max_tokens'] = p['max_completion_tokens']
+    if p['max_tokens'] is None:  # OpenAI's default: until the reply ends or the context is full
+        p['max_tokens'] = server.max_tokens
+    return check_sampling(request, p, server, [
+        ('logprobs', not p['logprobs'], "false (logprobs are not supported)"),
+        ('top_logprobs', not p['top_logprobs'], "left out (logprobs are not supported)")])
 
 
 def encode(text, tokenizer, drop_to):
@@ -275,14 +348,41 @@ def encode(text, tokenizer, drop_to):
 
 
 def start_generations(p, tokenizer, engine):
-    """Hand a checked request's choices to the engine; (generations, prompt tokens, tokens dropped)."""
+    """Hand a checked completions request's choices to the engine; (generations, prompt tokens,
+    tokens dropped)."""
     room = engine.model.config.block_size - p['max_tokens']  # a prompt keeps its last `room` tokens
-    generations, used, dropped = [], 0, 0
-    for i, text in enumerate(p['prompts']):
+    prompts, used, dropped = [], 0, 0
+    for text in p['prompts']:
         ids, cut = encode(text, tokenizer, room)
+        prompts.append(ids)
         used, dropped = used + len(ids), dropped + cut
+    return submit(prompts, p, tokenizer, engine), used, dropped
+
+
+def start_chat_generations(p, tokenizer, engine):
+    """Hand a checked chat request's choices to the engine: the conversation in the chat template
+    and <|assistant|> (lib/chat.render_prompt), its oldest turns dropped until it fits, as
+    sample.py --chat does (lib/chat.fit_history). (generations, prompt tokens, tokens dropped)."""
+    limit = prompt_limit(engine.model.config.block_size, p['max_tokens'])
+    try:
+        prompt = fit_history(p['messages'], tokenizer, limit)[0]
+        whole = len(render_prompt(p['messages'], tokenizer))
+    except PrepareError as e:  # a character vocabulary without a character of the messages
+        missing = missing_characters(''.join(m['content'] for m in p['messages']), tokenizer)
+        if not missing:
+            raise RequestError(f"cannot encode the messages: {e}", param='messages') from None
+        raise RequestError(f"the messages have {len(missing)} character(s) missing from the model's "
+                           f"{tokenizer.vocab_size - len(tokenizer.special_ids)}-character vocabulary: "
+                           f"{' '.join(map(repr, missing[:10]))}", param='messages') from None
+    return submit([prompt], p, tokenizer, engine), len(prompt), whole - len(prompt)
+
+
+def submit(prompts, p, tokenizer, engine):
+    """p['n'] generations of each prompt (token ids), seeded seed, seed + 1, ..., started."""
+    generations = []
+    for i, ids in enumerate(prompts):
         for j in range(p['n']):
             seed = p['seed'] + len(generations) if p['seed'] is not None else int.from_bytes(os.urandom(4), 'little')
             generations.append(Generation(ids, p, tokenizer, i * p['n'] + j, seed, engine.dev.device))
     engine.submit(generations)
-    return generations, used, dropped
+    return generations

@@ -1,14 +1,20 @@
 """
 What several test modules share: the repository's root, a quiet environment for subprocesses, a
 tiny model's flags, a learnable random dataset, running train.py and torchrun, and assertions on
-their logs and errors. A helper module, not a test module (tests import this, never each other).
+their logs and errors, serve.py in a child process and the browser that drives its playground. A
+helper module, not a test module (tests import this, never each other).
 """
 
+import http.client
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +159,60 @@ def every_knob(**numbers):
         for name, value in kw.items():
             merged.setdefault(name, value)
     return merged
+
+
+# ----------------------------------------------------------------------------- serve.py
+
+class Server:
+    """serve.py in a child process on a free port of 127.0.0.1 (argv: its flags); post() and get()
+    one request each, on a connection of their own; errors() what it has logged; stop() SIGTERM."""
+
+    def __init__(self, *argv):
+        self.log = tempfile.TemporaryFile('w+')  # one line per request: a pipe nobody reads would fill up
+        self.proc = subprocess.Popen([sys.executable, 'serve.py', '--port=0', '--device=cpu', *map(str, argv)],
+                                     cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        for line in self.proc.stdout:
+            found = re.search(r"at (http://127\.0\.0\.1:(\d+))$", line.strip())
+            if found:
+                self.url, self.port = found.group(1), int(found.group(2))
+                break
+        else:
+            raise RuntimeError(self.errors())
+
+    def post(self, path, body, raw=False):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+        conn.request('POST', path, body if raw else json.dumps(body), {'Content-Type': 'application/json'})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    def get(self, path):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+        conn.request('GET', path)
+        r = conn.getresponse()
+        return r.status, r.read()
+
+    def errors(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out, self.errors()
+
+
+def chromium():
+    """(Debian's chromium, None) where it and playwright are here, else (None, how to get them)."""
+    path = shutil.which('chromium') or shutil.which('chromium-browser')
+    if path is None:
+        return None, "no chromium here: apt-get install chromium (.ci/run installs it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return None, "playwright drives the browser: pip install playwright (in requirements-dev.txt)"
+    return path, None
+
+
+CHROMIUM, NO_CHROMIUM = chromium()
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']

@@ -9,13 +9,9 @@ import http.client
 import io
 import json
 import os
-import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import redirect_stdout
@@ -27,7 +23,7 @@ from lib import runs
 import sample
 from lib import serving
 from model import GPT, GPTConfig, KVCache
-from helpers import ENV, REPO, every_knob
+from helpers import CHROMIUM, CHROMIUM_ARGS, ENV, NO_CHROMIUM, REPO, Server, every_knob
 
 CHARS = sorted(set("ROMEO: JULIET\nthe quick brown fox, jumps over lazy dogs.!?"))
 
@@ -45,41 +41,6 @@ def run_dir(tmp_path_factory):
                           'model_args': model.config.checkpoint_args(), 'iter_num': 0, 'best_val_loss': 9.9,
                           'config': {'dataset': 'chars', 'data_dir': str(data)}}, root / 'run' / 'ckpt.pt')
     return root / 'run'
-
-
-class Server:
-    def __init__(self, *argv):
-        self.log = tempfile.TemporaryFile('w+')  # one line per request: a pipe nobody reads would fill up
-        self.proc = subprocess.Popen([sys.executable, 'serve.py', '--port=0', '--device=cpu', *map(str, argv)],
-                                     cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        for line in self.proc.stdout:
-            found = re.search(r"at (http://127\.0\.0\.1:(\d+))$", line.strip())
-            if found:
-                self.url, self.port = found.group(1), int(found.group(2))
-                break
-        else:
-            raise RuntimeError(self.errors())
-
-    def post(self, path, body, raw=False):
-        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
-        conn.request('POST', path, body if raw else json.dumps(body), {'Content-Type': 'application/json'})
-        r = conn.getresponse()
-        return r.status, json.loads(r.read())
-
-    def get(self, path):
-        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
-        conn.request('GET', path)
-        r = conn.getresponse()
-        return r.status, r.read()
-
-    def errors(self):
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=30)
-        return self.proc.returncode, out, self.errors()
 
 
 @pytest.fixture(scope='module')
@@ -164,6 +125,14 @@ def test_a_prompt_longer_than_the_context_is_cropped_from_the_left_and_said(serv
     assert server.get('/nowhere')[0] == 404
 
 
+def test_a_run_not_trained_for_chat_refuses_chat_and_names_the_completions_endpoint(server):
+    assert json.loads(server.get('/v1/models')[1])['data'][0]['chat'] is False  # the playground reads it
+    status, r = server.post('/v1/chat/completions', dict(messages=[{'role': 'user', 'content': 'the'}]))
+    assert status == 400 and r['error']['type'] == 'invalid_request_error' and r['error']['param'] == 'model'
+    assert r['error']['message'] == ("run was not trained for chat (its tokenizer has no chat tokens): use "
+                                     "/v1/completions, or fine-tune it on chat data first (docs/chat.md)")
+
+
 GOOD = json.dumps(dict(prompt='the', max_tokens=3, temperature=0))
 
 
@@ -175,7 +144,7 @@ def good_request(conn):
 
 
 @pytest.mark.parametrize('method, path, body, status', [
-    ('POST', '/v1/chat/completions', json.dumps({'messages': [{'role': 'user', 'content': 'hi'}]}), 404),
+    ('POST', '/v1/chat/completions', json.dumps({'messages': [{'role': 'user', 'content': 'hi'}]}), 400),
     ('POST', '/nope', '{"prompt": "the"}', 404),
     ('POST', '/v1/models', '{"prompt": "the"}', 405),
     ('POST', '/health', 'x' * 5000, 405),
@@ -391,18 +360,6 @@ def test_engine_batches_every_knob_as_sample_py_decodes_alone(tmp_path):
 # -----------------------------------------------------------------------------
 # the playground, in Debian's chromium
 
-def chromium():
-    path = shutil.which('chromium') or shutil.which('chromium-browser')
-    if path is None:
-        return None, "no chromium here: apt-get install chromium (.ci/run installs it)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return None, "playwright drives the browser: pip install playwright (in requirements-dev.txt)"
-    return path, None
-
-
-CHROMIUM, NO_CHROMIUM = chromium()
 
 
 @pytest.mark.slow
@@ -410,12 +367,12 @@ CHROMIUM, NO_CHROMIUM = chromium()
 def test_the_playground_streams_text_and_draws_attention_in_a_real_browser(server, long_run_dir, tmp_path):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-            '--disable-component-update', '--disable-sync'])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(server.url + '/')
+            page.wait_for_function("document.body.dataset.mode === 'completion'", timeout=30000)
+            assert page.is_visible('#prompt') and not page.is_visible('#message')  # no chat for this run
             page.fill('#prompt', 'ROMEO:')
             page.fill('#max_tokens', '40')
             page.fill('#seed', '5')
