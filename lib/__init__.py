@@ -14,6 +14,7 @@ What the scripts at the root share and a user does not run, one job per file:
     tokenizers.py   characters, GPT-2 BPE, an own BPE and the counting task behind one Tokenizer
     chat.py         the chat template: conversations in, token ids and a loss mask out; a base
                     model's vocabulary grown, replies generated until <|end|>, answers scored
+    chat_data.py    a chat dataset written: conversations -> tokens, a loss mask, meta.json
     download.py     downloads with retries, a checksum and a progress line; big ones resume
     corpora.py      big corpora streamed into token files: Hub listings, parquet, llm.c shards
     sampling.py     prompts in, streamed text out (sample.py and serve.py)

@@ -353,14 +353,16 @@ class RunLog:
                                   **({'train/bpb': losses['train_bpb'], 'val/bpb': losses['val_bpb']} if bpb else {})})
         self.plot()
 
-    def step(self, it, max_iters, loss, lr, tokens, seconds, tokens_per_sec, mfu, left):
-        """A training step's numbers (it: the step's index; seconds: per iteration): printed, logged."""
+    def step(self, it, max_iters, loss, lr, tokens, seconds, tokens_per_sec, mfu, left, **more):
+        """A training step's numbers (it: the step's index; seconds: per iteration): printed, logged.
+        more: any other numbers to follow them everywhere, e.g. grad_norm=norm.item()."""
         mfu_text = f", mfu {mfu * 100:.2f}%" if mfu is not None else ""
+        more_text = "".join(f", {k} {v:.4g}" for k, v in more.items())
         print(f"iter {it}/{max_iters}: loss {loss:.4f}, lr {lr:.2e}, {seconds * 1000:.2f}ms/iter, "
-              f"{tokens_per_sec:,.0f} tokens/s{mfu_text}, {duration(left)} left")
+              f"{tokens_per_sec:,.0f} tokens/s{mfu_text}{more_text}, {duration(left)} left")
         self.write(iter=it, kind='train', split='train', loss=loss, lr=lr, tokens=tokens,
-                   ms_per_iter=seconds * 1000, tokens_per_sec=tokens_per_sec, mfu=mfu)
-        self.wandb_log(it, {'train/loss_step': loss, 'lr': lr, 'mfu': mfu})
+                   ms_per_iter=seconds * 1000, tokens_per_sec=tokens_per_sec, mfu=mfu, **more)
+        self.wandb_log(it, {'train/loss_step': loss, 'lr': lr, 'mfu': mfu, **{f'train/{k}': v for k, v in more.items()}})
 
     def hellaswag(self, iter_num, hs, tokens):
         """A HellaSwag score (lib.evaluation.HellaSwagDuringTraining): printed, logged, plotted."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import prepare
 from helpers import (ENV, REPO, TINY, assert_ddp_matches_single_process, assert_exact_resume,
                      assert_one_line_error, read_log, run_train)
-from lib import chat, cli, hardware, runs, tokenfiles
+from lib import chat, chat_data, cli, hardware, runs, tokenfiles
 from lib.batches import Batches
 from lib.tokenfiles import PrepareError
 
@@ -120,13 +120,13 @@ def test_a_bad_conversation_is_one_error_line_and_nothing_is_written(tmp_path, b
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "talk.jsonl", [qa(f"q{i}", f"a{i}") for i in range(20)])
-    real = prepare.write_tokens
+    real = chat_data.write_tokens
 
     def failing(target, *args):
         if target.name == "val.mask.bin":
             raise KeyboardInterrupt  # Ctrl-C (or SIGTERM) while the last file is written
         return real(target, *args)
-    monkeypatch.setattr(prepare, "write_tokens", failing)
+    monkeypatch.setattr(chat_data, "write_tokens", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("chat", input=str(path), tokenizer="char", name="talk", data_dir=tmp_path / "data")
     assert not (tmp_path / "data").exists()

@@ -96,3 +96,41 @@ def test_a_new_knob_works_everywhere_after_the_five_line_diff(tmp_path):
     assert json.loads(bench.stdout.splitlines()[-1])['model']['attn_temp'] is True
     evaluated = run('evaluate.py', 'perplexity', f'--out_dir={out}', f'--data_dir={data}', '--device=cpu')
     assert evaluated.returncode == 0, evaluated.stderr
+
+
+# docs/hacking.md's second example: logging the gradient norm, two edits in train.py (nanoGPT: two too)
+GRAD_NORM_EDITS = [
+    ("        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n",
+     "        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"),
+    ("lr, tokens, dt, tokens_per_sec, mfu, left)\n",
+     "lr, tokens, dt, tokens_per_sec, mfu, left,\n                         grad_norm=grad_norm.item())\n"),
+]
+
+
+def test_the_grad_norm_example_matches_train_py_and_the_page():
+    source = (REPO / 'train.py').read_text()
+    page = (REPO / 'docs' / 'hacking.md').read_text()
+    for old, new in GRAD_NORM_EDITS:
+        assert source.count(old) == 1, old  # each edit's anchor is still in train.py, once
+        assert new.strip().split('\n')[0].strip() in page, new  # and the page shows the edit
+
+
+@pytest.mark.slow
+def test_logging_the_gradient_norm_is_two_edits_in_train_py(tmp_path):
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    for path in list(REPO.glob('*.py')) + [REPO / 'config', REPO / 'lib']:
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, repo / path.name)
+    source = (repo / 'train.py').read_text()
+    for old, new in GRAD_NORM_EDITS:
+        source = source.replace(old, new)
+    (repo / 'train.py').write_text(source)
+    data, out = make_dataset(tmp_path / 'data'), tmp_path / 'out'
+    proc = subprocess.run([sys.executable, 'train.py', *TINY, f'--data_dir={data}', f'--out_dir={out}',
+                           '--max_iters=3', '--eval_interval=3'], cwd=repo, capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(', grad_norm ') == 3  # one per progress line
+    rows = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    norms = [r['grad_norm'] for r in rows if r['kind'] == 'train']
+    assert len(norms) == 3 and all(n > 0 for n in norms)
