@@ -6,6 +6,8 @@ weights), batch 1, the same number of threads on both sides, ms per generated to
     python dev/measure_decode_vs_llamacpp.py                          # 3 rounds, 1 thread, prompts 16, 512
     python dev/measure_decode_vs_llamacpp.py --threads=1,2 --rounds=5
     python dev/measure_decode_vs_llamacpp.py --llama_builds=installed,/tmp/llama_native   # two builds
+    python dev/measure_decode_vs_llamacpp.py --flash_attn=0,1         # llama.cpp without and with it
+    python dev/measure_decode_vs_llamacpp.py --profile=1 --new_tokens=60   # ours: torch.profiler per op
 
 First it makes a run folder (--run_dir, default out-decode-gpt2-random) holding random GPT-2 124M
 weights as train.py saves them (bias as GPT-2, the real 50257-token vocabulary so that both sides
@@ -16,8 +18,10 @@ GGUF files; later runs reuse them. Then, in rounds, one fresh process per case a
 - ours float32 / int8: runs.load_model_on_device and lib.quantize.quantize_model, then
   model.generate_stream, as `python sample.py [--quantize=int8]` does (temperature 0.8, top_k 200).
 - llama.cpp f32 / q8_0: llama-cpp-python's Llama on the exported file (n_threads and
-  n_threads_batch = the thread count), the prompt through Llama.eval, then per token llama.cpp's
-  own sampler chain (top_k 200, temperature 0.8, dist) and Llama.eval of that token.
+  n_threads_batch = the thread count, its default float16 KV cache, flash attention off as
+  llama-cpp-python defaults it, or on with --flash_attn=1; llama.cpp's own tools default to
+  `auto`), the prompt through Llama.eval, then per token llama.cpp's own sampler chain (top_k 200,
+  temperature 0.8, dist) and Llama.eval of that token.
 
 Prefill and decode are separated by the clock at each new token: prefill is the time to the
 first new token (prompt forward + its sampling), decode the mean time from the first new token to
@@ -43,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 OPTIONS = dict(run_dir='out-decode-gpt2-random', rounds='3', threads='1', prompts='16,512',
                new_tokens='100', cases='ours-float32,ours-int8,llama-f32,llama-q8_0',
-               llama_builds='installed', flash_attn='0', json_out='', worker='')
+               llama_builds='installed', flash_attn='0', json_out='', profile='0', worker='')
 TEMPERATURE, TOP_K, SEED = 0.8, 200, 1337  # sample.py's defaults
 WARMUP_TOKENS = 8
 
@@ -108,13 +112,14 @@ def decode_ours(run, quantize, prompt_lens, new_tokens):
     def generate(length, n):
         x = torch.tensor(prompt_ids(length, vocab), dtype=torch.long)[None, :]  # (1, T)
         generator = torch.Generator().manual_seed(SEED)
-        start, stamps = time.perf_counter(), []
+        start, stamps, cpu = time.perf_counter(), [], []
         with dev.autocast():
             for token in model.generate_stream(x, n, temperature=TEMPERATURE, top_k=TOP_K,
                                                generator=generator):
                 token.item()  # what sample.py's printer does with each token
                 stamps.append(time.perf_counter())
-        return start, stamps, {}
+                cpu.append(time.process_time())
+        return start, stamps, cpu
 
     return run_all(generate, prompt_lens, new_tokens,
                    dict(torch=torch.__version__, torch_threads=torch.get_num_threads()))
@@ -135,15 +140,17 @@ def decode_llama(run, outtype, prompt_lens, new_tokens, threads, flash_attn):
         ids = prompt_ids(length, llm.n_vocab())
         llm.reset()
         llama_cpp.llama_perf_context_reset(ctx)
-        start, stamps = time.perf_counter(), []
+        start, stamps, cpu = time.perf_counter(), [], []
         llm.eval(ids)  # prefill
         for step in range(n):
             token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
             if step < n - 1:
                 llm.eval([token])  # one new position
         perf = llama_cpp.llama_perf_context(ctx)
-        return start, stamps, dict(llama_eval_ms=perf.t_eval_ms / max(perf.n_eval, 1), llama_n_eval=perf.n_eval)
+        own = dict(llama_eval_ms=perf.t_eval_ms / max(perf.n_eval, 1), llama_n_eval=perf.n_eval)
+        return start, stamps, cpu, own
 
     info = dict(llama_cpp=llama_cpp.__version__, llama_cpp_path=os.path.dirname(llama_cpp.__file__),
                 system_info=llama_cpp.llama_print_system_info().decode().strip(), flash_attn=flash_attn)
@@ -154,10 +161,50 @@ def run_all(generate, prompt_lens, new_tokens, info):
     generate(prompt_lens[0], WARMUP_TOKENS)  # untimed: first-call allocations
     results = []
     for length in prompt_lens:
-        start, stamps, extra = generate(length, new_tokens)
+        start, stamps, cpu, *extra = generate(length, new_tokens)
+        per_token = 1000 / (len(stamps) - 1)
         results.append(dict(prompt=length, prefill_ms=1000 * (stamps[0] - start),
-                            decode_ms=1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1), **extra))
+                            decode_ms=per_token * (stamps[-1] - stamps[0]),
+                            decode_cpu_ms=per_token * (cpu[-1] - cpu[0]), **(extra[0] if extra else {})))
     return dict(info, results=results)
+
+
+def profile(opts):
+    """Where ours spends a decoded token: torch.profiler over the decode steps of one generation
+    per case and prompt (from the first new token on), ops by self CPU time, per token."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from lib import runs
+    from lib.quantize import quantize_model
+    run = make_run(opts['run_dir'])
+    torch.set_num_threads(int(opts['threads'].split(',')[0]))
+    n = int(opts['new_tokens'])
+    for case in [c for c in opts['cases'].split(',') if c.startswith('ours')]:
+        model, _, _ = runs.load_model_on_device('resume', str(run), 'cpu', 'auto')
+        quantize_model(model, 'int8' if case == 'ours-int8' else 'none')
+        for length in [int(p) for p in opts['prompts'].split(',')]:
+            ms = []
+            for profiled in (False, True):  # the first: warm-up and the same steps without the profiler
+                x = torch.tensor(prompt_ids(length, model.config.vocab_size))[None, :]  # (1, T)
+                prof = torch.profiler.profile(activities=[ProfilerActivity.CPU])
+                stream = model.generate_stream(x, n, temperature=TEMPERATURE, top_k=TOP_K,
+                                               generator=torch.Generator().manual_seed(SEED))
+                next(stream).item()
+                start = time.perf_counter()
+                if profiled:
+                    prof.start()
+                for token in stream:
+                    token.item()
+                if profiled:
+                    prof.stop()
+                ms.append(1000 * (time.perf_counter() - start) / (n - 1))
+            events = prof.key_averages()
+            busy = sum(e.self_cpu_time_total for e in events) / 1000 / (n - 1)
+            print(f"\n{case}, {length}-token prompt, {torch.get_num_threads()} thread(s): decode {ms[0]:.2f} "
+                  f"ms/token ({ms[1]:.2f} under the profiler; its ops' self time {busy:.2f})")
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:20]:
+                print(f"  {e.key[:44]:44s} {e.self_cpu_time_total / 1000 / (n - 1):7.3f} ms/token "
+                      f"{e.count / (n - 1):6.1f} calls/token")
 
 
 def worker(opts):
@@ -177,13 +224,13 @@ def worker(opts):
 # -----------------------------------------------------------------------------
 # the rounds
 
-def spawn(opts, case, threads, build):
+def spawn(opts, case, threads, build, flash_attn):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if case.startswith('llama') and build != 'installed':
         env['PYTHONPATH'] = os.pathsep.join(p for p in (build, env.get('PYTHONPATH')) if p)
     args = [sys.executable, __file__, f'--worker={case}', f'--threads={threads}',
             f"--run_dir={opts['run_dir']}", f"--prompts={opts['prompts']}",
-            f"--new_tokens={opts['new_tokens']}", f"--flash_attn={opts['flash_attn']}"]
+            f"--new_tokens={opts['new_tokens']}", f"--flash_attn={flash_attn}"]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         sys.exit(f"error: {case} ({threads} threads, build {build}) failed: {proc.stderr.strip()[-2000:]}")
@@ -198,7 +245,11 @@ def main(opts):
     run = make_run(opts['run_dir'])
     cases = opts['cases'].split(',')
     builds = opts['llama_builds'].split(',')
-    jobs = [(c, b) for c in cases for b in (builds if c.startswith('llama') else ['-'])]
+    flash = opts['flash_attn'].split(',')
+    # a llama build, with flash attention on ('build fa') or off: one label per variant
+    jobs = [(c, b, f) for c in cases for b in (builds if c.startswith('llama') else ['-'])
+            for f in (flash if c.startswith('llama') else ['0'])]
+    builds = [b + (' fa' if f == '1' else '') for b in builds for f in flash]
     threads = [int(t) for t in opts['threads'].split(',')]
     print(f"{run}: {len(jobs)} cases x threads {threads}, {opts['rounds']} rounds, prompts "
           f"{opts['prompts']}, {opts['new_tokens']} new tokens", flush=True)
@@ -207,15 +258,17 @@ def main(opts):
         for n in threads:
             order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]  # rotate: each case leads some round
             before = load()
-            for case, build in order:
-                out = spawn(opts, case, n, build)
+            for case, build, fa in order:
+                out = spawn(opts, case, n, build, fa)
+                build = build + (' fa' if fa == '1' else '')
                 for res in out['results']:
                     rows.append(dict(round=r, threads=n, case=case, build=build, load=load(),
                                      **{k: v for k, v in out.items() if k != 'results'}, **res))
                     extra = (f", llama.cpp's own {res['llama_eval_ms']:.2f}"
                              if 'llama_eval_ms' in res else '')
                     print(f"round {r} threads {n} load {' '.join(before)}  {case:13s} {build[-20:]:>20s} "
-                          f"prompt {res['prompt']:4d}: decode {res['decode_ms']:7.2f} ms/token{extra} "
+                          f"prompt {res['prompt']:4d}: decode {res['decode_ms']:7.2f} ms/token "
+                          f"(CPU {res['decode_cpu_ms']:.2f}){extra} "
                           f"(prefill {res['prefill_ms']:.0f} ms)", flush=True)
     if opts['json_out']:
         Path(opts['json_out']).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -223,31 +276,37 @@ def main(opts):
 
 
 def summarize(rows, builds):
-    def series(n, prompt, case, build, key='decode_ms'):
+    def series(n, prompt, case, build, key):
         return [r[key] for r in rows if (r['threads'], r['prompt'], r['case'], r['build']) == (n, prompt, case, build)]
 
     def spread(xs):
         return f"{statistics.median(xs):6.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else '-'
 
-    print("\ndecode ms per token: median (min-max over rounds)")
-    keys = sorted({(r['threads'], r['prompt']) for r in rows})
-    for n, prompt in keys:
+    print("\ndecode ms per token, wall clock and the process's CPU time: median (min-max over rounds)")
+    for n, prompt in sorted({(r['threads'], r['prompt']) for r in rows}):
         print(f"\n{n} thread(s), {prompt}-token prompt")
         for case, build in sorted({(r['case'], r['build']) for r in rows}):
             own = series(n, prompt, case, build, 'llama_eval_ms') if case.startswith('llama') else []
-            print(f"  {case:13s} {build[-24:]:>24s}  {spread(series(n, prompt, case, build))}"
-                  + (f"   llama.cpp's own {spread(own)}" if own else ''))
+            print(f"  {case:13s} {build[-24:]:>24s}  wall {spread(series(n, prompt, case, build, 'decode_ms'))}"
+                  f"  CPU {spread(series(n, prompt, case, build, 'decode_cpu_ms'))}"
+                  + (f"  llama.cpp's own {spread(own)}" if own else ''))
         for ours, theirs in (('ours-int8', 'llama-q8_0'), ('ours-float32', 'llama-f32')):
             for build in builds:
-                a, b = series(n, prompt, ours, '-'), series(n, prompt, theirs, build)
-                if a and b and len(a) == len(b):
-                    ratios = [x / y for x, y in zip(a, b)]
-                    print(f"  {ours} / {theirs} ({build[-24:]}), per round: {spread(ratios)}x")
+                ratios = {}
+                for key in ('decode_ms', 'decode_cpu_ms'):
+                    a, b = series(n, prompt, ours, '-', key), series(n, prompt, theirs, build, key)
+                    if a and len(a) == len(b):
+                        ratios[key] = spread([x / y for x, y in zip(a, b)])
+                if ratios:
+                    print(f"  {ours} / {theirs} ({build[-24:]}), per round: wall {ratios['decode_ms']}x, "
+                          f"CPU {ratios['decode_cpu_ms']}x")
 
 
 if __name__ == '__main__':
     options = parse(sys.argv[1:])
     if options['worker']:
         worker(options)
+    elif options['profile'] == '1':
+        profile(options)
     else:
         main(options)
