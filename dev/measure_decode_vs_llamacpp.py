@@ -52,6 +52,10 @@ TEMPERATURE, TOP_K, SEED = 0.8, 200, 1337  # sample.py's defaults
 WARMUP_TOKENS = 8
 
 
+CASES = ('ours-float32', 'ours-int8', 'llama-f32', 'llama-q8_0')
+BLOCK_SIZE = 1024  # config/bench_gpt2.py's: a prompt and its new tokens must fit
+
+
 def parse(argv):
     opts = dict(OPTIONS)
     for arg in argv:
@@ -60,7 +64,34 @@ def parse(argv):
             sys.exit(f"error: {arg!r} not understood; options: "
                      + " ".join(f"--{k}={v}" for k, v in OPTIONS.items() if k != 'worker'))
         opts[key] = value
+    numbers = {k: opts[k].split(',') for k in ('rounds', 'threads', 'prompts', 'new_tokens')}
+    if not all(x.isdigit() and int(x) >= 1 for xs in numbers.values() for x in xs) \
+            or int(opts['new_tokens']) < 2 or ',' in opts['rounds'] + opts['new_tokens']:
+        sys.exit("error: --rounds and --new_tokens (>= 2) take one whole number, --threads and --prompts "
+                 "whole numbers >= 1 separated by commas, e.g. --threads=1,2 --prompts=16,512")
+    if max(map(int, numbers['prompts'])) + int(opts['new_tokens']) > BLOCK_SIZE:
+        sys.exit(f"error: the longest prompt plus --new_tokens must fit the context of {BLOCK_SIZE} tokens")
+    unknown = set(opts['cases'].split(',')) - set(CASES)
+    if unknown or set(opts['flash_attn'].split(',')) - {'0', '1'}:
+        sys.exit(f"error: --cases takes {','.join(CASES)} (any of them) and --flash_attn 0, 1 or 0,1; "
+                 f"got --cases={opts['cases']} --flash_attn={opts['flash_attn']}")
     return opts
+
+
+def check_llama_builds(builds):
+    """One error line, before any run, for a build whose llama_cpp does not import."""
+    for build in builds:
+        if build != 'installed' and not (Path(build) / 'llama_cpp').is_dir():
+            sys.exit(f"error: --llama_builds: {build} has no llama_cpp folder; make it with "
+                     f"pip install --no-deps --target={build} llama_cpp_python-*.whl")
+        env = dict(os.environ)
+        if build != 'installed':
+            env['PYTHONPATH'] = os.pathsep.join(p for p in (build, env.get('PYTHONPATH')) if p)
+        check = subprocess.run([sys.executable, '-c', 'import llama_cpp'], env=env, capture_output=True)
+        if check.returncode:
+            where = "in this Python" if build == 'installed' else f"from {build}"
+            sys.exit(f"error: llama_cpp does not import {where}: pip install llama-cpp-python, "
+                     f"or leave out the llama cases (--cases=ours-float32,ours-int8)")
 
 
 def prompt_ids(length, vocab):
@@ -91,8 +122,9 @@ def make_run(run_dir):
         print(f"wrote {run / 'ckpt.pt'}: random GPT-2 124M weights", flush=True)
     for outtype in ('f32', 'q8_0'):
         if not (run / f'model-{outtype}.gguf').exists():
-            subprocess.run([sys.executable, 'export.py', f'--out_dir={run}', f'--outtype={outtype}'],
-                           cwd=REPO, check=True)
+            export = [sys.executable, 'export.py', f'--out_dir={run}', f'--outtype={outtype}']
+            if subprocess.run(export, cwd=REPO).returncode:  # export.py has said why
+                sys.exit(f"error: {' '.join(export[1:])} failed (its message is above)")
     return run
 
 
@@ -132,8 +164,8 @@ def decode_llama(run, outtype, prompt_lens, new_tokens, threads, flash_attn):
                           flash_attn=flash_attn, verbose=False)
     ctx = llm.ctx
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    for sampler in (llama_cpp.llama_sampler_init_top_k(TOP_K), llama_cpp.llama_sampler_init_temp(TEMPERATURE),
-                    llama_cpp.llama_sampler_init_dist(SEED)):
+    for sampler in (llama_cpp.llama_sampler_init_top_k(TOP_K),
+                    llama_cpp.llama_sampler_init_temp(TEMPERATURE), llama_cpp.llama_sampler_init_dist(SEED)):
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
     def generate(length, n):
@@ -242,9 +274,11 @@ def load():
 
 
 def main(opts):
-    run = make_run(opts['run_dir'])
     cases = opts['cases'].split(',')
     builds = opts['llama_builds'].split(',')
+    if any(c.startswith('llama') for c in cases):
+        check_llama_builds(builds)
+    run = make_run(opts['run_dir'])
     flash = opts['flash_attn'].split(',')
     # a llama build, with flash attention on ('build fa') or off: one label per variant
     jobs = [(c, b, f) for c in cases for b in (builds if c.startswith('llama') else ['-'])
@@ -277,7 +311,8 @@ def main(opts):
 
 def summarize(rows, builds):
     def series(n, prompt, case, build, key):
-        return [r[key] for r in rows if (r['threads'], r['prompt'], r['case'], r['build']) == (n, prompt, case, build)]
+        return [r[key] for r in rows
+                if (r['threads'], r['prompt'], r['case'], r['build']) == (n, prompt, case, build)]
 
     def spread(xs):
         return f"{statistics.median(xs):6.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else '-'
@@ -287,8 +322,8 @@ def summarize(rows, builds):
         print(f"\n{n} thread(s), {prompt}-token prompt")
         for case, build in sorted({(r['case'], r['build']) for r in rows}):
             own = series(n, prompt, case, build, 'llama_eval_ms') if case.startswith('llama') else []
-            print(f"  {case:13s} {build[-24:]:>24s}  wall {spread(series(n, prompt, case, build, 'decode_ms'))}"
-                  f"  CPU {spread(series(n, prompt, case, build, 'decode_cpu_ms'))}"
+            wall, cpu = (series(n, prompt, case, build, k) for k in ('decode_ms', 'decode_cpu_ms'))
+            print(f"  {case:13s} {build[-24:]:>24s}  wall {spread(wall)}  CPU {spread(cpu)}"
                   + (f"  llama.cpp's own {spread(own)}" if own else ''))
         for ours, theirs in (('ours-int8', 'llama-q8_0'), ('ours-float32', 'llama-f32')):
             for build in builds:
