@@ -141,7 +141,6 @@ resuming = checkpoint is not None
 globals().update({**recorded, **overrides})
 config = {k: globals()[k] for k in config_keys}  # the resolved knobs: printed, saved, logged
 init_kind = resume.check_run_config(config, RULES, checkpoint, resume_path)  # all knobs checked
-resume.exit_if_finished(checkpoint, resume_path, config)  # at max_iters already: says so, exits 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')  # where this run saves; a resume may read an older one
 # optional: checked now, not after the model is built (under torchrun, ranks would hang)
 wandb = cli.optional_import('wandb', "wandb_log=True needs wandb: pip install wandb "
@@ -237,6 +236,7 @@ with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(
 if resuming:
     resume.restore_training_state(checkpoint, resume_path, opt, scaler, optimizer, dev)
     crop_optimizer_state(opt)  # a cropped position embedding: its moments are cropped too
+resume.exit_if_finished(checkpoint, resume_path, config, ddp, dev.device)  # at max_iters: exits 0
 checkpoint = None  # free the memory
 bytes_table = bytes_per_token(token_bytes, model.config.vocab_size, dev.device)  # (vocab,) or None
 if bytes_table is None:

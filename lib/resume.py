@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib import cli
+from lib import cli, hardware
 from lib.cli import ConfigError, die
 from lib.lora import check_lora_knobs, lora_state_dict
 from lib.runs import (CHECKPOINT_FORMAT, init_kind, load_checkpoint, load_lora_model, logged_evaluation,
@@ -143,21 +143,27 @@ def check_run_config(config, rules, checkpoint=None, path=None):
     return kind
 
 
-def exit_if_finished(checkpoint, path, config):
+def exit_if_finished(checkpoint, path, config, ddp=False, device='cpu'):
     """A resumed run already at max_iters, with that iteration's evaluation logged, has nothing to
-    train: say so and how to train it longer, and exit 0 before anything is built or written (the
-    loop would only repeat the last evaluation; --eval_only=True still evaluates). A run stopped
-    before or during that evaluation is not finished: it evaluates as before."""
-    if checkpoint is None or config['eval_only'] or checkpoint['iter_num'] < config['max_iters']:
-        return
-    out_dir, done = config['out_dir'], checkpoint['iter_num']
-    if not logged_evaluation(out_dir, done):
+    train: say so and how to train it longer, and exit 0 before anything is written (the loop
+    would only repeat the last evaluation; --eval_only=True still evaluates). Called once every
+    check of the resume passed, so a bad flag is still an error. A run stopped before or during
+    that evaluation is not finished: it evaluates as before. Under DDP the ranks agree and leave
+    together."""
+    done = checkpoint['iter_num'] if checkpoint is not None else 0
+    finished = (checkpoint is not None and not config['eval_only'] and done >= config['max_iters']
+                and logged_evaluation(config['out_dir'], done))
+    if not hardware.all_ranks_ok(finished, ddp, device):
         return
     if os.environ.get('RANK', '0') == '0':
-        longer = f"--out_dir={shlex.quote(out_dir)} --max_iters={2 * done} --lr_decay_iters={2 * done}"
-        print(f"{out_dir} holds a finished run: {path} is at iteration {done:,} (max_iters "
+        longer = f"--out_dir={shlex.quote(config['out_dir'])} --max_iters={2 * done} --lr_decay_iters={2 * done}"
+        print(f"{config['out_dir']} holds a finished run: {path} is at iteration {done:,} (max_iters "
               f"{config['max_iters']:,}), so there is nothing to train; to train it longer: python train.py "
               f"{longer}; to evaluate it: --eval_only=True; to start over: --overwrite=True")
+    if ddp:
+        import torch.distributed as dist
+        dist.barrier()  # leave together, as train.py's end does
+        hardware.ddp_exit(0)
     sys.exit(0)
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from lib import hardware, runs
-from helpers import ENV, REPO, TINY, assert_one_line_error, assert_same_losses, make_dataset, read_log, run_train
+from helpers import (ENV, REPO, TINY, assert_one_line_error, assert_same_losses, make_dataset, read_log, run_train,
+                     torchrun)
 
 # a run whose checkpoints come often: every 2 iterations, plus every step by time
 ARGS = [*TINY, '--eval_interval=2', '--max_iters=8']
@@ -55,7 +56,7 @@ def test_the_same_command_again_continues_the_run_exactly(tmp_path, data):
     assert f'{twice} holds a finished run' in again.stdout and 'at iteration 8' in again.stdout, again.stdout
     longer = again.stdout.split('to train it longer: ', 1)[1].split(';')[0]
     assert longer == f'python train.py --out_dir={twice} --max_iters=16 --lr_decay_iters=16', again.stdout
-    assert 'step 8:' not in again.stdout and 'done:' not in again.stdout and 'parameters' not in again.stdout
+    assert 'step 8:' not in again.stdout and 'done:' not in again.stdout  # no evaluation, no summary
     assert files_of(twice) == before
     assert_same_losses(straight, twice, rel=1e-6)
     # the command it printed trains it longer; eval_only still evaluates a finished run
@@ -65,6 +66,19 @@ def test_the_same_command_again_continues_the_run_exactly(tmp_path, data):
     assert runs.load_checkpoint(twice / 'ckpt.pt')['iter_num'] == 16
     evaluated = run_train(*ARGS, f'--data_dir={data}', f'--out_dir={twice}', '--max_iters=16', '--eval_only=True')
     assert evaluated.returncode == 0 and 'step 16: train loss' in evaluated.stdout, evaluated.stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_run_again_under_torchrun_says_so_once_and_every_rank_exits_0(tmp_path, data):
+    out = tmp_path / 'out'
+    args = ['--standalone', '--nproc_per_node=2', '--max-restarts=1', 'train.py', *ARGS, f'--data_dir={data}',
+            f'--out_dir={out}', '--gradient_accumulation_steps=2', '--max_iters=4']
+    assert torchrun(*args).returncode == 0
+    before = files_of(out)
+    again = torchrun(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count('holds a finished run') == 1 and 'step 4:' not in again.stdout, again.stdout
+    assert files_of(out) == before
 
 
 def test_resume_takes_the_runs_own_knobs_and_the_printed_hint_works(tmp_path, data):
