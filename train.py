@@ -415,7 +415,7 @@ stopped_by = stop.name if stopping or stopped_in_eval else None  # exit status: 
 if master_process and not eval_only:
     print(runs.summary(out_dir, dataset, iter_num - start_iter, time.time() - run_start,
                        best_val_loss, best_val_bpb, batches.tokens_through(iter_num), stopped_by,
-                       iter_num, max_iters))
+                       iter_num, max_iters, chat=batches.mask_share is not None))
 run_lock.release()
 if wandb_log and master_process:
     wandb.finish()

@@ -178,6 +178,7 @@ def test_the_loss_is_the_masked_cross_entropy_of_the_grown_base(base_run, revers
     base_vocab = meta["vocab_size"] - 4
     assert "loss: on the assistant's tokens only" in proc.stdout
     assert f"vocabulary grows from {base_vocab} to {base_vocab + 4} ids" in proc.stdout
+    assert f"next: python sample.py --out_dir={out} --chat\n" in proc.stdout  # the end points to chatting
     # the model the run started from: the base, grown; its batches, drawn as train.py draws them
     model = runs.load_model(str(base_run / "ckpt.pt"), "", "cpu")[0]
     chat.grow_vocab(model, meta["vocab_size"])

@@ -48,6 +48,7 @@ SHORTEN = [
     ('train.py', '--max_iters=8 --eval_interval=4 --eval_iters=1 --log_interval=4 --batch_size=8'),
     ('sample.py', '--max_new_tokens=20'),
     ('evaluate.py perplexity', '--batch_size=1024'),
+    ('evaluate.py chat', '--limit=20'),
     ('bench.py', '--n_layer=1 --n_embd=32 --n_head=2 --block_size=32 --burn_in=0 --num_iters=1 --repeats=1'),
 ]
 
@@ -129,8 +130,9 @@ def run(command, cwd):
     words = shlex.split(command)
     assert words[0] == 'python'
     env = dict(os.environ, PYTHONUNBUFFERED='1')
+    # stdin is empty: a command that reads it (sample.py --chat) ends as it does at Ctrl-D
     return subprocess.run([sys.executable, *words[1:]], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env, stdin=subprocess.DEVNULL)
 
 
 def test_the_readme_lists_the_commands_a_new_user_needs():
@@ -140,6 +142,7 @@ def test_the_readme_lists_the_commands_a_new_user_needs():
     assert 'python train.py config/train_shakespeare_char_cpu.py' in commands
     assert 'python sample.py --start="ROMEO:"' in commands  # no --out_dir: the newest run folder
     assert 'python -m pytest' in commands
+    assert 'python sample.py --out_dir=out-chat-reverse --chat' in commands  # a chat in the terminal
     for script in SCRIPTS:
         assert any(c.startswith(f'python {script}') for c in commands), f"no example of {script}"
     # every run folder a README command reads is one that a README command creates: a train.py
@@ -239,6 +242,12 @@ def test_readme_commands_run_as_written(tmp_path):
     assert 'out-shakespeare-char-cpu' in sample.stderr and sample.stdout.startswith('ROMEO:')
     assert (repo / 'out-shakespeare-char-cpu' / 'loss.png').is_file()
     assert (repo / 'out-shakespeare-char-cpu' / 'attention.png').is_file()
+    # chat: data in the quick start's characters, a fine-tune of its run on the replies only, a score
+    tuned = next(r for c, r in ran if c.startswith('python train.py config/finetune_chat_reverse_cpu.py'))
+    assert "loss: on the assistant's tokens only" in tuned.stdout, tuned.stdout
+    assert 'vocabulary grows from 65 to 69 ids' in tuned.stdout, tuned.stdout
+    scored = next(r for c, r in ran if c.startswith('python evaluate.py chat'))
+    assert re.search(r"chat: 20 questions, accuracy [01]\.\d{3}$", scored.stdout.strip()), scored.stdout
     # the README's client got a completion from the README's server
     served = next(r for c, r in ran if c.startswith('python serve.py'))
     assert served.stdout.strip(), served
