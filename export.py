@@ -9,8 +9,8 @@ $ python export.py --out_dir=out --format=hf                           # out/hf,
 $ llama-completion -m out/model-f16.gguf -p "ROMEO:" -n 200 --temp 0.8      # llama.cpp
 
 GGUF needs llama.cpp's writer, `pip install gguf`. The file carries the tokenizer and the context
-length (block_size); a LoRA run exports with its adapters merged. An existing output is replaced
-only with --force=True, and an output appears only when it is complete.
+length (block_size), a chat run its chat template; a LoRA run exports with its adapters merged. An
+existing output is replaced only with --force=True, and an output appears only when it is complete.
 """
 
 import os
@@ -52,9 +52,12 @@ def main(argv):
     if gguf:
         tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
         arch = export.write_gguf(model, tokenizer, path, cfg['outtype'], name=Path(run).resolve().name)
+        chat = getattr(tokenizer, 'special_ids', None)  # a chat run: its template travels too
         print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB): llama.cpp architecture {arch}, "
-              f"{cfg['outtype']} weights, {tokenizer.name} tokenizer, context {model.config.block_size}")
-        print(f"next: llama-completion -m {path} -p \"Hello\" -n 100   (Ollama: docs/export.md)")
+              f"{cfg['outtype']} weights, {tokenizer.name} tokenizer{' and chat template' if chat else ''}, "
+              f"context {model.config.block_size}")
+        run_it = f"llama-cli -m {path} --jinja" if chat else f"llama-completion -m {path} -p \"Hello\" -n 100"
+        print(f"next: {run_it}   (Ollama: docs/export.md)")
     else:
         try:
             export.save_hf(model, path)

@@ -132,7 +132,7 @@ def chat_tokenizer(base, entry=None):
     token_bytes = None if base.token_bytes is None else [*base.token_bytes, *[0] * len(special)]
     tok = Tokenizer(base.name, base.vocab_size + len(special), base.encode_ordinary, decode,
                     encode_batch=base.encode_batch, token_bytes=token_bytes,  # (encode_batch: ordinary too)
-                    encode_ordinary=base.encode_ordinary)
+                    encode_ordinary=base.encode_ordinary, encoding=base.encoding)
     tok.special_ids = special
     return tok
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib import bpe
+from lib import bpe, chat
 from lib.cli import ConfigError, die, optional_import
 from lib.runs import os_error_message
 from model import HF_CONV1D, GPTConfig
@@ -147,18 +147,23 @@ def rwkv_escape(text):
 
 
 def gguf_vocabulary(tokenizer):
-    """What a GGUF file says about the tokenizer: dict(model, pre, tokens, types, merges, eot), or
-    a one-line error for a tokenizer llama.cpp cannot reproduce exactly.
+    """What a GGUF file says about the tokenizer: dict(model, pre, tokens, types, merges, eot, end),
+    or a one-line error for a tokenizer llama.cpp cannot reproduce exactly. A chat run's tokenizer
+    adds the chat template's markers (lib/chat.py) as control tokens after the base ids, and end,
+    the id of <|end|>, where a reply stops (else None).
 
     GPT-2's and our own BPE are llama.cpp's byte-level BPE ('gpt2'), with the pre-tokenizer that
     splits text exactly as ours does. A character vocabulary is llama.cpp's 'rwkv' vocabulary:
     its tokenizer takes the longest token that matches the text, which for single characters is
     each character in turn (UTF-8 is prefix-free), so every text encodes as ours does."""
     import gguf
+    markers = getattr(tokenizer, 'special_ids', None) or {}  # a chat run's: {marker: id}
+    base_size = tokenizer.vocab_size - len(markers)
     if tokenizer.name == 'char':
-        chars = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
-        return dict(model='rwkv', pre=None, tokens=[rwkv_escape(c) for c in chars],
-                    types=[gguf.TokenType.NORMAL] * len(chars), merges=None, eot=None)
+        chars = [tokenizer.decode([i]) for i in range(base_size)]
+        vocab = dict(model='rwkv', pre=None, tokens=[rwkv_escape(c) for c in chars],
+                     types=[gguf.TokenType.NORMAL] * len(chars), merges=None, eot=None)
+        return with_chat_tokens(vocab, markers)
     enc = tokenizer.encoding
     if enc is None or tokenizer.name not in ('gpt2', 'bpe'):
         die(f"the {tokenizer.name} tokenizer does not export to GGUF: its tokens are numbers, not text "
@@ -177,7 +182,19 @@ def gguf_vocabulary(tokenizer):
     tokens = [pieces[i].decode() if i in special else spelled(pieces[i]) for i in range(enc.n_vocab)]
     types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(enc.n_vocab)]
     merges = [f"{spelled(a)} {spelled(b)}" for a, b in bpe_merges(ranks)]
-    return dict(model='gpt2', pre=pre, tokens=tokens, types=types, merges=merges, eot=enc.eot_token)
+    assert enc.n_vocab == base_size, (enc.n_vocab, base_size)  # the chat ids follow the base's
+    vocab = dict(model='gpt2', pre=pre, tokens=tokens, types=types, merges=merges, eot=enc.eot_token)
+    return with_chat_tokens(vocab, markers)
+
+
+def with_chat_tokens(vocab, markers):
+    """vocab with the chat markers appended as control tokens (llama.cpp reads them in a prompt
+    only when asked to parse special tokens, as our encoder never makes them from text)."""
+    import gguf
+    n = len(vocab['tokens'])
+    assert list(markers.values()) == list(range(n, n + len(markers)))
+    return dict(vocab, tokens=[*vocab['tokens'], *markers], end=markers.get(chat.END),
+                types=[*vocab['types'], *[gguf.TokenType.CONTROL] * len(markers)])
 
 
 # -----------------------------------------------------------------------------
@@ -297,6 +314,11 @@ def write_gguf(model, tokenizer, path, outtype='f16', name=None):
             w.add_token_merges(vocab['merges'])
         if vocab['eot'] is not None:  # <|endoftext|> joins documents: where generation stops
             w.add_bos_token_id(vocab['eot'])
+        if vocab['end'] is not None:  # a chat run: a reply ends at <|end|>, and the template
+            w.add_eos_token_id(vocab['end'])  # that renders a conversation (llama.cpp --jinja)
+            w.add_eot_token_id(vocab['end'])
+            w.add_chat_template(chat.JINJA_TEMPLATE)
+        elif vocab['eot'] is not None:
             w.add_eos_token_id(vocab['eot'])
         w.add_add_bos_token(False)  # our models never saw a token put before the text
         w.add_add_eos_token(False)

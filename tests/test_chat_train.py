@@ -374,3 +374,20 @@ def test_a_bare_flag_of_a_bool_knob_means_true():
     for argv in (["--max_new_tokens"], ["--chat", "True"]):
         with pytest.raises(cli.ConfigError):
             cli.load_config(defaults, argv)
+
+
+def test_a_chat_run_exports_with_its_template_and_llama_cpp_answers_as_sample_does(chat_run, tmp_path):
+    """export.py on a chat run: llama.cpp's chat completion, through the file's own template, is
+    sample.py --chat's greedy reply (the llama.cpp checks in detail: tests/test_export.py)."""
+    pytest.importorskip("gguf", reason="export.py needs pip install gguf")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the check needs pip install llama-cpp-python")
+    path = tmp_path / "chat.gguf"
+    proc = script("export.py", f"--out_dir={chat_run}", "--outtype=f32", f"--out={path}")
+    assert proc.returncode == 0 and "and chat template" in proc.stdout and "--jinja" in proc.stdout, proc.stderr
+    ours = script("sample.py", f"--out_dir={chat_run}", "--chat", "--temperature=0", "--max_new_tokens=6",
+                  "--start=dog")  # 6 prompt tokens and 6 new ones fit the 16-token context
+    assert ours.returncode == 0, ours.stderr
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=1, verbose=False)
+    reply = llm.create_chat_completion([{"role": "user", "content": "dog"}], temperature=0.0,
+                                       max_tokens=6)["choices"][0]["message"]["content"]
+    assert reply + "\n" == ours.stdout and len(reply) > 0, (reply, ours.stdout)

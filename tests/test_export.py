@@ -396,3 +396,43 @@ def test_hf_folder_loads_in_transformers_and_modern_knobs_are_refused(tmp_path):
     rope, _, _ = make_run(tmp_path, 'char', name='rope', n_layer=1, n_embd=32, pos_emb='rope')
     assert_one_line_error(export(rope, '--format=hf'), "pos_emb='rope'")
     assert sorted(p.name for p in rope.iterdir()) == ['ckpt.pt']
+
+
+@needs_llama
+@pytest.mark.parametrize('kind', ['char', 'gpt2'])
+def test_a_chat_run_carries_its_template_and_its_replies_end_at_the_end_marker(kind, tmp_path):
+    """A run fine-tuned for chat (lib/chat.py): the markers are llama.cpp control tokens with our
+    ids, read from a prompt only as special tokens; the file's template is ours; and llama.cpp's
+    chat completion (llama-cpp-python applies the file's template) is our greedy reply, ending
+    at <|end|>."""
+    from lib import chat
+    if kind == 'char':
+        chars = sorted(set(chat.LETTERS + chat.REVERSE + "<|>é"))
+        record, vocab_size = {'tokenizer': 'char', 'vocab_size': len(chars), 'chars': chars}, len(chars) + 4
+    else:
+        record, vocab_size = None, 50304
+    tokenizer = chat.chat_tokenizer(runs.load_tokenizer_for({'tokenizer_record': record, 'vocab_size': vocab_size}))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64 if kind == 'char' else 32, block_size=128,
+                          vocab_size=vocab_size))
+    if kind == 'char':  # a reply that ends: a few steps on the reversal task
+        conversations = chat.reversal_task(300, 0, seed=1)[0]
+        train(model, [i for c in conversations for i in chat.render(c, tokenizer)[0]], 150)
+    model.eval()
+    llm = llama(write(tmp_path, model, tokenizer, 'f32'), 128)
+    messages = [{'role': 'system', 'content': 'é'}, {'role': 'user', 'content': 'reverse: abc'}]
+    text = chat.render_text(messages, add_generation_prompt=True)
+    prompt = chat.render_prompt(messages, tokenizer)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt  # the markers: one id each
+    assert len(prompt) < len(tokenizer.encode(text))
+    if kind == 'gpt2':  # typed, a marker is plain text (llama.cpp's character vocabulary, 'rwkv',
+        # matches every token's text, control tokens too: docs/export.md says so)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+    assert llm.metadata['tokenizer.chat_template'] == chat.JINJA_TEMPLATE
+    assert llm.token_eos() == tokenizer.special_ids[chat.END]
+    if kind == 'char':
+        question = [{'role': 'user', 'content': 'reverse: abcde'}]
+        ours = tokenizer.decode(list(chat.reply_tokens(model, tokenizer, chat.render_prompt(question, tokenizer),
+                                                       40, temperature=0.0)))
+        reply = llm.create_chat_completion(question, temperature=0.0, max_tokens=40)['choices'][0]
+        assert reply['finish_reason'] == 'stop' and reply['message']['content'] == ours, (reply, ours)
