@@ -31,10 +31,10 @@ def encode_prompt(text, tokenizer, block_size, quiet=False):
     cropping to the model's context; explains each adjustment on stderr (unless quiet)."""
     say = (lambda message: None) if quiet else notice
     if text == '':
-        if tokenizer.name in ('gpt2', 'bpe'):
-            eot = tokenizer.encode('<|endoftext|>')
-            say(f"empty prompt: starting from <|endoftext|> (id {eot[0]})")
-            return eot
+        if tokenizer.encoding is not None:  # GPT-2's or an own BPE: the id that joins documents
+            eot = tokenizer.encoding.eot_token  # (a chat run's encode() would spell it out)
+            say(f"empty prompt: starting from <|endoftext|> (id {eot})")
+            return [eot]
         try:
             ids = tokenizer.encode('\n')
         except PrepareError:
