@@ -296,9 +296,14 @@ class StopSignal:
         import torch.distributed as dist
         flag = torch.tensor(float(self.name is not None), device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.name is None:
+        # the answer is the reduced flag, never self.name read again: a signal that lands during
+        # the all-reduce would make this rank stop while the others go on and wait for it forever
+        # in their next collective; it counts at the next check, on every rank at once
+        if not flag.item():
+            return False
+        if self.name is None:
             self.name = 'SIGTERM'  # another rank received it (torchrun forwards SIGTERM to all)
-        return self.name is not None
+        return True
 
 
 def stop_with_parent():

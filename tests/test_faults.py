@@ -670,6 +670,30 @@ def test_signal_during_long_evaluation_stops_within_seconds(tmp_path, run_copy, 
 # -----------------------------------------------------------------------------
 # torchrun: one error line, all ranks exit together, no orphaned workers
 
+def test_a_signal_during_the_stop_all_reduce_counts_at_the_next_check_on_every_rank(monkeypatch):
+    """The ranks agree on stopping through one all-reduce; a SIGTERM that lands on this rank while
+    it is in that all-reduce (the others saw no signal: the reduced flag is 0) must not make this
+    rank stop alone, leaving the others waiting in their next collective (a hang under torchrun
+    until it kills them, seen on a loaded machine). It counts at the next check instead."""
+    import torch.distributed as dist
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = hardware.StopSignal(ddp=True)
+        calls = []
+
+        def all_reduce(flag, op=None):  # the other ranks' flags are 0; the signal lands meanwhile
+            calls.append(flag.item())
+            if len(calls) == 1:
+                stop._remember(signal.SIGTERM, None)
+        monkeypatch.setattr(dist, 'all_reduce', all_reduce)
+        assert stop.requested() is False  # as the other ranks see it: nobody had a signal yet
+        assert stop.requested() is True and stop.name == 'SIGTERM'  # the next check: all stop
+        assert calls == [0.0, 1.0]
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 def torchrun_popen(*args, restarts=0):
     return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                              f'--max-restarts={restarts}', 'train.py', *map(str, args)], cwd=REPO, text=True,
