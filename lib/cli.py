@@ -39,17 +39,19 @@ class ConfigError(SystemExit):
     only this process sees (its own batch, its own file), printed with the rank named."""
 
     def __init__(self, message, this_rank_only=False):
-        global last_error
+        global last_error, last_error_quiet
         last_error = message  # hardware.py hands it to torchrun's failure summary
         rank = os.environ.get('RANK', '0')
         if this_rank_only and rank != '0':
             message = f"rank {rank}: {message}"
-        super().__init__(1 if rank != '0' and not this_rank_only else f"error: {message}")
+        last_error_quiet = rank != '0' and not this_rank_only  # rank 0 prints it (hardware.py waits)
+        super().__init__(1 if last_error_quiet else f"error: {message}")
         self.message = message
         self.this_rank_only = this_rank_only
 
 
 last_error = None  # the message of the latest ConfigError
+last_error_quiet = False  # whether that error is rank 0's to print
 
 
 def die(message):

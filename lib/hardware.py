@@ -12,6 +12,7 @@ import atexit
 import os
 import signal
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -215,13 +216,18 @@ def _leave_after_error():
     message = f"{type(error).__name__}: {error}" if error is not None else cli.last_error and f"error: {cli.last_error}"
     if message and os.environ.get('TORCHELASTIC_ERROR_FILE'):
         import json
-        import time
         try:
             with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
                 json.dump({'message': {'message': message, 'extraInfo': {
                     'py_callstack': message, 'timestamp': str(int(time.time()))}}}, f)
         except OSError:
             pass  # the line on stderr is all there is
+    if error is None and cli.last_error_quiet:
+        # an error every rank found, which rank 0 prints: a rank that leaves first makes torchrun
+        # SIGTERM the others, rank 0 too, before its line is out. Give it 3 s; torchrun's SIGTERM,
+        # once rank 0 has left, ends this wait at once.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(3)
     ddp_teardown()
     _flush()
     os._exit(130 if isinstance(error, KeyboardInterrupt) else 1)
