@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,13 @@ class Server:
         conn.request('GET', path)
         r = conn.getresponse()
         return r.status, r.read()
+
+    def health_when_idle(self, timeout=30):
+        """GET /health once no request is running any more (or after timeout seconds)."""
+        deadline = time.time() + timeout
+        while json.loads(self.get('/health')[1])['running'] and time.time() < deadline:
+            time.sleep(0.05)
+        return json.loads(self.get('/health')[1])
 
     def errors(self):
         self.log.seek(0)

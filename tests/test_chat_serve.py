@@ -10,7 +10,6 @@ import io
 import json
 import random
 import sys
-import time
 from contextlib import redirect_stdout
 
 import pytest
@@ -346,10 +345,7 @@ def test_the_playground_chats_in_a_real_browser(server, runs_dir, tmp_path):
                 page.click('#stop')
                 page.wait_for_function("document.body.dataset.state === 'done'", timeout=30000)
                 assert page.inner_text('#status') == 'stopped' and page.is_enabled('#send')
-                deadline = time.time() + 30
-                while json.loads(long.get('/health')[1])['running'] and time.time() < deadline:
-                    time.sleep(0.05)
-                health = json.loads(long.get('/health')[1])
+                health = long.health_when_idle()
                 assert health['finished'] == {'cancelled': 1}, health
                 assert turns(page)[-1][0] == 'assistant' and len(turns(page)[-1][1]) > 20  # kept as said
             finally:

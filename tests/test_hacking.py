@@ -60,12 +60,18 @@ def test_the_worked_example_touches_model_py_only_in_five_lines_and_still_fits()
     compile(patched, 'model.py', 'exec')  # the lines landed where Python accepts them
 
 
-@pytest.mark.slow
-def test_a_new_knob_works_everywhere_after_the_five_line_diff(tmp_path):
+def copy_of_the_code(tmp_path):
+    """tmp_path/repo holding the scripts, model.py, config/ and lib/: a repository to edit."""
     repo = tmp_path / 'repo'
     repo.mkdir()
     for path in list(REPO.glob('*.py')) + [REPO / 'config', REPO / 'lib']:
         (shutil.copytree if path.is_dir() else shutil.copy)(path, repo / path.name)
+    return repo
+
+
+@pytest.mark.slow
+def test_a_new_knob_works_everywhere_after_the_five_line_diff(tmp_path):
+    repo = copy_of_the_code(tmp_path)
     model_py = repo / 'model.py'
     model_py.write_text(apply_by_anchors(worked_example_diff(), model_py.read_text()))  # the page's diff
 
@@ -117,10 +123,7 @@ def test_the_grad_norm_example_matches_train_py_and_the_page():
 
 @pytest.mark.slow
 def test_logging_the_gradient_norm_is_two_edits_in_train_py(tmp_path):
-    repo = tmp_path / 'repo'
-    repo.mkdir()
-    for path in list(REPO.glob('*.py')) + [REPO / 'config', REPO / 'lib']:
-        (shutil.copytree if path.is_dir() else shutil.copy)(path, repo / path.name)
+    repo = copy_of_the_code(tmp_path)
     source = (repo / 'train.py').read_text()
     for old, new in GRAD_NORM_EDITS:
         source = source.replace(old, new)

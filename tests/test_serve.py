@@ -401,10 +401,7 @@ def test_the_playground_streams_text_and_draws_attention_in_a_real_browser(serve
                 page.click('#stop')
                 page.wait_for_function("document.body.dataset.state === 'done'", timeout=30000)
                 assert page.inner_text('#status') == 'stopped' and page.is_enabled('#generate')
-                deadline = time.time() + 30
-                while json.loads(long.get('/health')[1])['running'] and time.time() < deadline:
-                    time.sleep(0.05)
-                health = json.loads(long.get('/health')[1])
+                health = long.health_when_idle()
                 assert health['finished'] == {'cancelled': 1} and health['tokens_generated'] < 4000, health
             finally:
                 long.stop()
