@@ -640,8 +640,9 @@ def load_tokenizer_for(info, data_dir=None):
 def summary(out_dir, dataset, iterations, seconds, best_val_loss, best_val_bpb, tokens, stopped_by=None,
             iter_num=None, max_iters=None, chat=False):
     """The end of a training run in a few lines: what it did, its files (those that exist), and
-    the next commands (a chat run's: chatting and scoring). A run stopped by a signal (stopped_by, at iter_num of max_iters) says so,
-    with its exit status (hardware.STOPPED) and how to continue, instead of what to sample."""
+    the next commands (a chat run's: chatting and scoring). A run stopped by a signal (stopped_by,
+    at iter_num of max_iters) says so, with its exit status (hardware.STOPPED) and how to continue,
+    instead of what to sample."""
     bpb = f" ({best_val_bpb:.4f} bits per byte)" if best_val_bpb is not None else ""
     best = f"best val loss {best_val_loss:.4f}{bpb}" if math.isfinite(best_val_loss) else "no evaluation yet"
     did = (f"{iterations:,} iterations in {seconds / 60:.1f} min ({seconds:.0f} s); {best}; "
@@ -661,11 +662,11 @@ def summary(out_dir, dataset, iterations, seconds, best_val_loss, best_val_bpb, 
         return head + ("\nno checkpoint was written (no evaluation since the start); "
                        "lower --eval_interval to save one")
     if chat:
-        return (f"{head}\n{files}\nnext: python sample.py --out_dir={out_dir} --chat\n"
-                f"      python evaluate.py chat --out_dir={out_dir}")
-    start = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
-    return (f"{head}\n{files}\nnext: python sample.py --out_dir={out_dir}{start}\n"
-            f"      python plot.py loss {out_dir}")
+        sample, then = " --chat", f"python evaluate.py chat --out_dir={out_dir}"
+    else:
+        sample = ' --start="ROMEO:"' if 'shakespeare' in dataset else ''
+        then = f"python plot.py loss {out_dir}"
+    return f"{head}\n{files}\nnext: python sample.py --out_dir={out_dir}{sample}\n      {then}"
 
 
 # -----------------------------------------------------------------------------
