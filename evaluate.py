@@ -33,7 +33,7 @@ import sys
 
 from lib import cli  # first: a missing package is one line naming the fix, not a traceback
 
-from lib import chat, runs, tokenizers
+from lib import chat, loading, runs, tokenizers
 from lib.evaluation import (counting_accuracy, gpt2_tokenizer_or_die, hellaswag_counts, hellaswag_path, perplexity,
                             read_hellaswag)
 from lib.quantize import QUANTIZE, quantize_model
@@ -103,10 +103,10 @@ DEFAULTS = {
 
 
 def load_model(cfg):
-    """(model, info, device setup) for init_from/out_dir: see runs.load_model."""
+    """(model, info, device setup) for init_from/out_dir: see loading.load_model."""
     if cfg['init_from'] == 'resume':
         cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], cfg['_out_dir_given'], what='evaluate')
-    model, info, dev = runs.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
+    model, info, dev = loading.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
     print(f"model: {info['source']}")
     quantize_model(model, cfg['quantize'])
     return model, info, dev
@@ -198,7 +198,7 @@ def run_chat(cfg):
             chat.fit_base_model(model, info, meta, notice=print)
             tokenizer = tokenizers.load_tokenizer(folder)
         else:
-            tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
+            tokenizer = loading.load_tokenizer_for(info, cfg['data_dir'] or None)
         path = cfg['input'] or os.path.join(folder or '', (meta.get('eval') or {}).get('file', ''))
         if not os.path.isfile(path):
             cli.die(f"no held-out questions: {folder or 'the run'} has no eval.jsonl (prepare.py "

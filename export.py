@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lib import cli  # first: a missing package is one line naming the fix, not a traceback
 
-from lib import export, runs
+from lib import export, loading, runs
 
 # -----------------------------------------------------------------------------
 # defaults; config files and --key=value flags change them
@@ -48,9 +48,9 @@ def main(argv):
     if gguf:  # before the model loads: a missing package is the first thing to hear about
         cli.optional_import('gguf', "writing GGUF files needs llama.cpp's gguf package: pip install gguf")
 
-    model, info = runs.load_model('resume', run, 'cpu')
+    model, info = loading.load_model('resume', run, 'cpu')
     if gguf:
-        tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
+        tokenizer = loading.load_tokenizer_for(info, cfg['data_dir'] or None)
         arch = export.write_gguf(model, tokenizer, path, cfg['outtype'], name=Path(run).resolve().name)
         chat = getattr(tokenizer, 'special_ids', None)  # a chat run: its template travels too
         print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB): llama.cpp architecture {arch}, "

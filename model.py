@@ -1,8 +1,7 @@
 """
 The GPT-2 language model, and only the model, in one file, leaf first: norms -> positions (learned,
 rotary) and the added embeddings -> Dropout -> attention -> MLP -> Block -> GPTConfig -> KV cache
-and sampling -> GPT (forward, generation, sizes, Hugging Face GPT-2 import) -> replace_modules
-(how lib/lora.py and lib/quantize.py wrap layers). Export to Hugging Face: lib/export.py.
+and sampling -> GPT (forward, generation, sizes, Hugging Face GPT-2 import).
 Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn, mlp.c_fc, c_proj)
 so its weights map key for key (OpenAI's code: https://github.com/openai/gpt-2/blob/master/src/model.py).
 
@@ -12,25 +11,14 @@ so its weights map key for key (OpenAI's code: https://github.com/openai/gpt-2/b
     model = GPT.from_pretrained(folder)            # a local Hugging Face GPT-2 folder
 
 GPTConfig's defaults are GPT-2 exactly. Each modern knob is an opt-in field (its comment says what
-it does), chosen once in a constructor: a module, or a function that is `keep` (the identity) when
-off, so forward stays a straight line (docs/modern_model.md). Knob (GPT-2's value), source:
-- pos_emb='rope' ('learned'), rope_base: rotary positions (RoFormer, arXiv:2104.09864); a position
-  scheme is one class of POSITIONS, built as transformer.wpe
-- norm='rmsnorm' ('layernorm'): RMSNorm without gain (arXiv:1910.07467; nanochat)
-- mlp_act='relu2' ('gelu'): relu(x)^2 (Primer, arXiv:2109.08668; modded-nanogpt)
-- qk_norm=True (False): RMS-normalised queries and keys (arXiv:2302.05442; nanochat)
-- tie_embeddings=False (True): a separate output head (nanochat, modded-nanogpt)
-- logit_softcap=c (0, off): logits -> c tanh(logits / c) (Gemma 2; nanochat: 15)
-- value_embeds=True (False): ResFormer's value residual (arXiv:2410.17897; modded-nanogpt, nanochat)
-- x0_mix=True (False): modded-nanogpt's x0 lambdas (nanochat's resid/x0 lambdas)
-- zero_init_proj=True (False): every block starts as the identity (modded-nanogpt, nanochat)
-- bigram_vocab=N (0, off): modded-nanogpt's bigram hash embedding
-No forward has an `if` on a modern knob. What forward does branch on, and why: its input (a KV
-cache or none, the last position only) and, in two CPU speed paths each kept in one place, the
-hardware and the dropout rate: Dropout's cheaper mask, and CausalSelfAttention.attend's explicit
-attention when training on a CPU with dropout or in bfloat16 (also used by attention_maps).
-A new knob is a GPTConfig field plus the code that uses it; the scripts derive flags, checks and
-checkpoint records from the field (docs/hacking.md). This file imports no other project file.
+it does; the code that uses it, its source), chosen once in a constructor: a module, or a function
+that is `keep` (the identity) when off. No forward has an `if` on a knob. What forward does branch
+on, and why: its input (a KV cache or none, the last position only, one position per row) and, in
+two CPU speed paths each kept in one place, the hardware and the dropout rate: Dropout's cheaper
+mask, and CausalSelfAttention.attend's explicit attention when training on a CPU with dropout or in
+bfloat16 (also to record attention maps). A new knob is a GPTConfig field plus the code that uses it;
+the scripts derive flags, checks and checkpoint records from the field (docs/hacking.md). This file
+imports no other project file.
 """
 
 import functools
@@ -57,7 +45,7 @@ def rms_norm(x, eps=1e-6):
 
 
 class RMSNorm(nn.Module):
-    """Parameter-free RMSNorm: no gain, no bias, no mean subtraction (see rms_norm)."""
+    """Parameter-free RMSNorm (arXiv:1910.07467, as nanochat): no gain, no bias, no mean subtraction."""
 
     def forward(self, x):
         return rms_norm(x)
@@ -95,20 +83,18 @@ class LearnedPositions(nn.Embedding):
 
 
 def apply_rotary(x, angles):
-    """Rotate x (B, T, nh, hs) by angles = RotaryPositions.angles(start, T): the pair (x1, x2) =
-    (x[..., j], x[..., j + hs/2]) becomes (x1 cos - x2 sin, x1 sin + x2 cos), i.e. (x1 + i x2) *
-    e^(i angle), written as x * (cos, cos) + (x2, x1) * (-sin, sin): the same float results."""
+    """Rotate x (B, T, nh, hs) by RotaryPositions.angles: the pair x1 = x[..., j], x2 = x[..., j + hs/2]
+    becomes (x1 cos - x2 sin, x1 sin + x2 cos), computed as x * (cos, cos) + (x2, x1) * (-sin, sin)."""
     cos, sin = angles[0].to(x.dtype), angles[1].to(x.dtype)
     swapped = x.roll(x.size(-1) // 2, dims=-1)  # (x2, x1)
     return x * cos + swapped * sin  # (B, T, nh, hs)
 
 
 class RotaryPositions(nn.Module):
-    """Rotary positions (RoPE), half-split layout: channel j of a head pairs with channel j + hs/2
-    and the pair turns by angle pos * base^(-2j/hs). No weights: angles of positions below
-    block_size are cached, later ones (the rolling KV cache) computed alike (float64, then
-    float32). Full-width tables, (cos, cos) and (-sin, sin), make apply_rotary one multiply-add:
-    4 ops per call instead of 10, which decoding notices (~12 calls per token)."""
+    """Rotary positions (RoPE, RoFormer arXiv:2104.09864), half-split: channel j of a head pairs with
+    channel j + hs/2 and the pair turns by pos * base^(-2j/hs). No weights: angles below block_size
+    are cached, later ones (the rolling KV cache) computed alike, in float64. Full-width tables make
+    apply_rotary one multiply-add: 4 ops instead of 10, which decoding notices (~12 calls a token)."""
     rolls = True  # each key keeps the rotation of its absolute position
     rotate = staticmethod(apply_rotary)
 
@@ -147,8 +133,8 @@ POSITIONS = {"learned": LearnedPositions, "rope": RotaryPositions}  # GPTConfig.
 
 
 class BigramHash(nn.Embedding):
-    """bigram_vocab: row hash(previous token, token) of N rows, row 0 for a first token with no
-    previous one, added to the token embeddings; a KV cache remembers each row's last token."""
+    """bigram_vocab (modded-nanogpt): row hash(previous, token) of N rows (row 0: no previous token)
+    added to the token embeddings; a KV cache remembers each row's last token."""
 
     def forward(self, x, idx, cache=None):
         return x + super().forward(self.rows(idx, cache))  # (B, T, C)
@@ -157,10 +143,8 @@ class BigramHash(nn.Embedding):
         prev = torch.roll(idx, 1, dims=1)  # (B, T): column 0 is fixed below
         prev[:, 0] = cache.prev if cache is not None and cache.prev is not None else -1
         rows = (prev * 1_000_003 + idx) % (self.num_embeddings - 1) + 1  # a large prime spreads the pairs
-        if cache is not None and cache.prev is None:
-            cache.prev = idx[:, -1].clone()
-        elif cache is not None:
-            cache.prev.copy_(idx[:, -1])  # in place: serve.py's batch views share it
+        if cache is not None:  # each row's last token, in place once there (serve.py's batch views share it)
+            cache.prev = idx[:, -1].clone() if cache.prev is None else cache.prev.copy_(idx[:, -1])
         return torch.where(prev < 0, 0, rows)
 
 
@@ -171,16 +155,11 @@ class Absent(nn.Module):
         return None
 
 
-class Dropout(nn.Module):
-    """Dropout: zero each element with probability p, scale the rest by 1/(1-p). On CPU,
-    nn.Dropout's bernoulli_ (a 32-bit draw per element, ~10 ns; the baby GPT needs ~44M per
-    step) was the largest cost after the matmuls: here one 64-bit draw decides four elements
-    (kept iff 16 bits >= a threshold), ~3x cheaper, keep probability within 2^-17 of 1-p.
-    Other devices, and torch.compile, use F.dropout's fused kernels."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
+class Dropout(nn.Dropout):
+    """Dropout: zero each element with probability p, scale the rest by 1/(1-p). On CPU, nn.Dropout's
+    bernoulli_ (a 32-bit draw per element, ~10 ns, ~44M a step for the baby GPT) cost most after the
+    matmuls: here one 64-bit draw decides four elements (kept iff 16 bits >= a threshold), ~3x cheaper,
+    keep probability within 2^-17 of 1-p. Other devices and torch.compile use F.dropout's kernels."""
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
@@ -198,7 +177,7 @@ class Dropout(nn.Module):
         return x * mask.to(x.dtype)
 
 
-def add_values(v, ve):  # value embeddings: token identity straight into the values
+def add_values(v, ve):  # ResFormer's value residual (arXiv:2410.17897): token identity into the values
     return v + ve.view_as(v)  # (B, T, nh, hs)
 
 
@@ -214,12 +193,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # indexes the KV cache
-        # the knobs, chosen once: RMS norm of q and k per head, the position scheme's rotation,
-        # and whether this block adds value embeddings (GPT looks them up)
+        # the knobs, chosen once: RMS norm of q and k per head (arXiv:2302.05442, as nanochat), the
+        # position scheme's rotation, and whether this block adds value embeddings (GPT looks them up)
         self.qk_norm = rms_norm if config.qk_norm else keep
         self.rotate = POSITIONS[config.pos_emb].rotate
         self.add_values = add_values if config.has_value_embeds(layer_idx) else keep
-        self.attn_record = None  # a list while GPT.attention_maps runs; probabilities are appended
+        self.attn_record = None  # a list: the explicit path appends its probabilities (lib/plotting.py)
 
     def forward(self, x, angles=None, cache=None, last_only=False, ve=None):
         """angles: the position scheme's for x; ve: value embeddings of x's tokens (B, T, C) or None;
@@ -243,10 +222,9 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, mask=None):
         """Causal attention of queries q (B, nh, Tq, hs), the last Tq of the Tk positions of k, v
-        (B, nh, Tk, hs). The fused kernel (SDPA), except on two explicit paths: for attention_maps,
-        and when training on the CPU with dropout (SDPA has no fused dropout there: it falls back
-        to the same math with a slower mask) or in bfloat16 (torch's CPU flash backward in
-        bfloat16 is ~2x slower than these matmuls, docs/faster_cpu.md)."""
+        (B, nh, Tk, hs): the fused kernel (SDPA), or the explicit path to record attention and for
+        CPU training with dropout (SDPA's CPU fallback is the same math with a slower mask) or in
+        bfloat16 (torch's CPU flash backward is ~2x slower there, docs/faster_cpu.md)."""
         Tq, Tk = q.size(2), k.size(2)  # query i (of the last Tq positions) sees keys [0, Tk - Tq + i]
         cpu_training = self.training and q.device.type == "cpu"
         if self.attn_record is not None or (cpu_training and (self.dropout > 0 or q.dtype == torch.bfloat16)):
@@ -267,8 +245,7 @@ class CausalSelfAttention(nn.Module):
     def explicit_attention(self, q, k, v):
         """softmax(q k^T / sqrt(hs) + causal mask) @ v with dropout on the probabilities, where
         q (B, nh, Tq, hs) are the last Tq of the Tk positions in k, v (B, nh, Tk, hs)."""
-        B, nh, Tq, hs = q.shape
-        Tk = k.size(2)
+        (B, nh, Tq, hs), Tk = q.shape, k.size(2)
         # scores plus 0 where allowed and -inf in the future, in one fused call
         future = torch.full((Tq, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(diagonal=Tk - Tq + 1)
         att = torch.baddbmm(future, q.reshape(B * nh, Tq, hs), k.reshape(B * nh, Tk, hs).transpose(1, 2),
@@ -282,7 +259,7 @@ def gelu_tanh(x):  # GPT-2's GELU is the tanh approximation ("gelu_new" in Huggi
     return F.gelu(x, approximate="tanh")
 
 
-def relu_squared(x):
+def relu_squared(x):  # Primer (arXiv:2109.08668), as modded-nanogpt
     return F.relu(x).square()
 
 
@@ -299,7 +276,7 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-def mix_x0(x, x0, lambdas):  # x0_mix: the block reads lambdas[0] x + lambdas[1] x0
+def mix_x0(x, x0, lambdas):  # x0_mix (modded-nanogpt): the block reads lambdas[0] x + lambdas[1] x0
     return lambdas[0] * x + lambdas[1] * x0
 
 
@@ -334,7 +311,7 @@ class GPTConfig:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # in [0, 1): 0 for pretraining, try 0.1+ for finetuning
     bias: bool = True  # biases in Linear and LayerNorm, like GPT-2; False is a bit better and faster
-    # modern opt-in knobs (the module docstring gives their sources); the defaults are GPT-2
+    # modern opt-in knobs, GPT-2 by default (the code that uses each names its source)
     pos_emb: Literal[tuple(POSITIONS)] = "learned"  # positions: 'learned' (GPT-2's wpe) or 'rope' (rotary, no wpe)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
     mlp_act: Literal["gelu", "relu2"] = "gelu"  # MLP activation: 'gelu' (GPT-2's tanh GELU) or 'relu2' (relu(x)^2)
@@ -391,19 +368,17 @@ class GPTConfig:
 
 # The fields GPT-2 and nanoGPT's GPTConfig have; every other field is a modern opt-in knob.
 GPT2_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
-# Hugging Face names of OpenAI's GPT-2 checkpoints, 124M to 1558M parameters (lib/runs.py finds them)
+# Hugging Face names of OpenAI's GPT-2 checkpoints, 124M to 1558M parameters (lib/loading.py finds them)
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Hugging Face GPT-2 stores these Linear layers as Conv1D, weight shape (in, out): transpose.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), up to max_len, allocated on the
-    first write in the dtype the attention produces (bfloat16 under autocast, else float32).
-    rolling (position schemes that roll): once full, a new position overwrites the oldest slot (a
-    ring buffer, no copy) and the query attends to the last max_len keys in any order.
-    pos may also be a (B,) tensor, one length per row, to decode rows of different lengths
-    together one token at a time (serve.py's batches): each row attends to its own keys only."""
+    """Keys and values of every layer for positions [0, pos), up to max_len, allocated on the first
+    write in the attention's dtype. rolling (position schemes that roll): once full, a new position
+    overwrites the oldest slot (a ring buffer, no copy) and the query attends to the last max_len
+    keys in any order. (lib/serving.py's RowCache: rows of different lengths, pos a (B,) tensor.)"""
 
     def __init__(self, n_layer, max_len, rolling=False):
         self.prev = None  # each row's last token id, (B,): the bigram embedding's previous token
@@ -414,17 +389,7 @@ class KVCache:
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at [pos, pos+T); return the keys and values to attend to and
         a mask of the keys each row may see (None: all of them, causally)."""
-        T = k.size(2)
-        if torch.is_tensor(self.pos):  # rows of different lengths, one new token each
-            if self.k[layer] is None:
-                raise ValueError("a cache with one length per row is filled by its owner (serve.py)")
-            rows, end = torch.arange(k.size(0), device=k.device), int(self.pos.max()) + 1
-            self.k[layer][rows, :, self.pos] = k[:, :, 0]  # (B, nh, hs) into each row's next slot
-            self.v[layer][rows, :, self.pos] = v[:, :, 0]
-            seen = torch.arange(end, device=k.device) <= self.pos[:, None]  # (B, end)
-            mask = None if bool(seen.all()) else seen[:, None, None]  # (B, 1, 1, end)
-            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask
-        end = self.pos + T
+        T, end = k.size(2), self.pos + k.size(2)
         if self.k[layer] is None:
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
@@ -471,7 +436,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
-def softcap(logits, cap):  # near the identity for |logits| << cap, bounded by +-cap
+def softcap(logits, cap):  # Gemma 2: near the identity for |logits| << cap, bounded by +-cap
     return cap * torch.tanh(logits / cap)
 
 
@@ -495,14 +460,14 @@ class GPT(nn.Module):
         self.bigram = BigramHash(config.bigram_vocab, config.n_embd) if config.bigram_vocab else keep
         if config.tie_embeddings:  # weight tying, as GPT-2 does
             self.transformer.wte.weight = self.lm_head.weight
-        c = config.logit_softcap
-        self.softcap = functools.partial(softcap, cap=float(c)) if c > 0 else keep
+        cap = config.logit_softcap
+        self.softcap = functools.partial(softcap, cap=float(cap)) if cap > 0 else keep
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(N), N = 2 per block
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-                if config.zero_init_proj:
+                if config.zero_init_proj:  # as modded-nanogpt and nanochat
                     torch.nn.init.zeros_(p)
             if name.startswith(("value_embeds.", "bigram.")):
                 torch.nn.init.zeros_(p)  # the added embeddings start at zero: the model without them
@@ -522,14 +487,13 @@ class GPT(nn.Module):
                 or idx.dtype == torch.bool:
             what = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise TypeError(f"idx must be an integer tensor of token ids, got {what}; use torch.long")
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}")
+        if idx.dim() != 2 or idx.numel() == 0:
+            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}: a row per prompt, "
+                             f"at least one token each")
         T, block_size, V = idx.size(1), self.config.block_size, self.config.vocab_size
         if past + T > block_size:
             raise ValueError(f"cannot forward a sequence of length {past + T}: block_size is "
                              f"{block_size}; crop the input to its last {block_size} tokens")
-        if T == 0:
-            raise ValueError("idx is empty: need at least one token per row")
         # Range check costs a device sync, so CUDA training skips it (its data was checked
         # when prepared) and compiled graphs skip it (data-dependent branches break graphs).
         if not torch.compiler.is_compiling() and not (idx.is_cuda and self.training):
@@ -569,33 +533,16 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def attention_maps(self, idx):
-        """Attention probabilities of every layer for idx: a list of n_layer tensors (B, nh, T, T),
-        the weights the forward pass itself multiplies the values with (the explicit path)."""
-        was_training, records = self.training, []
-        for block in self.transformer.h:
-            block.attn.attn_record = records
-        try:
-            self.eval()._hidden(idx)
-        finally:
-            for block in self.transformer.h:
-                block.attn.attn_record = None
-            self.train(was_training)
-        return records
-
     # ---------------------------------------------------------------- generation
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         vocab_limit=None, generator=None):
-        """Yield max_new_tokens new tokens, each a (B,) tensor, continuing the prompts idx (B, T):
-        one forward over the prompt fills a KV cache, then each step feeds one token.
-        vocab_limit: only ids below it are sampled (the tokenizer's size when vocab_size is
-        padded, e.g. 50257 for 50304). Past block_size, learned positions (GPT-2) recompute the
-        last block_size tokens every step, exactly as without a cache; a scheme that rolls (RoPE)
-        rolls the cache (one token per step), which equals sliding-window causal attention over
-        the whole sequence (docs/modern_model.md), and feeds a long prompt the same way."""
+        """Yield max_new_tokens new tokens, each a (B,) tensor, continuing the prompts idx (B, T): one
+        forward over the prompt fills a KV cache, then each step feeds one token. vocab_limit: sample
+        ids below it only (the tokenizer's 50257 of a padded 50304). Past block_size, learned positions
+        recompute the last block_size tokens each step, as without a cache; RoPE rolls the cache, which
+        equals sliding-window attention (docs/modern_model.md), and feeds a long prompt the same way."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if vocab_limit is not None and not 0 < vocab_limit <= self.config.vocab_size:
@@ -634,18 +581,16 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  vocab_limit=None, generator=None):
-        """Continue the prompts idx (B, T): returns (B, T + max_new_tokens) token ids.
-        temperature 0 is greedy; top_k keeps the k likeliest; top_p keeps the nucleus of
-        mass top_p; generator (torch.Generator) makes sampling reproducible."""
+        """Continue the prompts idx (B, T): (B, T + max_new_tokens) token ids. temperature 0 is greedy;
+        top_k keeps the k likeliest, top_p the nucleus of mass top_p; generator makes it reproducible."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
     # ---------------------------------------------------------------- size and FLOPs
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count, tied weights once. non_embedding leaves out the lookup tables:
-        positions (none with RoPE), value and bigram tables, and the token embedding only when
-        the head is untied (tied, it is also the lm_head's matmul)."""
+        """Parameter count, tied weights once. non_embedding leaves out the lookup tables (positions,
+        value and bigram tables; the token embedding only when untied: tied, it is the head's matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             lookups = ("transformer.wpe.", "value_embeds.", "bigram.")
@@ -654,9 +599,8 @@ class GPT(nn.Module):
         return n
 
     def param_breakdown(self):
-        """Parameter counts by kind: embeddings (token, position, value, bigram, output head; a
-        tied head once), attention, mlp, norms (with x0_mix's scalars; 0 with the
-        parameter-free RMSNorm and no x0_mix), total."""
+        """Parameter counts by kind: embeddings (token, position, value, bigram, output head; a tied
+        head once), attention, mlp, norms (with x0_mix's scalars; RMSNorm has none), total."""
         counts = dict(embeddings=0, attention=0, mlp=0, norms=0)
         for name, p in self.named_parameters():  # named_parameters yields tied weights once
             kind = ("attention" if ".attn." in name else "mlp" if ".mlp." in name
@@ -665,18 +609,9 @@ class GPT(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
-    def param_table(self):
-        """The parameter breakdown as a small printable table."""
-        counts = self.param_breakdown()
-        lines = [f"{'parameters':<12}{'count':>14}{'share':>8}"]
-        for kind, n in counts.items():
-            lines.append(f"{kind:<12}{n:>14,}{100 * n / counts['total']:>7.1f}%")
-        return "\n".join(lines)
-
     def flops_per_token(self):
-        """Training FLOPs (forward + backward) per token at full context: 6N for the
-        matmuls with the weights plus 12 * n_layer * n_embd * block_size for attention
-        (PaLM paper, appendix B: https://arxiv.org/abs/2204.02311)."""
+        """Training FLOPs (forward + backward) per token at full context: 6N for the weight matmuls plus
+        12 * n_layer * n_embd * block_size for attention (PaLM, appendix B: arXiv:2204.02311)."""
         cfg = self.config
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
@@ -692,16 +627,15 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, override_args=None):
         """GPT-2 from a local Hugging Face folder: config.json and model.safetensors or
-        pytorch_model.bin (lib/runs.py's pretrained_folder finds 'gpt2', 'gpt2-medium', ... in
+        pytorch_model.bin (lib/loading.py's pretrained_folder finds 'gpt2', 'gpt2-medium', ... in
         the Hugging Face cache). override_args may set dropout only."""
         override_args = dict(override_args or {})
-        unknown = set(override_args) - {"dropout"}
-        if unknown:
-            raise ValueError(f"override_args may only set 'dropout', got {sorted(unknown)}")
+        if set(override_args) - {"dropout"}:
+            raise ValueError(f"override_args may only set 'dropout', got {sorted(override_args)}")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder"
                                     if os.path.isdir(folder) else f"{folder!r} is not a folder (for a GPT-2 "
-                                    f"name, lib/runs.py's pretrained_folder finds its folder)")
+                                    f"name, lib/loading.py's pretrained_folder finds its folder)")
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
         act, inner = hf.get("activation_function", "gelu_new"), hf.get("n_inner")
@@ -744,14 +678,3 @@ def _read_weights(folder):
         return torch.load(pt, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
-
-def replace_modules(model, kind, make):
-    """Replace, in place, every submodule of type kind by make(submodule); returns how many.
-    How lora.py and quantize.py wrap a GPT from outside, so the model needs no `if lora:`."""
-    n = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, kind):
-                setattr(module, child_name, make(child))
-                n += 1
-    return n

@@ -18,7 +18,7 @@ The drawing functions are in lib/plotting.py (train.py draws out_dir/loss.png wi
 import os
 import sys
 
-from lib import cli, hardware, runs
+from lib import cli, hardware, loading, runs
 from lib.plotting import plot_attention, plot_loss, read_log, token_label
 
 # -----------------------------------------------------------------------------
@@ -85,8 +85,8 @@ def run_attention(argv):
                               default_reason=None if 'device' in overrides else "plot.py's default")
     if cfg['init_from'] == 'resume':
         cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='plot')
-    model, info = runs.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
-    tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
+    model, info = loading.load_model(cfg['init_from'], cfg['out_dir'], dev.device)
+    tokenizer = loading.load_tokenizer_for(info, cfg['data_dir'] or None)
     start = cfg['start']
     if start.startswith('FILE:'):
         try:

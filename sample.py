@@ -28,7 +28,7 @@ from lib import cli  # first: a missing package is one line naming the fix, not 
 
 import torch
 
-from lib import runs
+from lib import loading, runs
 from lib.chat import fit_history, prompt_limit, reply_tokens
 from lib.quantize import QUANTIZE, quantize_model
 from lib.sampling import StreamPrinter, encode_prompt, notice, read_prompt
@@ -69,8 +69,8 @@ def main(argv):
     with redirect_stdout(sys.stderr):  # status lines from the shared helpers go to stderr
         if cfg['init_from'] == 'resume':  # no --out_dir and no out/ckpt.pt: the newest run folder here
             cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='sample from')
-        model, info, dev = runs.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
-        tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
+        model, info, dev = loading.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
+        tokenizer = loading.load_tokenizer_for(info, cfg['data_dir'] or None)
     notice(f"model: {info['source']}, {model.get_num_params() / 1e6:.2f}M parameters; "
            f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size} ids)")
     with redirect_stdout(sys.stderr):

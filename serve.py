@@ -37,7 +37,8 @@ from lib import cli  # first: a missing package is one line naming the fix, not 
 
 import torch
 
-from lib import runs
+from lib import loading, runs
+from lib.plotting import attention_maps
 from lib.quantize import QUANTIZE, quantize_model
 from lib.serving import (Engine, RequestError, encode, read_chat_request, read_request,
                          start_chat_generations, start_generations)
@@ -276,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def attention(self, body):
         """The playground's heatmaps: {"text": ...} -> the tokens and every layer's and head's
-        attention probabilities (model.attention_maps), for at most the last 64 tokens."""
+        attention probabilities (lib/plotting.py's attention_maps), for at most the last 64 tokens."""
         try:
             text = json.loads(body).get('text')
         except (ValueError, AttributeError):
@@ -286,7 +287,7 @@ class Handler(BaseHTTPRequestHandler):
         ids, _ = encode(text, self.server.tokenizer, min(64, self.server.block_size))
         engine = self.server.engine
         with torch.inference_mode():
-            maps = engine.model.attention_maps(torch.tensor([ids], device=engine.dev.device))  # n_layer x (1, nh, T, T)
+            maps = attention_maps(engine.model, torch.tensor([ids], device=engine.dev.device))  # n_layer x (1, nh, T, T)
         self.send_json(200, dict(tokens=[self.server.tokenizer.decode([i]) for i in ids],
                                  maps=[[[[round(p, 4) for p in row] for row in head] for head in layer[0].float().tolist()]
                                        for layer in maps]))
@@ -312,8 +313,8 @@ def load(argv):
     cli.check_knobs(cfg, RULES)
     if cfg['init_from'] == 'resume':
         cfg['out_dir'] = runs.find_run_dir(cfg['out_dir'], 'out_dir' in overrides, what='serve')
-    model, info, dev = runs.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
-    tokenizer = runs.load_tokenizer_for(info, cfg['data_dir'] or None)
+    model, info, dev = loading.load_model_on_device(cfg['init_from'], cfg['out_dir'], cfg['device'], cfg['dtype'])
+    tokenizer = loading.load_tokenizer_for(info, cfg['data_dir'] or None)
     quantize_model(model, cfg['quantize'])
     block_size = model.config.block_size
     max_tokens = min(cfg['max_tokens_limit'] or block_size - 1, block_size - 1)

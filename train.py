@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lib import chat, hardware, resume, runs
+from lib import chat, hardware, loading, resume, runs
 from lib.batches import Batches
 from lib.evaluation import HellaSwagDuringTraining, bytes_per_token, estimate_loss
 from lib.lora import lora_summary, start_lora
@@ -182,7 +182,7 @@ tokenizer_info = tokenizer_record(meta, batches.folder)  # what checkpoints keep
 
 # -----------------------------------------------------------------------------
 # model: a new one, the resumed run's, pretrained GPT-2 (a name or a Hugging Face folder) or the
-# weights of another run's ckpt.pt (runs.init_kind tells which init_from names)
+# weights of another run's ckpt.pt (loading.init_kind tells which init_from names)
 iter_num, best_val_loss, best_val_bpb = 0, float('inf'), None  # steps done, best val loss, its bpb
 torch.manual_seed(seed)  # the same initial weights on every rank
 if resuming:
@@ -200,10 +200,10 @@ elif init_kind == 'scratch':
 else:  # pretrained weights, or another run's: a fresh run starts from them
     what = 'pretrained weights: ' if init_kind == 'pretrained' else 'the weights of '
     print0(f"initializing from {what}{init_from}")
-    model, base_info = runs.load_model(init_from, out_dir, 'cpu', dropout)
+    model, base_info = loading.load_model(init_from, out_dir, 'cpu', dropout)
     if meta.get('chat'):  # chat data: the template's tokens get rows of their own
         chat.fit_base_model(model, base_info, meta, lora_rank, notice=print0)
-runs.fit_model(model, meta_vocab_size, block_size, notice=print0)  # vocabulary; crop to block_size
+loading.fit_model(model, meta_vocab_size, block_size, notice=print0)  # vocabulary; crop the block
 # LoRA: freeze the model, wrap the target layers in adapters (a resumed LoRA run has them already)
 lora = checkpoint.get('lora') if resuming else None  # what ckpt.pt records
 if lora is None and lora_rank > 0:
@@ -219,7 +219,7 @@ if hellaswag_interval:
 n_params = model.param_breakdown()['total']  # the table's total; MFU counts without lookup tables
 print0(f"model: {n_params:,} parameters ({model.get_num_params():,} without the embedding lookup "
        f"tables), {model.config.checkpoint_args()}")
-print0(model.param_table())
+print0(cli.param_table(model.param_breakdown()))
 notice = small_data_notice(batches.sizes['train'], model.get_num_params(),
                            batches.tokens_through(max_iters))
 if notice:

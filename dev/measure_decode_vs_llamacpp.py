@@ -15,7 +15,7 @@ compute the same lm_head), then `python export.py --outtype=f32` and `--outtype=
 GGUF files; later runs reuse them. Then, in rounds, one fresh process per case and thread count
 (the order rotates each round, so passing load falls on every case):
 
-- ours float32 / int8: runs.load_model_on_device and lib.quantize.quantize_model, then
+- ours float32 / int8: loading.load_model_on_device and lib.quantize.quantize_model, then
   model.generate_stream, as `python sample.py [--quantize=int8]` does (temperature 0.8, top_k 200).
 - llama.cpp f32 / q8_0: llama-cpp-python's Llama on the exported file (n_threads and
   n_threads_batch = the thread count, its default float16 KV cache, flash attention off as
@@ -134,10 +134,10 @@ def make_run(run_dir):
 def decode_ours(run, quantize, prompt_lens, new_tokens):
     import contextlib
     import torch
-    from lib import runs
+    from lib import loading
     from lib.quantize import quantize_model
     with contextlib.redirect_stdout(sys.stderr):
-        model, _, dev = runs.load_model_on_device('resume', str(run), 'cpu', 'auto')
+        model, _, dev = loading.load_model_on_device('resume', str(run), 'cpu', 'auto')
         quantize_model(model, quantize)
     vocab = model.config.vocab_size
 
@@ -206,13 +206,13 @@ def profile(opts):
     per case and prompt (from the first new token on), ops by self CPU time, per token."""
     import torch
     from torch.profiler import ProfilerActivity
-    from lib import runs
+    from lib import loading
     from lib.quantize import quantize_model
     run = make_run(opts['run_dir'])
     torch.set_num_threads(int(opts['threads'].split(',')[0]))
     n = int(opts['new_tokens'])
     for case in [c for c in opts['cases'].split(',') if c.startswith('ours')]:
-        model, _, _ = runs.load_model_on_device('resume', str(run), 'cpu', 'auto')
+        model, _, _ = loading.load_model_on_device('resume', str(run), 'cpu', 'auto')
         quantize_model(model, 'int8' if case == 'ours-int8' else 'none')
         for length in [int(p) for p in opts['prompts'].split(',')]:
             ms = []

@@ -36,7 +36,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from lib import runs  # noqa: E402
+from lib import loading, runs  # noqa: E402
 from lib.evaluation import perplexity  # noqa: E402
 from lib.quantize import quantize_model  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -87,7 +87,7 @@ def make_run(root, shape):
 def load(run, mode):
     """The model and the forward context as sample.py and evaluate.py would have them."""
     dtype = 'bfloat16' if mode == 'bfloat16 weights' else 'float32'
-    model, _, dev = runs.load_model_on_device('resume', run, 'cpu', dtype)
+    model, _, dev = loading.load_model_on_device('resume', run, 'cpu', dtype)
     quantize_model(model, 'int8' if mode == 'int8' else 'none')
     if mode == 'bfloat16 autocast':
         return model, lambda: torch.autocast('cpu', dtype=torch.bfloat16)

@@ -1,11 +1,14 @@
 """
 What the scripts at the root share and a user does not run, one job per file:
 
-    cli.py          knobs from config files and --key=value flags, --help, one-line errors, progress
+    cli.py          knobs from config files and --key=value flags, --help, one-line errors, progress,
+                    the printed summaries (changed knobs, parameter table)
     hardware.py     device, dtype and DDP: chosen once, printed once with the reason; the stop
                     signal (Ctrl-C, SIGTERM); MFU
-    runs.py         a run's folder: atomic writes, checkpoints, the run lock, log.jsonl, what
-                    init_from names, loading a trained model
+    runs.py         a run's folder: atomic writes, checkpoints, the run lock, log.jsonl, the
+                    summary it ends with
+    loading.py      a model back from what init_from names (a run's ckpt.pt, GPT-2 weights),
+                    with its tokenizer
     resume.py       starting or continuing a run: its knobs checked, which checkpoint, the training
                     state saved and restored exactly (optimizer, RNGs)
     batches.py      the batch plan: each process's batches per iteration, eval batches, warmups
@@ -18,9 +21,10 @@ What the scripts at the root share and a user does not run, one job per file:
     download.py     downloads with retries, a checksum and a progress line; big ones resume
     corpora.py      big corpora streamed into token files: Hub listings, parquet, llm.c shards
     sampling.py     prompts in, streamed text out (sample.py and serve.py)
-    serving.py      serve.py's batched decoding engine and its request schema
+    serving.py      serve.py's batched decoding engine (a cache of rows of different lengths) and
+                    its request schema
     evaluation.py   perplexity, counting accuracy, HellaSwag (evaluate.py); train.py's split losses
-    plotting.py     loss curves and attention maps as PNG files
+    plotting.py     loss curves and attention maps as PNG files; the maps themselves (serve.py too)
     export.py       GGUF files for llama.cpp and Hugging Face GPT-2 folders (export.py)
 
 and the files people edit to experiment, each standing apart from model.py (docs/hacking.md):

@@ -158,7 +158,7 @@ def run_tokenizer(run):
     model learned. run: a run folder (its ckpt.pt) or a ckpt.pt. record: the checkpoint's
     tokenizer record (lib/tokenizers.tokenizer_record), or the run's data's meta.json where the
     checkpoint has none (nanoGPT's); {"tokenizer": "gpt2"} where there is neither (GPT-2 ids)."""
-    from lib import runs, tokenizers  # torch: only a --base reads a checkpoint
+    from lib import loading, runs, tokenizers  # torch: only a --base reads a checkpoint
     path = Path(run) / "ckpt.pt" if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise PrepareError(f"--base={run}: no {path}; name a trained run's folder (it holds ckpt.pt) "
@@ -170,7 +170,7 @@ def run_tokenizer(run):
     record = ckpt.get("tokenizer") if isinstance(ckpt.get("tokenizer"), dict) else None
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     if not record or not record.get("tokenizer"):  # nanoGPT's checkpoints: the data's metadata
-        folder = runs._find_data_dir(config.get("data_dir"), config.get("dataset"))
+        folder = loading._find_data_dir(config.get("data_dir"), config.get("dataset"))
         if folder:
             record = {**tokenizers.read_meta(folder), "folder": folder}
         elif ckpt["model_args"].get("vocab_size", 0) >= 50257:
@@ -362,7 +362,7 @@ def grow_vocab(model, vocab_size):
 
 
 def fit_base_model(model, info, meta, lora_rank=0, notice=print):
-    """Ready a loaded model (runs.load_model's model and info: a run's ckpt.pt, or GPT-2) to be
+    """Ready a loaded model (loading.load_model's model and info: a run's ckpt.pt, or GPT-2) to be
     fine-tuned on chat data described by meta (meta.json): its tokenizer must be the data's base
     tokenizer (prepare.py's --base makes it so), then its vocabulary grows by the chat tokens
     (grow_vocab). ConfigError otherwise, and for LoRA, which freezes the rows the chat tokens need."""

@@ -1,7 +1,8 @@
 """
 What every script shares on the command line: knobs from config files and --key=value flags
 (every key and type checked, --help from the comments beside the defaults), the allowed
-values of knobs declared as one table, one-line errors, and progress lines.
+values of knobs declared as one table, one-line errors, progress lines, and the printed
+summaries (the changed knobs, a model's parameter table).
 
     overrides = cli.load_config(defaults, sys.argv[1:])   # config/a.py --batch_size=32
     cli.check_knobs(config, RULES)                          # e.g. RULES = dict(batch_size='>= 1')
@@ -279,6 +280,14 @@ def config_summary(config, defaults, saved_at=None, width=100):
         return head + " none"
     return head + "\n" + textwrap.fill(', '.join(changed), width=width, initial_indent='  ',
                                        subsequent_indent='  ', break_long_words=False, break_on_hyphens=False)
+
+
+def param_table(counts):
+    """GPT.param_breakdown()'s counts as a small table: kind, count, share of the total."""
+    lines = [f"{'parameters':<12}{'count':>14}{'share':>8}"]
+    for kind, n in counts.items():
+        lines.append(f"{kind:<12}{n:>14,}{100 * n / counts['total']:>7.1f}%")
+    return "\n".join(lines)
 
 
 def _read_config_file(path, current):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib import cli, runs
+from lib import cli, loading
 from lib.download import download, progress
 from lib.tokenfiles import DATA_DIR, PrepareError
 from lib.tokenizers import gpt2_tokenizer
@@ -179,7 +179,7 @@ def read_hellaswag(path, limit=0):
 
 def gpt2_tokenizer_or_die(info, data_dir=None):
     """The model's tokenizer, which must be GPT-2 BPE: HellaSwag is text scored as GPT-2 tokens."""
-    tokenizer = runs.load_tokenizer_for(info, data_dir)
+    tokenizer = loading.load_tokenizer_for(info, data_dir)
     if tokenizer.name != 'gpt2':
         cli.die(f"HellaSwag needs a GPT-2 BPE model; this one uses the {tokenizer.name} tokenizer "
                    f"(train on a GPT-2 dataset such as fineweb_edu, openwebtext or shakespeare)")

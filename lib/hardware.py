@@ -117,7 +117,7 @@ def setup_device(device='auto', dtype='auto', local_rank=None, verbose=True, def
     own default), instead of "asked for".
     inference=True (loading a model to decode or score): dtype 'auto' on a CPU is float32
     whatever the CPU (CPU_INFERENCE_REASON); bfloat16 sets weights_cast, the caller converts the
-    weights once (runs.load_model_on_device) and autocast() is off.
+    weights once (loading.load_model_on_device) and autocast() is off.
     """
     if device == 'auto':
         if torch.cuda.is_available():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import Dropout, replace_modules
+from model import Dropout
 
 # lora_targets names -> module paths inside each Block. The attention output projection and
 # the MLP output projection are both called c_proj: "c_proj" (or "attn.c_proj") means the
@@ -141,7 +141,10 @@ def merge_lora(model):
                 layer.bias.copy_(child.bias)
         return layer
 
-    replace_modules(model, LoRALinear, merged)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, merged(module))
     return model
 
 

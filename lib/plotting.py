@@ -1,7 +1,8 @@
 """
 Pictures of runs and models, as PNG files written atomically: loss curves from log.jsonl (one
 run or several overlaid; train.py redraws out_dir/loss.png at each evaluation) and the attention
-of every layer and head for a prompt. matplotlib is imported only when drawing.
+of every layer and head for a prompt (attention_maps: the model's own probabilities, which
+serve.py's playground draws too). matplotlib is imported only when drawing.
 """
 
 import json
@@ -11,6 +12,24 @@ import sys
 from lib import cli, runs
 
 DPI = 100  # figure sizes below are in inches; pixels = inches * DPI
+
+
+def attention_maps(model, idx):
+    """Every layer's attention probabilities for idx (B, T): n_layer tensors (B, nh, T, T), the
+    weights model's forward itself multiplies the values with (each attention's explicit path
+    appends them to its attn_record while that is a list; test_model.py checks it against SDPA)."""
+    import torch
+    records, was_training = [], model.training
+    for block in model.transformer.h:
+        block.attn.attn_record = records
+    try:
+        with torch.no_grad():
+            model.eval()._hidden(idx)
+    finally:
+        for block in model.transformer.h:
+            block.attn.attn_record = None
+        model.train(was_training)
+    return records
 
 
 def have_matplotlib():
@@ -239,7 +258,7 @@ def plot_attention(model, ids, labels, path, title=None, out_dir=None):
     import torch
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    maps = model.attention_maps(idx)  # n_layer tensors (1, nh, T, T)
+    maps = attention_maps(model, idx)  # n_layer tensors (1, nh, T, T)
     n_layer, n_head, T = len(maps), maps[0].size(1), len(ids)
     # one token per ~0.14 inch keeps 8 pt labels apart; a big grid (GPT-2's 12 x 12) gets
     # smaller cells and labels so the picture stays under ~40 inches (4000 px) a side

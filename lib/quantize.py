@@ -16,7 +16,7 @@ padded, 221-290 dequantized, 85-89 in float32; docs/benchmarks.md).
 
     quantize_model(model, 'int8')   # in place: Linear -> Int8Linear, prints what runs
 
-This file imports model.py; model.py knows nothing of it.
+model.py knows nothing of this file: it swaps the Linear layers from outside.
 """
 
 import mmap
@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import replace_modules
 
 def quantize_per_channel(w):
     """(q int8 (out, in), scale float32 (out,)) with w ~= q * scale[:, None], |error| <= scale / 2."""
@@ -165,7 +164,10 @@ def quantize_int8(model, kernel=None, pack=True):
         kernel = int8_kernel_available(device_type)
     tied = model.transformer.wte.weight is model.lm_head.weight
     dtype = model.transformer.wte.weight.dtype
-    n = replace_modules(model, nn.Linear, lambda layer: Int8Linear(layer, kernel))
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name in linears:  # wrapped from outside: model.py needs no `if int8:`
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Int8Linear(model.get_submodule(name), kernel))
     if tied:
         model.transformer.wte = Int8Embedding(model.lm_head, dtype)
     huge = pack and device_type == "cpu" and pack_int8_weights(model)
@@ -175,7 +177,7 @@ def quantize_int8(model, kernel=None, pack=True):
         why = "asked for" if int8_kernel_available(device_type) else f"no int8 kernel for {device_type} in this torch"
         path = f"dequantize-on-the-fly ({why})"
     pages = ", weights in one buffer, 2 MiB pages requested" if huge else ""
-    return f"int8 weight-only: {n} Linear layers{' + tied embedding' if tied else ''}, matmul via {path}{pages}"
+    return f"int8 weight-only: {len(linears)} Linear layers{' + tied embedding' if tied else ''}, matmul via {path}{pages}"
 
 
 def weight_bytes(model):

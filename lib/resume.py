@@ -22,8 +22,8 @@ import torch
 from lib import cli, hardware
 from lib.cli import ConfigError, die
 from lib.lora import check_lora_knobs, lora_state_dict
-from lib.runs import (CHECKPOINT_FORMAT, init_kind, load_checkpoint, load_lora_model, logged_evaluation,
-                      model_state_dict, older_checkpoints)
+from lib.loading import init_kind, load_lora_model
+from lib.runs import CHECKPOINT_FORMAT, load_checkpoint, logged_evaluation, model_state_dict, older_checkpoints
 from model import GPT, GPTConfig
 
 
@@ -117,7 +117,7 @@ def check_run_config(config, rules, checkpoint=None, path=None):
     """Every knob of a training run checked together, before anything is built or written:
     each against its rule (cli.check_knobs), the model's (GPTConfig), and the ones that must
     agree with each other or with the run out_dir holds (checkpoint, read from path; None for a
-    fresh start). Returns init_from's kind (runs.init_kind)."""
+    fresh start). Returns init_from's kind (loading.init_kind)."""
     cli.check_knobs(config, rules)
     cli.model_config(config)  # every GPTConfig field: n_embd divisible by n_head, pos_emb, norm, ...
     if config['hellaswag_input'] and not config['hellaswag_interval']:

@@ -101,9 +101,23 @@ class Generation:
 # -----------------------------------------------------------------------------
 # the engine: one thread decodes every running generation together
 
+class RowCache(KVCache):
+    """The engine's batch cache: rows of different lengths (pos a (B,) tensor, each row's next
+    position) decode together, one token per row per step, each row attending to its own keys
+    only. Engine.prefill fills a row from a prompt's own cache; model.py never makes one."""
+
+    def update(self, layer, k, v):
+        rows, end = torch.arange(k.size(0), device=k.device), int(self.pos.max()) + 1
+        self.k[layer][rows, :, self.pos] = k[:, :, 0]  # (B, nh, hs) into each row's next slot
+        self.v[layer][rows, :, self.pos] = v[:, :, 0]
+        seen = torch.arange(end, device=k.device) <= self.pos[:, None]  # (B, end)
+        mask = None if bool(seen.all()) else seen[:, None, None]  # (B, 1, 1, end)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask  # (B, nh, end, hs)
+
+
 class Engine:
     """Continuous batching on one KV cache: each running generation is a row of a batch cache
-    (rows of different lengths: KVCache with one position per row). A new request's prompt is
+    (rows of different lengths: RowCache). A new request's prompt is
     run alone (its prefill), its keys and values copied into a free row, and from the next step
     on it decodes with the others; a finished or cancelled row is replaced by the last one."""
 
@@ -111,7 +125,7 @@ class Engine:
         self.model, self.tokenizer, self.dev, self.max_batch = model, tokenizer, dev, max_batch
         self.pending = queue.Queue()
         self.rows = []  # the running generations, row i of the batch cache
-        self.cache = None  # KVCache with pos a (max_batch,) tensor, allocated at the first prefill
+        self.cache = None  # RowCache of max_batch rows, allocated at the first prefill
         self.last = torch.zeros(max_batch, 1, dtype=torch.long, device=dev.device)  # each row's latest token
         self.vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
         self.stopping = False
@@ -162,7 +176,7 @@ class Engine:
         with self.dev.autocast():
             hidden = model._hidden(prompt, alone, last_only=True)[:, -1]  # (1, C)
         if self.cache is None:
-            self.cache = KVCache(model.config.n_layer, model.config.block_size)
+            self.cache = RowCache(model.config.n_layer, model.config.block_size)
             self.cache.k = [torch.zeros((self.max_batch,) + k.shape[1:], dtype=k.dtype, device=k.device)
                             for k in alone.k]  # (max_batch, nh, block_size, hs)
             self.cache.v = [torch.zeros_like(k) for k in self.cache.k]
@@ -183,7 +197,7 @@ class Engine:
     def step(self):
         """One new token for every running row."""
         n = len(self.rows)
-        view = KVCache(self.model.config.n_layer, self.model.config.block_size)
+        view = RowCache(self.model.config.n_layer, self.model.config.block_size)
         view.k, view.v = [k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v]
         view.pos = self.cache.pos[:n]  # a view: the step advances the engine's positions too
         view.prev = self.cache.prev[:n] if self.cache.prev is not None else None  # and the bigram's last tokens

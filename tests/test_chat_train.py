@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import prepare
 from helpers import (ENV, REPO, TINY, assert_ddp_matches_single_process, assert_exact_resume,
                      assert_one_line_error, read_log, run_train)
-from lib import chat, chat_data, cli, hardware, runs, tokenfiles
+from lib import chat, chat_data, cli, hardware, loading, tokenfiles
 from lib.batches import Batches
 from lib.tokenfiles import PrepareError
 
@@ -180,7 +180,7 @@ def test_the_loss_is_the_masked_cross_entropy_of_the_grown_base(base_run, revers
     assert f"vocabulary grows from {base_vocab} to {base_vocab + 4} ids" in proc.stdout
     assert f"next: python sample.py --out_dir={out} --chat\n" in proc.stdout  # the end points to chatting
     # the model the run started from: the base, grown; its batches, drawn as train.py draws them
-    model = runs.load_model(str(base_run / "ckpt.pt"), "", "cpu")[0]
+    model = loading.load_model(str(base_run / "ckpt.pt"), "", "cpu")[0]
     chat.grow_vocab(model, meta["vocab_size"])
     dev = hardware.setup_device("cpu", "float32", verbose=False)
     batches = Batches(str(reverse_data), "chat_reverse", dev, seed=1337, batch_size=4, block_size=16,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib import hardware
-from lib import runs
+from lib import loading, runs
 from model import GPT, GPTConfig
 
 
@@ -60,26 +60,26 @@ def test_loading_a_run_for_inference_picks_float32_on_any_cpu(monkeypatch, tmp_p
         training = hardware.setup_device('cpu', 'auto', width=width, verbose=False)
         assert training.dtype == ('bfloat16' if native and width >= 192 else 'float32')
         run = save_run(tmp_path / f'run{width}', width)
-        loaded, _, dev = runs.load_model_on_device('resume', str(run), 'cpu', 'auto')
+        loaded, _, dev = loading.load_model_on_device('resume', str(run), 'cpu', 'auto')
         assert (dev.dtype, dev.weights_cast) == ('float32', False)
         assert all(p.dtype == torch.float32 for p in loaded.parameters())
         assert 'float32 for inference on a CPU' in dev.reason
     with pytest.raises(runs.ConfigError, match="use auto, cpu"):  # a bad device fails before the load
-        runs.load_model_on_device('resume', str(tmp_path / 'nowhere'), 'tpu', 'auto')
+        loading.load_model_on_device('resume', str(tmp_path / 'nowhere'), 'tpu', 'auto')
 
 
 def test_bfloat16_inference_converts_the_weights_once_and_never_autocasts(tmp_path):
     """dtype bfloat16 asked for at load: every weight is bfloat16, dev.autocast() is not an
     autocast context, and a forward gives bfloat16 logits equal to the converted model's own."""
     run = save_run(tmp_path / 'run', 32)
-    loaded, _, dev = runs.load_model_on_device('resume', str(run), 'cpu', 'bfloat16')
+    loaded, _, dev = loading.load_model_on_device('resume', str(run), 'cpu', 'bfloat16')
     assert dev.dtype == 'bfloat16' and dev.weights_cast and 'no autocast' in dev.reason
     assert all(t.dtype == torch.bfloat16 for t in loaded.state_dict().values() if t.is_floating_point())
     x = torch.randint(0, 11, (2, 8))
     with dev.autocast():
         assert not torch.is_autocast_enabled('cpu')
         logits, _ = loaded(x)
-    reference = runs.load_model_on_device('resume', str(run), 'cpu', 'float32')[0].to(torch.bfloat16)
+    reference = loading.load_model_on_device('resume', str(run), 'cpu', 'float32')[0].to(torch.bfloat16)
     assert logits.dtype == torch.bfloat16 and torch.equal(logits, reference(x)[0])
     # training's bfloat16 keeps float32 weights under autocast
     training = hardware.setup_device('cpu', 'bfloat16', verbose=False)

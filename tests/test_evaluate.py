@@ -229,7 +229,7 @@ def test_attention_grid_has_a_panel_per_layer_and_head(tmp_path, mpimg):
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 3 * 2
     # each panel shows the model's own attention probabilities for that layer and head
-    maps = model.attention_maps(torch.tensor([ids]))
+    maps = plotting.attention_maps(model, torch.tensor([ids]))
     np.testing.assert_allclose(panels[5].images[0].get_array(), maps[2][0, 1].numpy(), rtol=1e-6)
     width, height = fig.get_size_inches() * fig.dpi
     image = mpimg.imread(path)

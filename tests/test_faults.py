@@ -34,7 +34,7 @@ from lib import cli, hardware
 import evaluate
 import plot
 import prepare
-from lib import runs
+from lib import loading, runs
 from lib import tokenfiles
 from lib import plotting
 from helpers import ENV, REPO, TINY, make_dataset, read_log, run_train
@@ -251,7 +251,7 @@ def test_script_flags_checked_up_front(monkeypatch, script, argv, fragments):
             raise AssertionError(f"{name} ran before the flags were refused")
         return step
     monkeypatch.setattr(GPT, '__init__', heavy('GPT()'))
-    for module, names in ((runs, ['load_model', 'load_checkpoint']),
+    for module, names in ((loading, ['load_model']), (runs, ['load_checkpoint']),
                           (evaluate, ['open_tokens', 'perplexity', 'counting_accuracy', 'hellaswag_counts']),
                           (bench, ['build_models', 'make_batches', 'bench_train', 'bench_generate'])):
         for name in names:

@@ -1,6 +1,6 @@
 """
 Tests for LoRA fine-tuning: lora.py's LoRALinear / apply_lora / merge_lora, train.py's lora_*
-knobs and adapter-only checkpoints, and loading them back (runs.load_model, export.save_hf).
+knobs and adapter-only checkpoints, and loading them back (loading.load_model, export.save_hf).
 Tiny models on CPU; train.py runs as a subprocess like in test_train.py.
 """
 
@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from lib import runs
+from lib import loading, runs
 from lib.export import save_hf
 from lib.lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
 from model import GPT, GPTConfig
@@ -158,9 +158,9 @@ def test_train_lora_from_a_folder_saves_adapters_and_loads_back(tmp_path, base_f
     n_state = sum(s['exp_avg'].numel() for s in ckpt['optimizer']['state'].values())
     assert n_state == sum(v.numel() for v in ckpt['model'].values())
     # sample.py / evaluate.py path: base + adapters, merged; same val loss as training reported
-    model, info = runs.load_model('resume', str(out))
+    model, info = loading.load_model('resume', str(out))
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    unmerged = runs.load_lora_model(ckpt, out / 'ckpt.pt', merge=False).eval()
+    unmerged = loading.load_lora_model(ckpt, out / 'ckpt.pt', merge=False).eval()
     idx = torch.randint(0, 16, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(idx, idx)[0], unmerged(idx, idx)[0], rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import every_knob, modern_knobs
-from lib import runs
+from lib import loading, plotting, runs
 from lib.export import save_hf
 from model import (GPT, GPT2_FIELDS, POSITIONS, GPTConfig, KVCache, LearnedPositions, RMSNorm, apply_rotary,
                    sample_next)
@@ -317,8 +317,9 @@ def test_explicit_cpu_attention_matches_sdpa_with_every_knob():
 def test_attention_maps_with_rope_and_qk_norm():
     model = tiny(pos_emb="rope", qk_norm=True)
     idx = torch.randint(0, 53, (2, 11))
-    maps = model.attention_maps(idx)
-    _, ref = forward_ref(model, idx)
+    maps = plotting.attention_maps(model.train(), idx)
+    assert model.training and all(block.attn.attn_record is None for block in model.transformer.h)  # as it was
+    _, ref = forward_ref(model.eval(), idx)
     assert len(maps) == 2 and maps[0].shape == (2, 2, 11, 11)
     for att, r in zip(maps, ref):
         torch.testing.assert_close(att, r, atol=ATOL, rtol=0)
@@ -349,7 +350,7 @@ def test_checkpoint_with_knobs_round_trips_through_load_model(tmp_path):
                 **KNOBS["all"])
     torch.save({"format": runs.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_args": args,
                 "iter_num": 7, "best_val_loss": 1.0, "config": {}}, tmp_path / "ckpt.pt")
-    loaded, info = runs.load_model("resume", str(tmp_path))
+    loaded, info = loading.load_model("resume", str(tmp_path))
     assert all(getattr(loaded.config, k) == v for k, v in KNOBS["all"].items())
     idx = torch.randint(0, 53, (2, 16))
     with torch.no_grad():
@@ -359,7 +360,7 @@ def test_checkpoint_with_knobs_round_trips_through_load_model(tmp_path):
     old = {k: v for k, v in args.items() if k not in KNOBS["all"]}
     torch.save({"format": runs.CHECKPOINT_FORMAT, "model": plain.state_dict(), "model_args": old,
                 "iter_num": 7, "best_val_loss": 1.0, "config": {}}, tmp_path / "ckpt.pt")
-    loaded, _ = runs.load_model("resume", str(tmp_path))
+    loaded, _ = loading.load_model("resume", str(tmp_path))
     assert loaded.config.pos_emb == "learned" and loaded.lm_head.weight is loaded.transformer.wte.weight
 
 

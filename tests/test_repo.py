@@ -130,3 +130,15 @@ def test_lab_notebook_entries_are_dated_newest_first():
         assert match, f"dev/LOG.md entry without a date first: {heading!r}"
         dates.append(datetime.date.fromisoformat(match.group(1)))
     assert dates == sorted(dates, reverse=True), [str(d) for d in dates]
+
+
+def test_each_lib_module_is_listed_with_its_job_and_stays_under_650_lines():
+    """lib/ holds one job per file: lib/__init__.py names every module, and none grows past
+    ~650 lines (a bigger one holds two jobs: split it, as runs.py and loading.py were)."""
+    index = (ROOT / 'lib' / '__init__.py').read_text()
+    for path in sorted((ROOT / 'lib').glob('*.py')):
+        if path.name == '__init__.py':
+            continue
+        assert re.search(rf"^    {re.escape(path.name)}\s", index, re.M), f"lib/__init__.py does not list {path.name}"
+        lines = len(path.read_text().splitlines())
+        assert lines <= 650, f"lib/{path.name} has {lines} lines: split it by job"

@@ -1,4 +1,4 @@
-"""Tests for sample.py and the model/tokenizer loading in runs.py.
+"""Tests for sample.py and the model/tokenizer loading in lib/loading.py.
 
 Checkpoints are tiny GPTs saved with train.py's checkpoint keys (no training run), except
 the counting test, which trains a small model in-process for a few seconds so that its
@@ -21,7 +21,7 @@ import local_data  # noqa: F401  (TIKTOKEN_CACHE_DIR for offline GPT-2 BPE files
 import torch
 
 from lib import cli
-from lib import runs
+from lib import loading, runs
 import prepare
 import sample
 from lib import tokenizers
@@ -109,8 +109,8 @@ def test_bfloat16_samples_from_bfloat16_weights_without_autocast(char_run, capsy
         raise AssertionError("autocast entered")
     monkeypatch.setattr(torch, 'autocast', no_autocast)
     loaded = {}
-    load = runs.load_model_on_device
-    monkeypatch.setattr(runs, 'load_model_on_device', lambda *a: loaded.setdefault('it', load(*a)))
+    load = loading.load_model_on_device
+    monkeypatch.setattr(loading, 'load_model_on_device', lambda *a: loaded.setdefault('it', load(*a)))
     args = (f'--out_dir={out_dir}', '--start=ROMEO:', '--max_new_tokens=20', '--seed=5', '--dtype=bfloat16')
     batch = run_sample(capsys, *args, '--num_samples=2')
     assert all(p.dtype == torch.bfloat16 for p in loaded['it'][0].parameters()) and loaded['it'][2].weights_cast
@@ -196,17 +196,17 @@ def test_corrupt_and_foreign_checkpoints_error_clearly(tmp_path):
     (tmp_path / 'corrupt').mkdir()
     (tmp_path / 'corrupt' / 'ckpt.pt').write_bytes(b'PK\x03\x04 definitely not a checkpoint')
     with pytest.raises(cli.ConfigError, match='truncated, corrupt or not a plain PyTorch checkpoint'):
-        runs.load_model('resume', tmp_path / 'corrupt')
+        loading.load_model('resume', tmp_path / 'corrupt')
     (tmp_path / 'foreign').mkdir()
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'foreign' / 'ckpt.pt')
     with pytest.raises(cli.ConfigError, match='not a training checkpoint'):
-        runs.load_model('resume', tmp_path / 'foreign')
+        loading.load_model('resume', tmp_path / 'foreign')
     # right keys, wrong shapes: names the mismatch instead of a load_state_dict traceback
     model = tiny_gpt(10)
     runs.save_checkpoint({'model': model.state_dict(), 'model_args': dict(asdict(model.config), n_embd=64)},
                            tmp_path / 'shapes' / 'ckpt.pt')
     with pytest.raises(cli.ConfigError, match='weights do not fit model_args'):
-        runs.load_model('resume', tmp_path / 'shapes')
+        loading.load_model('resume', tmp_path / 'shapes')
     # a corrupt file through the script: one line, exit 1
     r = run_script(f'--out_dir={tmp_path / "corrupt"}')
     assert r.returncode == 1 and 'Traceback' not in r.stderr and 'corrupt' in r.stderr
@@ -220,7 +220,7 @@ def test_diverged_checkpoint_errors_instead_of_sampling_garbage(char_run):
         model.transformer.h[1].mlp.c_fc.weight[3, 5] = float('nan')
     save_like_train(model, out_dir, 'chars', out_dir.parent / 'data' / 'chars')
     with pytest.raises(cli.ConfigError, match=r'transformer\.h\.1\.mlp\.c_fc\.weight holds NaN or inf'):
-        runs.load_model('resume', out_dir)
+        loading.load_model('resume', out_dir)
     r = run_script(f'--out_dir={out_dir}', '--max_new_tokens=5')
     assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stdout == ''
     assert r.stderr.strip().splitlines()[-1].startswith('error: ') and 'diverged' in r.stderr
@@ -244,9 +244,9 @@ def test_nanogpt_checkpoint_with_meta_pkl_loads_and_samples(tmp_path, monkeypatc
                    'gradient_accumulation_steps': 1, 'learning_rate': 1e-3},
     }, tmp_path / 'out-shakespeare-char' / 'ckpt.pt')
     monkeypatch.chdir(tmp_path)
-    loaded, info = runs.load_model('resume', 'out-shakespeare-char')
+    loaded, info = loading.load_model('resume', 'out-shakespeare-char')
     assert info['dataset'] == 'shakespeare_char' and info['data_dir'].endswith('shakespeare_char')
-    assert runs.load_tokenizer_for(info).vocab_size == len(CHARS)
+    assert loading.load_tokenizer_for(info).vocab_size == len(CHARS)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
     out = run_sample(capsys, '--out_dir=out-shakespeare-char', '--start=ROMEO:', '--max_new_tokens=10', '--seed=3')

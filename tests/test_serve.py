@@ -289,13 +289,13 @@ def test_sigterm_stops_the_server_cleanly_and_bad_knobs_are_one_line(run_dir):
 
 
 def test_batched_rows_of_different_lengths_compute_what_each_alone_does():
-    """KVCache with one position per row (serve.py's batch) against each row decoded alone."""
+    """RowCache, one position per row (serve.py's batch), against each row decoded alone."""
     for pos_emb in ('learned', 'rope'):
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50, pos_emb=pos_emb)).eval()
         prompts = [torch.randint(0, 50, (1, n)) for n in (3, 7, 12)]
         steps = [torch.randint(0, 50, (3, 1)) for _ in range(4)]
-        batch = KVCache(2, 32)
+        batch = serving.RowCache(2, 32)
         batch.k = [torch.zeros(3, 2, 32, 16) for _ in range(2)]
         batch.v = [torch.zeros(3, 2, 32, 16) for _ in range(2)]
         batch.pos = torch.tensor([3, 7, 12])

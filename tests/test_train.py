@@ -20,7 +20,7 @@ import torch
 
 from lib import cli
 from lib import hardware
-from lib import runs
+from lib import loading, runs
 from lib.tokenfiles import SMALL_DATA, small_data_notice
 from lib.export import save_hf
 from helpers import (ENV, REPO, TINY, train_defaults, assert_ddp_matches_single_process, assert_exact_resume, assert_one_line_error,
@@ -292,7 +292,7 @@ def test_checkpoint_of_the_previous_layout_resumes_samples_and_evaluates(tmp_pat
     ckpt['model_args'].update(pos_emb='learned', norm='layernorm', mlp_act='gelu', qk_norm=False,
                               tie_embeddings=True, logit_softcap=0.0)  # what main wrote before
     torch.save(ckpt, out / 'ckpt.pt')
-    model, _ = runs.load_model('resume', out)
+    model, _ = loading.load_model('resume', out)
     with torch.no_grad():  # sample.py's and evaluate.py's loader gives the same model
         assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 1, 16)
     proc = run_train(*args, '--max_iters=5', '--init_from=resume')
@@ -342,7 +342,7 @@ def test_nanogpts_own_model_and_sample_read_our_checkpoint(tmp_path):
     spec.loader.exec_module(module)
     theirs = module.GPT(module.GPTConfig(**ckpt['model_args']))  # a TypeError before the fix
     theirs.load_state_dict(ckpt['model'])
-    ours, _ = runs.load_model('resume', out)
+    ours, _ = loading.load_model('resume', out)
     theirs.eval()
     idx = torch.randint(0, len(chars), (2, 16))
     with torch.no_grad():
@@ -627,16 +627,16 @@ def test_init_from_is_read_in_one_place_with_one_error(tmp_path, data):
     ckpt = tmp_path / 'run' / 'ckpt.pt'
     ckpt.parent.mkdir()
     ckpt.write_bytes(b'x')
-    kinds = {name: runs.init_kind(name, scratch=True) for name in
+    kinds = {name: loading.init_kind(name, scratch=True) for name in
              ['scratch', 'resume', 'gpt2', 'gpt2-xl', str(folder), str(ckpt)]}
     assert list(kinds.values()) == ['scratch', 'resume', 'pretrained', 'pretrained', 'pretrained', 'checkpoint']
     for bad in ['gpt3', 'gpt2-huge', str(tmp_path / 'run' / 'other.pt')]:
         with pytest.raises(cli.ConfigError, match=f"init_from='{bad}' not understood"):
-            runs.init_kind(bad, scratch=True)
+            loading.init_kind(bad, scratch=True)
     with pytest.raises(cli.ConfigError, match=r"not understood \(no such file or folder\)"):
-        runs.init_kind(str(tmp_path / 'missing' / 'ckpt.pt'), scratch=True)
+        loading.init_kind(str(tmp_path / 'missing' / 'ckpt.pt'), scratch=True)
     with pytest.raises(cli.ConfigError, match="not understood: use resume, gpt2"):
-        runs.init_kind('scratch')  # scratch has no weights to load (sample.py, evaluate.py, ...)
+        loading.init_kind('scratch')  # scratch has no weights to load (sample.py, evaluate.py, ...)
     # train.py and sample.py say it in the same words
     train = run_train(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--init_from=gpt3')
     sample = subprocess.run([sys.executable, 'sample.py', '--init_from=gpt3', '--device=cpu'], cwd=REPO,

@@ -17,7 +17,7 @@ import torch
 from lib import cli
 import evaluate
 import prepare
-from lib import runs
+from lib import loading, runs
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +51,14 @@ def test_config_summary_shows_only_changed_knobs():
     text = cli.config_summary({'a': 1, 'b': 'y', 'c': False}, defaults, 'out/config.json')
     assert "b='y'" in text and 'c=False' in text and 'a=1' not in text and 'out/config.json' in text
     assert 'none' in cli.config_summary(defaults, defaults)
+
+
+def test_param_table_lists_each_kind_with_its_share_of_gpt2_124m():
+    model = GPT(GPTConfig(vocab_size=50257))  # GPT-2 124M
+    rows = [line.split() for line in cli.param_table(model.param_breakdown()).splitlines()]
+    assert rows[0] == ['parameters', 'count', 'share']
+    assert rows[-1] == ['total', '124,439,808', '100.0%']
+    assert rows[2] == ['attention', f"{12 * (768 * 3 * 768 + 3 * 768 + 768 * 768 + 768):,}", '22.8%']
 
 
 def test_find_run_dir_takes_the_newest_run_folder(tmp_path, monkeypatch, capsys):
@@ -134,10 +142,10 @@ def test_perplexity_defaults_to_the_checkpoints_own_dataset(tmp_path, capsys):
 
 def test_gpt2_weights_message_keeps_whole_words():
     long = ValueError("Cannot reach https://huggingface.co " + "because the network is unreachable " * 20)
-    text = runs._first_sentence(long)
+    text = loading._first_sentence(long)
     assert len(text) <= 210 and text.endswith(' ...') and text[:-4] == text[:-4].rstrip()
     assert ' '.join(str(long).split()).startswith(text[:-4])  # cut at a space, not inside a word
-    assert runs._first_sentence(OSError("Offline. Set HF_HUB_OFFLINE=0 to allow it.")) == "Offline."
+    assert loading._first_sentence(OSError("Offline. Set HF_HUB_OFFLINE=0 to allow it.")) == "Offline."
 
 
 def test_gpt2_name_without_local_files_says_what_is_missing(tmp_path, monkeypatch):
@@ -145,7 +153,7 @@ def test_gpt2_name_without_local_files_says_what_is_missing(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="'gpt2'"):
-        runs.pretrained_folder("gpt2")
+        loading.pretrained_folder("gpt2")
 
 
 @pytest.mark.parametrize('script, argv, package', [('train.py', ['--help'], 'numpy'), ('sample.py', [], 'torch'),
