@@ -52,7 +52,7 @@ def main(argv):
     if gguf:
         tokenizer = loading.load_tokenizer_for(info, cfg['data_dir'] or None)
         arch = export.write_gguf(model, tokenizer, path, cfg['outtype'], name=Path(run).resolve().name)
-        chat = getattr(tokenizer, 'special_ids', None)  # a chat run: its template travels too
+        chat = tokenizer.special_ids  # a chat run: its template travels too
         print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB): llama.cpp architecture {arch}, "
               f"{cfg['outtype']} weights, {tokenizer.name} tokenizer{' and chat template' if chat else ''}, "
               f"context {model.config.block_size}")

@@ -117,7 +117,7 @@ def sampling_knobs(cfg, tokenizer, model, dev):
 
 def chat_loop(model, tokenizer, dev, cfg, sampling):
     """--chat: user messages from stdin (or the one in --start), replies streamed to stdout."""
-    if not getattr(tokenizer, 'special_ids', None):
+    if not tokenizer.special_ids:
         cli.die(f"{cfg['out_dir'] if cfg['init_from'] == 'resume' else cfg['init_from']} was not trained for "
                 f"chat (its tokenizer has no chat tokens): fine-tune it on chat data first, docs/chat.md")
     if cfg['num_samples'] != 1:

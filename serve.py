@@ -75,7 +75,7 @@ class Server(ThreadingHTTPServer):
         self.engine, self.name, self.tokenizer = engine, name, engine.tokenizer
         self.block_size, self.max_batch = engine.model.config.block_size, engine.max_batch
         self.max_tokens = max_tokens
-        self.chat = bool(getattr(self.tokenizer, 'special_ids', None))  # fine-tuned for chat (lib/chat.py)
+        self.chat = bool(self.tokenizer.special_ids)  # fine-tuned for chat (lib/chat.py)
 
 
 class Handler(BaseHTTPRequestHandler):

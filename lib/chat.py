@@ -93,10 +93,9 @@ def render_prompt(messages, tokenizer):
 
 
 def _special_ids(tokenizer):
-    special = getattr(tokenizer, "special_ids", None)
-    if special is None:
+    if not tokenizer.special_ids:
         raise ValueError(f"{tokenizer} has no chat tokens: use lib.chat.chat_tokenizer(tokenizer)")
-    return special
+    return tokenizer.special_ids
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -106,7 +105,7 @@ def chat_tokenizer(base, entry=None):
     .special_ids maps each marker to its id. encode() never produces them (special-token text is
     plain text, <|endoftext|> too); decode() writes them as their markers. entry: the "chat" entry
     of a meta.json or checkpoint, whose ids must be the ones given here."""
-    if getattr(base, "special_ids", None):
+    if base.special_ids:
         raise ValueError(f"{base} already has the chat tokens")
     special = {m: base.vocab_size + i for i, m in enumerate(SPECIAL_TOKENS)}
     if base.vocab_size + len(special) > MAX_VOCAB:
@@ -132,8 +131,7 @@ def chat_tokenizer(base, entry=None):
     token_bytes = None if base.token_bytes is None else [*base.token_bytes, *[0] * len(special)]
     tok = Tokenizer(base.name, base.vocab_size + len(special), base.encode_ordinary, decode,
                     encode_batch=base.encode_batch, token_bytes=token_bytes,  # (encode_batch: ordinary too)
-                    encode_ordinary=base.encode_ordinary, encoding=base.encoding)
-    tok.special_ids = special
+                    encode_ordinary=base.encode_ordinary, encoding=base.encoding, special_ids=special)
     return tok
 
 

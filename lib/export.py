@@ -157,7 +157,7 @@ def gguf_vocabulary(tokenizer):
     its tokenizer takes the longest token that matches the text, which for single characters is
     each character in turn (UTF-8 is prefix-free), so every text encodes as ours does."""
     import gguf
-    markers = getattr(tokenizer, 'special_ids', None) or {}  # a chat run's: {marker: id}
+    markers = tokenizer.special_ids  # a chat run's {marker: id}; {} for text
     base_size = tokenizer.vocab_size - len(markers)
     if tokenizer.name == 'char':
         chars = [tokenizer.decode([i]) for i in range(base_size)]

@@ -42,7 +42,7 @@ def end_ids(tokenizer):
     markers: <|end|> closes the reply and another marker would open a new message (as
     lib/chat.reply_tokens stops). Else GPT-2's or an own BPE's <|endoftext|>; none for characters.
     (A chat tokenizer encodes '<|endoftext|>' as plain text: never ask it for that id.)"""
-    special = getattr(tokenizer, 'special_ids', None)
+    special = tokenizer.special_ids
     if special:
         return frozenset(special.values())
     if tokenizer.name in ('gpt2', 'bpe'):
@@ -317,7 +317,7 @@ def read_chat_request(body, server):
     """The checked parameters of a chat completions request: p['messages'] is the conversation,
     its last message the user's, which the reply answers. RequestError for anything it cannot do,
     a run not fine-tuned for chat included."""
-    if not getattr(server.tokenizer, 'special_ids', None):
+    if not server.tokenizer.special_ids:
         raise RequestError(f"{server.name} was not trained for chat (its tokenizer has no chat tokens): "
                            f"use /v1/completions, or fine-tune it on chat data first (docs/chat.md)",
                            param='model')

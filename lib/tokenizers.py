@@ -24,7 +24,7 @@ class Tokenizer:
     # One class holding functions rather than a class per kind: the three tokenizers differ
     # only in these four callables, and callers never need to know which one they got.
     def __init__(self, name, vocab_size, encode, decode, encode_batch=None, token_bytes=None,
-                 encode_ordinary=None, encoding=None):
+                 encode_ordinary=None, encoding=None, special_ids=None):
         self.name = name
         self.vocab_size = vocab_size
         self.encode = encode
@@ -35,6 +35,7 @@ class Tokenizer:
         # None where tokens are not text (the counting task)
         self.token_bytes = token_bytes
         self.encoding = encoding  # the tiktoken.Encoding of a BPE (export.py writes its ranks), else None
+        self.special_ids = special_ids or {}  # a chat tokenizer's {marker: id} (lib/chat.py); {} for text
 
     def __repr__(self):
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
