@@ -482,16 +482,16 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def _check_idx(self, idx, past=0):
+    def _check_idx(self, idx, past=0, any_length=False):
         if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex \
                 or idx.dtype == torch.bool:
             what = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise TypeError(f"idx must be an integer tensor of token ids, got {what}; use torch.long")
         if idx.dim() != 2 or idx.numel() == 0:
-            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}: a row per prompt, "
-                             f"at least one token each")
+            hint = "use idx[None] for one prompt" if idx.dim() == 1 else "at least one token per row"
+            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}; {hint}")
         T, block_size, V = idx.size(1), self.config.block_size, self.config.vocab_size
-        if past + T > block_size:
+        if past + T > block_size and not any_length:
             raise ValueError(f"cannot forward a sequence of length {past + T}: block_size is "
                              f"{block_size}; crop the input to its last {block_size} tokens")
         # Range check costs a device sync, so CUDA training skips it (its data was checked
@@ -547,9 +547,7 @@ class GPT(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if vocab_limit is not None and not 0 < vocab_limit <= self.config.vocab_size:
             raise ValueError(f"vocab_limit must be in [1, {self.config.vocab_size}], got {vocab_limit}")
-        if isinstance(idx, torch.Tensor) and idx.dim() == 1:
-            raise ValueError(f"idx must have shape (batch, sequence), got {tuple(idx.shape)}; "
-                             f"use idx[None] for one prompt")
+        self._check_idx(idx, any_length=True)  # before the prompt is copied; it may exceed block_size
         block_size, rolling = self.config.block_size, self.transformer.wpe.rolls
         B, T = idx.shape
         # the running sequence; only its last block_size tokens are ever looked at

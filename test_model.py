@@ -354,6 +354,12 @@ def test_bad_inputs_give_clear_errors():
         model.generate(torch.zeros(3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="token ids must be in"):
         model.generate(torch.tensor([[99]]), 2)
+    with pytest.raises(TypeError, match="integer tensor.*torch.float32"):  # not silently cast to ids
+        model.generate(torch.tensor([[1.7, 2.0]]), 2)
+    with pytest.raises(ValueError, match="at least one token per row"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    long_prompt = torch.zeros(1, 40, dtype=torch.long)  # longer than block_size 16: generation takes it
+    assert model.generate(long_prompt, 2).shape == (1, 42)
 
 
 # ------------------------------------------------------------------ generation
