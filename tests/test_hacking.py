@@ -137,3 +137,15 @@ def test_logging_the_gradient_norm_is_two_edits_in_train_py(tmp_path):
     rows = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     norms = [r['grad_norm'] for r in rows if r['kind'] == 'train']
     assert len(norms) == 3 and all(n > 0 for n in norms)
+
+
+def test_the_worked_example_names_model_py_s_line_numbers_rightly():
+    """Each @@ header's old line number is where its first context line is in model.py today, so
+    `git apply` takes the page's diff as it stands (regenerate it with `git diff -U1` after the
+    edit when model.py moves)."""
+    lines = (REPO / 'model.py').read_text().splitlines()
+    hunks = re.findall(r"^@@ -(\d+),\d+ \+\d+,\d+ @@\n (.*)$", worked_example_diff(), re.M)
+    assert len(hunks) == 3
+    for number, context in hunks:
+        assert lines[int(number) - 1] == context, (f"docs/hacking.md's diff says model.py line {number} is "
+                                                   f"{context.strip()!r}; it is {lines[int(number) - 1].strip()!r}")
