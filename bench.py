@@ -30,7 +30,7 @@ from lib import cli  # first: a missing package is one line naming the fix, not 
 import numpy as np
 import torch
 
-from lib import hardware, runs
+from lib import files, hardware
 from lib.export import save_hf
 from lib.lora import apply_lora
 from lib.optim import configure_optimizers
@@ -426,7 +426,7 @@ def emit(result, cfg, dev):
             with open(cfg['json_out'], 'a') as f:
                 f.write(line + '\n')
         except OSError as e:
-            cli.die(runs.os_error_message(e, cfg['json_out']))
+            cli.die(files.os_error_message(e, cfg['json_out']))
 
 
 def check_writable(path, key):

@@ -24,7 +24,7 @@ import torch
 
 from lib import bpe, chat
 from lib.cli import ConfigError, die, optional_import
-from lib.runs import os_error_message
+from lib.files import os_error_message
 from model import HF_CONV1D, GPTConfig
 
 OUTTYPES = ('f32', 'f16', 'q8_0')

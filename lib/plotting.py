@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from lib import cli, runs
+from lib import cli
+from lib.files import atomic_write
 
 DPI = 100  # figure sizes below are in inches; pixels = inches * DPI
 
@@ -58,11 +59,11 @@ def _new_figure(width_px, height_px, layout=None):
 
 
 def _save(fig, path, described=None):
-    """Write the PNG atomically (runs.atomic_write), so a viewer never sees half a file. described:
+    """Write the PNG atomically (lib/files.py), so a viewer never sees half a file. described:
     what the picture shows (the runs' knobs and results), kept as JSON in the PNG's Description,
     so a picture can be checked against the config that should have made it (tests/test_repo.py)."""
     metadata = {'Description': json.dumps(described)} if described else None
-    runs.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI, metadata=metadata))
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI, metadata=metadata))
 
 
 def run_record(out_dir):

@@ -1,5 +1,5 @@
 """
-A training run's folder: atomic writes, checkpoints (saved, kept, loaded safely), the run lock (one
+A training run's folder: checkpoints (saved atomically, kept, loaded safely), the run lock (one
 run per out_dir), the log.jsonl writer (lines kept on resume), the summary a run ends with, and
 which folder to use when --out_dir is not given. Turning a checkpoint back into a model:
 lib/loading.py.
@@ -8,12 +8,10 @@ lib/loading.py.
     ckpt = runs.load_checkpoint('out/ckpt.pt')  # a clear error for a truncated or foreign file
 """
 
-import errno
 import math
 import os
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 from lib import hardware
 from lib.cli import ConfigError, die, duration
+from lib.files import atomic_write, os_error_message
 
 
 # Marks checkpoints written by this repository, so model_state_dict can tell them from nanoGPT's.
@@ -30,49 +29,6 @@ CHECKPOINT_FORMAT = 'gpt-train-checkpoint/1'
 
 # -----------------------------------------------------------------------------
 # files and checkpoints
-
-def atomic_write(path, write):
-    """Create path by calling write(binary file) so that path holds either the old or the new
-    file, never half of one.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
-    renamed over path (os.replace is atomic on POSIX and Windows); then the folder entry is
-    flushed too, so the rename survives a power cut. Temporary files of a writer that was
-    killed mid-write ('.NAME.*.tmp') are removed first (one run per folder: see RunLock).
-    An OSError (disk full, read-only folder) becomes a one-line ConfigError naming path; the
-    temporary file is removed and the old file is left as it was.
-    """
-    path = Path(path)
-    try:
-        _atomic_write(path, write)
-    except OSError as e:  # disk full, read-only folder, no permission: one line, old file intact
-        raise ConfigError(os_error_message(e, path)) from None
-
-
-def _atomic_write(path, write):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f'.{path.name}.*.tmp'):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, 'O_DIRECTORY'):  # POSIX: make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
 
 def save_checkpoint(obj, path, keep_last=1):
     """Write obj with torch.save atomically (see atomic_write): a crash or kill -9 during the
@@ -155,17 +111,6 @@ def _torch_load_reason(error):
         found = re.search(r'GLOBAL ([\w.]+)', text) or re.search(r'global:? ([\w.]+)', text)
         return f"it asks to load {found.group(1)}, refused" if found else "it holds objects other than tensors, refused"
     return text[:200] or type(error).__name__
-
-
-def os_error_message(error, path=None):
-    """One line for an OSError: the path and the reason, e.g. 'cannot write out/ckpt.pt: No space left on device'."""
-    path = path or error.filename
-    reason = error.strerror or str(error)
-    hint = {errno.ENOSPC: "; free some space or use another --out_dir",
-            errno.EACCES: "; check the folder's permissions",
-            errno.EROFS: "; the filesystem is read-only, choose a writable folder",
-            errno.EDQUOT: "; free some space"}.get(error.errno, '')
-    return f"cannot write {path}: {reason}{hint}"
 
 
 def model_state_dict(ckpt):
