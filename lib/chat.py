@@ -2,7 +2,7 @@
 The chat template and chat data: conversations in, token ids and a loss mask out, in one way
 shared by training, sampling, serving, evaluation and export.
 
-    tok = chat_tokenizer(load_tokenizer("data/shakespeare_char"))   # 65 characters + 4 chat ids
+    tok = chat_tokenizer(load_tokenizer("data/shakespeare_char"))   # lib/tokenizers.py: 65 chars + 4 chat ids
     messages = [{"role": "user", "content": "reverse: wodnik"}, {"role": "assistant", "content": "kindow"}]
     ids, mask = render(messages, tok)      # mask 1 where the model learns: the assistant's reply
     prompt = render_prompt(messages[:1], tok)   # ... + <|assistant|>; generate until <|end|>
@@ -22,12 +22,10 @@ import json
 import random
 from pathlib import Path
 
-from lib.tokenfiles import MAX_VOCAB, PrepareError
-from lib.tokenizers import Tokenizer
+from lib.tokenfiles import PrepareError
+from lib.tokenizers import END, SPECIAL_TOKENS, base_vocab_size
 
 ROLES = ("system", "user", "assistant")
-END = "<|end|>"  # closes every message; generation stops when the model writes it
-SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END)  # in id order, after the base ids
 FORMAT = ('one conversation per line: {"messages": [{"role": "user", "content": "..."}, '
           '{"role": "assistant", "content": "..."}]}')
 
@@ -94,60 +92,15 @@ def render_prompt(messages, tokenizer):
 
 def _special_ids(tokenizer):
     if not tokenizer.special_ids:
-        raise ValueError(f"{tokenizer} has no chat tokens: use lib.chat.chat_tokenizer(tokenizer)")
+        raise ValueError(f"{tokenizer} has no chat tokens: use lib.tokenizers.chat_tokenizer(tokenizer)")
     return tokenizer.special_ids
 
 
 # ----------------------------------------------------------------------------- the tokenizer
 
-def chat_tokenizer(base, entry=None):
-    """base (a lib.tokenizers.Tokenizer) with SPECIAL_TOKENS added at ids base.vocab_size...;
-    .special_ids maps each marker to its id. encode() never produces them (special-token text is
-    plain text, <|endoftext|> too); decode() writes them as their markers. entry: the "chat" entry
-    of a meta.json or checkpoint, whose ids must be the ones given here."""
-    if base.special_ids:
-        raise ValueError(f"{base} already has the chat tokens")
-    special = {m: base.vocab_size + i for i, m in enumerate(SPECIAL_TOKENS)}
-    if base.vocab_size + len(special) > MAX_VOCAB:
-        raise PrepareError(f"the {base.name} tokenizer's {base.vocab_size:,} ids leave no room for the "
-                           f"{len(special)} chat tokens in uint16 token files; use a vocab_size of at most "
-                           f"{MAX_VOCAB - len(special):,}")
-    if entry is not None and entry.get("special_tokens") != special:
-        raise PrepareError(f"the chat tokens {entry.get('special_tokens')} recorded with the data do not "
-                           f"follow the {base.name} tokenizer's {base.vocab_size:,} ids; "
-                           "prepare the dataset again")
-    marker_of = {i: m for m, i in special.items()}
-
-    def decode(ids):
-        out, run = [], []  # runs of base ids decode together (a BPE character may span tokens)
-        for i in ids:
-            if i in marker_of:
-                out += [base.decode(run), marker_of[i]] if run else [marker_of[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out + ([base.decode(run)] if run else []))
-
-    token_bytes = None if base.token_bytes is None else [*base.token_bytes, *[0] * len(special)]
-    tok = Tokenizer(base.name, base.vocab_size + len(special), base.encode_ordinary, decode,
-                    encode_batch=base.encode_batch, token_bytes=token_bytes,  # (encode_batch: ordinary too)
-                    encode_ordinary=base.encode_ordinary, encoding=base.encoding, special_ids=special)
-    return tok
-
-
 def chat_entry(tokenizer):
     """What meta.json (and so a checkpoint's tokenizer record) keeps under "chat": the ids."""
     return {"special_tokens": dict(_special_ids(tokenizer))}
-
-
-def base_vocab_size(entry):
-    """The base tokenizer's vocab_size in a "chat" entry: its first special id."""
-    ids = entry.get("special_tokens") if isinstance(entry, dict) else None
-    if not isinstance(ids, dict) or list(ids) != list(SPECIAL_TOKENS) or \
-            not all(isinstance(i, int) and not isinstance(i, bool) for i in ids.values()):
-        raise PrepareError(f"the chat entry {entry!r} in the metadata is not {{'special_tokens': "
-                           f"{{marker: id}}}} for {', '.join(SPECIAL_TOKENS)}; prepare the dataset again")
-    return min(ids.values())
 
 
 def run_tokenizer(run):

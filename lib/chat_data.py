@@ -11,7 +11,7 @@ import numpy as np
 
 from lib import bpe, chat
 from lib.tokenfiles import MASK_DTYPE, TOKEN_DTYPE, PrepareError, sha256_of, write_json, write_tokens
-from lib.tokenizers import char_tokenizer, gpt2_tokenizer, tiktoken_tokenizer
+from lib.tokenizers import chat_tokenizer, char_tokenizer, gpt2_tokenizer, tiktoken_tokenizer
 
 
 def base_tokenizer(raw, opts, kind, bpe_file, meta):
@@ -56,7 +56,7 @@ def write_chat_dataset(dataset, raw, opts, kind, folder, out_dir, options):
     limit = opts["max_tokens_per_conversation"]
     try:
         base = base_tokenizer(raw, opts, kind, bpe_file, meta)
-        tokenizer = chat.chat_tokenizer(base)
+        tokenizer = chat_tokenizer(base)
         meta.update(tokenizer=base.name, vocab_size=tokenizer.vocab_size, chat=chat.chat_entry(tokenizer))
         splits, counts, learned = {}, {}, {}
         for split, conversations in raw.splits.items():

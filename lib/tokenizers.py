@@ -1,7 +1,8 @@
 """
 Tokenizers: characters, GPT-2's BPE (tiktoken), an own BPE (lib/bpe.py) and the counting task's
-numbers, behind one small Tokenizer object; which one a dataset or a checkpoint was made with,
-and the bytes of text each token stands for (bits per byte).
+numbers, behind one small Tokenizer object; any of them with the chat template's four markers
+added as special tokens (chat_tokenizer; the template itself: lib/chat.py); which one a dataset
+or a checkpoint was made with, and the bytes of text each token stands for (bits per byte).
 
     from lib.tokenizers import load_tokenizer
     tok = load_tokenizer("data/shakespeare_char")
@@ -10,7 +11,11 @@ and the bytes of text each token stands for (bits per byte).
 import os
 from pathlib import Path
 
-from lib.tokenfiles import PrepareError, read_meta, sha256_of
+from lib.tokenfiles import MAX_VOCAB, PrepareError, read_meta, sha256_of
+
+END = "<|end|>"  # lib/chat.py's template: closes every message; generation stops when the model writes it
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END)  # in id order, after the base ids
+
 
 class Tokenizer:
     """encode(str) -> list[int], decode(list[int]) -> str, vocab_size, name.
@@ -208,11 +213,55 @@ def get_tokenizer(meta, folder=None):
 
 def _with_chat_tokens(meta, build):
     """A chat dataset's tokenizer: build(the metadata of its base tokenizer) plus the chat
-    template's special tokens, whose ids meta["chat"] records (lib/chat.py)."""
-    from lib import chat  # lib/chat.py imports this file
+    template's special tokens, whose ids meta["chat"] records."""
     base_meta = {k: v for k, v in meta.items() if k != "chat"}
-    base_meta["vocab_size"] = chat.base_vocab_size(meta["chat"])
-    return chat.chat_tokenizer(build(base_meta), meta["chat"])
+    base_meta["vocab_size"] = base_vocab_size(meta["chat"])
+    return chat_tokenizer(build(base_meta), meta["chat"])
+
+
+def chat_tokenizer(base, entry=None):
+    """base (a lib.tokenizers.Tokenizer) with SPECIAL_TOKENS added at ids base.vocab_size...;
+    .special_ids maps each marker to its id. encode() never produces them (special-token text is
+    plain text, <|endoftext|> too); decode() writes them as their markers. entry: the "chat" entry
+    of a meta.json or checkpoint, whose ids must be the ones given here."""
+    if base.special_ids:
+        raise ValueError(f"{base} already has the chat tokens")
+    special = {m: base.vocab_size + i for i, m in enumerate(SPECIAL_TOKENS)}
+    if base.vocab_size + len(special) > MAX_VOCAB:
+        raise PrepareError(f"the {base.name} tokenizer's {base.vocab_size:,} ids leave no room for the "
+                           f"{len(special)} chat tokens in uint16 token files; use a vocab_size of at most "
+                           f"{MAX_VOCAB - len(special):,}")
+    if entry is not None and entry.get("special_tokens") != special:
+        raise PrepareError(f"the chat tokens {entry.get('special_tokens')} recorded with the data do not "
+                           f"follow the {base.name} tokenizer's {base.vocab_size:,} ids; "
+                           "prepare the dataset again")
+    marker_of = {i: m for m, i in special.items()}
+
+    def decode(ids):
+        out, run = [], []  # runs of base ids decode together (a BPE character may span tokens)
+        for i in ids:
+            if i in marker_of:
+                out += [base.decode(run), marker_of[i]] if run else [marker_of[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + ([base.decode(run)] if run else []))
+
+    token_bytes = None if base.token_bytes is None else [*base.token_bytes, *[0] * len(special)]
+    tok = Tokenizer(base.name, base.vocab_size + len(special), base.encode_ordinary, decode,
+                    encode_batch=base.encode_batch, token_bytes=token_bytes,  # (encode_batch: ordinary too)
+                    encode_ordinary=base.encode_ordinary, encoding=base.encoding, special_ids=special)
+    return tok
+
+
+def base_vocab_size(entry):
+    """The base tokenizer's vocab_size in a "chat" entry: its first special id."""
+    ids = entry.get("special_tokens") if isinstance(entry, dict) else None
+    if not isinstance(ids, dict) or list(ids) != list(SPECIAL_TOKENS) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in ids.values()):
+        raise PrepareError(f"the chat entry {entry!r} in the metadata is not {{'special_tokens': "
+                           f"{{marker: id}}}} for {', '.join(SPECIAL_TOKENS)}; prepare the dataset again")
+    return min(ids.values())
 
 
 def load_tokenizer(dataset_dir):

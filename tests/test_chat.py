@@ -30,7 +30,7 @@ CONVERSATION = [
 MASK_RUNS = [("<|system|>Be brief.<|end|><|user|>reverse: abc<|end|><|assistant|>", 0), ("cba<|end|>", 1),
              ("<|user|>And <|user|>?<|end|><|assistant|>", 0), ("Why,\nsir.<|end|>", 1)]
 # text that spells every marker (and GPT-2's own special token) but is plain text
-SPELLED = "".join(chat.SPECIAL_TOKENS) + " <|endoftext|> <|user|>hi<|end|><|assistant|"
+SPELLED = "".join(tokenizers.SPECIAL_TOKENS) + " <|endoftext|> <|user|>hi<|end|><|assistant|"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def base(kind, request):
 # ----------------------------------------------------------------------------- the template
 
 def test_the_special_ids_follow_the_base_ids(base):
-    tok = chat.chat_tokenizer(base)
+    tok = tokenizers.chat_tokenizer(base)
     first = base.vocab_size
     assert tok.special_ids == {"<|system|>": first, "<|user|>": first + 1, "<|assistant|>": first + 2,
                                "<|end|>": first + 3}
@@ -76,7 +76,7 @@ def test_the_special_ids_follow_the_base_ids(base):
 
 
 def test_the_mask_covers_the_assistants_content_and_end(base):
-    tok = chat.chat_tokenizer(base)
+    tok = tokenizers.chat_tokenizer(base)
     ids, mask = chat.render(CONVERSATION, tok)
     assert len(ids) == len(mask) and set(mask) == {0, 1}
     runs, start = [], 0  # cut the tokens where the mask changes and decode each piece
@@ -92,7 +92,7 @@ def test_the_mask_covers_the_assistants_content_and_end(base):
 
 
 def test_a_prompt_asks_for_the_assistant(base):
-    tok = chat.chat_tokenizer(base)
+    tok = tokenizers.chat_tokenizer(base)
     prompt = chat.render_prompt(CONVERSATION[:2], tok)
     assert prompt[-1] == tok.special_ids["<|assistant|>"]
     assert prompt == chat.render(CONVERSATION[:2], tok)[0] + [tok.special_ids["<|assistant|>"]]
@@ -100,7 +100,7 @@ def test_a_prompt_asks_for_the_assistant(base):
 
 
 def test_plain_text_never_gives_a_special_id(base):
-    tok = chat.chat_tokenizer(base)
+    tok = tokenizers.chat_tokenizer(base)
     for ids in [tok.encode(SPELLED), tok.encode_ordinary(SPELLED), tok.encode_batch([SPELLED, "x"])[0]]:
         assert max(ids) < base.vocab_size
         assert tok.decode(ids) == SPELLED
@@ -113,7 +113,7 @@ def test_plain_text_never_gives_a_special_id(base):
 
 
 def test_special_ids_decode_to_their_markers(base):
-    tok = chat.chat_tokenizer(base)
+    tok = tokenizers.chat_tokenizer(base)
     for marker, i in tok.special_ids.items():
         assert tok.decode([i]) == marker
     if base.name != "char":  # a character cut into byte tokens, beside a marker
@@ -126,9 +126,9 @@ def test_render_needs_the_chat_tokenizer_and_good_messages():
     base = tokenizers.char_tokenizer(SHAKESPEARE_CHARS)
     with pytest.raises(ValueError, match="chat_tokenizer"):
         chat.render(CONVERSATION, base)
-    tok = chat.chat_tokenizer(base)
+    tok = tokenizers.chat_tokenizer(base)
     with pytest.raises(ValueError, match="already has the chat tokens"):
-        chat.chat_tokenizer(tok)
+        tokenizers.chat_tokenizer(tok)
     with pytest.raises(ValueError, match="role 'tool'"):
         chat.render([{"role": "tool", "content": "x"}], tok)
 
@@ -136,9 +136,9 @@ def test_render_needs_the_chat_tokenizer_and_good_messages():
 def test_the_chat_tokens_must_fit_uint16_token_files():
     def tokenizer(vocab_size):
         return tokenizers.Tokenizer("big", vocab_size, encode=list, decode=str)
-    assert chat.chat_tokenizer(tokenizer(65532)).vocab_size == 65536  # ids 0..65535
+    assert tokenizers.chat_tokenizer(tokenizer(65532)).vocab_size == 65536  # ids 0..65535
     with pytest.raises(PrepareError, match="use a vocab_size of at most 65,532"):
-        chat.chat_tokenizer(tokenizer(65533))
+        tokenizers.chat_tokenizer(tokenizer(65533))
 
 
 def test_the_jinja_template_renders_what_the_renderer_does():
@@ -353,7 +353,7 @@ def test_the_reversal_task_is_exact_unseen_and_in_shakespeares_characters():
     if local_data.SHAKESPEARE:  # the characters above are the text's
         assert sorted(set(local_data.SHAKESPEARE.read_text(encoding="utf-8"))) == SHAKESPEARE_CHARS
     # a Shakespeare character model's tokenizer renders it (the markers are its 4 added ids)
-    tok = chat.chat_tokenizer(tokenizers.char_tokenizer(SHAKESPEARE_CHARS))
+    tok = tokenizers.chat_tokenizer(tokenizers.char_tokenizer(SHAKESPEARE_CHARS))
     assert tok.vocab_size == 69 and max(chat.render(val[0], tok)[0]) == 68
     # reproducible; the held-out questions do not depend on how much training data is asked for
     assert chat.reversal_task(20000, 2000, seed=0) == (train, val)
@@ -372,7 +372,7 @@ def test_answers_are_scored_by_exact_match():
 
 def chat_meta(kind, base, folder, bpe_ranks=None):
     """A chat dataset's meta.json (what prepare.py will write) in folder."""
-    tok = chat.chat_tokenizer(base)
+    tok = tokenizers.chat_tokenizer(base)
     meta = {"tokenizer": kind, "vocab_size": tok.vocab_size, "chat": chat.chat_entry(tok)}
     if kind == "char":
         meta["chars"] = sorted(set(SHAKESPEARE_CHARS) | set("<|>"))
@@ -405,10 +405,10 @@ def test_the_chat_tokenizer_comes_back_from_metadata_and_a_checkpoint_record(kin
 
 def test_a_chat_entry_that_does_not_fit_its_tokenizer_is_an_error():
     meta = {"tokenizer": "char", "chars": SHAKESPEARE_CHARS, "vocab_size": 69,
-            "chat": {"special_tokens": {m: 65 + i for i, m in enumerate(chat.SPECIAL_TOKENS)}}}
+            "chat": {"special_tokens": {m: 65 + i for i, m in enumerate(tokenizers.SPECIAL_TOKENS)}}}
     assert tokenizers.get_tokenizer(meta).special_ids["<|end|>"] == 68
     assert tokenizers.token_bytes_of(meta, None)[0][-5:] == [1, 0, 0, 0, 0]
-    bad = [{"special_tokens": {m: 66 + i for i, m in enumerate(chat.SPECIAL_TOKENS)}},  # a gap after the base
+    bad = [{"special_tokens": {m: 66 + i for i, m in enumerate(tokenizers.SPECIAL_TOKENS)}},  # a gap after the base
            {"special_tokens": {"<|user|>": 65}}, {"tokens": []}, "chat"]
     for entry in bad:
         with pytest.raises(PrepareError, match="prepare the dataset again"):

@@ -21,7 +21,7 @@ from lib import chat, runs, serving, tokenizers
 from model import GPT, GPTConfig
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz :?.!,"))
-TOKENIZER = chat.chat_tokenizer(tokenizers.char_tokenizer(CHARS))
+TOKENIZER = tokenizers.chat_tokenizer(tokenizers.char_tokenizer(CHARS))
 END = TOKENIZER.special_ids[chat.END]
 TAUGHT = "a fox."  # what the taught run replies to any message
 
@@ -204,7 +204,7 @@ def test_a_chat_run_ends_at_its_markers_and_never_at_spelled_text():
         gpt2 = tokenizers.gpt2_tokenizer()
     except tokenizers.PrepareError as e:
         pytest.skip(str(e))
-    chat_gpt2 = chat.chat_tokenizer(gpt2)
+    chat_gpt2 = tokenizers.chat_tokenizer(gpt2)
     assert serving.end_ids(gpt2) == {50256}
     assert serving.end_ids(chat_gpt2) == {50257, 50258, 50259, 50260}
     assert chat_gpt2.encode('<|endoftext|>')[0] == gpt2.encode('<')[0]  # the old wrong id

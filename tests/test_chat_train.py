@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import prepare
 from helpers import (ENV, REPO, TINY, assert_ddp_matches_single_process, assert_exact_resume,
                      assert_one_line_error, read_log, run_train)
-from lib import chat, chat_data, cli, hardware, loading, tokenfiles
+from lib import chat, chat_data, cli, hardware, loading, tokenfiles, tokenizers
 from lib.batches import Batches
 from lib.tokenfiles import PrepareError
 
@@ -76,7 +76,7 @@ def test_chat_data_is_tokens_and_a_mask_split_by_conversation(tmp_path, capsys):
                          f"--data_dir={tmp_path}", "--max_tokens_per_conversation=64"]) == 0
     out, folder = capsys.readouterr().out, tmp_path / "talk"
     meta = tokenfiles.read_meta(folder)
-    tok = chat.chat_tokenizer(prepare.char_tokenizer(meta["chars"]))
+    tok = tokenizers.chat_tokenizer(prepare.char_tokenizer(meta["chars"]))
     assert meta["chat"] == chat.chat_entry(tok) and meta["vocab_size"] == len(meta["chars"]) + 4
     train, val = chat.split_conversations(conversations)
     tokens, masks = {}, {}
@@ -261,7 +261,7 @@ def chat_run(base_run, reverse_data, tmp_path_factory):
 
 
 def test_the_history_keeps_the_newest_turns_within_the_context():
-    tok = chat.chat_tokenizer(prepare.char_tokenizer(sorted(set("abcdefgh?: "))))
+    tok = tokenizers.chat_tokenizer(prepare.char_tokenizer(sorted(set("abcdefgh?: "))))
     messages = [{"role": "system", "content": "be"}]
     for word in ("abc", "def", "gha"):
         messages += qa(f"{word}?", word[::-1])
@@ -290,7 +290,7 @@ class Scripted(torch.nn.Linear):
 
 
 def test_a_reply_stops_at_the_end_marker():
-    tok = chat.chat_tokenizer(prepare.char_tokenizer(list("abc")))
+    tok = tokenizers.chat_tokenizer(prepare.char_tokenizer(list("abc")))
     end, user = tok.special_ids[chat.END], tok.special_ids["<|user|>"]
     cases = [([0, 1, end, 2], 9, [0, 1]), ([0, 1, user, 2], 9, [0, 1]), ([0, 1, 2, 2], 3, [0, 1, 2])]
     for script, most, reply in cases:  # <|end|> ends it, so does another marker (a new message), or `most`
@@ -298,7 +298,7 @@ def test_a_reply_stops_at_the_end_marker():
 
 
 def test_questions_are_scored_by_exact_greedy_replies():
-    tok = chat.chat_tokenizer(prepare.char_tokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz: "))))
+    tok = tokenizers.chat_tokenizer(prepare.char_tokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz: "))))
     questions = chat.reversal_task(0, 10, seed=3)[1]
     end = tok.special_ids[chat.END]
 

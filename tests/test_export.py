@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib import loading, runs
+from lib import loading, runs, tokenizers
 from lib.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
 from lib.tokenizers import gpt2_tokenizer
 from model import GPT, GPTConfig
@@ -411,7 +411,7 @@ def test_a_chat_run_carries_its_template_and_its_replies_end_at_the_end_marker(k
         record, vocab_size = {'tokenizer': 'char', 'vocab_size': len(chars), 'chars': chars}, len(chars) + 4
     else:
         record, vocab_size = None, 50304
-    tokenizer = chat.chat_tokenizer(loading.load_tokenizer_for({'tokenizer_record': record, 'vocab_size': vocab_size}))
+    tokenizer = tokenizers.chat_tokenizer(loading.load_tokenizer_for({'tokenizer_record': record, 'vocab_size': vocab_size}))
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64 if kind == 'char' else 32, block_size=128,
                           vocab_size=vocab_size))

@@ -150,9 +150,8 @@ def test_stream_printer_holds_back_half_characters():
 
 
 def test_an_empty_prompt_starts_from_endoftext_for_bpe_tokenizers_chat_ones_too(capsys):
-    from lib import chat
     gpt2 = tokenizers.gpt2_tokenizer()
-    for tok in (gpt2, chat.chat_tokenizer(gpt2)):  # a chat tokenizer's encode() spells special text out
+    for tok in (gpt2, tokenizers.chat_tokenizer(gpt2)):  # a chat tokenizer's encode() spells special text out
         assert sampling.encode_prompt('', tok, 64) == [50256]
         assert 'empty prompt: starting from <|endoftext|> (id 50256)' in capsys.readouterr().err
 
