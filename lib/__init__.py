@@ -5,8 +5,8 @@ What the scripts at the root share and a user does not run, one job per file:
                     the printed summaries (changed knobs, parameter table)
     hardware.py     device, dtype and DDP: chosen once, printed once with the reason; the stop
                     signal (Ctrl-C, SIGTERM); MFU
-    runs.py         a run's folder: atomic writes, checkpoints, the run lock, log.jsonl, the
-                    summary it ends with
+    files.py        files written atomically (never half of one); an OSError as one line
+    runs.py         a run's folder: checkpoints, the run lock, log.jsonl, the summary it ends with
     loading.py      a model back from what init_from names (a run's ckpt.pt, GPT-2 weights),
                     with its tokenizer
     resume.py       starting or continuing a run: its knobs checked, which checkpoint, the training
@@ -14,7 +14,8 @@ What the scripts at the root share and a user does not run, one job per file:
     batches.py      the batch plan: each process's batches per iteration, eval batches, warmups
     tokenfiles.py   prepared data on disk: uint16 token files, loss masks and meta.json, written
                     and checked
-    tokenizers.py   characters, GPT-2 BPE, an own BPE and the counting task behind one Tokenizer
+    tokenizers.py   characters, GPT-2 BPE, an own BPE and the counting task behind one Tokenizer;
+                    the chat markers added to any of them
     chat.py         the chat template: conversations in, token ids and a loss mask out; a base
                     model's vocabulary grown, replies generated until <|end|>, answers scored
     chat_data.py    a chat dataset written: conversations -> tokens, a loss mask, meta.json

@@ -142,3 +142,50 @@ def test_each_lib_module_is_listed_with_its_job_and_stays_under_650_lines():
         assert re.search(rf"^    {re.escape(path.name)}\s", index, re.M), f"lib/__init__.py does not list {path.name}"
         lines = len(path.read_text().splitlines())
         assert lines <= 650, f"lib/{path.name} has {lines} lines: split it by job"
+
+
+SCRIPTS = {'train', 'sample', 'prepare', 'evaluate', 'plot', 'bench', 'serve', 'export'}
+
+
+def project_imports(path):
+    """The project modules path imports, at the top or inside a function: 'model', 'lib.NAME',
+    a script's name, or a test module's (tests/ is on the path while the suite runs)."""
+    import ast
+    ours = SCRIPTS | {'model', 'lib'} | {p.stem for p in (ROOT / 'tests').glob('*.py')}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = ([f"lib.{alias.name}" for alias in node.names] if node.module == 'lib' else [node.module])
+        else:
+            continue
+        found |= {name for name in names if name.split('.')[0] in ours and name != 'lib'}
+    return found
+
+
+def test_imports_go_one_way():
+    """model.py imports nothing of ours; lib/ imports model.py and lib/ only, without cycles;
+    no script imports another script; no test module imports another (helpers.py, conftest.py
+    and local_data.py are not test modules)."""
+    assert project_imports(ROOT / 'model.py') == set()
+    graph = {f"lib.{p.stem}": project_imports(p) for p in (ROOT / 'lib').glob('*.py') if p.stem != '__init__'}
+    for module, imports in graph.items():
+        assert imports <= set(graph) | {'model'}, f"{module} imports {sorted(imports - set(graph) - {'model'})}"
+    for name in SCRIPTS:
+        assert not project_imports(ROOT / f'{name}.py') & SCRIPTS, f"{name}.py imports another script"
+    for path in (ROOT / 'tests').glob('test_*.py'):
+        others = {m for m in project_imports(path) if m.startswith('test_')}
+        assert not others, f"{path.name} imports the test modules {sorted(others)}"
+
+    def cycle_from(module, trail):
+        for nxt in sorted(graph.get(module, ())):
+            if nxt in trail:
+                return trail[trail.index(nxt):] + [nxt]
+            found = cycle_from(nxt, trail + [nxt])
+            if found:
+                return found
+        return None
+    for module in sorted(graph):
+        cycle = cycle_from(module, [module])
+        assert cycle is None, "lib/ imports in a circle: " + " -> ".join(cycle)
