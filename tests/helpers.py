@@ -166,7 +166,8 @@ def every_knob(**numbers):
 
 class Server:
     """serve.py in a child process on a free port of 127.0.0.1 (argv: its flags); post() and get()
-    one request each, on a connection of their own; errors() what it has logged; stop() SIGTERM."""
+    one request each, on a connection of their own; errors() what it has logged; stop() SIGTERM.
+    As a context manager (a module's fixture), it kills the child on leaving if it still runs."""
 
     def __init__(self, *argv):
         self.log = tempfile.TemporaryFile('w+')  # one line per request: a pipe nobody reads would fill up
@@ -202,6 +203,14 @@ class Server:
     def errors(self):
         self.log.seek(0)
         return self.log.read()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

@@ -88,18 +88,14 @@ def taught_model(steps=40):
 
 @pytest.fixture(scope='module')
 def server(runs_dir):
-    s = Server(f'--out_dir={runs_dir / "random"}', '--max_batch=8')
-    yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
+    with Server(f'--out_dir={runs_dir / "random"}', '--max_batch=8') as s:
+        yield s
 
 
 @pytest.fixture(scope='module')
 def taught(runs_dir):
-    s = Server(f'--out_dir={runs_dir / "taught"}')
-    yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
+    with Server(f'--out_dir={runs_dir / "taught"}') as s:
+        yield s
 
 
 def sample_chat(run, *argv, stdin=''):

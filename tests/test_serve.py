@@ -45,10 +45,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def server(run_dir):
-    s = Server(f'--out_dir={run_dir}', '--max_batch=8')
-    yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
+    with Server(f'--out_dir={run_dir}', '--max_batch=8') as s:
+        yield s
 
 
 def sample_py(run_dir, *argv):
