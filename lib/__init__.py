@@ -5,7 +5,7 @@ What the scripts at the root share and a user does not run, one job per file:
                     the printed summaries (changed knobs, parameter table)
     hardware.py     device, dtype and DDP: chosen once, printed once with the reason; the stop
                     signal (Ctrl-C, SIGTERM); MFU
-    files.py        files written atomically (never half of one); an OSError as one line
+    files.py        files and folders written atomically (never half of one); an OSError as one line
     runs.py         a run's folder: checkpoints, the run lock, log.jsonl, the summary it ends with
     loading.py      a model back from what init_from names (a run's ckpt.pt, GPT-2 weights),
                     with its tokenizer

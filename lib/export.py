@@ -14,8 +14,6 @@ and tests/test_export.py checks each against llama.cpp itself. Outputs appear on
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,8 +21,8 @@ import numpy as np
 import torch
 
 from lib import bpe, chat
-from lib.cli import ConfigError, die, optional_import
-from lib.files import os_error_message
+from lib.cli import die, optional_import
+from lib.files import write_complete
 from model import HF_CONV1D, GPTConfig
 
 OUTTYPES = ('f32', 'f16', 'q8_0')
@@ -381,37 +379,3 @@ def hf_folder(model, folder, state_dict=None):
         with open(os.path.join(folder, "model.safetensors"), "wb") as f:
             f.write(save(out, {"format": "pt"}))
 
-
-def write_complete(path, write, kind):
-    """Call write(temporary path) in path's folder, then rename the result to path, so that path
-    never holds half an output (a rename within a folder is atomic). kind: 'file' or 'folder'.
-    An existing path is replaced only after the new one is complete; OSError -> one line."""
-    path = Path(path)
-    tmp = None
-    for folder in [path.parent, *path.parent.parents]:
-        if folder.exists() and not folder.is_dir():
-            die(f"cannot write {path}: {folder} is a file, not a folder; choose another --out")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if kind == 'folder':
-            tmp = tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-        else:
-            fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-            os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, (0o777 if kind == 'folder' else 0o666) & ~umask)  # mkstemp's are private
-        write(tmp)
-        if kind == 'folder' and path.exists():  # a rename cannot replace a folder that has files
-            old = tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.old', dir=path.parent)
-            os.replace(path, os.path.join(old, path.name))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise ConfigError(os_error_message(e, path)) from None
-    finally:
-        if tmp is not None:  # failed or interrupted: no trace of the unfinished output
-            shutil.rmtree(tmp, ignore_errors=True) if kind == 'folder' else Path(tmp).unlink(missing_ok=True)
